@@ -1,0 +1,178 @@
+"""Convert a model by module class and list its finest reconstruction units.
+
+:func:`prepare` swaps, inside the chosen parts of a model, every ``nn.Linear`` and ``nn.Conv2d``
+for a quantized one and every supported attention for one with an explicit quantized forward,
+and returns a :class:`QuantPlan`: the MHSA and MLP units in forward order and the post-LayerNorm
+pairs to re-parameterize. :func:`quantize` adds calibration on top: the one call a user needs.
+
+Adapters for timm are used when timm is loaded, the one for mmdet when mmdet's Swin is loaded:
+a model can only hold classes of a library that has been imported, and the core itself imports
+neither.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from ..quant.calibrate import calibrate_activations, set_quant_state
+from ..quant.config import QuantConfig
+from ..quant.modules import QuantConv2d, QuantLinear
+from ..quant.reparam import reparameterize_post_ln
+from .base import ArchAdapter, ReconUnit, swap_attention
+
+# adapter module -> the module that must already be loaded for it to apply
+_ADAPTER_MODULES = {
+    "timm_vit": "timm",
+    "timm_swin": "timm",
+    "mmdet_swin": "mmdet.models.backbones.swin",
+}
+
+# Module classes that compute in floating point, named in the summary when present.
+_FP_CLASS_NAMES = (
+    "LayerNorm",
+    "GELU",
+    "Softmax",
+    "RoIAlign",
+    "BatchNorm2d",
+    "GroupNorm",
+    "ReLU",
+    "ConvTranspose2d",
+    "MaxPool2d",
+)
+
+
+class UnsupportedModelError(ValueError):
+    pass
+
+
+def available_adapters() -> list[ArchAdapter]:
+    return [
+        importlib.import_module(f"{__name__}.{mod}").ADAPTER
+        for mod, needs in _ADAPTER_MODULES.items()
+        if needs in sys.modules
+    ]
+
+
+def supported_block_classes() -> list[str]:
+    names = {
+        "timm_vit": ["timm.models.vision_transformer.Block"],
+        "timm_swin": ["timm.models.swin_transformer.SwinTransformerBlock"],
+        "mmdet_swin": ["mmdet.models.backbones.swin.SwinBlock"],
+    }
+    return [n for mod in _ADAPTER_MODULES for n in names[mod]]
+
+
+@dataclass
+class QuantPlan:
+    """The result of :func:`prepare`."""
+
+    cfg: QuantConfig
+    units: list[ReconUnit]
+    post_ln_pairs: list[tuple[nn.Module, QuantLinear]]
+    quantized_modules: list[str]
+    fp_parts: list[str] = field(default_factory=list)
+
+
+def _find_blocks(model: nn.Module, adapters: list[ArchAdapter]):
+    found = []
+    for name, m in model.named_modules():
+        for ad in adapters:
+            if isinstance(m, ad.block_classes):
+                found.append((name, m, ad))
+                break
+    return found
+
+
+def prepare(
+    model: nn.Module,
+    cfg: QuantConfig,
+    scope: list[str] | None = None,
+    head: nn.Module | None = None,
+) -> QuantPlan:
+    """Swap modules in place for quantized ones (all quantizers start in floating point).
+
+    scope: names of the sub-modules to quantize (``None``: the whole model); ``""`` is the root.
+    head: a classification head, quantized with ``cfg.head_bits`` if set.
+    Raises :class:`UnsupportedModelError` when the model holds no supported transformer block.
+    """
+    roots = [model] if scope is None else [model.get_submodule(s) for s in scope]
+    adapters = available_adapters()
+    blocks = [b for root in roots for b in _find_blocks(root, adapters)]
+    if not blocks:
+        raise UnsupportedModelError(
+            f"found no supported transformer block in {type(model).__name__}"
+            f"{'' if scope is None else f' (scope {scope})'}; supported block classes: "
+            f"{', '.join(supported_block_classes())}"
+        )
+    post_ln: list[tuple[nn.Module, nn.Linear]] = []
+    first_convs: set[int] = set()
+    for root in roots:
+        for m in root.modules():
+            for ad in adapters:
+                if isinstance(m, ad.block_classes):
+                    post_ln += ad.post_ln(m)
+                for cls, (norm, linear) in ad.patch_merging.items():
+                    if isinstance(m, cls):
+                        post_ln.append((getattr(m, norm), getattr(m, linear)))
+                for cls, conv in ad.patch_embed.items():
+                    if isinstance(m, cls):
+                        first_convs.add(id(getattr(m, conv)))
+                for cls, qcls in ad.attention_swaps.items():
+                    if type(m) is cls:
+                        swap_attention(m, qcls, cfg)
+    per_channel = {id(lin) for _, lin in post_ln} if cfg.post_ln != "per_tensor" else set()
+    replaced: dict[int, nn.Module] = {}
+    quantized: list[str] = []
+
+    def make(child: nn.Module) -> nn.Module | None:
+        w, a = cfg.w_bits, cfg.a_bits
+        if child is head and cfg.head_bits is not None:
+            w = a = cfg.head_bits
+        if isinstance(child, nn.Linear) and not isinstance(child, QuantLinear):
+            return QuantLinear(child, w, a, id(child) in per_channel, cfg.act_range)
+        if isinstance(child, nn.Conv2d) and not isinstance(child, QuantConv2d):
+            if id(child) in first_convs:
+                a = cfg.first_layer_a_bits
+            return QuantConv2d(child, w, a, cfg.act_range)
+        return None
+
+    for root, root_name in zip(roots, scope or [""]):
+        for name, parent in list(root.named_modules()):
+            for attr, child in list(parent.named_children()):
+                new = make(child)
+                if new is not None:
+                    setattr(parent, attr, new)
+                    replaced[id(child)] = new
+                    quantized.append(".".join(p for p in (root_name, name, attr) if p))
+    units = []
+    for name, block, ad in blocks:
+        units.append(ReconUnit(f"{name}.attn", "attn", block, ad.attn_unit))
+        units.append(ReconUnit(f"{name}.mlp", "mlp", block, ad.mlp_unit))
+    pairs = [(norm, replaced[id(lin)]) for norm, lin in post_ln] if cfg.post_ln == "reparam" else []
+    present = {type(m).__name__ for m in model.modules()}
+    fp_parts = [n for n in _FP_CLASS_NAMES if n in present]
+    fp_parts += ["attention softmax", "residual additions"]
+    if scope is not None:
+        fp_parts.append(f"everything outside the scope {scope}")
+    return QuantPlan(cfg, units, pairs, quantized, fp_parts)
+
+
+def quantize(
+    model: nn.Module,
+    cfg: QuantConfig,
+    forward_loop: Callable[[nn.Module], None],
+    scope: list[str] | None = None,
+    head: nn.Module | None = None,
+) -> QuantPlan:
+    """Prepare, calibrate on ``forward_loop(model)``, re-parameterize, and switch to quantized."""
+    plan = prepare(model, cfg, scope, head)
+    calibrate_activations(model, forward_loop)
+    for norm, linear in plan.post_ln_pairs:
+        reparameterize_post_ln(norm, linear)
+    set_quant_state(model, weights=True, activations=True)
+    return plan

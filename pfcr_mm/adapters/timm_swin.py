@@ -1,0 +1,53 @@
+"""timm Swin: ``WindowAttention`` inside ``SwinTransformerBlock``; ``PatchMerging``."""
+
+from __future__ import annotations
+
+import torch
+from timm.layers import PatchEmbed
+from timm.models.swin_transformer import PatchMerging, SwinTransformerBlock, WindowAttention
+
+from .base import ArchAdapter
+
+
+class QuantTimmWindowAttention(WindowAttention):
+    """timm ``WindowAttention`` with quantizers on q, k, v and the attention probabilities."""
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        B_, N, _ = x.shape
+        mq = self.matmul_quant
+        qkv = self.qkv(x).reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        attn = mq.q(q * self.scale) @ mq.k(k).transpose(-2, -1)
+        attn = attn + self._get_rel_pos_bias()
+        if mask is not None:
+            num_win = mask.shape[0]
+            attn = attn.view(-1, num_win, self.num_heads, N, N) + mask.unsqueeze(1).unsqueeze(0)
+            attn = attn.view(-1, self.num_heads, N, N)
+        attn = self.attn_drop(self.softmax(attn))
+        x = (mq.probs(attn) @ mq.v(v)).transpose(1, 2).reshape(B_, N, -1)
+        return self.proj_drop(self.proj(x))
+
+
+def attn_unit(block: SwinTransformerBlock, x: torch.Tensor) -> torch.Tensor:
+    """``x``: (B, H, W, C)."""
+    return x + block.drop_path1(block._attn(block.norm1(x)))
+
+
+def mlp_unit(block: SwinTransformerBlock, x: torch.Tensor) -> torch.Tensor:
+    """``x``: (B, H, W, C)."""
+    B, H, W, C = x.shape
+    x = x.reshape(B, -1, C)
+    x = x + block.drop_path2(block.mlp(block.norm2(x)))
+    return x.reshape(B, H, W, C)
+
+
+ADAPTER = ArchAdapter(
+    name="timm Swin",
+    block_classes=(SwinTransformerBlock,),
+    attention_swaps={WindowAttention: QuantTimmWindowAttention},
+    attn_unit=attn_unit,
+    mlp_unit=mlp_unit,
+    post_ln=lambda b: [(b.norm1, b.attn.qkv), (b.norm2, b.mlp.fc1)],
+    patch_merging={PatchMerging: ("norm", "reduction")},
+    patch_embed={PatchEmbed: "proj"},
+)

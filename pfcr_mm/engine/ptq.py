@@ -1,0 +1,172 @@
+"""Post-training quantization of a Runner's model: settings, calibration data, results.
+
+The ``ptq`` section of a config::
+
+    ptq = dict(
+        method='calib',                      # calibration only (reconstruction: later methods)
+        quant=dict(w_bits=4, a_bits=4, post_softmax='log2', ...),   # see QuantConfig
+        scope=['net'],                       # sub-modules of runner.model to quantize
+        calib=dict(num_images=256, seed=0, batch_size=32, num_workers=2,
+                   dataset=dict(...)),       # default: the test dataset config on split 'train'
+        eval_fp=True,                        # evaluate the FP model first
+    )
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import platform
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from mmengine.logging import print_log
+from mmengine.model import is_model_wrapper
+from mmengine.registry import DATASETS, FUNCTIONS
+from torch.utils.data import DataLoader, Subset
+
+from ..adapters import QuantPlan, quantize
+from ..quant.calibrate import write_quant_summary
+from ..quant.config import QuantConfig
+
+METHODS = ("calib",)
+
+
+@dataclass
+class PTQSettings:
+    """The parsed ``ptq`` config section."""
+
+    quant: QuantConfig
+    method: str = "calib"
+    scope: list[str] | None = None
+    calib: dict = field(default_factory=dict)
+    eval_fp: bool = True
+
+    @classmethod
+    def from_cfg(cls, ptq: dict) -> PTQSettings:
+        ptq = dict(ptq)
+        known = {"quant", "method", "scope", "calib", "eval_fp"}
+        unknown = sorted(set(ptq) - known)
+        if unknown:
+            raise KeyError(
+                f"unknown key(s) {unknown} in the ptq config section; known: " f"{sorted(known)}"
+            )
+        quant = QuantConfig.from_dict(dict(ptq.pop("quant", {})))
+        settings = cls(quant=quant, **ptq)
+        if settings.method not in METHODS:
+            raise ValueError(f"ptq.method must be one of {METHODS}, got {settings.method!r}")
+        calib_known = {"num_images", "seed", "batch_size", "num_workers", "dataset"}
+        unknown = sorted(set(settings.calib) - calib_known)
+        if unknown:
+            raise KeyError(f"unknown key(s) {unknown} in ptq.calib; known: {sorted(calib_known)}")
+        return settings
+
+    @property
+    def scope_name(self) -> str:
+        return "all" if self.scope is None else "+".join(self.scope)
+
+
+def calibration_loader(
+    settings: PTQSettings, test_dataloader_cfg: dict, work_dir: Path
+) -> tuple[DataLoader, list[int]]:
+    """A loader over ``num_images`` seeded random images of the calibration dataset.
+
+    The dataset defaults to the test dataset config with ``split='train'`` (so calibration
+    images go through the test preprocessing but never come from the evaluation split); its
+    indices are written to ``work_dir/calib_indices.json``.
+    """
+    calib = settings.calib
+    dataset_cfg = copy.deepcopy(
+        calib.get("dataset") or {**test_dataloader_cfg["dataset"], "split": "train"}
+    )
+    dataset = DATASETS.build(dataset_cfg)
+    if len(dataset) == 0:
+        raise ValueError(f"the calibration dataset is empty: {dataset_cfg}")
+    num = int(calib.get("num_images", 256))
+    if num <= 0:
+        raise ValueError(f"ptq.calib.num_images must be positive, got {num}")
+    num = min(num, len(dataset))
+    gen = torch.Generator().manual_seed(int(calib.get("seed", 0)))
+    indices = sorted(torch.randperm(len(dataset), generator=gen)[:num].tolist())
+    (work_dir / "calib_indices.json").write_text(
+        json.dumps({"seed": int(calib.get("seed", 0)), "dataset": dataset_cfg, "indices": indices})
+    )
+    collate_cfg = test_dataloader_cfg.get("collate_fn", {"type": "pseudo_collate"})
+    collate = FUNCTIONS.get(collate_cfg["type"])
+    if collate is None:
+        raise KeyError(f"unknown collate_fn {collate_cfg['type']!r} in test_dataloader")
+    loader = DataLoader(
+        Subset(dataset, indices),
+        batch_size=int(calib.get("batch_size", 32)),
+        shuffle=False,
+        num_workers=int(calib.get("num_workers", 0)),
+        collate_fn=collate,
+    )
+    return loader, indices
+
+
+def make_forward_loop(loader: DataLoader):
+    """A forward loop over ``loader`` through the model's data preprocessor, with progress."""
+
+    def forward_loop(model: torch.nn.Module) -> None:
+        seen, total = 0, len(loader.dataset)
+        for batch in loader:
+            data = model.data_preprocessor(batch, False)
+            model(**data, mode="tensor")
+            seen += len(data["inputs"])
+            print_log(f"calibration: {seen}/{total} images", logger="current")
+
+    return forward_loop
+
+
+def quantize_runner_model(runner, settings: PTQSettings) -> tuple[QuantPlan, list[int]]:
+    """Quantize ``runner.model`` in place (calibration only) and write the summary."""
+    model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+    work_dir = Path(runner.work_dir)
+    loader, indices = calibration_loader(settings, runner.cfg.test_dataloader, work_dir)
+    # a classifier names its head, so QuantConfig.head_bits can apply to it
+    head = model.classifier_head() if hasattr(model, "classifier_head") else None
+    if settings.quant.head_bits is not None and head is None:
+        raise ValueError("ptq.quant.head_bits is set but the model has no classification head")
+    plan = quantize(model, settings.quant, make_forward_loop(loader), settings.scope, head)
+    write_quant_summary(model, work_dir / "quant_summary.json", plan.fp_parts)
+    print_log(
+        f"quantized {len(plan.quantized_modules)} modules, {len(plan.units)} units; "
+        f"summary in {work_dir / 'quant_summary.txt'}",
+        logger="current",
+    )
+    return plan, indices
+
+
+def package_versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "torchvision", "timm", "mmengine", "mmcv", "mmdet", "pfcr_mm"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def peak_memory_mb() -> dict:
+    """Peak host RSS and, on CUDA, peak allocated device memory, in MiB."""
+    out = {"host_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if torch.cuda.is_available():
+        out["cuda_allocated"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+def write_results(path: Path, results: dict) -> Path:
+    """Write ``results`` as JSON; an existing file is kept under a timestamped name."""
+    if path.exists():
+        stamp = time.strftime("%Y%m%d_%H%M%S", time.localtime(path.stat().st_mtime))
+        kept = path.with_name(f"{path.stem}.{stamp}{path.suffix}")
+        path.rename(kept)
+        print_log(f"kept the previous results as {kept}", logger="current")
+    path.write_text(json.dumps(results, indent=1))
+    return path

@@ -1,0 +1,16 @@
+"""The ``pfcr`` registry scope: children of MMEngine's root registries.
+
+Refer to registered types as ``'pfcr.Name'`` from any config (also from ``default_scope='mmdet'``
+configs). ``locations`` imports the registering modules on first use.
+"""
+
+from mmengine.registry import DATASETS as MMENGINE_DATASETS
+from mmengine.registry import METRICS as MMENGINE_METRICS
+from mmengine.registry import MODELS as MMENGINE_MODELS
+from mmengine.registry import Registry
+
+_LOCATIONS = ["pfcr_mm.engine.classification"]
+
+MODELS = Registry("model", parent=MMENGINE_MODELS, scope="pfcr", locations=_LOCATIONS)
+DATASETS = Registry("dataset", parent=MMENGINE_DATASETS, scope="pfcr", locations=_LOCATIONS)
+METRICS = Registry("metric", parent=MMENGINE_METRICS, scope="pfcr", locations=_LOCATIONS)

@@ -1,0 +1,18 @@
+"""Quantizers and quantized modules (pure torch)."""
+
+from .calibrate import calibrate_activations, quant_summary, set_quant_state
+from .config import QuantConfig
+from .modules import QuantConv2d, QuantLinear
+from .quantizers import AdaRoundWeightQuantizer, Log2Quantizer, UniformQuantizer
+
+__all__ = [
+    "AdaRoundWeightQuantizer",
+    "Log2Quantizer",
+    "QuantConfig",
+    "QuantConv2d",
+    "QuantLinear",
+    "UniformQuantizer",
+    "calibrate_activations",
+    "quant_summary",
+    "set_quant_state",
+]

@@ -1,0 +1,97 @@
+"""Calibration over a forward loop, quantizer states, and the quantization summary."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .quantizers import AdaRoundWeightQuantizer, BaseQuantizer
+
+
+def named_quantizers(model: nn.Module) -> Iterator[tuple[str, BaseQuantizer]]:
+    for name, m in model.named_modules():
+        if isinstance(m, BaseQuantizer):
+            yield name, m
+
+
+def is_weight_quantizer(q: BaseQuantizer) -> bool:
+    return isinstance(q, AdaRoundWeightQuantizer)
+
+
+def set_quant_state(model: nn.Module, weights: bool, activations: bool) -> None:
+    """Switch every quantizer of ``model`` to quantized (True) or floating point (False)."""
+    for _, q in named_quantizers(model):
+        on = weights if is_weight_quantizer(q) else activations
+        q.set_state("quant" if on else "fp")
+
+
+@torch.no_grad()
+def calibrate_activations(model: nn.Module, forward_loop: Callable[[nn.Module], None]) -> None:
+    """Run ``forward_loop(model)`` in floating point while every activation quantizer observes its
+    inputs, then choose every range.
+
+    Raises ``RuntimeError`` naming the enabled quantizers that saw no data: a point the forward
+    loop never reached would otherwise be left with an arbitrary range.
+    """
+    quantizers = [(n, q) for n, q in named_quantizers(model) if not is_weight_quantizer(q)]
+    set_quant_state(model, weights=False, activations=False)
+    for _, q in quantizers:
+        q.set_state("observe")
+    was_training = model.training
+    model.eval()
+    try:
+        forward_loop(model)
+    finally:
+        model.train(was_training)
+        for _, q in quantizers:
+            q.set_state("fp")
+    unseen = [n for n, q in quantizers if q.enabled and q.observed_rows == 0]
+    if unseen:
+        raise RuntimeError(
+            f"{len(unseen)} enabled quantizer(s) saw no data during calibration: "
+            f"{', '.join(unseen[:20])}{' ...' if len(unseen) > 20 else ''}. The calibration "
+            "forward loop must run the quantized part of the model; check the quantization scope "
+            "and that the calibration set is not empty."
+        )
+    for _, q in quantizers:
+        q.finish_calibration()
+
+
+def quant_summary(model: nn.Module) -> list[dict]:
+    """One row per enabled quantizer: module, bits, granularity, scale and range."""
+    rows = []
+    for name, q in named_quantizers(model):
+        if q.enabled and q.calibrated:
+            rows.append(
+                {
+                    "module": name,
+                    "kind": "weight" if is_weight_quantizer(q) else "input",
+                    **q.describe(),
+                }
+            )
+    return rows
+
+
+def write_quant_summary(model: nn.Module, path: str | Path, fp_parts: list[str]) -> Path:
+    """Write the summary as JSON (``path``) and as an aligned table (``path`` with .txt)."""
+    path = Path(path)
+    rows = quant_summary(model)
+    path.write_text(json.dumps({"quantizers": rows, "floating_point": fp_parts}, indent=1))
+    head = (
+        f"{'module':60s} {'kind':6s} {'quantizer':10s} {'bits':>4s} {'granularity':12s} "
+        f"{'scale_min':>10s} {'scale_max':>10s} {'range':>24s}"
+    )
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(
+            f"{r['module']:60s} {r['kind']:6s} {r['quantizer']:10s} {r['bits']:4d} "
+            f"{r['granularity']:12s} {r['scale_min']:10.3g} {r['scale_max']:10.3g} "
+            f"[{r['range_min']:10.3g}, {r['range_max']:10.3g}]"
+        )
+    lines += ["", "Kept in floating point: " + ", ".join(fp_parts)]
+    path.with_suffix(".txt").write_text("\n".join(lines) + "\n")
+    return path

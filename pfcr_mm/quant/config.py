@@ -1,0 +1,66 @@
+"""The quantization settings: one small, serializable dataclass."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+from .quantizers import check_bits
+
+POST_SOFTMAX_CHOICES = ("log2", "log_sqrt2", "uniform")
+POST_LN_CHOICES = ("reparam", "per_channel", "per_tensor")
+RANGE_CHOICES = ("mse", "percentile", "minmax")
+
+
+@dataclass
+class QuantConfig:
+    """What to quantize and how.
+
+    w_bits / a_bits: weight and activation bits (2-8).
+    post_softmax: quantizer of the attention probabilities (``log2``, ``log_sqrt2``, ``uniform``).
+    post_ln: inputs of the linears after a LayerNorm (qkv, fc1, PatchMerging reduction):
+        ``reparam`` calibrates them per channel and folds the channel scales into the LayerNorm
+        and the linear (per tensor at inference, RepQ-ViT); ``per_channel`` keeps them per
+        channel; ``per_tensor`` calibrates them per tensor.
+    first_layer_a_bits: input bits of the patch-embedding conv (the image).
+    head_bits: weight/input bits of a classification head; ``None`` uses w_bits/a_bits.
+    act_range / weight_range: range search (``mse``, ``percentile``, ``minmax``).
+    """
+
+    w_bits: int = 4
+    a_bits: int = 4
+    post_softmax: str = "log2"
+    post_ln: str = "reparam"
+    first_layer_a_bits: int = 8
+    head_bits: int | None = None
+    act_range: str = "percentile"
+    weight_range: str = "mse"
+
+    def __post_init__(self) -> None:
+        for name in ("w_bits", "a_bits", "first_layer_a_bits"):
+            try:
+                check_bits(getattr(self, name))
+            except ValueError as err:
+                raise ValueError(f"QuantConfig.{name}: {err}") from None
+        if self.head_bits is not None:
+            check_bits(self.head_bits)
+        for name, choices in (
+            ("post_softmax", POST_SOFTMAX_CHOICES),
+            ("post_ln", POST_LN_CHOICES),
+            ("act_range", RANGE_CHOICES),
+            ("weight_range", RANGE_CHOICES),
+        ):
+            if getattr(self, name) not in choices:
+                raise ValueError(
+                    f"QuantConfig.{name} must be one of {choices}, " f"got {getattr(self, name)!r}"
+                )
+
+    @classmethod
+    def from_dict(cls, d: dict) -> QuantConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise KeyError(f"unknown quantization setting(s) {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,373 @@
+"""Fake quantizers: uniform affine (per tensor or per channel) and log2 for attention probabilities.
+
+Every quantizer has three states, switched by :meth:`BaseQuantizer.set_state`:
+
+* ``"fp"``: identity;
+* ``"observe"``: identity that records a row sample of the inputs, from which
+  :meth:`BaseQuantizer.finish_calibration` chooses the range;
+* ``"quant"``: quantize-dequantize with straight-through rounding, so that step sizes (LSQ) and
+  AdaRound variables can be learned.
+
+A quantizer built with ``enabled=False`` stays an identity in every state; it is how a point is
+kept in floating point while the model keeps one forward for all settings.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+# AdaRound's rectified sigmoid (Nagel et al. 2020): h(V) = clamp(sigmoid(V)(ZETA-GAMMA)+GAMMA, 0, 1)
+ADAROUND_ZETA = 1.1
+ADAROUND_GAMMA = -0.1
+
+# Rows kept per observed batch and in total: enough for a stable range search, bounded memory on
+# detection-size activations (a stage-1 Swin map at 800x1216 has 60k tokens).
+OBSERVE_ROWS_PER_BATCH = 2048
+OBSERVE_MAX_ROWS = 32768
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round to nearest with a straight-through gradient."""
+    return (x.round() - x).detach() + x
+
+
+def grad_scale(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """Identity whose gradient is multiplied by ``scale`` (LSQ step-size gradient scaling)."""
+    return (x - x * scale).detach() + x * scale
+
+
+def check_bits(bits: int) -> int:
+    if not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= 8:
+        raise ValueError(f"bits must be an integer from 2 to 8, got {bits!r}")
+    return bits
+
+
+class BaseQuantizer(nn.Module):
+    """State handling and the observation sample shared by all quantizers.
+
+    ``ch_axis`` is the channel axis for per-channel quantizers (``None``: per tensor).
+    Observed inputs are flattened to rows of ``(rows, C)`` along ``ch_axis`` (or to one column per
+    tensor) and a seeded random subset of rows is kept.
+    """
+
+    def __init__(self, bits: int, ch_axis: int | None = None, enabled: bool = True):
+        super().__init__()
+        self.bits = check_bits(bits)
+        self.ch_axis = ch_axis
+        self.enabled = enabled
+        self.state = "fp"
+        self.calibrated = False
+        self._samples: list[torch.Tensor] = []
+        self._generator = torch.Generator().manual_seed(0)
+
+    @property
+    def per_channel(self) -> bool:
+        return self.ch_axis is not None
+
+    def set_state(self, state: str) -> None:
+        if state not in ("fp", "observe", "quant"):
+            raise ValueError(f"unknown quantizer state {state!r}")
+        if state == "quant" and self.enabled and not self.calibrated:
+            raise RuntimeError("quantizer used before calibration")
+        self.state = state
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled or self.state == "fp":
+            return x
+        if self.state == "observe":
+            self.observe(x)
+            return x
+        return self.fake_quant(x)
+
+    @property
+    def observed_rows(self) -> int:
+        return sum(s.shape[0] for s in self._samples)
+
+    @torch.no_grad()
+    def observe(self, x: torch.Tensor) -> None:
+        rows = self._rows(x.detach().float())
+        if rows.shape[0] > OBSERVE_ROWS_PER_BATCH:
+            keep = torch.randperm(rows.shape[0], generator=self._generator)[:OBSERVE_ROWS_PER_BATCH]
+            rows = rows[keep.to(rows.device)]
+        self._samples.append(rows.cpu())
+        total = self.observed_rows
+        if total > OBSERVE_MAX_ROWS:
+            merged = torch.cat(self._samples)
+            keep = torch.randperm(total, generator=self._generator)[:OBSERVE_MAX_ROWS]
+            self._samples = [merged[keep]]
+
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
+        if self.ch_axis is None:
+            return x.reshape(-1, 1)
+        return x.movedim(self.ch_axis, -1).reshape(-1, x.shape[self.ch_axis])
+
+    def take_samples(self) -> torch.Tensor:
+        """All observed rows as one ``(rows, C)`` tensor; clears the sample."""
+        if not self._samples:
+            raise RuntimeError("quantizer observed no data")
+        rows = torch.cat(self._samples)
+        self._samples = []
+        return rows
+
+    def _param_shape(self, x: torch.Tensor) -> list[int]:
+        """Shape that broadcasts per-channel parameters against ``x``."""
+        shape = [1] * x.dim()
+        if self.ch_axis is not None:
+            shape[self.ch_axis] = -1
+        return shape
+
+    def finish_calibration(self) -> None:
+        raise NotImplementedError
+
+    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        raise NotImplementedError
+
+
+def _uniform_params(
+    lo: torch.Tensor, hi: torch.Tensor, qmax: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric scale and (integer) zero point covering ``[lo, hi]`` (which must contain 0)."""
+    lo = torch.clamp(lo, max=0.0)
+    hi = torch.clamp(hi, min=0.0)
+    scale = torch.clamp((hi - lo) / qmax, min=1e-8)
+    zero_point = torch.clamp(torch.round(-lo / scale), 0, qmax)
+    return scale, zero_point
+
+
+def _quant_dequant(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmax: int
+) -> torch.Tensor:
+    q = torch.clamp(torch.round(x / scale) + zero_point, 0, qmax)
+    return (q - zero_point) * scale
+
+
+def search_uniform_range(
+    rows: torch.Tensor, bits: int, method: str = "mse", per_channel: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Choose scale and zero point for ``rows`` of shape ``(n, C)``.
+
+    ``method="mse"`` shrinks the min/max range by ratios ``1.0, 0.99, ..., 0.2`` and keeps, per
+    channel (or for the whole tensor), the ratio with the smallest squared error.
+    ``method="percentile"`` tries the two-sided percentiles 99.9, 99.99, 99.999 and 100 and keeps
+    the one with the smallest squared error. ``method="minmax"`` uses the observed range.
+    Returns ``(scale, zero_point)`` of shape ``(C,)`` (per channel) or ``()``.
+    """
+    qmax = 2**bits - 1
+    x = rows if per_channel else rows.reshape(-1, 1)
+    if method == "minmax":
+        candidates = [(x.amin(0), x.amax(0))]
+    elif method == "mse":
+        lo, hi = x.amin(0), x.amax(0)
+        candidates = [(lo * r, hi * r) for r in torch.linspace(1.0, 0.2, 81).tolist()]
+    elif method == "percentile":
+        candidates = []
+        n = x.shape[0]
+        for p in (0.999, 0.9999, 0.99999, 1.0):
+            k_hi = max(1, min(n, math.ceil(p * n)))
+            k_lo = max(1, min(n, n + 1 - k_hi))
+            candidates.append((x.kthvalue(k_lo, 0).values, x.kthvalue(k_hi, 0).values))
+    else:
+        raise ValueError(f"unknown range method {method!r}: use 'mse', 'percentile' or 'minmax'")
+    best_err = best_scale = best_zp = None
+    for lo, hi in candidates:
+        scale, zp = _uniform_params(lo, hi, qmax)
+        err = (_quant_dequant(x, scale, zp, qmax) - x).pow(2).sum(0)
+        if best_err is None:
+            best_err, best_scale, best_zp = err, scale, zp
+        else:
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_scale = torch.where(better, scale, best_scale)
+            best_zp = torch.where(better, zp, best_zp)
+    if not per_channel:
+        return best_scale.reshape(()), best_zp.reshape(())
+    return best_scale, best_zp
+
+
+class UniformQuantizer(BaseQuantizer):
+    """Uniform asymmetric fake quantizer with a learnable step size (LSQ).
+
+    ``x_hat = (clamp(round(x / s) + z, 0, 2^b - 1) - z) * s``. The zero point ``z`` is an integer
+    kept fixed after calibration; the step ``s`` is an ``nn.Parameter``, trained with the LSQ
+    gradient scale ``1 / sqrt(numel * qmax)`` when reconstruction unfreezes it.
+    """
+
+    def __init__(
+        self,
+        bits: int,
+        ch_axis: int | None = None,
+        range_method: str = "mse",
+        enabled: bool = True,
+    ):
+        super().__init__(bits, ch_axis, enabled)
+        self.range_method = range_method
+        self.scale = nn.Parameter(torch.ones(()), requires_grad=False)
+        self.register_buffer("zero_point", torch.zeros(()))
+
+    @property
+    def qmax(self) -> int:
+        return 2**self.bits - 1
+
+    def set_params(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+        """Set the range directly (used by calibration and re-parameterization)."""
+        self.scale.data = scale.detach().clone().to(self.scale.device)
+        self.zero_point = zero_point.detach().clone().to(self.scale.device)
+        self.calibrated = True
+
+    def calibrate_from(self, data: torch.Tensor) -> None:
+        """Choose the range from a full tensor (weights): channels along ``ch_axis``."""
+        self.set_params(
+            *search_uniform_range(
+                self._rows(data.detach().float()), self.bits, self.range_method, self.per_channel
+            )
+        )
+
+    def finish_calibration(self) -> None:
+        if not self.enabled:
+            return
+        self.set_params(
+            *search_uniform_range(
+                self.take_samples(), self.bits, self.range_method, self.per_channel
+            )
+        )
+
+    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+        shape = self._param_shape(x)
+        scale = self.scale
+        if scale.requires_grad:
+            scale = grad_scale(scale, 1.0 / math.sqrt(x.numel() * self.qmax))
+        scale = scale.reshape(shape)
+        zp = self.zero_point.reshape(shape)
+        q = torch.clamp(round_ste(x / scale) + zp, 0, self.qmax)
+        return (q - zp) * scale
+
+    def describe(self) -> dict:
+        return {
+            "quantizer": "uniform",
+            "bits": self.bits,
+            "granularity": "per-channel" if self.per_channel else "per-tensor",
+            "scale_min": float(self.scale.min()),
+            "scale_max": float(self.scale.max()),
+            "range_min": float(((0 - self.zero_point) * self.scale).min()),
+            "range_max": float(((self.qmax - self.zero_point) * self.scale).max()),
+        }
+
+
+class AdaRoundWeightQuantizer(UniformQuantizer):
+    """Per-output-channel weight quantizer with optional learned rounding (AdaRound).
+
+    After :meth:`init_adaround`, ``fake_quant`` uses ``floor(W / s) + h(V)`` instead of
+    ``round(W / s)``, where ``h(V) = clamp(sigmoid(V) * (ZETA - GAMMA) + GAMMA, 0, 1)`` and ``V``
+    starts where ``h(V)`` equals the fractional part, so that the soft-quantized weight first
+    equals the clipped FP weight. :meth:`harden` fixes ``h`` to ``V >= 0``.
+    """
+
+    def __init__(self, bits: int, ch_axis: int = 0, range_method: str = "mse"):
+        super().__init__(bits, ch_axis, range_method)
+        self.rounding = "nearest"  # "nearest" | "soft" | "hard"
+        self.alpha: nn.Parameter | None = None
+
+    def init_adaround(self, weight: torch.Tensor) -> None:
+        scale = self.scale.detach().reshape(self._param_shape(weight))
+        rest = weight.detach() / scale - torch.floor(weight.detach() / scale)
+        h = torch.clamp(rest, 0.01, 0.99)  # finite inverse
+        self.alpha = nn.Parameter(
+            -torch.log((ADAROUND_ZETA - ADAROUND_GAMMA) / (h - ADAROUND_GAMMA) - 1)
+        )
+        self.rounding = "soft"
+
+    def soft_rounding(self) -> torch.Tensor:
+        assert self.alpha is not None
+        return torch.clamp(
+            torch.sigmoid(self.alpha) * (ADAROUND_ZETA - ADAROUND_GAMMA) + ADAROUND_GAMMA, 0, 1
+        )
+
+    def rounding_loss(self, beta: float) -> torch.Tensor:
+        """AdaRound regularizer ``sum(1 - |2 h(V) - 1|^beta)``: pushes ``h`` to 0 or 1."""
+        return (1 - (2 * self.soft_rounding() - 1).abs().pow(beta)).sum()
+
+    def harden(self) -> None:
+        self.rounding = "hard"
+
+    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rounding == "nearest":
+            return super().fake_quant(x)
+        shape = self._param_shape(x)
+        scale = self.scale.reshape(shape)
+        zp = self.zero_point.reshape(shape)
+        h = self.soft_rounding() if self.rounding == "soft" else (self.alpha >= 0).to(x.dtype)
+        q = torch.clamp(torch.floor(x / scale) + h + zp, 0, self.qmax)
+        return (q - zp) * scale
+
+    def integer_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """The integer codes ``q`` in ``[0, 2^b - 1]`` that ``fake_quant`` dequantizes."""
+        shape = self._param_shape(weight)
+        scale = self.scale.detach().reshape(shape)
+        zp = self.zero_point.reshape(shape)
+        if self.rounding == "nearest":
+            q = torch.round(weight / scale) + zp
+        else:
+            q = torch.floor(weight / scale) + (self.alpha >= 0).to(weight.dtype) + zp
+        return torch.clamp(q, 0, self.qmax)
+
+    def describe(self) -> dict:
+        info = super().describe()
+        info["rounding"] = self.rounding
+        return info
+
+
+class Log2Quantizer(BaseQuantizer):
+    """Log2 quantizer for post-softmax attention probabilities in ``[0, 1]``.
+
+    ``q = clamp(round(-k * log2(x / delta)), 0, 2^b - 1)``, ``x_hat = delta * 2^(-q / k)``, with
+    ``k = 1`` (log2) or ``k = 2`` (log-sqrt2). Inputs too small to reach code ``2^b - 1`` after
+    rounding (``-k log2(x/delta) >= 2^b - 0.5``) become 0, as in RepQ-ViT. ``delta`` is chosen at
+    calibration among the observed maximum and its 99.9/99.99/99.999 percentiles by squared error.
+    """
+
+    def __init__(self, bits: int, sqrt2: bool = False, enabled: bool = True):
+        super().__init__(bits, None, enabled)
+        self.k = 2.0 if sqrt2 else 1.0
+        self.register_buffer("delta", torch.ones(()))
+
+    def finish_calibration(self) -> None:
+        if not self.enabled:
+            return
+        x = self.take_samples().reshape(-1)
+        n = x.numel()
+        best = None
+        for p in (0.999, 0.9999, 0.99999, 1.0):
+            delta = x.kthvalue(max(1, min(n, math.ceil(p * n)))).values.clamp(min=1e-8)
+            err = (self._quant(x, delta) - x).pow(2).sum()
+            if best is None or err < best[0]:
+                best = (err, delta)
+        self.delta = best[1].to(self.delta.device)
+        self.calibrated = True
+
+    def _quant(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        levels = 2**self.bits - 1
+        code = -self.k * torch.log2(torch.clamp(x / delta, min=1e-30))
+        q = torch.clamp(torch.round(code), 0, levels)
+        out = delta * torch.pow(2.0, -q / self.k)
+        return torch.where(code >= levels + 0.5, torch.zeros_like(out), out)
+
+    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+        # The gradient passes straight through to x: the probabilities come from the quantized qk.
+        return (self._quant(x, self.delta) - x).detach() + x
+
+    def describe(self) -> dict:
+        return {
+            "quantizer": "log-sqrt2" if self.k == 2 else "log2",
+            "bits": self.bits,
+            "granularity": "per-tensor",
+            "scale_min": float(self.delta),
+            "scale_max": float(self.delta),
+            "range_min": float(self.delta * 2 ** (-(2**self.bits - 1) / self.k)),
+            "range_max": float(self.delta),
+        }

@@ -1,0 +1,136 @@
+"""timm ViT/DeiT and Swin: conversion, equivalence in FP, counted quantizer hits, re-param."""
+
+import copy
+
+import pytest
+import torch
+from conftest import tiny_timm_swin, tiny_timm_vit
+from torch import nn
+
+from pfcr_mm.adapters import UnsupportedModelError, prepare, quantize
+from pfcr_mm.quant.attention import AttentionQuantizers
+from pfcr_mm.quant.calibrate import calibrate_activations, named_quantizers, set_quant_state
+from pfcr_mm.quant.config import QuantConfig
+from pfcr_mm.quant.modules import QuantLinear
+from pfcr_mm.quant.reparam import reparameterize_post_ln
+
+MODELS = {"vit": (tiny_timm_vit, (4, 3, 32, 32)), "swin": (tiny_timm_swin, (2, 3, 56, 56))}
+
+
+def _attention_modules(model):
+    return [m for m in model.modules() if hasattr(m, "qkv") and hasattr(m, "proj")]
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_quantized_attention_equals_original_when_disabled(name):
+    build, shape = MODELS[name]
+    model = build()
+    x = torch.randn(shape)
+    ref = copy.deepcopy(model)
+    prepare(model, QuantConfig())
+    orig_attn, quant_attn = _attention_modules(ref), _attention_modules(model)
+    assert len(orig_attn) == len(quant_attn) == 4
+    inputs = []
+    hooks = [m.register_forward_pre_hook(lambda m, a, kw=None: inputs.append(a)) for m in orig_attn]
+    with torch.no_grad():
+        ref_out = ref(x)
+        for h in hooks:
+            h.remove()
+        for a, q, args in zip(orig_attn, quant_attn, inputs):
+            assert type(q) is not type(a) and isinstance(q, type(a))
+            assert torch.allclose(q(*args), a(*args), atol=1e-5)
+        assert torch.allclose(model(x), ref_out, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_every_linear_and_both_matmuls_quantized(name):
+    build, shape = MODELS[name]
+    model = build()
+    n_linear = sum(isinstance(m, nn.Linear) for m in model.modules())
+    n_conv = sum(isinstance(m, nn.Conv2d) for m in model.modules())
+    x = torch.randn(shape)
+    plan = quantize(model, QuantConfig(), lambda m: m(x))
+    assert sum(isinstance(m, QuantLinear) for m in model.modules()) == n_linear
+    assert len(plan.quantized_modules) == n_linear + n_conv
+    assert len(plan.units) == 2 * 4  # attn + mlp per block, 4 blocks
+    assert [u.kind for u in plan.units] == ["attn", "mlp"] * 4
+    hits = {}
+    for n, q in named_quantizers(model):
+        q.register_forward_hook(lambda m, a, o, n=n: hits.__setitem__(n, hits.get(n, 0) + 1))
+    with torch.no_grad():
+        model(x)
+    for name_, m in model.named_modules():
+        if isinstance(m, AttentionQuantizers):
+            for point in ("q", "k", "v", "probs"):
+                assert hits.get(f"{name_}.{point}", 0) == 1, f"{name_}.{point} not hit"
+        if isinstance(m, QuantLinear):
+            assert hits[f"{name_}.input_quantizer"] == 1
+            assert hits[f"{name_}.weight_quantizer"] == 1
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_units_compose_to_the_model(name):
+    build, shape = MODELS[name]
+    model = build()
+    x = torch.randn(shape)
+    plan = prepare(model, QuantConfig())
+    with torch.no_grad():
+        tokens = []
+        blocks = {id(u.block): u.block for u in plan.units}
+        hooks = [
+            b.register_forward_hook(lambda m, a, o: tokens.append((a[0], o)))
+            for b in blocks.values()
+        ]
+        model(x)
+        for h in hooks:
+            h.remove()
+        for (inp, out), (attn, mlp) in zip(tokens, zip(plan.units[::2], plan.units[1::2])):
+            assert torch.allclose(mlp(attn(inp)), out, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_reparameterization_keeps_fp_output(name):
+    build, shape = MODELS[name]
+    model = build()
+    x = torch.randn(shape)
+    plan = prepare(model, QuantConfig(w_bits=4, a_bits=4))
+    calibrate_activations(model, lambda m: m(x))
+    set_quant_state(model, weights=False, activations=False)
+    with torch.no_grad():
+        before = model(x)
+        for norm, linear in plan.post_ln_pairs:
+            reparameterize_post_ln(norm, linear)
+        after = model(x)
+    assert len(plan.post_ln_pairs) == 8 + (1 if name == "swin" else 0)
+    assert all(not lin.input_quantizer.per_channel for _, lin in plan.post_ln_pairs)
+    assert torch.allclose(before, after, atol=1e-4, rtol=1e-4)
+
+
+def test_quantized_model_close_at_8_bits_and_further_at_3():
+    model = tiny_timm_vit()
+    x = torch.randn(8, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+    errs = {}
+    for bits in (8, 3):
+        m = copy.deepcopy(model)
+        quantize(m, QuantConfig(w_bits=bits, a_bits=bits), lambda m: m(x))
+        with torch.no_grad():
+            errs[bits] = (m(x) - ref).pow(2).mean().item() / ref.pow(2).mean().item()
+    assert errs[8] < 1e-2
+    assert errs[3] > 10 * errs[8]
+
+
+def test_no_supported_block_is_a_clear_error():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+    import timm  # noqa: F401  (the adapters apply once timm is loaded)
+
+    with pytest.raises(UnsupportedModelError, match="timm.models.vision_transformer.Block"):
+        prepare(model, QuantConfig())
+
+
+def test_unobserved_quantizer_is_named():
+    model = tiny_timm_vit()
+    prepare(model, QuantConfig())
+    with pytest.raises(RuntimeError, match=r"blocks\.0\.attn\.qkv\.input_quantizer"):
+        calibrate_activations(model, lambda m: None)

@@ -1,0 +1,125 @@
+"""The classification path end to end through tools/ptq.py, and its error messages."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+import ptq as ptq_tool  # noqa: E402
+
+ARCH = "vit_tiny_patch16_224"
+KWARGS = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=3)
+
+
+def _make_folder(root: Path, per_class: int = 4, classes=("a", "b", "c")) -> None:
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in classes:
+            (root / split / c).mkdir(parents=True)
+            for i in range(per_class):
+                img = rng.integers(0, 255, (40, 36, 3), dtype=np.uint8)
+                Image.fromarray(img).save(root / split / c / f"{i}.png")
+
+
+def _write_config(tmp_path: Path, **over) -> Path:
+    from pfcr_mm.engine.classification import create_timm_model
+
+    ckpt = tmp_path / "tiny.pth"
+    if not ckpt.exists():
+        torch.save(create_timm_model(ARCH, KWARGS).state_dict(), ckpt)
+    fields = dict(
+        arch=repr(ARCH),
+        kwargs=repr(KWARGS),
+        ckpt=repr(str(ckpt)),
+        data=repr(str(tmp_path / "data")),
+        bits=4,
+        extra="",
+    )
+    fields.update(over)
+    cfg = tmp_path / "cfg.py"
+    cfg.write_text(f"""
+_base_ = [{str(ROOT / 'configs/_base_/imagenet_timm.py')!r}]
+model = dict(arch={fields['arch']}, model_kwargs={fields['kwargs']}, checkpoint={fields['ckpt']})
+test_dataloader = dict(batch_size=4, num_workers=0, dataset=dict(data_root={fields['data']},
+                       resize=32, crop_size=32))
+ptq = dict(quant=dict(w_bits={fields['bits']}, a_bits={fields['bits']}),
+           calib=dict(num_images=5, batch_size=2, num_workers=0))
+{fields['extra']}
+""")
+    return cfg
+
+
+def test_ptq_tool_writes_results(tmp_path):
+    _make_folder(tmp_path / "data")
+    cfg = _write_config(tmp_path)
+    work = tmp_path / "work"
+    assert ptq_tool.main([str(cfg), "--work-dir", str(work)]) == 0
+    res = json.loads((work / "ptq_results.json").read_text())
+    for key in (
+        "task",
+        "method",
+        "w_bits",
+        "a_bits",
+        "scope",
+        "fp",
+        "quant",
+        "calib_indices",
+        "time_s",
+        "peak_mem_mb",
+        "versions",
+    ):
+        assert key in res
+    assert res["task"] == "classification" and res["method"] == "calib"
+    assert res["w_bits"] == res["a_bits"] == 4 and res["scope"] == "net"
+    assert set(res["fp"]) == {"accuracy/top1", "accuracy/top5"}
+    # 12 val images: accuracies are multiples of 100/12
+    for v in (res["fp"]["accuracy/top1"], res["quant"]["accuracy/top1"]):
+        assert abs(v * 12 / 100 - round(v * 12 / 100)) < 1e-6
+    assert len(res["calib_indices"]) == 5 and all(0 <= i < 12 for i in res["calib_indices"])
+    summary = json.loads((work / "quant_summary.json").read_text())
+    assert any(r["module"].endswith("attn.matmul_quant.probs") for r in summary["quantizers"])
+    assert "LayerNorm" in summary["floating_point"]
+    # a second run keeps the first results file
+    assert ptq_tool.main([str(cfg), "--work-dir", str(work), "--no-fp-eval"]) == 0
+    assert len(list(work.glob("ptq_results*.json"))) == 2
+    assert json.loads((work / "ptq_results.json").read_text())["fp"] is None
+
+
+@pytest.mark.parametrize(
+    "over, message",
+    [
+        (dict(arch="'vit_tinyy_patch16_224'"), "unknown timm architecture 'vit_tinyy_patch16_224'"),
+        (dict(ckpt="'/nonexistent/x.pth'"), "checkpoint not found: /nonexistent/x.pth"),
+        (dict(bits=9), "w_bits: bits must be an integer from 2 to 8"),
+        (dict(data="'/nonexistent/data'"), "ImageNet-layout"),
+        (dict(extra="ptq = dict(quant=dict(wbits=4))"), "unknown quantization setting"),
+        (
+            dict(
+                kwargs="dict(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=3, "
+                "num_classes=3)"
+            ),
+            "does not match the model",
+        ),
+    ],
+)
+def test_bad_configs_fail_clearly(tmp_path, capsys, over, message):
+    _make_folder(tmp_path / "data", per_class=1)
+    cfg = _write_config(tmp_path, **over)
+    work = tmp_path / "work"
+    assert ptq_tool.main([str(cfg), "--work-dir", str(work)]) == 2
+    assert message in capsys.readouterr().err
+    assert not (work / "ptq_results.json").exists()
+
+
+def test_empty_dataset_folder_fails_clearly(tmp_path, capsys):
+    for split in ("train", "val"):
+        (tmp_path / "data" / split / "a").mkdir(parents=True)
+    cfg = _write_config(tmp_path)
+    assert ptq_tool.main([str(cfg), "--work-dir", str(tmp_path / "w")]) == 2
+    assert "no images" in capsys.readouterr().err

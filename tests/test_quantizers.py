@@ -1,0 +1,146 @@
+"""Quantizer arithmetic against hand-computed values."""
+
+import math
+
+import pytest
+import torch
+
+from pfcr_mm.quant.quantizers import (
+    AdaRoundWeightQuantizer,
+    Log2Quantizer,
+    UniformQuantizer,
+    search_uniform_range,
+)
+
+
+def test_uniform_minmax_per_tensor_hand_values():
+    q = UniformQuantizer(2, range_method="minmax")  # 4 levels
+    q.set_state("observe")
+    q(torch.tensor([-1.0, 0.0, 0.5, 2.0]))
+    q.finish_calibration()
+    # range [-1, 2]: scale 3/3 = 1, zero point round(1/1) = 1
+    assert q.scale.item() == pytest.approx(1.0)
+    assert q.zero_point.item() == 1.0
+    q.set_state("quant")
+    out = q(torch.tensor([-1.4, -0.6, 0.4, 0.6, 1.49, 2.7]))
+    # codes clamp(round(x)+1, 0, 3) - 1 -> -1, -1, 0, 1, 1, 2
+    assert out.tolist() == [-1.0, -1.0, 0.0, 1.0, 1.0, 2.0]
+
+
+def test_uniform_per_channel_weights_hand_values():
+    w = torch.tensor([[0.0, 1.0, 3.0], [-2.0, 0.4, 5.0]])
+    q = UniformQuantizer(3, ch_axis=0, range_method="minmax")  # 8 levels
+    q.calibrate_from(w)
+    # row 0: [0, 3] -> scale 3/7, zp 0; row 1: [-2, 5] -> scale 1, zp 2
+    assert torch.allclose(q.scale, torch.tensor([3 / 7, 1.0]))
+    assert q.zero_point.tolist() == [0.0, 2.0]
+    q.set_state("quant")
+    out = q(w)
+    s0 = 3 / 7
+    expected = torch.tensor([[0.0, 2 * s0, 7 * s0], [-2.0, 0.0, 5.0]])
+    assert torch.allclose(out, expected)
+
+
+def test_mse_range_clips_an_outlier():
+    x = torch.cat([torch.linspace(-1, 1, 1001), torch.tensor([50.0])]).reshape(-1, 1)
+    s_mse, _ = search_uniform_range(x, 4, "mse")
+    s_mm, _ = search_uniform_range(x, 4, "minmax")
+    assert s_mse < s_mm
+    for s, z in (search_uniform_range(x, 4, "mse"), search_uniform_range(x, 4, "minmax")):
+        assert s.dim() == 0 and z.dim() == 0
+
+    def err(s, z):
+        return ((torch.clamp(torch.round(x / s) + z, 0, 15) - z) * s - x).pow(2).sum()
+
+    assert err(*search_uniform_range(x, 4, "mse")) <= err(*search_uniform_range(x, 4, "minmax"))
+
+
+def test_percentile_range_ignores_rare_outlier():
+    # at 2 bits the full range (step 33) zeroes all of [0, 1]; clipping at 99.999 % costs the
+    # single outlier (99^2) but is far better overall
+    x = torch.cat([torch.linspace(0, 1, 100000), torch.tensor([100.0])]).reshape(-1, 1)
+    scale, zp = search_uniform_range(x, 2, "percentile")
+    assert zp.item() == 0
+    assert 0.99 <= scale.item() * 3 <= 1.0  # one of the 99.9 / 99.99 / 99.999 percentiles
+
+
+def test_lsq_step_gradient_scaled():
+    q = UniformQuantizer(4, range_method="minmax")
+    q.set_params(torch.tensor(0.1), torch.tensor(8.0))
+    q.scale.requires_grad_(True)
+    q.set_state("quant")
+    x = torch.tensor([0.33, -0.26])
+    q(x).sum().backward()
+    # d x_hat / d s = round(x/s) - x/s inside the range; times 1/sqrt(numel * qmax)
+    raw = (round(3.3) - 3.3) + (round(-2.6) + 2.6)
+    assert q.scale.grad.item() == pytest.approx(raw / math.sqrt(2 * 15), rel=1e-5)
+
+
+def test_log2_hand_values():
+    q = Log2Quantizer(3)  # codes 0..7, delta = 1
+    q.calibrated = True
+    q.set_state("quant")
+    x = torch.tensor([1.0, 0.5, 0.3, 0.1, 2**-7, 2**-7.6, 2**-9, 0.0])
+    out = q(x)
+    # -log2: 0, 1, 1.74->2, 3.32->3, 7, 7.6 -> beyond 7.5 -> 0, 9 -> 0, 0 -> 0
+    assert out.tolist() == [1.0, 0.5, 0.25, 0.125, 2**-7, 0.0, 0.0, 0.0]
+
+
+def test_log_sqrt2_hand_values():
+    q = Log2Quantizer(3, sqrt2=True)
+    q.calibrated = True
+    q.set_state("quant")
+    out = q(torch.tensor([1.0, 0.7, 0.5, 0.4]))
+    # -2 log2: 0, 1.03->1, 2, 2.64->3 ; x_hat = 2^(-q/2)
+    assert torch.allclose(out, torch.tensor([1.0, 2**-0.5, 0.5, 2**-1.5]))
+
+
+def test_log2_calibration_picks_delta_from_data():
+    q = Log2Quantizer(4)
+    q.set_state("observe")
+    q(torch.rand(1000) * 0.5)
+    q.finish_calibration()
+    assert 0.45 < q.delta.item() <= 0.5
+
+
+def test_adaround_soft_init_reproduces_weight_and_hard_is_nearest():
+    torch.manual_seed(0)
+    w = torch.randn(8, 16) * 0.1
+    q = AdaRoundWeightQuantizer(4)
+    q.calibrate_from(w)
+    q.set_state("quant")
+    nearest = q(w)
+    q.init_adaround(w)
+    soft = q(w)
+    # inside the clipping range, floor + frac reproduces w (up to the 0.01/0.99 clamp of h)
+    scale = q.scale.reshape(-1, 1)
+    inside = (w / scale + q.zero_point.reshape(-1, 1) > 0) & (
+        w / scale + q.zero_point.reshape(-1, 1) < q.qmax
+    )
+    assert torch.all((soft - w).abs()[inside] <= 0.011 * scale.expand_as(w)[inside])
+    q.harden()
+    assert torch.equal(q(w), nearest)
+    ints = q.integer_weight(w)
+    assert torch.equal(ints, ints.round()) and ints.min() >= 0 and ints.max() <= 15
+
+
+def test_adaround_regularizer_zero_when_binary():
+    q = AdaRoundWeightQuantizer(4)
+    w = torch.randn(4, 4)
+    q.calibrate_from(w)
+    q.init_adaround(w)
+    q.alpha.data = torch.full_like(q.alpha, 10.0)  # h -> 1
+    assert q.rounding_loss(2.0).item() == pytest.approx(0.0, abs=1e-6)
+    q.alpha.data.zero_()  # h = 0.5
+    assert q.rounding_loss(2.0).item() == pytest.approx(16.0)
+
+
+@pytest.mark.parametrize("bits", [1, 9, 2.5, True])
+def test_bits_outside_range_rejected(bits):
+    with pytest.raises(ValueError, match="2 to 8"):
+        UniformQuantizer(bits)
+
+
+def test_quant_before_calibration_rejected():
+    with pytest.raises(RuntimeError, match="before calibration"):
+        UniformQuantizer(4).set_state("quant")

@@ -1,0 +1,134 @@
+"""Post-training quantization of an MMEngine model: FP evaluation, quantization, quantized
+evaluation, results in ``<work_dir>/ptq_results.json``.
+
+    python tools/ptq.py CONFIG [CHECKPOINT] [--work-dir DIR] [--cfg-options k=v ...] [--no-fp-eval]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from mmengine.config import Config, DictAction
+from mmengine.runner import Runner
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run from a source checkout without installing
+    sys.path.insert(0, str(ROOT))
+
+from pfcr_mm.engine.ptq import (  # noqa: E402
+    PTQSettings,
+    package_versions,
+    peak_memory_mb,
+    quantize_runner_model,
+    write_results,
+)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("config", help="config file")
+    p.add_argument("checkpoint", nargs="?", help="model checkpoint (sets load_from)")
+    p.add_argument("--work-dir", help="where results go (default: work_dirs/<config name>)")
+    p.add_argument(
+        "--cfg-options",
+        nargs="+",
+        action=DictAction,
+        default={},
+        help="override config keys, e.g. ptq.quant.w_bits=3",
+    )
+    p.add_argument("--no-fp-eval", action="store_true", help="skip the FP evaluation")
+    p.add_argument("--launcher", choices=["none", "pytorch", "slurm", "mpi"], default="none")
+    return p.parse_args(argv)
+
+
+def build_cfg(args: argparse.Namespace) -> Config:
+    if not Path(args.config).is_file():
+        raise FileNotFoundError(f"config file not found: {args.config}")
+    cfg = Config.fromfile(args.config)
+    cfg.merge_from_dict(args.cfg_options)
+    if "ptq" not in cfg:
+        raise KeyError(f"{args.config} has no 'ptq' section; see configs/ for examples")
+    cfg.work_dir = (
+        args.work_dir or cfg.get("work_dir") or str(Path("work_dirs") / Path(args.config).stem)
+    )
+    cfg.launcher = args.launcher
+    if args.checkpoint:
+        if not Path(args.checkpoint).is_file():
+            raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}")
+        cfg.load_from = args.checkpoint
+    if args.no_fp_eval:
+        cfg.ptq.eval_fp = False
+    return cfg
+
+
+def run(cfg: Config) -> dict:
+    settings = PTQSettings.from_cfg(cfg.ptq)
+    runner = Runner.from_cfg(cfg)
+    loop = runner.test_loop
+    runner.call_hook("before_run")
+    runner.load_or_resume()
+    times = {}
+    fp = None
+    if settings.eval_fp:
+        t = time.time()
+        fp = loop.run()
+        times["fp_eval"] = time.time() - t
+    t = time.time()
+    _, indices = quantize_runner_model(runner, settings)
+    times["quantize"] = time.time() - t
+    t = time.time()
+    quant = loop.run()
+    times["quant_eval"] = time.time() - t
+    runner.call_hook("after_run")
+    results = {
+        "task": cfg.get("task", "classification"),
+        "method": settings.method,
+        "w_bits": settings.quant.w_bits,
+        "a_bits": settings.quant.a_bits,
+        "scope": settings.scope_name,
+        "quant_config": settings.quant.to_dict(),
+        "fp": fp,
+        "quant": quant,
+        "calib_indices": indices,
+        "time_s": times,
+        "peak_mem_mb": peak_memory_mb(),
+        "versions": package_versions(),
+        "config": cfg.filename,
+    }
+    path = write_results(Path(cfg.work_dir) / "ptq_results.json", results)
+    cfg.dump(str(Path(cfg.work_dir) / "ptq_config.py"))
+    print_table(results)
+    print(f"results: {path}")
+    return results
+
+
+def print_table(results: dict) -> None:
+    names = sorted(results["quant"])
+    setting = f"W{results['w_bits']}A{results['a_bits']}"
+    print(f"\n{'metric':28s} {'FP':>10s} {setting:>10s}")
+    for n in names:
+        fp = results["fp"][n] if results["fp"] else float("nan")
+        print(f"{n:28s} {fp:10.2f} {results['quant'][n]:10.2f}")
+    print(
+        f"(method {results['method']}, scope {results['scope']}, "
+        f"quantize {results['time_s']['quantize']:.1f} s)"
+    )
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = build_cfg(args)
+        run(cfg)
+    except (FileNotFoundError, KeyError, ValueError) as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"error ({type(err).__name__}): {message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Sets up pfcr_mm in a virtual environment (.venv in the project root, or $PFCR_VENV).
+#
+# mmcv 2.1.0 (the newest mmcv that mmdet 3.3.0 accepts) exists only as a source distribution and
+# does not build against current PyTorch as shipped: its setup.py forces -std=c++17 while the
+# torch 2.14 headers need C++20, and it imports pkg_resources, which the newest setuptools
+# dropped (80.9 still ships it and satisfies torch's own setuptools>=77 requirement).
+# This script builds it with those two things fixed, with CUDA ops when CUDA is available and CPU
+# ops otherwise, and caches the wheel ($PFCR_WHEEL_CACHE, default ~/.cache/pfcr_mm/wheels) so a
+# second set-up installs it in seconds. Safe to re-run: finished steps are skipped.
+set -euo pipefail
+
+root=$(cd "$(dirname "$0")/.." && pwd)
+venv=${PFCR_VENV:-$root/.venv}
+cache=${PFCR_WHEEL_CACHE:-$HOME/.cache/pfcr_mm/wheels}
+py=${PYTHON:-python3.11}
+TORCH=2.14.1
+TORCHVISION=0.29.1
+MMCV=2.1.0
+
+say() { printf '[setup %s] %s\n' "$(date +%H:%M:%S)" "$*"; }
+start=$(date +%s)
+
+if [ ! -x "$venv/bin/python" ]; then
+  say "creating virtual environment $venv with $py"
+  "$py" -m venv "$venv"
+fi
+pip=("$venv/bin/python" -m pip --quiet)
+"${pip[@]}" install --upgrade "pip==24.3.1"
+
+say "installing torch==$TORCH torchvision==$TORCHVISION and build tools"
+"${pip[@]}" install "torch==$TORCH" "torchvision==$TORCHVISION" \
+  "setuptools==80.9.0" "ninja==1.11.1.1" "numpy==1.26.4"
+
+if "$venv/bin/python" -c "import mmcv, mmcv.ops, sys; sys.exit(mmcv.__version__ != '$MMCV')" 2>/dev/null; then
+  say "mmcv $MMCV with ops already installed"
+else
+  cuda=$("$venv/bin/python" -c "import torch; print(torch.version.cuda.replace('.', '') if torch.cuda.is_available() else '')")
+  flavour=${cuda:+cu$cuda}; flavour=${flavour:-cpu}
+  wheel_dir="$cache/mmcv-$MMCV-torch$TORCH-$flavour"
+  if ! ls "$wheel_dir"/mmcv-*.whl >/dev/null 2>&1; then
+    build=$(mktemp -d)
+    trap 'rm -rf "$build"' EXIT
+    say "building mmcv $MMCV from source with $flavour ops: this takes about 10 minutes on 2 cores"
+    "${pip[@]}" download "mmcv==$MMCV" --no-deps --no-binary mmcv --no-build-isolation -d "$build"
+    tar -xzf "$build"/mmcv-$MMCV.tar.gz -C "$build"
+    src="$build/mmcv-$MMCV"
+    grep -q -- '-std=c++17' "$src/setup.py" || { say "mmcv setup.py no longer holds -std=c++17; check the patch"; exit 1; }
+    sed -i 's/-std=c++17/-std=c++20/g' "$src/setup.py"
+    export MMCV_WITH_OPS=1 MAX_JOBS=${MAX_JOBS:-$(nproc)}
+    if [ "$flavour" != cpu ]; then export FORCE_CUDA=1; fi
+    # pip's own output is the progress here: the compile prints one line per source file.
+    "$venv/bin/python" -m pip wheel --no-deps --no-build-isolation -w "$build/dist" "$src" -v 2>&1 |
+      sed -unE -e 's#^ *(\[[0-9]+/[0-9]+\]) .* -c [^ ]*/([^/ ]+\.(cpp|cu)) .*#  compiling \1 \2#p' \
+        -e '/[Ee]rror/p' || true
+    ls "$build"/dist/mmcv-*.whl >/dev/null 2>&1 || { say "mmcv build failed; rerun with the full log: see above"; exit 1; }
+    mkdir -p "$wheel_dir"
+    cp "$build"/dist/mmcv-*.whl "$wheel_dir/"
+    say "cached the mmcv wheel in $wheel_dir"
+  else
+    say "using cached mmcv wheel from $wheel_dir"
+  fi
+  "${pip[@]}" install --no-deps "$wheel_dir"/mmcv-*.whl
+fi
+
+say "installing pfcr_mm and its pinned dependencies"
+"${pip[@]}" install -e "$root[dev]"
+"$venv/bin/python" -c "import mmcv.ops, mmdet, timm, pfcr_mm; from mmcv.ops import RoIAlign, nms"
+say "ready in $(( $(date +%s) - start )) s: $venv"
