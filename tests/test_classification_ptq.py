@@ -123,3 +123,73 @@ def test_empty_dataset_folder_fails_clearly(tmp_path, capsys):
     cfg = _write_config(tmp_path)
     assert ptq_tool.main([str(cfg), "--work-dir", str(tmp_path / "w")]) == 2
     assert "no images" in capsys.readouterr().err
+
+
+def test_hook_quantizes_before_a_stock_test_run(tmp_path):
+    from mmengine.config import Config
+    from mmengine.runner import Runner
+
+    from pfcr_mm.quant.modules import QuantLinear
+
+    _make_folder(tmp_path / "data")
+    cfg = Config.fromfile(_write_config(tmp_path))
+    cfg.custom_hooks = [dict(type="pfcr.PFCRHook", ptq=cfg.pop("ptq"))]
+    cfg.work_dir = str(tmp_path / "work")
+    runner = Runner.from_cfg(cfg)
+    metrics = runner.test()
+    assert set(metrics) == {"accuracy/top1", "accuracy/top5"}
+    n_quant = sum(isinstance(m, QuantLinear) for m in runner.model.modules())
+    assert n_quant == 2 * 4 + 1  # qkv, proj, fc1, fc2 per block and the head
+    assert (tmp_path / "work" / "quant_summary.json").exists()
+
+
+def test_saved_quantized_model_reloads_with_identical_metrics(tmp_path):
+    _make_folder(tmp_path / "data")
+    cfg = _write_config(tmp_path)
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert ptq_tool.main([str(cfg), "--work-dir", str(first), "--no-fp-eval"]) == 0
+    saved = first / "quantized_model.pth"
+    assert (
+        ptq_tool.main(
+            [str(cfg), "--work-dir", str(second), "--no-fp-eval", "--quantized", str(saved)]
+        )
+        == 0
+    )
+    a = json.loads((first / "ptq_results.json").read_text())
+    b = json.loads((second / "ptq_results.json").read_text())
+    assert a["quant"] == b["quant"] and a["calib_indices"] == b["calib_indices"]
+    payload = torch.load(saved, weights_only=True)
+    codes = payload["integer_weights"]["net.blocks.0.attn.qkv"]
+    assert codes.dtype == torch.uint8 and int(codes.max()) <= 15
+    # two reloads compute bit-identical outputs
+    from mmengine.config import Config
+    from mmengine.runner import Runner
+
+    from pfcr_mm.engine.ptq import PTQSettings, load_quantized_model
+
+    outs = []
+    for _ in range(2):
+        c = Config.fromfile(cfg)
+        c.work_dir = str(tmp_path / "w")
+        runner = Runner.from_cfg(c)
+        load_quantized_model(runner, PTQSettings.from_cfg(c.ptq), saved)
+        with torch.no_grad():
+            outs.append(
+                runner.model(torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)))
+            )
+    assert torch.equal(outs[0], outs[1])
+    # a mismatching setting is refused
+    assert (
+        ptq_tool.main(
+            [
+                str(cfg),
+                "--work-dir",
+                str(second),
+                "--quantized",
+                str(saved),
+                "--cfg-options",
+                "ptq.quant.w_bits=3",
+            ]
+        )
+        == 2
+    )

@@ -1,7 +1,9 @@
 """Post-training quantization of an MMEngine model: FP evaluation, quantization, quantized
-evaluation, results in ``<work_dir>/ptq_results.json``.
+evaluation; results in ``<work_dir>/ptq_results.json``, the quantized model in
+``<work_dir>/quantized_model.pth``.
 
-    python tools/ptq.py CONFIG [CHECKPOINT] [--work-dir DIR] [--cfg-options k=v ...] [--no-fp-eval]
+    python tools/ptq.py CONFIG [CHECKPOINT] [--work-dir DIR] [--cfg-options k=v ...]
+                        [--no-fp-eval] [--quantized SAVED_QUANTIZED_MODEL]
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ if str(ROOT) not in sys.path:  # run from a source checkout without installing
 
 from pfcr_mm.engine.ptq import (  # noqa: E402
     PTQSettings,
+    load_quantized_model,
     package_versions,
     peak_memory_mb,
     quantize_runner_model,
+    save_quantized_model,
     write_results,
 )
 
@@ -40,6 +44,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="override config keys, e.g. ptq.quant.w_bits=3",
     )
     p.add_argument("--no-fp-eval", action="store_true", help="skip the FP evaluation")
+    p.add_argument(
+        "--quantized",
+        help="evaluate a quantized model saved by an earlier run instead of calibrating",
+    )
     p.add_argument("--launcher", choices=["none", "pytorch", "slurm", "mpi"], default="none")
     return p.parse_args(argv)
 
@@ -64,7 +72,7 @@ def build_cfg(args: argparse.Namespace) -> Config:
     return cfg
 
 
-def run(cfg: Config) -> dict:
+def run(cfg: Config, quantized: str | None = None) -> dict:
     settings = PTQSettings.from_cfg(cfg.ptq)
     runner = Runner.from_cfg(cfg)
     loop = runner.test_loop
@@ -77,7 +85,13 @@ def run(cfg: Config) -> dict:
         fp = loop.run()
         times["fp_eval"] = time.time() - t
     t = time.time()
-    _, indices = quantize_runner_model(runner, settings)
+    work_dir = Path(cfg.work_dir)
+    if quantized:
+        _, saved = load_quantized_model(runner, settings, quantized)
+        indices = saved["calib_indices"]
+    else:
+        _, indices = quantize_runner_model(runner, settings)
+        save_quantized_model(runner, settings, indices, work_dir / "quantized_model.pth")
     times["quantize"] = time.time() - t
     t = time.time()
     quant = loop.run()
@@ -97,9 +111,10 @@ def run(cfg: Config) -> dict:
         "peak_mem_mb": peak_memory_mb(),
         "versions": package_versions(),
         "config": cfg.filename,
+        "quantized_model": str(quantized or work_dir / "quantized_model.pth"),
     }
-    path = write_results(Path(cfg.work_dir) / "ptq_results.json", results)
-    cfg.dump(str(Path(cfg.work_dir) / "ptq_config.py"))
+    path = write_results(work_dir / "ptq_results.json", results)
+    cfg.dump(str(work_dir / "ptq_config.py"))
     print_table(results)
     print(f"results: {path}")
     return results
@@ -122,7 +137,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         cfg = build_cfg(args)
-        run(cfg)
+        run(cfg, args.quantized)
     except (FileNotFoundError, KeyError, ValueError) as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"error ({type(err).__name__}): {message}", file=sys.stderr)

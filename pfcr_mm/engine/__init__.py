@@ -1,6 +1,6 @@
 """MMEngine integration (the only layer that imports mmengine / mmdet / mmcv)."""
 
-from . import classification  # noqa: F401  (registers the pfcr.* classification types)
-from .registry import DATASETS, METRICS, MODELS
+from . import classification, hooks  # noqa: F401  (register the pfcr.* types)
+from .registry import DATASETS, HOOKS, METRICS, MODELS
 
-__all__ = ["DATASETS", "METRICS", "MODELS"]
+__all__ = ["DATASETS", "HOOKS", "METRICS", "MODELS"]

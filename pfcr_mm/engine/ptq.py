@@ -28,9 +28,13 @@ from mmengine.model import is_model_wrapper
 from mmengine.registry import DATASETS, FUNCTIONS
 from torch.utils.data import DataLoader, Subset
 
-from ..adapters import QuantPlan, quantize
+from ..adapters import QuantPlan, prepare, quantize
 from ..quant.calibrate import write_quant_summary
 from ..quant.config import QuantConfig
+from ..quant.modules import QuantConv2d, QuantLinear
+from .checkpoint import load_checkpoint_file
+
+QUANTIZED_FORMAT = "pfcr_mm.quantized_model.v1"
 
 METHODS = ("calib",)
 
@@ -74,14 +78,21 @@ def calibration_loader(
 ) -> tuple[DataLoader, list[int]]:
     """A loader over ``num_images`` seeded random images of the calibration dataset.
 
-    The dataset defaults to the test dataset config with ``split='train'`` (so calibration
-    images go through the test preprocessing but never come from the evaluation split); its
-    indices are written to ``work_dir/calib_indices.json``.
+    ``ptq.calib.dataset`` names the dataset; for a ``pfcr.ImageFolderDataset`` test set it
+    defaults to the same config with ``split='train'`` (calibration images go through the test
+    preprocessing but never come from the evaluation split). The indices are written to
+    ``work_dir/calib_indices.json``.
     """
     calib = settings.calib
-    dataset_cfg = copy.deepcopy(
-        calib.get("dataset") or {**test_dataloader_cfg["dataset"], "split": "train"}
-    )
+    dataset_cfg = copy.deepcopy(calib.get("dataset"))
+    if dataset_cfg is None:
+        test_dataset = test_dataloader_cfg["dataset"]
+        if test_dataset.get("type") != "pfcr.ImageFolderDataset":
+            raise KeyError(
+                "ptq.calib.dataset is required: the calibration images (the train split through "
+                "the test pipeline), e.g. COCO train2017 for a COCO detector"
+            )
+        dataset_cfg = {**test_dataset, "split": "train"}
     dataset = DATASETS.build(dataset_cfg)
     if len(dataset) == 0:
         raise ValueError(f"the calibration dataset is empty: {dataset_cfg}")
@@ -122,15 +133,20 @@ def make_forward_loop(loader: DataLoader):
     return forward_loop
 
 
-def quantize_runner_model(runner, settings: PTQSettings) -> tuple[QuantPlan, list[int]]:
-    """Quantize ``runner.model`` in place (calibration only) and write the summary."""
+def _model_and_head(runner, settings: PTQSettings):
     model = runner.model.module if is_model_wrapper(runner.model) else runner.model
-    work_dir = Path(runner.work_dir)
-    loader, indices = calibration_loader(settings, runner.cfg.test_dataloader, work_dir)
     # a classifier names its head, so QuantConfig.head_bits can apply to it
     head = model.classifier_head() if hasattr(model, "classifier_head") else None
     if settings.quant.head_bits is not None and head is None:
         raise ValueError("ptq.quant.head_bits is set but the model has no classification head")
+    return model, head
+
+
+def quantize_runner_model(runner, settings: PTQSettings) -> tuple[QuantPlan, list[int]]:
+    """Quantize ``runner.model`` in place (calibration only) and write the summary."""
+    model, head = _model_and_head(runner, settings)
+    work_dir = Path(runner.work_dir)
+    loader, indices = calibration_loader(settings, runner.cfg.test_dataloader, work_dir)
     plan = quantize(model, settings.quant, make_forward_loop(loader), settings.scope, head)
     write_quant_summary(model, work_dir / "quant_summary.json", plan.fp_parts)
     print_log(
@@ -139,6 +155,53 @@ def quantize_runner_model(runner, settings: PTQSettings) -> tuple[QuantPlan, lis
         logger="current",
     )
     return plan, indices
+
+
+def save_quantized_model(runner, settings: PTQSettings, indices: list[int], path: Path) -> Path:
+    """Write the quantized model: the full state (re-parameterized weights, every quantizer's
+    range and flags), the integer weight codes of every quantized layer, the settings, the
+    calibration indices and the resolved config. :func:`load_quantized_model` restores it."""
+    model, _ = _model_and_head(runner, settings)
+    integer = {
+        name: m.weight_quantizer.integer_weight(m.weight.detach()).to(torch.uint8)
+        for name, m in model.named_modules()
+        if isinstance(m, (QuantLinear, QuantConv2d))
+    }
+    torch.save(
+        {
+            "format": QUANTIZED_FORMAT,
+            "method": settings.method,
+            "quant_config": settings.quant.to_dict(),
+            "scope": settings.scope,
+            "calib_indices": indices,
+            "state_dict": model.state_dict(),
+            "integer_weights": integer,
+            "config": runner.cfg.pretty_text,
+        },
+        path,
+    )
+    return path
+
+
+def load_quantized_model(runner, settings: PTQSettings, path: str | Path) -> tuple[QuantPlan, dict]:
+    """Rebuild the quantized structure on ``runner.model`` and load a saved quantized model."""
+    saved = load_checkpoint_file(path)
+    if saved.get("format") != QUANTIZED_FORMAT:
+        raise ValueError(f"{path} is not a quantized model written by tools/ptq.py")
+    if saved["quant_config"] != settings.quant.to_dict() or saved["scope"] != settings.scope:
+        raise ValueError(
+            f"{path} was quantized with quant={saved['quant_config']} scope={saved['scope']}, "
+            f"but the config asks for quant={settings.quant.to_dict()} scope={settings.scope}"
+        )
+    model, head = _model_and_head(runner, settings)
+    plan = prepare(model, settings.quant, settings.scope, head)
+    result = model.load_state_dict(saved["state_dict"], strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise KeyError(
+            f"{path} does not match the model: missing {result.missing_keys[:8]}, "
+            f"unexpected {result.unexpected_keys[:8]}"
+        )
+    return plan, saved
 
 
 def package_versions() -> dict:

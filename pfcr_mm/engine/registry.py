@@ -5,6 +5,7 @@ configs). ``locations`` imports the registering modules on first use.
 """
 
 from mmengine.registry import DATASETS as MMENGINE_DATASETS
+from mmengine.registry import HOOKS as MMENGINE_HOOKS
 from mmengine.registry import METRICS as MMENGINE_METRICS
 from mmengine.registry import MODELS as MMENGINE_MODELS
 from mmengine.registry import Registry
@@ -14,3 +15,4 @@ _LOCATIONS = ["pfcr_mm.engine.classification"]
 MODELS = Registry("model", parent=MMENGINE_MODELS, scope="pfcr", locations=_LOCATIONS)
 DATASETS = Registry("dataset", parent=MMENGINE_DATASETS, scope="pfcr", locations=_LOCATIONS)
 METRICS = Registry("metric", parent=MMENGINE_METRICS, scope="pfcr", locations=_LOCATIONS)
+HOOKS = Registry("hook", parent=MMENGINE_HOOKS, scope="pfcr", locations=["pfcr_mm.engine.hooks"])

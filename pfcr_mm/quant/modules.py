@@ -37,6 +37,11 @@ class QuantLinear(nn.Linear):
         # Per-channel shift of the input set by the post-LayerNorm re-parameterization (reparam.py)
         self.register_buffer("input_shift", None)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if prefix + "input_shift" in state_dict and self.input_shift is None:
+            self.input_shift = torch.empty_like(state_dict[prefix + "input_shift"])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_shift is not None:
             x = x + self.input_shift

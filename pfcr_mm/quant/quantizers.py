@@ -128,6 +128,26 @@ class BaseQuantizer(nn.Module):
     def describe(self) -> dict:
         raise NotImplementedError
 
+    # Saving and restoring: the calibrated ranges are parameters/buffers whose shapes depend on
+    # the calibration (per channel or, after re-parameterization, per tensor), so loading resizes
+    # them to the stored shapes, and the flags travel as extra state.
+    def get_extra_state(self) -> dict:
+        return {"calibrated": self.calibrated, "ch_axis": self.ch_axis, "state": self.state}
+
+    def set_extra_state(self, extra: dict) -> None:
+        self.calibrated = extra["calibrated"]
+        self.ch_axis = extra["ch_axis"]
+        self.state = extra["state"]
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name, tensor in list(self.named_parameters(recurse=False)) + list(
+            self.named_buffers(recurse=False)
+        ):
+            stored = state_dict.get(prefix + name)
+            if stored is not None and tensor is not None and stored.shape != tensor.shape:
+                tensor.data = torch.empty_like(stored, device=tensor.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
 
 def _uniform_params(
     lo: torch.Tensor, hi: torch.Tensor, qmax: int
@@ -294,6 +314,18 @@ class AdaRoundWeightQuantizer(UniformQuantizer):
 
     def harden(self) -> None:
         self.rounding = "hard"
+
+    def get_extra_state(self) -> dict:
+        return {**super().get_extra_state(), "rounding": self.rounding}
+
+    def set_extra_state(self, extra: dict) -> None:
+        super().set_extra_state(extra)
+        self.rounding = extra["rounding"]
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if prefix + "alpha" in state_dict and self.alpha is None:
+            self.alpha = nn.Parameter(torch.empty_like(state_dict[prefix + "alpha"]))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
         if self.rounding == "nearest":
