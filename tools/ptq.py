@@ -102,7 +102,7 @@ def run(cfg: Config, quantized: str | None = None) -> dict:
         "method": settings.method,
         "w_bits": settings.quant.w_bits,
         "a_bits": settings.quant.a_bits,
-        "scope": settings.scope_name,
+        "scope": settings.scope,
         "quant_config": settings.quant.to_dict(),
         "fp": fp,
         "quant": quant,

@@ -100,6 +100,13 @@ def prepare(
     head: a classification head, quantized with ``cfg.head_bits`` if set.
     Raises :class:`UnsupportedModelError` when the model holds no supported transformer block.
     """
+    children = dict(model.named_children())
+    unknown = [s for s in scope or [] if s and s not in children]
+    if unknown:
+        raise ValueError(
+            f"quantization scope {unknown} names no sub-module of {type(model).__name__}; "
+            f"its sub-modules are {sorted(children)}"
+        )
     roots = [model] if scope is None else [model.get_submodule(s) for s in scope]
     adapters = available_adapters()
     blocks = [b for root in roots for b in _find_blocks(root, adapters)]

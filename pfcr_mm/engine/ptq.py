@@ -5,7 +5,7 @@ The ``ptq`` section of a config::
     ptq = dict(
         method='calib',                      # calibration only (reconstruction: later methods)
         quant=dict(w_bits=4, a_bits=4, post_softmax='log2', ...),   # see QuantConfig
-        scope=['net'],                       # sub-modules of runner.model to quantize
+        scope='backbone+neck',               # sub-modules of runner.model joined by '+', or 'all'
         calib=dict(num_images=256, seed=0, batch_size=32, num_workers=2,
                    dataset=dict(...)),       # default: the test dataset config on split 'train'
         eval_fp=True,                        # evaluate the FP model first
@@ -45,7 +45,7 @@ class PTQSettings:
 
     quant: QuantConfig
     method: str = "calib"
-    scope: list[str] | None = None
+    scope: str = "all"
     calib: dict = field(default_factory=dict)
     eval_fp: bool = True
 
@@ -60,6 +60,11 @@ class PTQSettings:
             )
         quant = QuantConfig.from_dict(dict(ptq.pop("quant", {})))
         settings = cls(quant=quant, **ptq)
+        if not isinstance(settings.scope, str):
+            raise ValueError(
+                f"ptq.scope must be a string like 'backbone+neck' or 'all', got "
+                f"{settings.scope!r}"
+            )
         if settings.method not in METHODS:
             raise ValueError(f"ptq.method must be one of {METHODS}, got {settings.method!r}")
         calib_known = {"num_images", "seed", "batch_size", "num_workers", "dataset"}
@@ -69,8 +74,9 @@ class PTQSettings:
         return settings
 
     @property
-    def scope_name(self) -> str:
-        return "all" if self.scope is None else "+".join(self.scope)
+    def scope_modules(self) -> list[str] | None:
+        """The sub-module names of ``scope`` (``None``: the whole model)."""
+        return None if self.scope == "all" else self.scope.split("+")
 
 
 def calibration_loader(
@@ -147,7 +153,7 @@ def quantize_runner_model(runner, settings: PTQSettings) -> tuple[QuantPlan, lis
     model, head = _model_and_head(runner, settings)
     work_dir = Path(runner.work_dir)
     loader, indices = calibration_loader(settings, runner.cfg.test_dataloader, work_dir)
-    plan = quantize(model, settings.quant, make_forward_loop(loader), settings.scope, head)
+    plan = quantize(model, settings.quant, make_forward_loop(loader), settings.scope_modules, head)
     write_quant_summary(model, work_dir / "quant_summary.json", plan.fp_parts)
     print_log(
         f"quantized {len(plan.quantized_modules)} modules, {len(plan.units)} units; "
@@ -194,7 +200,7 @@ def load_quantized_model(runner, settings: PTQSettings, path: str | Path) -> tup
             f"but the config asks for quant={settings.quant.to_dict()} scope={settings.scope}"
         )
     model, head = _model_and_head(runner, settings)
-    plan = prepare(model, settings.quant, settings.scope, head)
+    plan = prepare(model, settings.quant, settings.scope_modules, head)
     result = model.load_state_dict(saved["state_dict"], strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise KeyError(

@@ -1,0 +1,1 @@
+"""The embedded classification demo: a synthetic shapes data set generated from a seed."""
