@@ -20,6 +20,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from a source checkout without installing
     sys.path.insert(0, str(ROOT))
 
+from pfcr_mm.engine.detection import (  # noqa: E402
+    check_coco_dataset,
+    coco_paths,
+    write_subset_annotations,
+)
 from pfcr_mm.engine.ptq import (  # noqa: E402
     PTQSettings,
     load_quantized_model,
@@ -48,6 +53,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--quantized",
         help="evaluate a quantized model saved by an earlier run instead of calibrating",
     )
+    p.add_argument(
+        "--eval-images",
+        type=int,
+        help="COCO: evaluate on the first N images only, against their own annotations",
+    )
     p.add_argument("--launcher", choices=["none", "pytorch", "slurm", "mpi"], default="none")
     return p.parse_args(argv)
 
@@ -69,7 +79,31 @@ def build_cfg(args: argparse.Namespace) -> Config:
         cfg.load_from = args.checkpoint
     if args.no_fp_eval:
         cfg.ptq.eval_fp = False
+    if cfg.get("load_from") and not Path(cfg.load_from).is_file():
+        raise FileNotFoundError(
+            f"checkpoint not found: {cfg.load_from} (the config's load_from; put the file there "
+            "or pass another one as the CHECKPOINT argument)"
+        )
+    if cfg.get("task") == "detection":
+        settings = PTQSettings.from_cfg(cfg.ptq)
+        check_coco_dataset(cfg.test_dataloader.dataset, "evaluation")
+        check_coco_dataset(settings.calib_dataset_cfg(cfg.test_dataloader.dataset), "calibration")
+        if args.eval_images:
+            restrict_evaluation(cfg, args.eval_images)
+    elif args.eval_images:
+        raise ValueError("--eval-images applies to COCO detection configs only")
     return cfg
+
+
+def restrict_evaluation(cfg: Config, num_images: int) -> None:
+    """Point the test dataset and the metric at an annotation file of the first images only."""
+    work_dir = Path(cfg.work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    ann, _ = coco_paths(cfg.test_dataloader.dataset)
+    subset = work_dir / f"eval_subset_{num_images}.json"
+    write_subset_annotations(ann, num_images, subset)
+    cfg.test_dataloader.dataset.ann_file = str(subset.resolve())
+    cfg.test_evaluator.ann_file = str(subset.resolve())
 
 
 def run(cfg: Config, quantized: str | None = None) -> dict:

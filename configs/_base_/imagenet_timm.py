@@ -5,8 +5,13 @@ default_scope = "mmengine"
 task = "classification"
 
 data_root = "data/imagenet"
-preprocess = dict(resize=248, crop_size=224, mean=(0.485, 0.456, 0.406),
-                  std=(0.229, 0.224, 0.225), interpolation="bicubic")
+preprocess = dict(
+    resize=248,
+    crop_size=224,
+    mean=(0.485, 0.456, 0.406),
+    std=(0.229, 0.224, 0.225),
+    interpolation="bicubic",
+)
 
 model = dict(type="pfcr.TimmClassifier", arch=None, checkpoint=None, model_kwargs=dict())
 
@@ -24,7 +29,7 @@ ptq = dict(
     method="calib",
     quant=dict(w_bits=4, a_bits=4, post_softmax="log2", post_ln="reparam"),
     scope="net",
-    calib=dict(num_images=1024, seed=0, batch_size=32, num_workers=4),
+    calib=dict(num_images=1024, seed=0, batch_size=32, num_workers=4, dataset=dict(split="train")),
 )
 
 default_hooks = dict(logger=dict(type="LoggerHook", interval=50))

@@ -7,7 +7,7 @@ The ``ptq`` section of a config::
         quant=dict(w_bits=4, a_bits=4, post_softmax='log2', ...),   # see QuantConfig
         scope='backbone+neck',               # sub-modules of runner.model joined by '+', or 'all'
         calib=dict(num_images=256, seed=0, batch_size=32, num_workers=2,
-                   dataset=dict(...)),       # default: the test dataset config on split 'train'
+                   dataset=dict(split='train')),  # overrides of the test dataset config
         eval_fp=True,                        # evaluate the FP model first
     )
 """
@@ -73,6 +73,16 @@ class PTQSettings:
             raise KeyError(f"unknown key(s) {unknown} in ptq.calib; known: {sorted(calib_known)}")
         return settings
 
+    def calib_dataset_cfg(self, test_dataset_cfg: dict) -> dict:
+        """The calibration dataset config: the test one with ``calib.dataset`` merged in."""
+        if not self.calib.get("dataset"):
+            raise KeyError(
+                "ptq.calib.dataset is required: overrides of the test dataset config that select "
+                "the calibration split, e.g. dict(split='train') or COCO train2017's "
+                "ann_file/data_prefix"
+            )
+        return _merge(test_dataset_cfg, self.calib["dataset"])
+
     @property
     def scope_modules(self) -> list[str] | None:
         """The sub-module names of ``scope`` (``None``: the whole model)."""
@@ -84,21 +94,14 @@ def calibration_loader(
 ) -> tuple[DataLoader, list[int]]:
     """A loader over ``num_images`` seeded random images of the calibration dataset.
 
-    ``ptq.calib.dataset`` names the dataset; for a ``pfcr.ImageFolderDataset`` test set it
-    defaults to the same config with ``split='train'`` (calibration images go through the test
-    preprocessing but never come from the evaluation split). The indices are written to
-    ``work_dir/calib_indices.json``.
+    ``ptq.calib.dataset`` holds overrides of the test dataset config (merged key by key), so the
+    calibration images go through the test pipeline but come from another split: for example
+    ``dict(split='train')`` for a folder dataset, or ``dict(ann_file=..., data_prefix=...)`` of
+    COCO train2017. It is required: calibrating on the evaluation images would leak them. The
+    indices are written to ``work_dir/calib_indices.json``.
     """
     calib = settings.calib
-    dataset_cfg = copy.deepcopy(calib.get("dataset"))
-    if dataset_cfg is None:
-        test_dataset = test_dataloader_cfg["dataset"]
-        if test_dataset.get("type") != "pfcr.ImageFolderDataset":
-            raise KeyError(
-                "ptq.calib.dataset is required: the calibration images (the train split through "
-                "the test pipeline), e.g. COCO train2017 for a COCO detector"
-            )
-        dataset_cfg = {**test_dataset, "split": "train"}
+    dataset_cfg = settings.calib_dataset_cfg(test_dataloader_cfg["dataset"])
     dataset = DATASETS.build(dataset_cfg)
     if len(dataset) == 0:
         raise ValueError(f"the calibration dataset is empty: {dataset_cfg}")
@@ -123,6 +126,16 @@ def calibration_loader(
         collate_fn=collate,
     )
     return loader, indices
+
+
+def _merge(base: dict, override: dict) -> dict:
+    out = copy.deepcopy(dict(base))
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
 
 
 def make_forward_loop(loader: DataLoader):

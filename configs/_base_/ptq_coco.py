@@ -1,0 +1,21 @@
+# The PTQ part of a COCO detection config, to list after an mmdet config in _base_.
+# Calibration: 256 seeded COCO train2017 images through the test pipeline (batch 1: images
+# differ in size). Expected layout: data/coco/annotations/instances_{train,val}2017.json,
+# data/coco/{train,val}2017/*.jpg.
+custom_imports = dict(imports=["pfcr_mm.engine"], allow_failed_imports=False)
+task = "detection"
+
+ptq = dict(
+    method="calib",
+    quant=dict(w_bits=4, a_bits=4, post_softmax="log2", post_ln="reparam"),
+    scope="backbone",
+    calib=dict(
+        num_images=256,
+        seed=0,
+        batch_size=1,
+        num_workers=2,
+        dataset=dict(
+            ann_file="annotations/instances_train2017.json", data_prefix=dict(img="train2017/")
+        ),
+    ),
+)

@@ -1,0 +1,30 @@
+# The embedded classification demo: a tiny timm ViT (trained by tools/train_demo_classifier.py,
+# checkpoint committed) on the synthetic shapes set (tools/make_demo_data.py writes it to
+# data/demo_shapes). Calibration-only W4A4 on 256 train images, evaluation on the val split.
+_base_ = ["../_base_/imagenet_timm.py"]
+
+data_root = "data/demo_shapes"
+model = dict(
+    arch="vit_tiny_patch16_224",
+    model_kwargs=dict(
+        img_size=32, patch_size=4, embed_dim=96, depth=6, num_heads=3, num_classes=10
+    ),
+    checkpoint="checkpoints/demo_vit_shapes.pth",
+)
+test_dataloader = dict(
+    batch_size=100,
+    num_workers=0,
+    dataset=dict(
+        data_root=data_root,
+        resize=32,
+        crop_size=32,
+        mean=(0.5, 0.5, 0.5),
+        std=(0.5, 0.5, 0.5),
+        interpolation="bilinear",
+    ),
+)
+ptq = dict(
+    quant=dict(w_bits=4, a_bits=4),
+    calib=dict(num_images=256, batch_size=64, num_workers=0),
+)
+default_hooks = dict(logger=dict(type="LoggerHook", interval=5))

@@ -1,0 +1,131 @@
+"""mmdet 3.x Swin: conversion, FP equivalence, counted quantizer hits, re-parameterization with
+inputs whose token maps need padding to window multiples."""
+
+import copy
+
+import pytest
+import torch
+from mmdet.models.backbones.swin import SwinTransformer, WindowMSA
+from torch import nn
+
+from pfcr_mm.adapters import prepare, quantize
+from pfcr_mm.quant.attention import AttentionQuantizers
+from pfcr_mm.quant.calibrate import calibrate_activations, named_quantizers, set_quant_state
+from pfcr_mm.quant.config import QuantConfig
+from pfcr_mm.quant.modules import QuantLinear
+from pfcr_mm.quant.reparam import reparameterize_post_ln
+
+# 60x76 pixels -> 15x19 tokens at stage 1 and 8x10 at stage 2: neither is a multiple of 7
+PADDED_INPUT = (2, 3, 60, 76)
+
+
+def tiny_swin():
+    model = SwinTransformer(
+        embed_dims=24,
+        depths=(2, 2),
+        num_heads=(2, 4),
+        window_size=7,
+        out_indices=(0, 1),
+        strides=(4, 2),
+        drop_path_rate=0.0,
+    )
+    model.eval()  # mmdet's SwinTransformer.train() returns None: no chaining
+    return model
+
+
+def test_quantized_window_msa_equals_original_when_disabled():
+    model = tiny_swin()
+    ref = copy.deepcopy(model)
+    prepare(model, QuantConfig())
+    orig = [m for m in ref.modules() if isinstance(m, WindowMSA)]
+    quant = [m for m in model.modules() if isinstance(m, WindowMSA)]
+    assert len(orig) == len(quant) == 4
+    inputs = []
+    hooks = [m.register_forward_pre_hook(lambda m, a: inputs.append(a)) for m in orig]
+    x = torch.randn(PADDED_INPUT)
+    with torch.no_grad():
+        ref_outs = ref(x)
+        for h in hooks:
+            h.remove()
+        for a, q, args in zip(orig, quant, inputs):
+            assert type(q) is not WindowMSA
+            assert torch.allclose(q(*args), a(*args), atol=1e-5)
+        for o, r in zip(model(x), ref_outs):
+            assert torch.allclose(o, r, atol=1e-5)
+
+
+def test_every_linear_and_both_matmuls_quantized():
+    model = tiny_swin()
+    n_linear = sum(isinstance(m, nn.Linear) for m in model.modules())
+    x = torch.randn(PADDED_INPUT)
+    plan = quantize(model, QuantConfig(), lambda m: m(x))
+    assert sum(isinstance(m, QuantLinear) for m in model.modules()) == n_linear == 4 * 4 + 1
+    assert [u.name for u in plan.units][:2] == ["stages.0.blocks.0.attn", "stages.0.blocks.0.mlp"]
+    hits = {}
+    for n, q in named_quantizers(model):
+        q.register_forward_hook(lambda m, a, o, n=n: hits.__setitem__(n, hits.get(n, 0) + 1))
+    with torch.no_grad():
+        model(x)
+    n_points = 0
+    for name, m in model.named_modules():
+        if isinstance(m, AttentionQuantizers):
+            for point in ("q", "k", "v", "probs"):
+                assert hits.get(f"{name}.{point}", 0) == 1
+                n_points += 1
+        if isinstance(m, QuantLinear):
+            assert hits[f"{name}.input_quantizer"] == hits[f"{name}.weight_quantizer"] == 1
+    assert n_points == 4 * 4
+
+
+def test_units_compose_to_the_block():
+    model = tiny_swin()
+    plan = prepare(model, QuantConfig())
+    calls = []
+    blocks = {id(u.block): u.block for u in plan.units}
+    hooks = [b.register_forward_hook(lambda m, a, o: calls.append((a, o))) for b in blocks.values()]
+    with torch.no_grad():
+        model(torch.randn(PADDED_INPUT))
+        for h in hooks:
+            h.remove()
+        for ((x, hw), out), attn, mlp in zip(calls, plan.units[::2], plan.units[1::2]):
+            assert torch.allclose(mlp(attn(x, hw), hw), out, atol=1e-6)
+
+
+def test_reparameterization_exact_with_padding():
+    model = tiny_swin()
+    # give the LayerNorms non-trivial affine parameters, as trained models have
+    for m in model.modules():
+        if isinstance(m, nn.LayerNorm):
+            m.weight.data.uniform_(0.5, 2.0)
+            m.bias.data.uniform_(-1.0, 1.0)
+    x = torch.randn(PADDED_INPUT)
+    plan = prepare(model, QuantConfig())
+    calibrate_activations(model, lambda m: m(x))
+    set_quant_state(model, weights=False, activations=False)
+    with torch.no_grad():
+        before = model(x)
+        for norm, linear in plan.post_ln_pairs:
+            reparameterize_post_ln(norm, linear)
+        after = model(x)
+    assert len(plan.post_ln_pairs) == 4 * 2 + 1
+    shifts = [lin.input_shift.abs().max().item() for _, lin in plan.post_ln_pairs]
+    assert max(shifts) > 0.1  # the shift is real, so exactness is not trivial
+    for a, b in zip(after, before):
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("post_softmax", ["log2", "uniform"])
+def test_quantized_swin_output_error_falls_with_bits(post_softmax):
+    model = tiny_swin()
+    x = torch.randn(PADDED_INPUT)
+    with torch.no_grad():
+        ref = model(x)[-1]
+    errs = {}
+    for bits in (8, 4):
+        m = copy.deepcopy(model)
+        quantize(
+            m, QuantConfig(w_bits=bits, a_bits=bits, post_softmax=post_softmax), lambda m: m(x)
+        )
+        with torch.no_grad():
+            errs[bits] = ((m(x)[-1] - ref).pow(2).mean() / ref.pow(2).mean()).item()
+    assert errs[8] < 0.02 < errs[4]
