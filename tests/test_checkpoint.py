@@ -49,3 +49,24 @@ def test_missing_file_and_key_mismatch(tmp_path):
         KeyError, match=r"1 missing key\(s\) \['bias'\], 1 unexpected key\(s\) " r"\['extra'\]"
     ):
         load_weights_strict(model, tmp_path / "m.pth")
+
+
+def test_mmengine_load_checkpoint_uses_the_safe_loader(tmp_path):
+    from mmengine.runner import load_checkpoint
+
+    import pfcr_mm.engine  # noqa: F401  (registers the loader)
+
+    model = torch.nn.Linear(2, 2)
+    path = tmp_path / "mm.pth"
+    torch.save(
+        {
+            "state_dict": {"weight": torch.ones(2, 2), "bias": torch.zeros(2)},
+            "meta": {"epoch": np.int64(12), "hook_msgs": {"best": np.float64(0.4)}},
+        },
+        path,
+    )
+    ckpt = load_checkpoint(model, str(path), map_location="cpu")
+    assert ckpt["meta"]["epoch"] == 12 and torch.equal(model.weight, torch.ones(2, 2))
+    torch.save({"state_dict": {}, "x": _RunsCode()}, tmp_path / "evil.pth")
+    with pytest.raises(Exception, match="Weights only load failed"):
+        load_checkpoint(model, str(tmp_path / "evil.pth"))

@@ -1,8 +1,10 @@
 """Loading user checkpoints safely on torch >= 2.6 (``weights_only=True`` by default).
 
 Checkpoints written by mmengine/mmdet/timm training hold a few numpy objects in their meta data
-(scalars, arrays, dtypes). Instead of turning ``weights_only`` off, which lets a malicious file
-run code, those numpy types are allow-listed; anything else still fails to load.
+(scalars, arrays, dtypes), and mmengine 0.10.7 calls plain ``torch.load``, which then fails.
+Instead of turning ``weights_only`` off, which lets a malicious file run code, those numpy types
+are allow-listed; anything else still fails to load. Importing this module makes mmengine's
+loader of local files (``load_from``, ``load_checkpoint``) use :func:`load_checkpoint_file`.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from mmengine.runner.checkpoint import CheckpointLoader
 
 
 def numpy_safe_globals() -> list:
@@ -58,6 +61,11 @@ def load_checkpoint_file(path: str | Path, map_location: str = "cpu") -> dict:
         return load_file(str(path), device=map_location)
     with torch.serialization.safe_globals(numpy_safe_globals()):
         return torch.load(path, map_location=map_location, weights_only=True)
+
+
+@CheckpointLoader.register_scheme(prefixes="", force=True)
+def _mmengine_load_from_local(filename: str, map_location=None) -> dict:
+    return load_checkpoint_file(Path(filename).expanduser(), map_location or "cpu")
 
 
 def state_dict_of(checkpoint: dict) -> dict:

@@ -119,6 +119,11 @@ class TimmClassifier(BaseModel):
         super().__init__(data_preprocessor=data_preprocessor)
         self.net = create_timm_model(arch, model_kwargs)
         if checkpoint is not None:
+            if not Path(checkpoint).is_file():
+                raise FileNotFoundError(
+                    f"checkpoint not found: {checkpoint} (the weights of timm {arch}: a state dict "
+                    "saved with torch.save, or a .safetensors file; nothing is downloaded)"
+                )
             load_weights_strict(self.net, checkpoint)
 
     def classifier_head(self) -> torch.nn.Module:
