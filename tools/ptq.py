@@ -155,15 +155,16 @@ def run(cfg: Config, quantized: str | None = None) -> dict:
 
 
 def print_table(results: dict) -> None:
-    names = sorted(results["quant"])
     setting = f"W{results['w_bits']}A{results['a_bits']}"
     print(f"\n{'metric':28s} {'FP':>10s} {setting:>10s}")
-    for n in names:
-        fp = results["fp"][n] if results["fp"] else float("nan")
-        print(f"{n:28s} {fp:10.2f} {results['quant'][n]:10.2f}")
+    for name, value in results["quant"].items():
+        if isinstance(value, (int, float)):
+            fp = results["fp"][name] if results["fp"] else float("nan")
+            print(f"{name:28s} {fp:10.4g} {value:10.4g}")
+    times = ", ".join(f"{k} {v:.1f} s" for k, v in results["time_s"].items())
     print(
-        f"(method {results['method']}, scope {results['scope']}, "
-        f"quantize {results['time_s']['quantize']:.1f} s)"
+        f"method {results['method']}, scope {results['scope']}; {times}; "
+        f"peak host memory {results['peak_mem_mb']['host_rss']:.0f} MiB"
     )
 
 
