@@ -17,25 +17,24 @@ stripes_v, cross vs x_cross), which is what training augmentation may rely on.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import shutil
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from pfcr_mm.demo.manifest import MANIFEST_NAME, generate_idempotent
+
 # Bump when the drawing changes: the same seed then means different pixels, and a manifest written
 # by another version no longer counts as a match.
 GENERATOR_VERSION = 1
 GENERATOR_NAME = "pfcr_mm.demo.shapes"
-MANIFEST_NAME = "manifest.json"
+__all__ = ["CLASSES", "MANIFEST_NAME", "generate_shapes_dataset", "image_rng", "render_shape_image"]
 SPLITS = ("train", "val")
 # Sub-pixel samples per pixel along each axis: shapes are drawn at 4x and box-filtered down,
 # which gives anti-aliased edges without any drawing library.
 SUPERSAMPLE = 4
+LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R BT.601 weights
 
 Mask = np.ndarray  # (H*S, W*S) bool, in local shape coordinates
 
@@ -175,16 +174,19 @@ def _distractor(rng: np.random.Generator, gx: np.ndarray, gy: np.ndarray, size: 
 
 
 def _contrasting_colour(rng: np.random.Generator, against: np.ndarray) -> np.ndarray:
-    """A random RGB colour at least a fixed distance from ``against`` (3,).
+    """A random RGB colour whose luma differs from that of ``against`` (3,) by >= 0.3.
 
-    The threshold is low on purpose: some shapes are faint, which keeps the task from being
-    trivially separable. Rejection sampling from the image's own generator stays deterministic.
+    Hue and saturation are free and the sign of the luma step is random (dark on light or light
+    on dark), so the shape is defined by its outline only. A bare RGB distance would also allow
+    iso-luminant pairs, which a tiny ViT trained for minutes barely learns. Rejection sampling
+    from the image's own generator stays deterministic.
     """
+    against_luma = LUMA @ against
     for _ in range(100):
         colour = rng.uniform(0.0, 1.0, size=3)
-        if np.linalg.norm(colour - against) >= 0.5:
+        if abs(LUMA @ colour - against_luma) >= 0.3:
             return colour
-    return 1.0 - against  # practically unreachable; still deterministic
+    return 1.0 - against  # practically unreachable (the luma step is possible for any colour)
 
 
 def render_shape_image(
@@ -227,23 +229,7 @@ def image_rng(seed: int, split: str, class_index: int, index: int) -> np.random.
     return np.random.default_rng([seed, SPLITS.index(split), class_index, index])
 
 
-# --- folder, manifest, idempotency ------------------------------------------------------------
-
-
-def _tree_sha256(root: Path) -> tuple[str, int]:
-    """sha256 over (relative path, content) of every file under train/ and val/, and their count."""
-    h = hashlib.sha256()
-    files = sorted(
-        p
-        for split in SPLITS
-        if (root / split).is_dir()
-        for p in (root / split).rglob("*")
-        if p.is_file()
-    )
-    for path in files:
-        h.update(path.relative_to(root).as_posix().encode() + b"\0")
-        h.update(hashlib.sha256(path.read_bytes()).digest())
-    return h.hexdigest(), len(files)
+# --- folder, manifest, idempotency (shared with the other demo generators) -------------------
 
 
 def _requested(seed: int, train_per_class: int, val_per_class: int, image_size: int) -> dict:
@@ -257,53 +243,13 @@ def _requested(seed: int, train_per_class: int, val_per_class: int, image_size: 
     }
 
 
-def _read_manifest(root: Path) -> dict | None:
-    """Our manifest in ``root``, or None when there is none or it was not written by us."""
-    path = root / MANIFEST_NAME
-    if not path.is_file():
-        return None
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return (
-        manifest
-        if isinstance(manifest, dict) and manifest.get("generator") == GENERATOR_NAME
-        else None
-    )
-
-
-def _remove_previous_demo(root: Path) -> None:
-    """Delete train/ and val/ of an earlier demo set, after checking they hold only our files.
-
-    Anything else found there (a foreign class folder, a non-PNG file) stops with an error, so
-    that a user's files put next to the demo data are never deleted.
-    """
-    for split in SPLITS:
-        folder = root / split
-        if not folder.exists():
-            continue
-        foreign = [
-            p
-            for p in folder.rglob("*")
-            if not (
-                (p.is_dir() and p.parent == folder and p.name in CLASSES)
-                or (
-                    p.is_file()
-                    and p.suffix == ".png"
-                    and p.parent.parent == folder
-                    and p.parent.name in CLASSES
-                )
-            )
-        ]
-        if foreign:
-            raise FileExistsError(
-                f"{folder} holds files the demo generator did not write (e.g. {foreign[0]}); "
-                "refusing to replace it. Move them away or choose another root."
-            )
-    for split in SPLITS:
-        if (root / split).exists():
-            shutil.rmtree(root / split)
+def _is_ours(rel: Path, is_dir: bool) -> bool:
+    """Whether ``rel`` (relative to the root) is a path this generator writes:
+    ``<split>/<class>`` folders and ``<split>/<class>/*.png`` files."""
+    parts = rel.parts
+    if len(parts) < 2 or parts[0] not in SPLITS or parts[1] not in CLASSES:
+        return False
+    return (len(parts) == 2 and is_dir) or (len(parts) == 3 and not is_dir and rel.suffix == ".png")
 
 
 def generate_shapes_dataset(
@@ -327,58 +273,27 @@ def generate_shapes_dataset(
             "need train_per_class >= 1, val_per_class >= 1 and image_size >= 16, got "
             f"{train_per_class}, {val_per_class}, {image_size}"
         )
-    start = time.perf_counter()
-    root = Path(root)
-    requested = _requested(seed, train_per_class, val_per_class, image_size)
-
-    action = "generated"
-    if root.exists():
-        if not root.is_dir():
-            raise FileExistsError(f"{root} exists and is not a folder")
-        previous = _read_manifest(root)
-        if previous is None:
-            if any(root.iterdir()):
-                raise FileExistsError(
-                    f"{root} is not empty and has no demo {MANIFEST_NAME}: it is not a demo shapes "
-                    "folder, so it is left untouched. Choose an empty or new folder."
-                )
-        else:
-            same = all(previous.get(k) == v for k, v in requested.items())
-            if (
-                same
-                and previous.get("complete")
-                and _tree_sha256(root) == (previous.get("sha256"), previous.get("num_files"))
-            ):
-                return {
-                    **previous,
-                    "action": "skipped",
-                    "root": str(root),
-                    "seconds": time.perf_counter() - start,
-                }
-            _remove_previous_demo(root)
-            action = "regenerated"
-
-    root.mkdir(parents=True, exist_ok=True)
-    manifest_path = root / MANIFEST_NAME
-    # Written before the images: an interrupted run leaves a folder still recognised as ours
-    # (complete=false), which the next call regenerates instead of refusing.
-    manifest_path.write_text(json.dumps({**requested, "complete": False}, indent=2) + "\n")
-
     counts = {"train": train_per_class, "val": val_per_class}
-    for split in SPLITS:
-        for class_index, class_name in enumerate(CLASSES):
-            folder = root / split / class_name
-            folder.mkdir(parents=True, exist_ok=True)
-            for index in range(counts[split]):
-                pixels = render_shape_image(
-                    class_name, image_rng(seed, split, class_index, index), image_size
-                )
-                # Plain PNG, no metadata chunks: the bytes depend on the pixels only.
-                Image.fromarray(pixels).save(
-                    folder / f"{index:05d}.png", format="PNG", compress_level=6
-                )
 
-    sha256, num_files = _tree_sha256(root)
-    manifest = {**requested, "complete": True, "num_files": num_files, "sha256": sha256}
-    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
-    return {**manifest, "action": action, "root": str(root), "seconds": time.perf_counter() - start}
+    def write(root: Path) -> None:
+        for split in SPLITS:
+            for class_index, class_name in enumerate(CLASSES):
+                folder = root / split / class_name
+                folder.mkdir(parents=True, exist_ok=True)
+                for index in range(counts[split]):
+                    pixels = render_shape_image(
+                        class_name, image_rng(seed, split, class_index, index), image_size
+                    )
+                    # Plain PNG, no metadata chunks: the bytes depend on the pixels only.
+                    Image.fromarray(pixels).save(
+                        folder / f"{index:05d}.png", format="PNG", compress_level=6
+                    )
+
+    return generate_idempotent(
+        root,
+        _requested(seed, train_per_class, val_per_class, image_size),
+        folders=SPLITS,
+        is_ours=_is_ours,
+        write=write,
+        description="demo shapes",
+    )
