@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from a source checkout without installing
     sys.path.insert(0, str(ROOT))
 
+from pfcr_mm.engine.checkpoint import load_weights_strict  # noqa: E402
 from pfcr_mm.engine.detection import (  # noqa: E402
     check_coco_dataset,
     coco_paths,
@@ -32,6 +33,7 @@ from pfcr_mm.engine.ptq import (  # noqa: E402
     peak_memory_mb,
     quantize_runner_model,
     save_quantized_model,
+    unwrap_model,
     write_results,
 )
 
@@ -111,7 +113,9 @@ def run(cfg: Config, quantized: str | None = None) -> dict:
     runner = Runner.from_cfg(cfg)
     loop = runner.test_loop
     runner.call_hook("before_run")
-    runner.load_or_resume()
+    if cfg.get("load_from"):
+        # strict: a checkpoint of another model must fail here, not evaluate as garbage
+        load_weights_strict(unwrap_model(runner.model), cfg.load_from)
     times = {}
     fp = None
     if settings.eval_fp:

@@ -80,6 +80,10 @@ class ImageFolderDataset(Dataset):
             ]
         )
 
+    @property
+    def metainfo(self) -> dict:
+        return {"classes": tuple(self.classes)}
+
     def __len__(self) -> int:
         return len(self.samples)
 

@@ -152,8 +152,13 @@ def make_forward_loop(loader: DataLoader):
     return forward_loop
 
 
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside an MMEngine wrapper (DDP and the like), or the model itself."""
+    return model.module if is_model_wrapper(model) else model
+
+
 def _model_and_head(runner, settings: PTQSettings):
-    model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+    model = unwrap_model(runner.model)
     # a classifier names its head, so QuantConfig.head_bits can apply to it
     head = model.classifier_head() if hasattr(model, "classifier_head") else None
     if settings.quant.head_bits is not None and head is None:

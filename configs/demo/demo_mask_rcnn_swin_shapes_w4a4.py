@@ -1,0 +1,14 @@
+# The embedded detection demo: the tiny Swin Mask R-CNN of demo_mask_rcnn_swin_shapes.py
+# (checkpoint committed), backbone at W4A4, calibrated on 64 seeded demo train images through
+# the test pipeline and evaluated on the 100 val images.
+_base_ = ["./demo_mask_rcnn_swin_shapes.py", "../_base_/ptq_coco.py"]
+
+load_from = "checkpoints/demo_mask_rcnn_swin_shapes.pth"
+ptq = dict(
+    calib=dict(
+        num_images=64,
+        batch_size=4,
+        num_workers=0,
+        dataset=dict(ann_file="annotations/instances_train.json", data_prefix=dict(img="train/")),
+    ),
+)

@@ -1,0 +1,74 @@
+"""The embedded demo end to end: generate the demo data, then for each demo config evaluate the FP
+model, quantize it and evaluate the quantized model (``tools/ptq.py``), and print one table.
+
+    python tools/demo.py [--configs CONFIG ...] [--work-dir work_dirs/demo]
+
+Writes ``<work-dir>/summary.json`` next to each run's own ``ptq_results.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIGS = [
+    "configs/demo/demo_vit_shapes_w4a4.py",
+    "configs/demo/demo_mask_rcnn_swin_shapes_w4a4.py",
+]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS)
+    p.add_argument("--work-dir", default="work_dirs/demo")
+    args = p.parse_args(argv)
+    start = time.time()
+    subprocess.run([sys.executable, str(ROOT / "tools/make_demo_data.py")], check=True, cwd=ROOT)
+    rows = []
+    for config in args.configs:
+        work_dir = Path(args.work_dir) / Path(config).stem
+        print(f"\n=== {config} -> {work_dir}", flush=True)
+        cmd = [sys.executable, str(ROOT / "tools/ptq.py"), config, "--work-dir", str(work_dir)]
+        if subprocess.run(cmd, cwd=ROOT).returncode != 0:
+            print(f"error: {config} failed (see above)", file=sys.stderr)
+            return 1
+        res = json.loads((ROOT / work_dir / "ptq_results.json").read_text())
+        rows.append(
+            {
+                "config": config,
+                **{
+                    k: res[k]
+                    for k in (
+                        "task",
+                        "w_bits",
+                        "a_bits",
+                        "scope",
+                        "fp",
+                        "quant",
+                        "time_s",
+                        "peak_mem_mb",
+                    )
+                },
+            }
+        )
+    summary = {"rows": rows, "wall_s": time.time() - start}
+    (ROOT / args.work_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(f"\n{'model':40s} {'metric':22s} {'FP':>8s} {'quant':>8s}  setting")
+    for r in rows:
+        for metric, value in r["quant"].items():
+            if metric.endswith(("top1", "bbox_mAP", "segm_mAP")):
+                print(
+                    f"{Path(r['config']).stem:40s} {metric:22s} {r['fp'][metric]:8.4g} "
+                    f"{value:8.4g}  W{r['w_bits']}A{r['a_bits']} scope {r['scope']}"
+                )
+    print(f"demo wall time {summary['wall_s']:.0f} s; summary: {args.work_dir}/summary.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
