@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from a source checkout without installing
     sys.path.insert(0, str(ROOT))
 
+from pfcr_mm.adapters import find_blocks  # noqa: E402
 from pfcr_mm.engine.checkpoint import load_weights_strict  # noqa: E402
 from pfcr_mm.engine.detection import (  # noqa: E402
     check_coco_dataset,
@@ -112,6 +113,8 @@ def run(cfg: Config, quantized: str | None = None) -> dict:
     settings = PTQSettings.from_cfg(cfg.ptq)
     runner = Runner.from_cfg(cfg)
     loop = runner.test_loop
+    # an unsupported model or scope fails now, before the FP evaluation
+    find_blocks(unwrap_model(runner.model), settings.scope_modules)
     runner.call_hook("before_run")
     if cfg.get("load_from"):
         # strict: a checkpoint of another model must fail here, not evaluate as garbage

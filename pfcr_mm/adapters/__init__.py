@@ -88,17 +88,13 @@ def _find_blocks(model: nn.Module, adapters: list[ArchAdapter]):
     return found
 
 
-def prepare(
-    model: nn.Module,
-    cfg: QuantConfig,
-    scope: list[str] | None = None,
-    head: nn.Module | None = None,
-) -> QuantPlan:
-    """Swap modules in place for quantized ones (all quantizers start in floating point).
+def find_blocks(
+    model: nn.Module, scope: list[str] | None = None
+) -> tuple[list[nn.Module], list[tuple[str, nn.Module, ArchAdapter]]]:
+    """The scope's root modules and the supported blocks inside them, in forward order.
 
-    scope: names of the sub-modules to quantize (``None``: the whole model); ``""`` is the root.
-    head: a classification head, quantized with ``cfg.head_bits`` if set.
-    Raises :class:`UnsupportedModelError` when the model holds no supported transformer block.
+    Raises ValueError for a scope naming no sub-module and :class:`UnsupportedModelError` when
+    the scope holds no supported transformer block; changes nothing.
     """
     children = dict(model.named_children())
     unknown = [s for s in scope or [] if s and s not in children]
@@ -116,6 +112,23 @@ def prepare(
             f"{'' if scope is None else f' (scope {scope})'}; supported block classes: "
             f"{', '.join(supported_block_classes())}"
         )
+    return roots, blocks
+
+
+def prepare(
+    model: nn.Module,
+    cfg: QuantConfig,
+    scope: list[str] | None = None,
+    head: nn.Module | None = None,
+) -> QuantPlan:
+    """Swap modules in place for quantized ones (all quantizers start in floating point).
+
+    scope: names of the sub-modules to quantize (``None``: the whole model); ``""`` is the root.
+    head: a classification head, quantized with ``cfg.head_bits`` if set.
+    Raises :class:`UnsupportedModelError` when the model holds no supported transformer block.
+    """
+    roots, blocks = find_blocks(model, scope)
+    adapters = available_adapters()
     post_ln: list[tuple[nn.Module, nn.Linear]] = []
     first_convs: set[int] = set()
     for root in roots:

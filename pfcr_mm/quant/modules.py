@@ -38,8 +38,11 @@ class QuantLinear(nn.Linear):
         self.register_buffer("input_shift", None)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # re-parameterization adds an input shift, and a bias to a bias-free linear
         if prefix + "input_shift" in state_dict and self.input_shift is None:
             self.input_shift = torch.empty_like(state_dict[prefix + "input_shift"])
+        if prefix + "bias" in state_dict and self.bias is None:
+            self.bias = nn.Parameter(torch.empty_like(state_dict[prefix + "bias"]))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
