@@ -35,3 +35,50 @@ def tiny_timm_swin():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def assert_every_point_hit_once(model, run) -> int:
+    """Run ``run()`` and assert that every attention quantizer point (q, k, v, probs) and the
+    input and weight quantizer of every QuantLinear ran exactly once; returns the number of
+    attention points."""
+    from pfcr_mm.quant.attention import AttentionQuantizers
+    from pfcr_mm.quant.calibrate import named_quantizers
+    from pfcr_mm.quant.modules import QuantLinear
+
+    hits = {}
+    handles = [
+        q.register_forward_hook(lambda m, a, o, n=n: hits.__setitem__(n, hits.get(n, 0) + 1))
+        for n, q in named_quantizers(model)
+    ]
+    with torch.no_grad():
+        run()
+    for h in handles:
+        h.remove()
+    points = 0
+    for name, m in model.named_modules():
+        if isinstance(m, AttentionQuantizers):
+            for point in ("q", "k", "v", "probs"):
+                assert hits.get(f"{name}.{point}", 0) == 1, f"{name}.{point} not hit once"
+                points += 1
+        if isinstance(m, QuantLinear):
+            assert hits[f"{name}.input_quantizer"] == hits[f"{name}.weight_quantizer"] == 1
+    return points
+
+
+def fp_outputs_around_reparam(model, x):
+    """Prepare ``model`` at W4A4, calibrate on ``x``, and return the plan and the FP outputs
+    (all quantizers off) before and after the post-LayerNorm re-parameterization."""
+    from pfcr_mm.adapters import prepare
+    from pfcr_mm.quant.calibrate import calibrate_activations, set_quant_state
+    from pfcr_mm.quant.config import QuantConfig
+    from pfcr_mm.quant.reparam import reparameterize_post_ln
+
+    plan = prepare(model, QuantConfig(w_bits=4, a_bits=4))
+    calibrate_activations(model, lambda m: m(x))
+    set_quant_state(model, weights=False, activations=False)
+    with torch.no_grad():
+        before = model(x)
+        for norm, linear in plan.post_ln_pairs:
+            reparameterize_post_ln(norm, linear)
+        after = model(x)
+    return plan, before, after

@@ -5,15 +5,13 @@ import copy
 
 import pytest
 import torch
+from conftest import assert_every_point_hit_once, fp_outputs_around_reparam
 from mmdet.models.backbones.swin import SwinTransformer, WindowMSA
 from torch import nn
 
 from pfcr_mm.adapters import prepare, quantize
-from pfcr_mm.quant.attention import AttentionQuantizers
-from pfcr_mm.quant.calibrate import calibrate_activations, named_quantizers, set_quant_state
 from pfcr_mm.quant.config import QuantConfig
 from pfcr_mm.quant.modules import QuantLinear
-from pfcr_mm.quant.reparam import reparameterize_post_ln
 
 # 60x76 pixels -> 15x19 tokens at stage 1 and 8x10 at stage 2: neither is a multiple of 7
 PADDED_INPUT = (2, 3, 60, 76)
@@ -61,20 +59,7 @@ def test_every_linear_and_both_matmuls_quantized():
     plan = quantize(model, QuantConfig(), lambda m: m(x))
     assert sum(isinstance(m, QuantLinear) for m in model.modules()) == n_linear == 4 * 4 + 1
     assert [u.name for u in plan.units][:2] == ["stages.0.blocks.0.attn", "stages.0.blocks.0.mlp"]
-    hits = {}
-    for n, q in named_quantizers(model):
-        q.register_forward_hook(lambda m, a, o, n=n: hits.__setitem__(n, hits.get(n, 0) + 1))
-    with torch.no_grad():
-        model(x)
-    n_points = 0
-    for name, m in model.named_modules():
-        if isinstance(m, AttentionQuantizers):
-            for point in ("q", "k", "v", "probs"):
-                assert hits.get(f"{name}.{point}", 0) == 1
-                n_points += 1
-        if isinstance(m, QuantLinear):
-            assert hits[f"{name}.input_quantizer"] == hits[f"{name}.weight_quantizer"] == 1
-    assert n_points == 4 * 4
+    assert assert_every_point_hit_once(model, lambda: model(x)) == 4 * 4
 
 
 def test_units_compose_to_the_block():
@@ -99,14 +84,7 @@ def test_reparameterization_exact_with_padding():
             m.weight.data.uniform_(0.5, 2.0)
             m.bias.data.uniform_(-1.0, 1.0)
     x = torch.randn(PADDED_INPUT)
-    plan = prepare(model, QuantConfig())
-    calibrate_activations(model, lambda m: m(x))
-    set_quant_state(model, weights=False, activations=False)
-    with torch.no_grad():
-        before = model(x)
-        for norm, linear in plan.post_ln_pairs:
-            reparameterize_post_ln(norm, linear)
-        after = model(x)
+    plan, before, after = fp_outputs_around_reparam(model, x)
     assert len(plan.post_ln_pairs) == 4 * 2 + 1
     shifts = [lin.input_shift.abs().max().item() for _, lin in plan.post_ln_pairs]
     assert max(shifts) > 0.1  # the shift is real, so exactness is not trivial

@@ -4,15 +4,18 @@ import copy
 
 import pytest
 import torch
-from conftest import tiny_timm_swin, tiny_timm_vit
+from conftest import (
+    assert_every_point_hit_once,
+    fp_outputs_around_reparam,
+    tiny_timm_swin,
+    tiny_timm_vit,
+)
 from torch import nn
 
 from pfcr_mm.adapters import UnsupportedModelError, prepare, quantize
-from pfcr_mm.quant.attention import AttentionQuantizers
-from pfcr_mm.quant.calibrate import calibrate_activations, named_quantizers, set_quant_state
+from pfcr_mm.quant.calibrate import calibrate_activations
 from pfcr_mm.quant.config import QuantConfig
 from pfcr_mm.quant.modules import QuantLinear
-from pfcr_mm.quant.reparam import reparameterize_post_ln
 
 MODELS = {"vit": (tiny_timm_vit, (4, 3, 32, 32)), "swin": (tiny_timm_swin, (2, 3, 56, 56))}
 
@@ -54,18 +57,7 @@ def test_every_linear_and_both_matmuls_quantized(name):
     assert len(plan.quantized_modules) == n_linear + n_conv
     assert len(plan.units) == 2 * 4  # attn + mlp per block, 4 blocks
     assert [u.kind for u in plan.units] == ["attn", "mlp"] * 4
-    hits = {}
-    for n, q in named_quantizers(model):
-        q.register_forward_hook(lambda m, a, o, n=n: hits.__setitem__(n, hits.get(n, 0) + 1))
-    with torch.no_grad():
-        model(x)
-    for name_, m in model.named_modules():
-        if isinstance(m, AttentionQuantizers):
-            for point in ("q", "k", "v", "probs"):
-                assert hits.get(f"{name_}.{point}", 0) == 1, f"{name_}.{point} not hit"
-        if isinstance(m, QuantLinear):
-            assert hits[f"{name_}.input_quantizer"] == 1
-            assert hits[f"{name_}.weight_quantizer"] == 1
+    assert assert_every_point_hit_once(model, lambda: model(x)) == 4 * 4
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -93,14 +85,7 @@ def test_reparameterization_keeps_fp_output(name):
     build, shape = MODELS[name]
     model = build()
     x = torch.randn(shape)
-    plan = prepare(model, QuantConfig(w_bits=4, a_bits=4))
-    calibrate_activations(model, lambda m: m(x))
-    set_quant_state(model, weights=False, activations=False)
-    with torch.no_grad():
-        before = model(x)
-        for norm, linear in plan.post_ln_pairs:
-            reparameterize_post_ln(norm, linear)
-        after = model(x)
+    plan, before, after = fp_outputs_around_reparam(model, x)
     assert len(plan.post_ln_pairs) == 8 + (1 if name == "swin" else 0)
     assert all(not lin.input_quantizer.per_channel for _, lin in plan.post_ln_pairs)
     assert torch.allclose(before, after, atol=1e-4, rtol=1e-4)

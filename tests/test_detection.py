@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_every_point_hit_once
 from mmdet.models.backbones.swin import SwinBlock
 from mmdet.registry import MODELS
 from mmdet.utils import register_all_modules
@@ -12,8 +13,6 @@ from mmengine.config import Config
 from torch import nn
 
 from pfcr_mm.adapters import UnsupportedModelError, prepare, quantize
-from pfcr_mm.quant.attention import AttentionQuantizers
-from pfcr_mm.quant.calibrate import named_quantizers
 from pfcr_mm.quant.config import QuantConfig
 from pfcr_mm.quant.modules import QuantConv2d, QuantLinear
 
@@ -51,18 +50,7 @@ def test_backbone_fully_quantized(config):
     assert head_linears > 0
     n_blocks = sum(isinstance(m, SwinBlock) for m in model.modules())
     assert n_blocks == 8 and len(plan.units) == 2 * n_blocks
-    hits = {}
-    for n, q in named_quantizers(model):
-        q.register_forward_hook(lambda m, a, o, n=n: hits.__setitem__(n, hits.get(n, 0) + 1))
-    with torch.no_grad():
-        model.backbone(x)
-    points = [
-        f"{n}.{p}"
-        for n, m in model.named_modules()
-        if isinstance(m, AttentionQuantizers)
-        for p in ("q", "k", "v", "probs")
-    ]
-    assert len(points) == 4 * n_blocks and all(hits.get(p, 0) == 1 for p in points)
+    assert assert_every_point_hit_once(model, lambda: model.backbone(x)) == 4 * n_blocks
     assert "everything outside the scope ['backbone']" in plan.fp_parts
     assert "RoIAlign" in plan.fp_parts or "LayerNorm" in plan.fp_parts
 

@@ -98,7 +98,7 @@ def test_subset_evaluation_uses_subset_annotations(demo_setup, tmp_path):
     [
         (
             "test_dataloader = dict(dataset=dict(data_root='/nonexistent/coco/'))",
-            "evaluation annotation file not found: /nonexistent/coco/annotations/instances_val.json",
+            "annotation file not found: /nonexistent/coco/annotations/instances_val.json",
         ),
         ("load_from = '/nonexistent/det.pth'", "checkpoint not found: /nonexistent/det.pth"),
         ("model = dict(backbone=dict(depths=[2, 2, 1]))", "does not match the model"),

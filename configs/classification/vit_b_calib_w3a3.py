@@ -1,13 +1,4 @@
-# ViT-B calibration-only PTQ (W3A3) on ImageNet, the paper's classification setting.
-# Needs data/imagenet/{train,val}/<class>/<image> and the timm weights of vit_base_patch16_224
-# at checkpoints/vit_base_patch16_224.safetensors
-# (e.g. model.safetensors of the Hugging Face repository timm/vit_base_patch16_224.augreg2_in21k_ft_in1k).
-_base_ = ["../_base_/imagenet_timm.py"]
+# As vit_b_calib_w4a4.py, at W3A3.
+_base_ = ["./vit_b_calib_w4a4.py"]
 
-model = dict(
-    arch="vit_base_patch16_224",
-    checkpoint="checkpoints/vit_base_patch16_224.safetensors",
-)
 ptq = dict(quant=dict(w_bits=3, a_bits=3))
-# this checkpoint was trained with mean = std = 0.5
-test_dataloader = dict(dataset=dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)))
