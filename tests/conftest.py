@@ -32,9 +32,30 @@ def tiny_timm_swin():
     ).eval()
 
 
+def tiny_mmdet_swin():
+    from mmdet.models.backbones.swin import SwinTransformer
+
+    model = SwinTransformer(
+        embed_dims=24,
+        depths=(2, 2),
+        num_heads=(2, 4),
+        window_size=7,
+        out_indices=(0, 1),
+        strides=(4, 2),
+        drop_path_rate=0.0,
+    )
+    model.eval()  # mmdet's SwinTransformer.train() returns None: no chaining
+    return model
+
+
 @pytest.fixture(autouse=True)
-def _seed():
+def _seed_and_one_thread():
+    # Tiny tensors: one thread is faster, and immune to other processes on the cores.
     torch.manual_seed(0)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def assert_every_point_hit_once(model, run) -> int:

@@ -5,8 +5,8 @@ import copy
 
 import pytest
 import torch
-from conftest import assert_every_point_hit_once, fp_outputs_around_reparam
-from mmdet.models.backbones.swin import SwinTransformer, WindowMSA
+from conftest import assert_every_point_hit_once, fp_outputs_around_reparam, tiny_mmdet_swin
+from mmdet.models.backbones.swin import WindowMSA
 from torch import nn
 
 from pfcr_mm.adapters import prepare, quantize
@@ -17,22 +17,8 @@ from pfcr_mm.quant.modules import QuantLinear
 PADDED_INPUT = (2, 3, 60, 76)
 
 
-def tiny_swin():
-    model = SwinTransformer(
-        embed_dims=24,
-        depths=(2, 2),
-        num_heads=(2, 4),
-        window_size=7,
-        out_indices=(0, 1),
-        strides=(4, 2),
-        drop_path_rate=0.0,
-    )
-    model.eval()  # mmdet's SwinTransformer.train() returns None: no chaining
-    return model
-
-
 def test_quantized_window_msa_equals_original_when_disabled():
-    model = tiny_swin()
+    model = tiny_mmdet_swin()
     ref = copy.deepcopy(model)
     prepare(model, QuantConfig())
     orig = [m for m in ref.modules() if isinstance(m, WindowMSA)]
@@ -53,7 +39,7 @@ def test_quantized_window_msa_equals_original_when_disabled():
 
 
 def test_every_linear_and_both_matmuls_quantized():
-    model = tiny_swin()
+    model = tiny_mmdet_swin()
     n_linear = sum(isinstance(m, nn.Linear) for m in model.modules())
     x = torch.randn(PADDED_INPUT)
     plan = quantize(model, QuantConfig(), lambda m: m(x))
@@ -63,7 +49,7 @@ def test_every_linear_and_both_matmuls_quantized():
 
 
 def test_units_compose_to_the_block():
-    model = tiny_swin()
+    model = tiny_mmdet_swin()
     plan = prepare(model, QuantConfig())
     calls = []
     blocks = {id(u.block): u.block for u in plan.units}
@@ -77,7 +63,7 @@ def test_units_compose_to_the_block():
 
 
 def test_reparameterization_exact_with_padding():
-    model = tiny_swin()
+    model = tiny_mmdet_swin()
     # give the LayerNorms non-trivial affine parameters, as trained models have
     for m in model.modules():
         if isinstance(m, nn.LayerNorm):
@@ -94,7 +80,7 @@ def test_reparameterization_exact_with_padding():
 
 @pytest.mark.parametrize("post_softmax", ["log2", "uniform"])
 def test_quantized_swin_output_error_falls_with_bits(post_softmax):
-    model = tiny_swin()
+    model = tiny_mmdet_swin()
     x = torch.randn(PADDED_INPUT)
     with torch.no_grad():
         ref = model(x)[-1]

@@ -11,6 +11,15 @@ POST_LN_CHOICES = ("reparam", "per_channel", "per_tensor")
 RANGE_CHOICES = ("mse", "percentile", "minmax")
 
 
+def dataclass_from_dict(cls: type, d: dict, what: str):
+    """``cls(**d)``, failing with the unknown and the known keys on a typo."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise KeyError(f"unknown {what} setting(s) {unknown}; known: {sorted(known)}")
+    return cls(**d)
+
+
 @dataclass
 class QuantConfig:
     """What to quantize and how.
@@ -51,16 +60,12 @@ class QuantConfig:
         ):
             if getattr(self, name) not in choices:
                 raise ValueError(
-                    f"QuantConfig.{name} must be one of {choices}, " f"got {getattr(self, name)!r}"
+                    f"QuantConfig.{name} must be one of {choices}, got {getattr(self, name)!r}"
                 )
 
     @classmethod
     def from_dict(cls, d: dict) -> QuantConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise KeyError(f"unknown quantization setting(s) {unknown}; known: {sorted(known)}")
-        return cls(**d)
+        return dataclass_from_dict(cls, d, "quantization")
 
     def to_dict(self) -> dict:
         return asdict(self)

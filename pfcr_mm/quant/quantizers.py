@@ -313,7 +313,9 @@ class AdaRoundWeightQuantizer(UniformQuantizer):
         return (1 - (2 * self.soft_rounding() - 1).abs().pow(beta)).sum()
 
     def harden(self) -> None:
-        self.rounding = "hard"
+        """Fix the learned rounding (a no-op when no rounding was learned)."""
+        if self.alpha is not None:
+            self.rounding = "hard"
 
     def get_extra_state(self) -> dict:
         return {**super().get_extra_state(), "rounding": self.rounding}

@@ -1,0 +1,129 @@
+"""The PFCR run: reconstruct every unit of every level, fine to coarse (method.md sections 3-5).
+
+For each level (finest first) and each of its units in forward order:
+
+1. take the unit's FP inputs, FP targets and extra arguments, and its quantized-path inputs
+   (computed with every preceding unit as it was just learned), from a :class:`UnitDataSource`;
+2. reconstruct the unit (:func:`reconstruct_unit`), starting from the rounding variables and
+   step sizes the previous level left;
+3. free the caches, print ``(k/N) unit, level, loss`` and rewrite the loss log.
+
+At the end every learned rounding is hardened. The same driver runs the baselines: a
+``FineToCoarseSchedule.block`` schedule is the single-granularity (QDrop/BRECQ-like) one.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+from torch import nn
+
+from .data import UnitDataSource
+from .engine import ReconSettings, UnitRecord, harden, reconstruct_unit
+from .report import plot_losses, write_loss_log
+from .units import FineToCoarseSchedule
+
+LOG_NAME = "recon_log.json"
+PLOT_NAME = "recon_loss.png"
+
+
+def run_reconstruction(
+    schedule: FineToCoarseSchedule | Iterable[tuple[int, Sequence[nn.Module]]],
+    source: UnitDataSource,
+    settings: ReconSettings,
+    log_dir: str | Path | None = None,
+    print_fn: Callable[[str], None] = print,
+    harden_at_end: bool = True,
+) -> list[UnitRecord]:
+    """Reconstruct the units of ``schedule`` level by level; returns one record per unit.
+
+    schedule: a :class:`FineToCoarseSchedule`, or ``(level, units)`` pairs, finest first.
+    source: gives each unit's caches (:class:`~pfcr_mm.recon.data.ModelDataSource` for a model
+        and calibration batches).
+    log_dir: where ``recon_log.json`` (rewritten after every unit, so a crash keeps what was
+        done) and ``recon_loss.png`` go; ``None`` writes nothing.
+    harden_at_end: fix every learned rounding to integers after the last unit.
+
+    Under ``settings.beta_schedule == "levels"`` the temperature decay is split evenly over the
+    levels run: the units of the i-th of L levels cover the decay from i/L to (i+1)/L.
+    """
+    levels = [(k, list(units)) for k, units in schedule]
+    total = sum(len(units) for _, units in levels)
+    log_dir = Path(log_dir) if log_dir is not None else None
+    if log_dir is not None:
+        log_dir.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "settings": settings.to_dict(),
+        "levels_run": [k for k, _ in levels],
+        "schedule": schedule.describe() if isinstance(schedule, FineToCoarseSchedule) else None,
+    }
+    records: list[UnitRecord] = []
+    start = time.perf_counter()
+    k = 0
+    for i, (level, units) in enumerate(levels):
+        span = (
+            (i / len(levels), (i + 1) / len(levels))
+            if settings.beta_schedule == "levels"
+            else (0.0, 1.0)
+        )
+        for unit in units:
+            k += 1
+            name = getattr(unit, "name", type(unit).__name__)
+            fp_inputs, fp_targets, extra_args = source.fp_io(unit)
+            q_inputs = source.quant_input(unit)
+
+            def progress(it: int, loss: float, k=k, name=name) -> None:
+                print_fn(f"  ({k}/{total}) {name} iter {it}/{settings.iters} loss {loss:.4g}")
+
+            try:
+                record = reconstruct_unit(
+                    unit,
+                    q_inputs,
+                    fp_inputs,
+                    fp_targets,
+                    extra_args,
+                    settings,
+                    progress=progress,
+                    beta_span=span,
+                )
+            except BaseException:
+                if log_dir is not None:  # keep what was done, and say where it stopped
+                    seconds = time.perf_counter() - start
+                    write_loss_log(
+                        log_dir / LOG_NAME, records, {**meta, "seconds": seconds, "failed": name}
+                    )
+                raise
+            finally:
+                # The caches of a unit are dead once it is done (or failed): drop the last
+                # references now, before the next unit's caches are built.
+                del fp_inputs, fp_targets, extra_args, q_inputs
+            record.level = level
+            records.append(record)
+            print_fn(
+                f"({k}/{total}) {name}, level {level}, loss {record.first_loss:.4g} -> "
+                f"{record.last_loss:.4g} ({record.seconds:.1f}s)"
+            )
+            if log_dir is not None:
+                write_loss_log(
+                    log_dir / LOG_NAME, records, {**meta, "seconds": time.perf_counter() - start}
+                )
+    if harden_at_end:
+        n = harden(u for _, units in levels for u in units)
+        print_fn(f"hardened the rounding of {n} weight quantizer(s)")
+    if log_dir is not None:
+        write_loss_log(
+            log_dir / LOG_NAME,
+            records,
+            {**meta, "seconds": time.perf_counter() - start, "finished": True},
+        )
+        if records:
+            plot_losses(records, log_dir / PLOT_NAME)
+    return records
+
+
+def load_loss_log(path: str | Path) -> dict:
+    """Read a ``recon_log.json`` back."""
+    return json.loads(Path(path).read_text())
