@@ -193,3 +193,45 @@ def test_saved_quantized_model_reloads_with_identical_metrics(tmp_path):
         )
         == 2
     )
+
+
+@pytest.mark.parametrize("method", ["block", "pfcr"])
+def test_reconstruction_methods_through_the_tool(tmp_path, method):
+    _make_folder(tmp_path / "data")
+    cfg = _write_config(tmp_path)
+    work = tmp_path / method
+    opts = [f"ptq.method={method}", "ptq.recon.iters=4", "ptq.recon.batch_size=2"]
+    assert (
+        ptq_tool.main([str(cfg), "--work-dir", str(work), "--no-fp-eval", "--cfg-options", *opts])
+        == 0
+    )
+    res = json.loads((work / "ptq_results.json").read_text())
+    assert res["method"] == method
+    log = json.loads((work / "recon" / "recon_log.json").read_text())
+    records = log["units"]
+    iters = [r["iters"] for r in records]
+    # the same budget (4 iterations x 2 blocks) however it is spread
+    if method == "block":
+        assert [r["level"] for r in records] == [1, 1] and iters == [4, 4]
+    else:
+        assert sorted({r["level"] for r in records}) == [0, 1, 2]
+        assert sum(iters) == pytest.approx(8, abs=3)
+    assert (work / "recon" / "recon_loss.png").stat().st_size > 0
+    # a saved reconstructed model reloads with the same metrics
+    again = tmp_path / f"{method}_again"
+    assert (
+        ptq_tool.main(
+            [
+                str(cfg),
+                "--work-dir",
+                str(again),
+                "--no-fp-eval",
+                "--cfg-options",
+                *opts,
+                "--quantized",
+                str(work / "quantized_model.pth"),
+            ]
+        )
+        == 0
+    )
+    assert json.loads((again / "ptq_results.json").read_text())["quant"] == res["quant"]

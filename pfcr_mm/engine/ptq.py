@@ -3,13 +3,22 @@
 The ``ptq`` section of a config::
 
     ptq = dict(
-        method='calib',                      # calibration only (reconstruction: later methods)
+        method='pfcr',                       # 'calib' | 'block' | 'pfcr' (see below)
         quant=dict(w_bits=4, a_bits=4, post_softmax='log2', ...),   # see QuantConfig
         scope='backbone+neck',               # sub-modules of runner.model joined by '+', or 'all'
         calib=dict(num_images=256, seed=0, batch_size=32, num_workers=2,
                    dataset=dict(split='train')),  # overrides of the test dataset config
         eval_fp=True,                        # evaluate the FP model first
+        recon=dict(iters=2000, batch_size=32, beta_schedule='levels', max_level='top', ...),
     )
+
+Methods, all on the same calibration images: ``calib`` calibrates the ranges only (a
+RepQ-ViT-like baseline); ``block`` then reconstructs every transformer block (one fixed
+granularity, QDrop/BRECQ-like); ``pfcr`` reconstructs fine to coarse (MHSA and MLP units, then
+blocks, then groups of blocks). ``recon.iters`` is the budget per block: ``block`` gives each
+block ``iters`` iterations, ``pfcr`` spreads the same total (``iters`` x number of blocks) evenly
+over its levels and, within a level, over its units. ``recon`` takes the fields of
+:class:`pfcr_mm.recon.ReconSettings` and ``max_level`` (``'top'`` or an int).
 """
 
 from __future__ import annotations
@@ -32,11 +41,12 @@ from ..adapters import QuantPlan, prepare, quantize
 from ..quant.calibrate import write_quant_summary
 from ..quant.config import QuantConfig
 from ..quant.modules import QuantConv2d, QuantLinear
+from ..recon import FineToCoarseSchedule, ModelDataSource, ReconSettings, run_reconstruction
 from .checkpoint import load_checkpoint_file
 
 QUANTIZED_FORMAT = "pfcr_mm.quantized_model.v1"
 
-METHODS = ("calib",)
+METHODS = ("calib", "block", "pfcr")
 
 
 @dataclass
@@ -48,11 +58,12 @@ class PTQSettings:
     scope: str = "all"
     calib: dict = field(default_factory=dict)
     eval_fp: bool = True
+    recon: dict = field(default_factory=dict)
 
     @classmethod
     def from_cfg(cls, ptq: dict) -> PTQSettings:
         ptq = dict(ptq)
-        known = {"quant", "method", "scope", "calib", "eval_fp"}
+        known = {"quant", "method", "scope", "calib", "eval_fp", "recon"}
         unknown = sorted(set(ptq) - known)
         if unknown:
             raise KeyError(
@@ -67,11 +78,15 @@ class PTQSettings:
             )
         if settings.method not in METHODS:
             raise ValueError(f"ptq.method must be one of {METHODS}, got {settings.method!r}")
+        settings.recon_settings()  # fails now on a bad key, not after calibration
         calib_known = {"num_images", "seed", "batch_size", "num_workers", "dataset"}
         unknown = sorted(set(settings.calib) - calib_known)
         if unknown:
             raise KeyError(f"unknown key(s) {unknown} in ptq.calib; known: {sorted(calib_known)}")
         return settings
+
+    def recon_settings(self) -> ReconSettings:
+        return ReconSettings.from_dict({k: v for k, v in self.recon.items() if k != "max_level"})
 
     def calib_dataset_cfg(self, test_dataset_cfg: dict) -> dict:
         """The calibration dataset config: the test one with ``calib.dataset`` merged in."""
@@ -128,6 +143,45 @@ def calibration_loader(
     return loader, indices
 
 
+def reconstruct(
+    model: torch.nn.Module,
+    plan: QuantPlan,
+    loader: DataLoader,
+    settings: PTQSettings,
+    log_dir: Path,
+) -> list:
+    """Reconstruct the calibrated model on the calibration images (``block`` or ``pfcr``)."""
+    recon = settings.recon_settings()
+    if settings.method == "block":
+        schedule, iters_of = FineToCoarseSchedule.block(plan.units), None
+    else:
+        schedule = FineToCoarseSchedule(
+            plan.units, max_level=settings.recon.get("max_level", "top")
+        )
+        budget = recon.iters * len({id(u.block) for u in plan.units})
+        n_levels = len(list(schedule))
+
+        def iters_of(level: int, n_units: int) -> int:
+            return max(1, round(budget / (n_levels * n_units)))
+
+    batches = [model.data_preprocessor(b, False)["inputs"] for b in loader]
+    source = ModelDataSource(
+        model,
+        plan.units,
+        batches,
+        run_batch=lambda m, x: m(x, mode="tensor"),
+        cache_dtype=recon.cache_dtype,
+    )
+    return run_reconstruction(
+        schedule,
+        source,
+        recon,
+        log_dir=log_dir,
+        print_fn=lambda s: print_log(s, logger="current"),
+        iters_of=iters_of,
+    )
+
+
 def _merge(base: dict, override: dict) -> dict:
     out = copy.deepcopy(dict(base))
     for key, value in override.items():
@@ -172,6 +226,8 @@ def quantize_runner_model(runner, settings: PTQSettings) -> tuple[QuantPlan, lis
     work_dir = Path(runner.work_dir)
     loader, indices = calibration_loader(settings, runner.cfg.test_dataloader, work_dir)
     plan = quantize(model, settings.quant, make_forward_loop(loader), settings.scope_modules, head)
+    if settings.method != "calib":
+        reconstruct(model, plan, loader, settings, work_dir / "recon")
     write_quant_summary(model, work_dir / "quant_summary.json", plan.fp_parts)
     print_log(
         f"quantized {len(plan.quantized_modules)} modules, {len(plan.units)} units; "

@@ -14,6 +14,7 @@ At the end every learned rounding is hardened. The same driver runs the baseline
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -37,6 +38,7 @@ def run_reconstruction(
     log_dir: str | Path | None = None,
     print_fn: Callable[[str], None] = print,
     harden_at_end: bool = True,
+    iters_of: Callable[[int, int], int] | None = None,
 ) -> list[UnitRecord]:
     """Reconstruct the units of ``schedule`` level by level; returns one record per unit.
 
@@ -46,6 +48,8 @@ def run_reconstruction(
     log_dir: where ``recon_log.json`` (rewritten after every unit, so a crash keeps what was
         done) and ``recon_loss.png`` go; ``None`` writes nothing.
     harden_at_end: fix every learned rounding to integers after the last unit.
+    iters_of: ``(level, number of units in the level) -> iterations per unit``, to spread a
+        fixed budget over the levels (default: ``settings.iters`` for every unit).
 
     Under ``settings.beta_schedule == "levels"`` the temperature decay is split evenly over the
     levels run: the units of the i-th of L levels cover the decay from i/L to (i+1)/L.
@@ -69,14 +73,17 @@ def run_reconstruction(
             if settings.beta_schedule == "levels"
             else (0.0, 1.0)
         )
+        unit_settings = settings
+        if iters_of is not None:
+            unit_settings = dataclasses.replace(settings, iters=iters_of(level, len(units)))
         for unit in units:
             k += 1
             name = getattr(unit, "name", type(unit).__name__)
             fp_inputs, fp_targets, extra_args = source.fp_io(unit)
             q_inputs = source.quant_input(unit)
 
-            def progress(it: int, loss: float, k=k, name=name) -> None:
-                print_fn(f"  ({k}/{total}) {name} iter {it}/{settings.iters} loss {loss:.4g}")
+            def progress(it: int, loss: float, k=k, name=name, n=unit_settings.iters) -> None:
+                print_fn(f"  ({k}/{total}) {name} iter {it}/{n} loss {loss:.4g}")
 
             try:
                 record = reconstruct_unit(
@@ -85,7 +92,7 @@ def run_reconstruction(
                     fp_inputs,
                     fp_targets,
                     extra_args,
-                    settings,
+                    unit_settings,
                     progress=progress,
                     beta_span=span,
                 )
