@@ -228,7 +228,10 @@ def quantize_runner_model(runner, settings: PTQSettings) -> tuple[QuantPlan, lis
     plan = quantize(model, settings.quant, make_forward_loop(loader), settings.scope_modules, head)
     if settings.method != "calib":
         reconstruct(model, plan, loader, settings, work_dir / "recon")
-    write_quant_summary(model, work_dir / "quant_summary.json", plan.fp_parts)
+    fp_parts = list(plan.fp_parts)
+    if runner.cfg.get("task") == "detection":  # functional ops, invisible as modules
+        fp_parts += ["NMS", "box and mask post-processing"]
+    write_quant_summary(model, work_dir / "quant_summary.json", fp_parts)
     print_log(
         f"quantized {len(plan.quantized_modules)} modules, {len(plan.units)} units; "
         f"summary in {work_dir / 'quant_summary.txt'}",
