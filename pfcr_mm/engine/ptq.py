@@ -9,7 +9,7 @@ The ``ptq`` section of a config::
         calib=dict(num_images=256, seed=0, batch_size=32, num_workers=2,
                    dataset=dict(split='train')),  # overrides of the test dataset config
         eval_fp=True,                        # evaluate the FP model first
-        recon=dict(iters=2000, batch_size=32, beta_schedule='levels', max_level='top', ...),
+        recon=dict(iters=2000, batch_size=32, beta_schedule='unit', max_level='top', ...),
     )
 
 Methods, all on the same calibration images: ``calib`` calibrates the ranges only (a
