@@ -19,9 +19,9 @@ from pfcr_mm.adapters.base import ReconUnit
 from pfcr_mm.quant.config import QuantConfig
 from pfcr_mm.quant.quantizers import AdaRoundWeightQuantizer
 from pfcr_mm.recon import (
+    ChainDataSource,
     ComposedUnit,
     FineToCoarseSchedule,
-    ModelDataSource,
     ReconSettings,
     UnitRecord,
     beta_at,
@@ -43,7 +43,7 @@ def quantized_vit():
 
 
 def unit_caches(model, plan, batches, unit, **kw):
-    source = ModelDataSource(model, plan.units, batches, **kw)
+    source = ChainDataSource(model, plan.units, batches, **kw)
     fp_inputs, fp_targets, extra = source.fp_io(unit)
     return source.quant_input(unit), fp_inputs, fp_targets, extra
 
@@ -210,7 +210,7 @@ def test_data_source_matches_the_model():
         for b in batches:
             model(b)
     hook.remove()
-    source = ModelDataSource(model, plan.units, batches)
+    source = ChainDataSource(model, plan.units, batches)
     x, y, args = source.fp_io(block1)
     assert args == [(), ()]
     for (fx, fy), xi, yi in zip(fp, x, y):
@@ -222,7 +222,7 @@ def test_data_source_matches_the_model():
     with torch.no_grad(), quantizer_states(model, weights=False, activations=False):
         assert torch.allclose(x_mlp[0], attn1(fp[0][0]), atol=1e-6)
         assert torch.allclose(y_mlp[0], fp[0][1], atol=1e-6)
-    half = ModelDataSource(model, plan.units, batches, cache_dtype="float16")
+    half = ChainDataSource(model, plan.units, batches, cache_dtype="float16")
     h_x, h_y, _ = half.fp_io(block1)
     assert h_x[0].dtype == torch.float16 and h_x[0].device.type == "cpu"
     assert torch.allclose(h_y[0].float(), y[0], rtol=1e-3, atol=1e-3)
@@ -250,6 +250,37 @@ def test_unit_loss_goes_down():
     # only the MLP's rounding was learned: the block's MHSA layers are untouched
     assert unit.block.attn.qkv.weight_quantizer.alpha is None
     assert unit.block.mlp.fc1.weight_quantizer.alpha is not None
+
+
+def test_pos_two_stage_learns_rounding_with_fp_activations_first():
+    model, plan, batches = quantized_vit()
+    unit = plan.units[1]  # blocks.0.mlp
+    q, x, y, args = unit_caches(model, plan, batches, unit)
+    acts = [unit.block.mlp.fc1.input_quantizer, unit.block.mlp.fc2.input_quantizer]
+    scales = [a.scale.detach().clone() for a in acts]
+    states = []  # the activation quantizers' state at every forward of the unit
+    hook = unit.block.mlp.fc1.register_forward_pre_hook(lambda m, a: states.append(acts[0].state))
+    settings = ReconSettings(iters=20, batch_size=8, w_lr=1e-2, a_lr=1e-3, pos="two_stage")
+    record = reconstruct_unit(unit, q, x, y, args, settings)
+    hook.remove()
+    # one probe forward (quantized), then 10 iterations in FP, then 10 quantized
+    assert states == ["quant"] + ["fp"] * 10 + ["quant"] * 10
+    assert all(a.state == "quant" for a in acts)
+    # the weight-only stage cannot have a larger error than the fully quantized one after it
+    assert sum(record.losses[:10]) < sum(record.losses[10:])
+    # the step sizes moved only in the second stage, but they moved
+    assert all(not torch.equal(a.scale, s) for a, s in zip(acts, scales))
+
+
+def test_unit_iterations_spread_one_budget():
+    units, _ = _fake_units([4])
+    levels = list(FineToCoarseSchedule(units))  # 8 finest units, 4 blocks, 2 pairs, 1 group
+    assert [len(u) for _, u in levels] == [8, 4, 2, 1]
+    even = driver_module.unit_iterations(levels, 1600, "none")
+    assert even == {0: 50, 1: 100, 2: 200, 3: 400}  # every level gets 1600 / 4
+    assert sum(even[k] * len(u) for k, u in levels) == 1600
+    assert driver_module.unit_iterations(levels, 1500, "shrink") == {0: 100, 1: 100, 2: 100, 3: 100}
+    assert driver_module.unit_iterations(levels, 3, "none") == {0: 1, 1: 1, 2: 1, 3: 1}
 
 
 def test_batches_of_different_sizes_and_fp16_caches():
@@ -333,7 +364,7 @@ def test_same_seed_same_parameters():
     learned = []
     for i, (m, units) in enumerate(twins):
         unit = ComposedUnit("blocks.1", 1, units[2:4])
-        source = ModelDataSource(m, units, batches)
+        source = ChainDataSource(m, units, batches)
         x, y, args = source.fp_io(unit)
         q = source.quant_input(unit)
         seed = 0 if i < 2 else 1
@@ -384,8 +415,8 @@ def test_beta_decay_and_settings():
     )  # fmt: skip
     assert beta_at(0.0, s) == 20.0 and beta_at(1.0, s) == 2.0 and beta_at(0.5, s) == 11.0
     assert ReconSettings.from_dict(s.to_dict()) == s
-    with pytest.raises(ValueError, match="beta_schedule"):
-        ReconSettings(beta_schedule="never")
+    with pytest.raises(ValueError, match="pos must be one of"):
+        ReconSettings(pos="never")
     with pytest.raises(KeyError, match="itres"):
         ReconSettings.from_dict({"itres": 5})
 
@@ -428,7 +459,7 @@ def test_driver_walks_fine_to_coarse_frees_caches_and_spans_beta(monkeypatch, tm
     monkeypatch.setattr(driver_module, "reconstruct_unit", fake_reconstruct)
     source = _FakeSource()
     lines = []
-    settings = ReconSettings(iters=2, beta_schedule="levels")
+    settings = ReconSettings(iters=2, pos="anneal")
     records = run_reconstruction(schedule, source, settings, tmp_path, print_fn=lines.append)
     order = [u.name for _, us in schedule for u in us]
     assert source.calls == order and [r.name for r in records] == order
@@ -438,7 +469,7 @@ def test_driver_walks_fine_to_coarse_frees_caches_and_spans_beta(monkeypatch, tm
     assert source.alive_at_call == [0] * len(order)  # every unit's caches freed before the next
     # level 2 is [0, 1], [2]: the group of block 2 alone repeats level 1 and is skipped
     assert [r.level for r in records] == [0] * 6 + [1] * 3 + [2] + [3]
-    # beta_schedule='levels': the temperature decay is split over the 4 levels run
+    # pos='anneal': the temperature decay is split over the 4 levels run
     assert spans == [(0.0, 0.25)] * 6 + [(0.25, 0.5)] * 3 + [(0.5, 0.75)] + [(0.75, 1.0)]
     assert lines[0].startswith("(1/11) layers.0.blocks.0.attn, level 0, loss 1 -> 0.5")
 
@@ -465,7 +496,7 @@ def test_pfcr_run_on_vit_writes_log_and_plot_and_hardens(tmp_path):
         ref = encoder_outputs(model, batches)
     calib_err = encoder_error(model, batches, ref)
     schedule = FineToCoarseSchedule(plan.units, max_level=2)
-    source = ModelDataSource(model, plan.units, batches, cache_dtype="float16")
+    source = ChainDataSource(model, plan.units, batches, cache_dtype="float16")
     settings = ReconSettings(iters=30, batch_size=8, w_lr=1e-2, a_lr=1e-3, cache_dtype="float16")
     lines = []
     records = run_reconstruction(schedule, source, settings, tmp_path, print_fn=lines.append)

@@ -7,8 +7,8 @@ from conftest import tiny_mmdet_swin
 from pfcr_mm.adapters import quantize
 from pfcr_mm.quant.config import QuantConfig
 from pfcr_mm.recon import (
+    ChainDataSource,
     FineToCoarseSchedule,
-    ModelDataSource,
     ReconSettings,
     quantizer_states,
     run_reconstruction,
@@ -41,7 +41,7 @@ def test_swin_blocks_composed_and_hw_shape_cached_per_image_size():
         for b in batches:
             model(b)
     hook.remove()
-    source = ModelDataSource(model, plan.units, batches)
+    source = ChainDataSource(model, plan.units, batches)
     x, y, args = source.fp_io(block)
     assert args == [(hw,) for _, hw, _ in seen] == [((8, 10),), ((7, 7),)]
     for (fx, _, fy), xi, yi in zip(seen, x, y):

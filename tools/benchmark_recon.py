@@ -1,32 +1,43 @@
 """Ablation of the reconstruction methods on the embedded demo models.
 
-For each demo model and bit width, runs ``tools/ptq.py`` with ``calib``, ``block``, ``pfcr`` with
-POS (temperature annealed across levels) and ``pfcr`` without POS (annealed within each unit),
-all on the same calibration images and with the same per-block iteration budget, and writes
-``<out>/benchmark.json`` and ``<out>/benchmark.md``: FP and quantized accuracy or box/mask mAP,
-quantization (calibration + reconstruction) time, peak host memory.
+For each demo model, bit width and seed, runs ``tools/ptq.py`` with ``calib``, ``block`` and
+``pfcr`` under each progressive optimization strategy (``pfcr_nopos``: none; ``pfcr_two_stage``,
+``pfcr_shrink``, ``pfcr_anneal``: POS options (a), (b), (c) of method.md), all on the same
+calibration images and with the same total iteration budget (``iters`` per block), and writes
+``<out>/benchmark.json`` (one row per run) and ``<out>/benchmark.md`` (mean and spread over the
+seeds): FP and quantized accuracy or box/mask mAP, quantization (calibration + reconstruction)
+time, peak host memory. A seed sets both the calibration images and the reconstruction.
 
     python tools/benchmark_recon.py [--preset quick|paper] [--bits 4 3] [--models cls det]
+        [--methods calib block ...] [--seeds 0 1 2]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# model -> (config, metrics, factor to percent: mmpretrain-style accuracy is already in %)
 MODELS = {
-    "cls": ("configs/demo/demo_vit_shapes_w4a4.py", "accuracy/top1"),
-    "det": ("configs/demo/demo_mask_rcnn_swin_shapes_w4a4.py", "coco/bbox_mAP"),
+    "cls": ("configs/demo/demo_vit_shapes_w4a4.py", ["accuracy/top1"], 1),
+    "det": (
+        "configs/demo/demo_mask_rcnn_swin_shapes_w4a4.py",
+        ["coco/bbox_mAP", "coco/segm_mAP"],
+        100,
+    ),
 }
 METHODS = {
     "calib": ["ptq.method=calib"],
     "block": ["ptq.method=block"],
-    "pfcr": ["ptq.method=pfcr", "ptq.recon.beta_schedule=levels"],
-    "pfcr_nopos": ["ptq.method=pfcr", "ptq.recon.beta_schedule=unit"],
+    "pfcr_nopos": ["ptq.method=pfcr", "ptq.recon.pos=none"],
+    "pfcr_two_stage": ["ptq.method=pfcr", "ptq.recon.pos=two_stage"],
+    "pfcr_shrink": ["ptq.method=pfcr", "ptq.recon.pos=shrink"],
+    "pfcr_anneal": ["ptq.method=pfcr", "ptq.recon.pos=anneal"],
 }
 # iterations per block and calibration images; "paper" follows method.md (20k iterations)
 PRESETS = {
@@ -35,14 +46,16 @@ PRESETS = {
 }
 
 
-def run_one(model: str, bits: int, method: str, preset: dict, out: Path) -> dict:
-    config, _ = MODELS[model]
-    work = out / f"{model}_w{bits}a{bits}_{method}"
+def run_one(model: str, bits: int, method: str, seed: int, preset: dict, out: Path) -> dict:
+    config = MODELS[model][0]
+    work = out / f"{model}_w{bits}a{bits}_{method}_seed{seed}"
     images = preset["cls_images" if model == "cls" else "det_images"]
     opts = [
         f"ptq.quant.w_bits={bits}",
         f"ptq.quant.a_bits={bits}",
         f"ptq.calib.num_images={images}",
+        f"ptq.calib.seed={seed}",
+        f"ptq.recon.seed={seed}",
         f"ptq.recon.iters={preset['iters']}",
         # detection: a batch is a few whole images (peers use 1-2), classification 32 images
         f"ptq.recon.batch_size={4 if model == 'det' else 32}",
@@ -52,41 +65,58 @@ def run_one(model: str, bits: int, method: str, preset: dict, out: Path) -> dict
     cmd += ["--cfg-options", *opts]
     log = work.with_suffix(".log")
     work.parent.mkdir(parents=True, exist_ok=True)
+    row = {"model": model, "bits": bits, "method": method, "seed": seed}
     with log.open("w") as f:
         rc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
     if rc != 0:
-        return {"model": model, "bits": bits, "method": method, "error": f"exit {rc}, see {log}"}
+        return {**row, "error": f"exit {rc}, see {log}"}
     res = json.loads((work / "ptq_results.json").read_text())
+    recon_log = work / "recon" / "recon_log.json"
+    recon_s = json.loads(recon_log.read_text())["seconds"] if recon_log.exists() else 0.0
     return {
-        "model": model,
-        "bits": bits,
-        "method": method,
+        **row,
         "fp": res["fp"],
         "quant": res["quant"],
         "quantize_s": res["time_s"]["quantize"],
+        "recon_s": recon_s,
         "peak_host_mb": res["peak_mem_mb"]["host_rss"],
         "scope": res["scope"],
     }
 
 
+def _mean_spread(values: list[float], scale: float) -> str:
+    values = [v * scale for v in values]
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+
+
 def markdown(rows: list[dict]) -> str:
+    """One line per (model, bits, method): mean ± sample std over the seeds run, in percent."""
     lines = [
-        "| model | bits | method | metric | FP | quantized | quantize time (s) | peak host MiB |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | bits | method | seeds | metric (%) | FP | quantized | per seed | "
+        "recon s | peak host MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        metric = MODELS[r["model"]][1]
-        if "error" in r:
-            lines.append(
-                f"| {r['model']} | W{r['bits']}A{r['bits']} | {r['method']} | "
-                f"{metric} | | {r['error']} | | |"
-            )
+        groups.setdefault((r["model"], r["bits"], r["method"]), []).append(r)
+    for (model, bits, method), rs in groups.items():
+        ok = [r for r in rs if "error" not in r]
+        errors = "; ".join(r["error"] for r in rs if "error" in r)
+        head = f"| {model} | W{bits}A{bits} | {method} | {len(ok)} |"
+        if not ok:
+            lines.append(f"{head} | | | {errors} | | | |")
             continue
-        lines.append(
-            f"| {r['model']} | W{r['bits']}A{r['bits']} | {r['method']} | {metric} | "
-            f"{r['fp'][metric]:.4g} | {r['quant'][metric]:.4g} | {r['quantize_s']:.0f} | "
-            f"{r['peak_host_mb']:.0f} |"
-        )
+        _, metrics, pct = MODELS[model]
+        for metric in metrics:
+            quant = [r["quant"][metric] for r in ok]
+            lines.append(
+                f"{head} {metric} | {pct * ok[0]['fp'][metric]:.1f} | "
+                f"{_mean_spread(quant, pct)} | {' '.join(f'{pct * v:.1f}' for v in quant)} | "
+                f"{statistics.mean(r['recon_s'] for r in ok):.0f} | "
+                f"{max(r['peak_host_mb'] for r in ok):.0f} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -96,22 +126,24 @@ def main(argv=None) -> int:
     p.add_argument("--bits", type=int, nargs="+", default=[4, 3])
     p.add_argument("--models", nargs="+", choices=sorted(MODELS), default=sorted(MODELS))
     p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--out", default="work_dirs/benchmark_recon")
     args = p.parse_args(argv)
     out = ROOT / args.out
+    preset = PRESETS[args.preset]
     rows = []
     for model in args.models:
         for bits in args.bits:
-            for method in args.methods:
-                print(f"{model} W{bits}A{bits} {method} ...", flush=True)
-                rows.append(run_one(model, bits, method, PRESETS[args.preset], out))
-                (out / "benchmark.json").write_text(
-                    json.dumps(
-                        {"preset": args.preset, **PRESETS[args.preset], "rows": rows}, indent=1
+            for seed in args.seeds:
+                for method in args.methods:
+                    print(f"{model} W{bits}A{bits} {method} seed {seed} ...", flush=True)
+                    rows.append(run_one(model, bits, method, seed, preset, out))
+                    meta = {"preset": args.preset, **preset, "seeds": args.seeds}
+                    (out / "benchmark.json").write_text(
+                        json.dumps({**meta, "rows": rows}, indent=1)
                     )
-                )
-                (out / "benchmark.md").write_text(markdown(rows))
-                print(markdown(rows[-1:]).splitlines()[-1], flush=True)
+                    (out / "benchmark.md").write_text(markdown(rows))
+                    print(markdown(rows[-1:]).splitlines()[-1], flush=True)
     print(f"wrote {out / 'benchmark.json'} and {out / 'benchmark.md'}")
     return 0
 

@@ -90,8 +90,9 @@ def _find_blocks(model: nn.Module, adapters: list[ArchAdapter]):
 
 def find_blocks(
     model: nn.Module, scope: list[str] | None = None
-) -> tuple[list[nn.Module], list[tuple[str, nn.Module, ArchAdapter]]]:
-    """The scope's root modules and the supported blocks inside them, in forward order.
+) -> tuple[list[nn.Module], list[tuple[nn.Module, str, nn.Module, ArchAdapter]]]:
+    """The scope's root modules and the supported blocks inside them, in forward order, as
+    ``(root, name relative to root, block, adapter)``.
 
     Raises ValueError for a scope naming no sub-module and :class:`UnsupportedModelError` when
     the scope holds no supported transformer block; changes nothing.
@@ -105,7 +106,7 @@ def find_blocks(
         )
     roots = [model] if scope is None else [model.get_submodule(s) for s in scope]
     adapters = available_adapters()
-    blocks = [b for root in roots for b in _find_blocks(root, adapters)]
+    blocks = [(root, *b) for root in roots for b in _find_blocks(root, adapters)]
     if not blocks:
         raise UnsupportedModelError(
             f"found no supported transformer block in {type(model).__name__}"
@@ -128,6 +129,11 @@ def prepare(
     Raises :class:`UnsupportedModelError` when the model holds no supported transformer block.
     """
     roots, blocks = find_blocks(model, scope)
+    units = []  # built first: an unsupported chain fails before the model is changed
+    for i, (_, name, block, ad) in enumerate(blocks):
+        enter = _stage_link(blocks[i - 1], blocks[i], scope) if i else None
+        units.append(ReconUnit(f"{name}.attn", "attn", block, ad.attn_unit, enter))
+        units.append(ReconUnit(f"{name}.mlp", "mlp", block, ad.mlp_unit))
     adapters = available_adapters()
     post_ln: list[tuple[nn.Module, nn.Linear]] = []
     first_convs: set[int] = set()
@@ -169,10 +175,6 @@ def prepare(
                     setattr(parent, attr, new)
                     replaced[id(child)] = new
                     quantized.append(".".join(p for p in (root_name, name, attr) if p))
-    units = []
-    for name, block, ad in blocks:
-        units.append(ReconUnit(f"{name}.attn", "attn", block, ad.attn_unit))
-        units.append(ReconUnit(f"{name}.mlp", "mlp", block, ad.mlp_unit))
     pairs = [(norm, replaced[id(lin)]) for norm, lin in post_ln] if cfg.post_ln == "reparam" else []
     present = {type(m).__name__ for m in model.modules()}
     fp_parts = [n for n in _FP_CLASS_NAMES if n in present]
@@ -180,6 +182,21 @@ def prepare(
     if scope is not None:
         fp_parts.append(f"everything outside the scope {scope}")
     return QuantPlan(cfg, units, pairs, quantized, fp_parts)
+
+
+def _stage_link(last: tuple, this: tuple, scope: list[str] | None):
+    """The link into block ``this`` from block ``last``, each ``(root, name, block, adapter)``:
+    ``None`` within a stage, the adapter's stage link between two stages of one root."""
+    (last_root, last_name, _, _), (root, name, _, ad) = last, this
+    if root is last_root and last_name.rpartition(".")[0] == name.rpartition(".")[0]:
+        return None
+    if ad.stage_link is None or root is not last_root:
+        raise UnsupportedModelError(
+            f"blocks {last_name!r} and {name!r} are in different containers"
+            f"{'' if scope is None else f' of the scope {scope}'} and the {ad.name} adapter "
+            "does not know what connects them: reconstruction needs one chain of blocks"
+        )
+    return ad.stage_link(root, last_name, name)
 
 
 def quantize(

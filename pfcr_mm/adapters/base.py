@@ -22,6 +22,10 @@ class ArchAdapter:
     post_ln: ``f(block) -> [(layer_norm, linear)]``, the linears fed by a LayerNorm.
     patch_merging: ``{class: (norm attribute, linear attribute)}`` of the downsampling layers.
     patch_embed: ``{class: conv attribute}`` of the layers whose conv sees the image.
+    stage_link: ``f(root, last block name, next block name) -> link`` for blocks in different
+        containers (stages), names relative to ``root``; ``link(x, *args) -> (x, args)`` maps
+        the output of the last block of a stage to the input of the next stage's first block
+        (Swin: the PatchMerging between them). ``None``: the family has a single stage.
     """
 
     name: str
@@ -32,6 +36,7 @@ class ArchAdapter:
     post_ln: Callable[[nn.Module], list[tuple[nn.Module, nn.Linear]]]
     patch_merging: dict[type, tuple[str, str]] = field(default_factory=dict)
     patch_embed: dict[type, str] = field(default_factory=dict)
+    stage_link: Callable[[nn.Module, str, str], Callable] | None = None
 
 
 def swap_attention(module: nn.Module, quant_class: type, cfg: QuantConfig) -> None:
@@ -45,15 +50,20 @@ class ReconUnit(nn.Module):
     """A finest reconstruction unit: the MHSA or the MLP of one block, with its shortcut.
 
     ``forward(x, *args)`` computes ``fn(block, x, *args)``; the block (and so every parameter
-    and quantizer) is shared with the model.
+    and quantizer) is shared with the model. ``enter``: for the MHSA unit of the first block of
+    a stage after the first, the adapter's stage link that produces this unit's input
+    ``(x, args)`` from the previous unit's output (``None`` elsewhere).
     """
 
-    def __init__(self, name: str, kind: str, block: nn.Module, fn: Callable):
+    def __init__(
+        self, name: str, kind: str, block: nn.Module, fn: Callable, enter: Callable | None = None
+    ):
         super().__init__()
         self.name = name
         self.kind = kind
         self.block = block
         self.fn = fn
+        self.enter = enter
 
     def forward(self, x, *args, **kwargs):
         return self.fn(self.block, x, *args, **kwargs)

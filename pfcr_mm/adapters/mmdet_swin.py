@@ -44,6 +44,19 @@ def mlp_unit(block: SwinBlock, x: torch.Tensor, hw_shape: tuple[int, int]) -> to
     return block.ffn(block.norm2(x), identity=x)
 
 
+def stage_link(root, last_block: str, next_block: str):
+    """``SwinBlockSequence`` ends with its ``downsample`` (PatchMerging): ``(x, hw) -> (x, hw)``."""
+    down = root.get_submodule(last_block.rsplit(".blocks.", 1)[0]).downsample
+    if down is None:
+        raise ValueError(f"the stage of {last_block!r} has no downsample before {next_block!r}")
+
+    def link(x: torch.Tensor, hw_shape: tuple[int, int]):
+        x, hw_shape = down(x, hw_shape)
+        return x, (hw_shape,)
+
+    return link
+
+
 ADAPTER = ArchAdapter(
     name="mmdet Swin",
     block_classes=(SwinBlock,),
@@ -53,4 +66,5 @@ ADAPTER = ArchAdapter(
     post_ln=lambda b: [(b.norm1, b.attn.w_msa.qkv), (b.norm2, b.ffn.layers[0][0])],
     patch_merging={PatchMerging: ("norm", "reduction")},
     patch_embed={PatchEmbed: "projection"},
+    stage_link=stage_link,
 )

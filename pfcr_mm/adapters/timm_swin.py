@@ -41,6 +41,16 @@ def mlp_unit(block: SwinTransformerBlock, x: torch.Tensor) -> torch.Tensor:
     return x.reshape(B, H, W, C)
 
 
+def stage_link(root, last_block: str, next_block: str):
+    """A ``SwinTransformerStage`` starts with its ``downsample`` (PatchMerging), NHWC to NHWC."""
+    down = root.get_submodule(next_block.rsplit(".blocks.", 1)[0]).downsample
+
+    def link(x: torch.Tensor):
+        return down(x), ()
+
+    return link
+
+
 ADAPTER = ArchAdapter(
     name="timm Swin",
     block_classes=(SwinTransformerBlock,),
@@ -50,4 +60,5 @@ ADAPTER = ArchAdapter(
     post_ln=lambda b: [(b.norm1, b.attn.qkv), (b.norm2, b.mlp.fc1)],
     patch_merging={PatchMerging: ("norm", "reduction")},
     patch_embed={PatchEmbed: "proj"},
+    stage_link=stage_link,
 )

@@ -9,15 +9,16 @@ The ``ptq`` section of a config::
         calib=dict(num_images=256, seed=0, batch_size=32, num_workers=2,
                    dataset=dict(split='train')),  # overrides of the test dataset config
         eval_fp=True,                        # evaluate the FP model first
-        recon=dict(iters=2000, batch_size=32, beta_schedule='unit', max_level='top', ...),
+        recon=dict(iters=2000, batch_size=32, pos='none', max_level='top', ...),
     )
 
 Methods, all on the same calibration images: ``calib`` calibrates the ranges only (a
 RepQ-ViT-like baseline); ``block`` then reconstructs every transformer block (one fixed
 granularity, QDrop/BRECQ-like); ``pfcr`` reconstructs fine to coarse (MHSA and MLP units, then
 blocks, then groups of blocks). ``recon.iters`` is the budget per block: ``block`` gives each
-block ``iters`` iterations, ``pfcr`` spreads the same total (``iters`` x number of blocks) evenly
-over its levels and, within a level, over its units. ``recon`` takes the fields of
+block ``iters`` iterations, ``pfcr`` spreads the same total (``iters`` x number of blocks) over
+its levels and units (:func:`pfcr_mm.recon.driver.unit_iterations`; ``recon.pos`` picks the
+progressive optimization strategy). ``recon`` takes the fields of
 :class:`pfcr_mm.recon.ReconSettings` and ``max_level`` (``'top'`` or an int).
 """
 
@@ -41,7 +42,7 @@ from ..adapters import QuantPlan, prepare, quantize
 from ..quant.calibrate import write_quant_summary
 from ..quant.config import QuantConfig
 from ..quant.modules import QuantConv2d, QuantLinear
-from ..recon import FineToCoarseSchedule, ModelDataSource, ReconSettings, run_reconstruction
+from ..recon import ChainDataSource, FineToCoarseSchedule, ReconSettings, run_reconstruction
 from .checkpoint import load_checkpoint_file
 
 QUANTIZED_FORMAT = "pfcr_mm.quantized_model.v1"
@@ -153,19 +154,15 @@ def reconstruct(
     """Reconstruct the calibrated model on the calibration images (``block`` or ``pfcr``)."""
     recon = settings.recon_settings()
     if settings.method == "block":
-        schedule, iters_of = FineToCoarseSchedule.block(plan.units), None
+        schedule, budget = FineToCoarseSchedule.block(plan.units), None
     else:
         schedule = FineToCoarseSchedule(
             plan.units, max_level=settings.recon.get("max_level", "top")
         )
-        budget = recon.iters * len({id(u.block) for u in plan.units})
-        n_levels = len(list(schedule))
-
-        def iters_of(level: int, n_units: int) -> int:
-            return max(1, round(budget / (n_levels * n_units)))
+        budget = recon.iters * len(schedule.blocks)
 
     batches = [model.data_preprocessor(b, False)["inputs"] for b in loader]
-    source = ModelDataSource(
+    source = ChainDataSource(
         model,
         plan.units,
         batches,
@@ -178,7 +175,7 @@ def reconstruct(
         recon,
         log_dir=log_dir,
         print_fn=lambda s: print_log(s, logger="current"),
-        iters_of=iters_of,
+        budget=budget,
     )
 
 

@@ -5,19 +5,19 @@ Pure torch (matplotlib is imported only when a plot is written)::
     plan = quantize(model, QuantConfig(w_bits=4, a_bits=4), forward_loop)
     schedule = FineToCoarseSchedule(plan.units)            # or FineToCoarseSchedule.block(...)
     settings = ReconSettings(iters=2000, cache_dtype="float16")
-    source = ModelDataSource(model, plan.units, calib_batches, cache_dtype=settings.cache_dtype)
+    source = ChainDataSource(model, plan.units, calib_batches, cache_dtype=settings.cache_dtype)
     run_reconstruction(schedule, source, settings, log_dir="work/recon")
 """
 
-from .data import ModelDataSource, UnitDataSource, hard_rounding, quantizer_states
+from .data import ChainDataSource, UnitDataSource, hard_rounding, quantizer_states
 from .driver import load_loss_log, run_reconstruction
 from .engine import ReconSettings, UnitRecord, beta_at, harden, reconstruct_unit
 from .units import ComposedUnit, FineToCoarseSchedule, leaves, stage_of_container, unit_level
 
 __all__ = [
+    "ChainDataSource",
     "ComposedUnit",
     "FineToCoarseSchedule",
-    "ModelDataSource",
     "ReconSettings",
     "UnitDataSource",
     "UnitRecord",

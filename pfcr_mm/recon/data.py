@@ -4,7 +4,8 @@ The engine needs, per unit and per calibration batch: the FP input ``x`` of the 
 model's activation there), its FP target ``u_fp(x)``, the extra arguments the unit's blocks are
 called with, and the quantized-path input ``x_q`` (the same activation computed by the model
 with every preceding unit already quantized). :class:`UnitDataSource` is that contract;
-:class:`ModelDataSource` fulfils it by running a model on calibration batches.
+:class:`ChainDataSource` fulfils it by propagating calibration batches along the model's
+chain of units.
 """
 
 from __future__ import annotations
@@ -74,28 +75,35 @@ def hard_rounding(model: nn.Module) -> Iterator[None]:
 
 
 class _ReachedBlock(Exception):
-    """Raised by the capture hook to stop a forward once the unit's input is recorded."""
+    """Raised by the capture hook to stop a forward once the first block's input is recorded."""
 
 
 def default_run_batch(model: nn.Module, batch: Any) -> Any:
     return model(batch)
 
 
-class ModelDataSource:
-    """Obtains a unit's caches by running ``run_batch(model, batch)`` for each calibration batch.
+class ChainDataSource:
+    """A unit's caches, obtained by propagating calibration tensors along the chain of units.
 
     model: the quantized model (quantizers calibrated, in the state reconstruction should use).
-    units: the finest units of the model (``plan.units``), to know what precedes a unit that
-        starts inside a block (an MLP unit starts after its block's MHSA unit).
-    batches: the calibration batches, iterated once per capture (a list, or a re-iterable
-        loader with a fixed order, so that FP and quantized-path caches line up).
+    units: the finest units of the model (``plan.units``) in forward order; a unit's ``enter``
+        link (the PatchMerging between two Swin stages) is applied before it.
+    batches: the calibration batches (a list, or a re-iterable loader with a fixed order).
     run_batch: ``f(model, batch)`` runs the model on one batch (default ``model(batch)``); a
         detector passes its data preprocessor and mode here.
-    cache_dtype / cache_device: where the caches are kept (``ReconSettings.cache_dtype``).
+    cache_dtype / cache_device: dtype and device of the unit caches handed out
+        (``ReconSettings.cache_dtype``); the propagated tensors stay in float32 on cache_device.
 
-    A forward pre-hook on the unit's first block records the block's input and positional
-    arguments and stops the forward there, so a capture costs the model up to that block.
-    Block keyword arguments are not supported (the unit functions take positional ones).
+    Only the input of the first block is obtained by running the model: a forward pre-hook
+    records it and its positional arguments and stops the forward there (for a detector, the
+    cost of the patch embedding). From there two fronts move along the chain, one batch at a
+    time: the FP front with every quantizer off, the quantized front with every quantizer on
+    and the learned roundings hard (what the deployed model feeds the next unit). A front moves
+    lazily, when a unit further on asks for its caches, so each unit it passes has already been
+    learned. A unit before the fronts (the first unit of the next level) restarts them from the
+    first block; the layers before it are never reconstructed, so that input does not change.
+    Per level the model's blocks run about twice per batch, instead of once per unit as
+    re-running the model to each unit would.
     """
 
     def __init__(
@@ -108,22 +116,29 @@ class ModelDataSource:
         cache_device: str | torch.device = "cpu",
     ):
         self.model = model
+        self.units = list(units)
         self.batches = batches
         self.run_batch = run_batch
         if isinstance(cache_dtype, str):
             cache_dtype = CACHE_DTYPES[cache_dtype]
         self.cache_dtype = cache_dtype
         self.cache_device = torch.device(cache_device)
-        self._block_parts: dict[int, list[ReconUnit]] = {}
-        for u in units:
-            self._block_parts.setdefault(id(u.block), []).append(u)
+        self._index = {id(u): i for i, u in enumerate(self.units)}
+        self._pos: int | None = None  # the fronts hold the inputs of units[_pos]
+        self._fp: list[torch.Tensor] = []
+        self._q: list[torch.Tensor] = []
+        self._args: list[tuple] = []
 
     def _store(self, t: torch.Tensor) -> torch.Tensor:
         return t.detach().to(self.cache_device, self.cache_dtype)
 
-    def _block_input(self, block: nn.Module, batch: Any, name: str) -> tuple[torch.Tensor, tuple]:
-        """Run one batch up to ``block``; its input and extra positional arguments."""
+    def _keep(self, t: torch.Tensor) -> torch.Tensor:
+        return t.detach().to(self.cache_device, torch.float32)
+
+    def _first_input(self, batch: Any) -> tuple[torch.Tensor, tuple]:
+        """Run one batch up to the first unit's block; its input and extra positional arguments."""
         seen: list[tuple[torch.Tensor, tuple]] = []
+        name = self.units[0].name
 
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             if any(v is not None and v is not False for v in kwargs.values()):
@@ -134,7 +149,7 @@ class ModelDataSource:
             seen.append((args[0], tuple(args[1:])))
             raise _ReachedBlock
 
-        handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+        handle = self.units[0].block.register_forward_pre_hook(hook, with_kwargs=True)
         try:
             self.run_batch(self.model, batch)
         except _ReachedBlock:
@@ -145,35 +160,63 @@ class ModelDataSource:
             raise RuntimeError(f"running a calibration batch did not reach the unit {name!r}")
         return seen[0]
 
-    def _unit_inputs(self, unit: nn.Module) -> Iterator[tuple[torch.Tensor, tuple]]:
-        """Per batch, the unit's input ``(B, ..., C)`` on the model's device and its extra
-        arguments, in the model's current quantizer states."""
-        first = leaves(unit)[0]
-        parts = self._block_parts.get(id(first.block), [])
-        if not any(p is first for p in parts):
-            raise KeyError(f"unit {unit.name!r} holds a finest unit this data source does not know")
-        before = parts[: [id(p) for p in parts].index(id(first))]  # MHSA before an MLP unit
-        n = 0
+    def _restart(self) -> None:
+        self._fp, self._q, self._args = [], [], []
         with eval_mode(self.model), torch.no_grad():
             for batch in self.batches:
-                x, args = self._block_input(first.block, batch, unit.name)
-                for part in before:
-                    x = part(x, *args)
-                n += 1
-                yield x, args
-        if n == 0:
-            raise RuntimeError(f"no calibration batch for unit {unit.name!r}: none given")
+                with quantizer_states(self.model, weights=False, activations=False):
+                    x, args = self._first_input(batch)
+                self._fp.append(self._keep(x))
+                self._args.append(args)
+                with hard_rounding(self.model):
+                    self._q.append(self._keep(self._first_input(batch)[0]))
+        if not self._fp:
+            raise RuntimeError("no calibration batch: the data source was given none")
+        self._pos = 0
+
+    def _step(self, i: int, xs: list[torch.Tensor], args: list[tuple]) -> tuple[list, list]:
+        """Move tensors from the input of unit ``i`` to the input of unit ``i + 1``."""
+        out_x, out_args = [], []
+        nxt = self.units[i + 1].enter if i + 1 < len(self.units) else None
+        device = next(self.model.parameters()).device
+        for x, a in zip(xs, args):
+            y = self.units[i](x.to(device), *a)
+            if nxt is not None:
+                y, a = nxt(y, *a)
+            out_x.append(self._keep(y))
+            out_args.append(a)
+        return out_x, out_args
+
+    def _advance(self, unit: nn.Module) -> int:
+        """Move both fronts to the first finest unit of ``unit``; returns its position."""
+        first = leaves(unit)[0]
+        if id(first) not in self._index:
+            raise KeyError(f"unit {unit.name!r} holds a finest unit this data source does not know")
+        to = self._index[id(first)]
+        if self._pos is None or to < self._pos:
+            self._restart()
+        with eval_mode(self.model), torch.no_grad():
+            with quantizer_states(self.model, weights=False, activations=False):
+                fp, args = self._fp, self._args
+                for i in range(self._pos, to):
+                    fp, args = self._step(i, fp, args)
+            with hard_rounding(self.model):
+                q, q_args = self._q, self._args
+                for i in range(self._pos, to):
+                    q, q_args = self._step(i, q, q_args)
+        self._fp, self._q, self._args, self._pos = fp, q, args, to
+        return to
 
     def fp_io(self, unit: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor], list[tuple]]:
-        inputs, targets, extra = [], [], []
-        with quantizer_states(self.model, weights=False, activations=False), torch.no_grad():
-            for x, args in self._unit_inputs(unit):
-                # the target from the full-precision input, before it is cast for the cache
-                targets.append(self._store(unit(x, *args)))
-                inputs.append(self._store(x))
-                extra.append(args)
-        return inputs, targets, extra
+        self._advance(unit)
+        device = next(self.model.parameters()).device
+        targets = []
+        with eval_mode(self.model), torch.no_grad():
+            with quantizer_states(self.model, weights=False, activations=False):
+                for x, args in zip(self._fp, self._args):
+                    targets.append(self._store(unit(x.to(device), *args)))
+        return [self._store(x) for x in self._fp], targets, list(self._args)
 
     def quant_input(self, unit: nn.Module) -> list[torch.Tensor]:
-        with hard_rounding(self.model):
-            return [self._store(x) for x, _ in self._unit_inputs(unit)]
+        self._advance(unit)
+        return [self._store(x) for x in self._q]

@@ -31,6 +31,22 @@ LOG_NAME = "recon_log.json"
 PLOT_NAME = "recon_loss.png"
 
 
+def unit_iterations(
+    levels: Sequence[tuple[int, Sequence[nn.Module]]], budget: int, pos: str = "none"
+) -> dict[int, int]:
+    """Iterations per unit of each level, spreading a total ``budget`` over a run's levels.
+
+    Default: every level gets ``budget / L`` (L levels), shared equally by its units, so a
+    coarser unit gets more iterations (a level of 4 blocks has the cost of one block-wise pass).
+    Under ``pos="shrink"`` (POS option (b)) every unit of the run gets ``budget / units``: the
+    fine levels, with many small units, take most of the budget. At least one iteration each.
+    """
+    n_units = sum(len(units) for _, units in levels)
+    if pos == "shrink":
+        return {k: max(1, round(budget / n_units)) for k, _ in levels}
+    return {k: max(1, round(budget / (len(levels) * len(units)))) for k, units in levels}
+
+
 def run_reconstruction(
     schedule: FineToCoarseSchedule | Iterable[tuple[int, Sequence[nn.Module]]],
     source: UnitDataSource,
@@ -38,29 +54,32 @@ def run_reconstruction(
     log_dir: str | Path | None = None,
     print_fn: Callable[[str], None] = print,
     harden_at_end: bool = True,
-    iters_of: Callable[[int, int], int] | None = None,
+    budget: int | None = None,
 ) -> list[UnitRecord]:
     """Reconstruct the units of ``schedule`` level by level; returns one record per unit.
 
     schedule: a :class:`FineToCoarseSchedule`, or ``(level, units)`` pairs, finest first.
-    source: gives each unit's caches (:class:`~pfcr_mm.recon.data.ModelDataSource` for a model
+    source: gives each unit's caches (:class:`~pfcr_mm.recon.data.ChainDataSource` for a model
         and calibration batches).
     log_dir: where ``recon_log.json`` (rewritten after every unit, so a crash keeps what was
         done) and ``recon_loss.png`` go; ``None`` writes nothing.
     harden_at_end: fix every learned rounding to integers after the last unit.
-    iters_of: ``(level, number of units in the level) -> iterations per unit``, to spread a
-        fixed budget over the levels (default: ``settings.iters`` for every unit).
+    budget: the total number of iterations of the run, spread over the levels and units by
+        :func:`unit_iterations`; ``None``: ``settings.iters`` for every unit.
 
-    Under ``settings.beta_schedule == "levels"`` the temperature decay is split evenly over the
-    levels run: the units of the i-th of L levels cover the decay from i/L to (i+1)/L.
+    Under ``settings.pos == "anneal"`` the temperature decay is split evenly over the levels
+    run: the units of the i-th of L levels cover the decay from i/L to (i+1)/L.
     """
     levels = [(k, list(units)) for k, units in schedule]
+    per_unit = unit_iterations(levels, budget, settings.pos) if budget is not None else None
     total = sum(len(units) for _, units in levels)
     log_dir = Path(log_dir) if log_dir is not None else None
     if log_dir is not None:
         log_dir.mkdir(parents=True, exist_ok=True)
     meta = {
         "settings": settings.to_dict(),
+        "budget": budget,
+        "iters_per_unit": per_unit,
         "levels_run": [k for k, _ in levels],
         "schedule": schedule.describe() if isinstance(schedule, FineToCoarseSchedule) else None,
     }
@@ -68,14 +87,10 @@ def run_reconstruction(
     start = time.perf_counter()
     k = 0
     for i, (level, units) in enumerate(levels):
-        span = (
-            (i / len(levels), (i + 1) / len(levels))
-            if settings.beta_schedule == "levels"
-            else (0.0, 1.0)
-        )
+        span = (i / len(levels), (i + 1) / len(levels)) if settings.pos == "anneal" else (0.0, 1.0)
         unit_settings = settings
-        if iters_of is not None:
-            unit_settings = dataclasses.replace(settings, iters=iters_of(level, len(units)))
+        if per_unit is not None:
+            unit_settings = dataclasses.replace(settings, iters=per_unit[level])
         for unit in units:
             k += 1
             name = getattr(unit, "name", type(unit).__name__)

@@ -31,7 +31,8 @@ from ..quant.config import dataclass_from_dict
 from ..quant.quantizers import AdaRoundWeightQuantizer, BaseQuantizer, UniformQuantizer
 from .units import unit_level
 
-BETA_SCHEDULES = ("unit", "levels")
+# Progressive Optimization Strategy (method.md section 4; the paper names it without details)
+POS_STRATEGIES = ("none", "two_stage", "shrink", "anneal")
 CACHE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
@@ -46,8 +47,18 @@ class ReconSettings:
     round_weight: weight of the AdaRound regularizer.
     beta_start / beta_end / warmup: the regularizer temperature decays linearly from beta_start
         to beta_end after the first ``warmup`` fraction of a unit's iterations (regularizer off).
-    beta_schedule: ``"unit"`` restarts the decay in every unit; ``"levels"`` (POS option (c))
-        spreads one decay over the whole run, level after level (see :func:`beta_at`).
+    pos: the progressive optimization strategy of a fine-to-coarse run:
+
+        * ``"none"``: every unit runs the same recipe (warm-up, then its own decay of beta);
+        * ``"two_stage"`` (POS option (a)): in the first half of a unit's iterations its
+          activation quantizers compute in floating point and only the weight rounding is
+          learned; in the second half everything is quantized and learned;
+        * ``"shrink"`` (option (b)): the iteration budget of the run is split equally among its
+          units, so the fine levels (many small units) get most of it and each coarser unit
+          fewer iterations than a block-per-level split would give (see
+          :func:`pfcr_mm.recon.driver.unit_iterations`);
+        * ``"anneal"`` (option (c)): one decay of beta spread over the whole run, level after
+          level, instead of restarting in every unit.
     drop_prob: probability that an input element comes from the FP input instead of the
         quantized path (QDrop); 0 uses the quantized-path input only.
     cache_dtype: dtype of the cached inputs and targets (``float32`` or ``float16``).
@@ -63,7 +74,7 @@ class ReconSettings:
     beta_start: float = 20.0
     beta_end: float = 2.0
     warmup: float = 0.2
-    beta_schedule: str = "unit"
+    pos: str = "none"
     drop_prob: float = 0.5
     cache_dtype: str = "float32"
     seed: int = 0
@@ -76,11 +87,8 @@ class ReconSettings:
             raise ValueError(f"ReconSettings.warmup must be in [0, 1), got {self.warmup}")
         if not 0.0 <= self.drop_prob <= 1.0:
             raise ValueError(f"ReconSettings.drop_prob must be in [0, 1], got {self.drop_prob}")
-        if self.beta_schedule not in BETA_SCHEDULES:
-            raise ValueError(
-                f"ReconSettings.beta_schedule must be one of {BETA_SCHEDULES}, "
-                f"got {self.beta_schedule!r}"
-            )
+        if self.pos not in POS_STRATEGIES:
+            raise ValueError(f"ReconSettings.pos must be one of {POS_STRATEGIES}, got {self.pos!r}")
         if self.cache_dtype not in CACHE_DTYPES:
             raise ValueError(
                 f"ReconSettings.cache_dtype must be one of {tuple(CACHE_DTYPES)}, "
@@ -170,11 +178,11 @@ def _weight_owners(unit: nn.Module) -> dict[int, nn.Module]:
     }
 
 
-def _trainable_quantizers(
+def _active_quantizers(
     unit: nn.Module, x: torch.Tensor, args: tuple
-) -> tuple[list[tuple[AdaRoundWeightQuantizer, nn.Module]], list[UniformQuantizer]]:
-    """(weight quantizer, its layer) pairs and activation quantizers to learn: those the unit
-    calls that are enabled and in the quantized state. Log2 quantizers have no learned step."""
+) -> tuple[list[tuple[AdaRoundWeightQuantizer, nn.Module]], list[BaseQuantizer]]:
+    """(weight quantizer, its layer) pairs and activation quantizers: those the unit calls that
+    are enabled and in the quantized state."""
     owners = _weight_owners(unit)
     weights, acts = [], []
     for q in _quantizers_hit(unit, x, args):
@@ -187,7 +195,7 @@ def _trainable_quantizers(
                     "with a matching weight_quantizer attribute"
                 )
             weights.append((q, owners[id(q)]))
-        elif isinstance(q, UniformQuantizer):
+        else:
             acts.append(q)
     return weights, acts
 
@@ -316,7 +324,7 @@ def reconstruct_unit(
     extra_args: per batch, the arguments after ``x`` (mmdet Swin ``(hw_shape,)``); ``None``: none.
     progress: called as ``progress(iteration, loss)`` every ``settings.log_every`` iterations.
     beta_span: the part of the temperature decay this unit covers (``(0, 1)``: the whole decay;
-        the driver passes a level's share under ``beta_schedule="levels"``).
+        the driver passes a level's share under ``pos="anneal"``).
 
     The AdaRound variables are initialized (``init_adaround``) on the first reconstruction of a
     layer and carried over afterwards. If the loss becomes NaN or infinite, everything the call
@@ -332,7 +340,9 @@ def reconstruct_unit(
         q_inputs, fp_inputs, fp_targets, extra_args, settings.batch_size, device, torch.float32
     )
     probe = q_inputs[0][:1].to(device, torch.float32)
-    weights, acts = _trainable_quantizers(unit, probe, tuple(extra_args[0]))
+    weights, act_quantizers = _active_quantizers(unit, probe, tuple(extra_args[0]))
+    # learned step sizes: the uniform quantizers (a log2 quantizer has no learned step)
+    acts = [q for q in act_quantizers if isinstance(q, UniformQuantizer)]
     if not weights and not acts:
         raise RuntimeError(
             f"unit {name!r} calls no enabled quantizer in the quantized state: nothing to learn "
@@ -373,9 +383,17 @@ def reconstruct_unit(
             else None
         )
         warm = int(settings.warmup * settings.iters)
+        # POS "two_stage": activations in floating point for the first half (weights only)
+        fp_acts_until = settings.iters // 2 if settings.pos == "two_stage" and weights else 0
         lo, hi = beta_span
         with torch.enable_grad(), eval_mode(unit):
             for it in range(settings.iters):
+                if it == 0 and fp_acts_until:
+                    for q in act_quantizers:
+                        q.state = "fp"
+                if it == fp_acts_until:
+                    for q in act_quantizers:
+                        q.state = "quant"
                 q_in, fp_in, target, args = batches.draw(sampler)
                 if settings.drop_prob > 0:
                     keep_fp = (
@@ -416,6 +434,8 @@ def reconstruct_unit(
                 if progress and settings.log_every and (it + 1) % settings.log_every == 0:
                     progress(it + 1, losses[-1])
     except BaseException:
+        for q in act_quantizers:
+            q.state = "quant"
         for q, alpha, rounding in saved_w:
             q.alpha, q.rounding = alpha, rounding
         with torch.no_grad():

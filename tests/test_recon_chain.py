@@ -1,0 +1,114 @@
+"""The chain data source: every unit's caches, propagated block to block (through the Swin
+PatchMerging links), equal what full forwards of the model compute at that unit."""
+
+import pytest
+import torch
+from conftest import tiny_mmdet_swin, tiny_timm_swin, tiny_timm_vit
+
+from pfcr_mm.adapters import UnsupportedModelError, prepare, quantize
+from pfcr_mm.quant.config import QuantConfig
+from pfcr_mm.recon import ChainDataSource, FineToCoarseSchedule, leaves, quantizer_states
+
+
+def _vit():
+    return tiny_timm_vit(), [torch.randn(3, 3, 32, 32) for _ in range(2)]
+
+
+def _timm_swin():
+    return tiny_timm_swin(), [torch.randn(2, 3, 56, 56) for _ in range(2)]
+
+
+def _mmdet_swin():
+    # two image sizes (the first needs window padding, and PatchMerging pads it too)
+    return tiny_mmdet_swin(), [torch.randn(2, 3, 60, 76), torch.randn(1, 3, 56, 56)]
+
+
+def unit_inputs_by_forward(model, units, batches):
+    """Per finest unit, per batch: its input computed by full forwards of the model in the
+    model's current quantizer states (the MLP unit's input = the MHSA unit on the block's)."""
+    blocks = {id(u.block): u.block for u in units}
+    seen = {k: [] for k in blocks}
+    hooks = [
+        b.register_forward_pre_hook(lambda m, a, k=k: seen[k].append((a[0], a[1:])))
+        for k, b in blocks.items()
+    ]
+    with torch.no_grad():
+        for b in batches:
+            model(b)
+    for h in hooks:
+        h.remove()
+    out = {}
+    with torch.no_grad():
+        for u in units:
+            ins = seen[id(u.block)]
+            if u.kind == "mlp":
+                attn = next(v for v in units if v.block is u.block and v.kind == "attn")
+                ins = [(attn(x, *a), a) for x, a in ins]
+            out[u.name] = ins
+    return out
+
+
+@pytest.mark.parametrize("make", [_vit, _timm_swin, _mmdet_swin], ids=["vit", "timm_swin", "mmdet"])
+def test_chain_source_gives_every_unit_the_inputs_of_a_full_forward(make):
+    model, batches = make()
+    plan = quantize(model, QuantConfig(w_bits=4, a_bits=4), lambda m: [m(b) for b in batches])
+    with quantizer_states(model, weights=False, activations=False):
+        fp_ref = unit_inputs_by_forward(model, plan.units, batches)
+    q_ref = unit_inputs_by_forward(model, plan.units, batches)
+    source = ChainDataSource(model, plan.units, batches)
+    calls = []
+    run = source.run_batch
+    source.run_batch = lambda m, b: calls.append(1) or run(m, b)
+    schedule = FineToCoarseSchedule(plan.units)
+    checked = 0
+    for _, units in schedule:
+        for unit in units:
+            first = leaves(unit)[0].name
+            x, y, args = source.fp_io(unit)
+            q = source.quant_input(unit)
+            for i, (rx, ra) in enumerate(fp_ref[first]):
+                assert args[i] == tuple(ra)
+                torch.testing.assert_close(x[i], rx, rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(q[i], q_ref[first][i][0], rtol=1e-5, atol=1e-5)
+            with torch.no_grad(), quantizer_states(model, weights=False, activations=False):
+                torch.testing.assert_close(y[0], unit(fp_ref[first][0][0], *args[0]))
+            checked += 1
+    assert checked == len(schedule)
+    # the model itself ran only to the first block: twice per batch (FP, quantized) per level
+    assert len(calls) == 2 * len(batches) * len(list(schedule))
+
+
+def test_chain_source_moves_the_quantized_front_through_what_was_learned():
+    model, batches = _mmdet_swin()
+    plan = quantize(model, QuantConfig(w_bits=4, a_bits=4), lambda m: [m(b) for b in batches])
+    source = ChainDataSource(model, plan.units, batches)
+    first_of_stage1 = next(u for u in plan.units if u.enter is not None)
+    assert first_of_stage1.name == "stages.1.blocks.0.attn"
+    k = plan.units.index(first_of_stage1)
+    before = plan.units[k - 1]  # stages.0.blocks.1.mlp, the unit before the PatchMerging
+    source.fp_io(before)
+    fp_before = source.fp_io(first_of_stage1)[0]
+    # "learn" the unit before: a step size changes after the front passed its start
+    source.fp_io(before)  # restarts the fronts
+    with torch.no_grad():
+        before.block.ffn.layers[0][0].input_quantizer.scale.mul_(1.5)
+    x, _, _ = source.fp_io(first_of_stage1)
+    q = source.quant_input(first_of_stage1)
+    q_ref = unit_inputs_by_forward(model, plan.units, batches)[first_of_stage1.name]
+    for qi, (rx, _) in zip(q, q_ref):
+        torch.testing.assert_close(qi, rx, rtol=1e-5, atol=1e-5)
+    for xi, fi in zip(x, fp_before):  # the FP front does not see quantizer changes
+        assert torch.equal(xi, fi)
+
+
+def test_blocks_in_two_roots_are_not_one_chain():
+    vit_a, vit_b = tiny_timm_vit(), tiny_timm_vit()
+    model = torch.nn.Sequential()
+    model.add_module("a", vit_a)
+    model.add_module("b", vit_b)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(UnsupportedModelError, match="one chain of blocks"):
+        prepare(model, QuantConfig(w_bits=4, a_bits=4), scope=["a", "b"])
+    # nothing was swapped before the error
+    assert model.state_dict().keys() == before.keys()
+    assert not any("quantizer" in n for n, _ in model.named_modules())
