@@ -1,5 +1,6 @@
 """The embedded demo end to end: generate the demo data, then for each demo config evaluate the FP
-model, quantize it and evaluate the quantized model (``tools/ptq.py``), and print one table.
+model, quantize it and evaluate the quantized model (``tools/ptq.py``), and print one table. By
+default both demo models at W4A4, each calibration-only and with PFCR reconstruction.
 
     python tools/demo.py [--configs CONFIG ...] [--work-dir work_dirs/demo]
 
@@ -18,7 +19,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIGS = [
     "configs/demo/demo_vit_shapes_w4a4.py",
+    "configs/demo/demo_vit_shapes_pfcr_w4a4.py",
     "configs/demo/demo_mask_rcnn_swin_shapes_w4a4.py",
+    "configs/demo/demo_mask_rcnn_swin_shapes_pfcr_w4a4.py",
 ]
 
 
@@ -45,6 +48,7 @@ def main(argv=None) -> int:
                     k: res[k]
                     for k in (
                         "task",
+                        "method",
                         "w_bits",
                         "a_bits",
                         "scope",
@@ -64,7 +68,7 @@ def main(argv=None) -> int:
             if metric.endswith(("top1", "bbox_mAP", "segm_mAP")):
                 print(
                     f"{Path(r['config']).stem:40s} {metric:22s} {r['fp'][metric]:8.4g} "
-                    f"{value:8.4g}  W{r['w_bits']}A{r['a_bits']} scope {r['scope']}"
+                    f"{value:8.4g}  W{r['w_bits']}A{r['a_bits']} {r['method']}, scope {r['scope']}"
                 )
     print(f"demo wall time {summary['wall_s']:.0f} s; summary: {args.work_dir}/summary.json")
     return 0

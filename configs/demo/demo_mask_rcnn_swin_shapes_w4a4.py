@@ -1,10 +1,11 @@
 # The embedded detection demo: the tiny Swin Mask R-CNN of demo_mask_rcnn_swin_shapes.py
-# (checkpoint committed), backbone at W4A4, calibrated on 64 seeded demo train images through
-# the test pipeline and evaluated on the 100 val images.
+# (checkpoint committed), backbone at W4A4, calibration only (ranges, no reconstruction) on 64
+# seeded demo train images through the test pipeline, evaluated on the 100 val images.
 _base_ = ["./demo_mask_rcnn_swin_shapes.py", "../_base_/ptq_coco.py"]
 
 load_from = "checkpoints/demo_mask_rcnn_swin_shapes.pth"
 ptq = dict(
+    method="calib",
     calib=dict(
         num_images=64,
         batch_size=4,

@@ -91,8 +91,10 @@ class ChainDataSource:
     batches: the calibration batches (a list, or a re-iterable loader with a fixed order).
     run_batch: ``f(model, batch)`` runs the model on one batch (default ``model(batch)``); a
         detector passes its data preprocessor and mode here.
-    cache_dtype / cache_device: dtype and device of the unit caches handed out
-        (``ReconSettings.cache_dtype``); the propagated tensors stay in float32 on cache_device.
+    cache_dtype / cache_device: dtype and device of the propagated tensors and of the caches
+        handed out (``ReconSettings.cache_dtype``). Each step computes in float32 on the model's
+        device. A unit's FP and quantized-path inputs are the fronts themselves, so per image
+        the source holds three tensors of a unit's input size (two fronts and the targets).
 
     Only the input of the first block is obtained by running the model: a forward pre-hook
     records it and its positional arguments and stops the forward there (for a detector, the
@@ -132,9 +134,6 @@ class ChainDataSource:
     def _store(self, t: torch.Tensor) -> torch.Tensor:
         return t.detach().to(self.cache_device, self.cache_dtype)
 
-    def _keep(self, t: torch.Tensor) -> torch.Tensor:
-        return t.detach().to(self.cache_device, torch.float32)
-
     def _first_input(self, batch: Any) -> tuple[torch.Tensor, tuple]:
         """Run one batch up to the first unit's block; its input and extra positional arguments."""
         seen: list[tuple[torch.Tensor, tuple]] = []
@@ -166,10 +165,10 @@ class ChainDataSource:
             for batch in self.batches:
                 with quantizer_states(self.model, weights=False, activations=False):
                     x, args = self._first_input(batch)
-                self._fp.append(self._keep(x))
+                self._fp.append(self._store(x))
                 self._args.append(args)
                 with hard_rounding(self.model):
-                    self._q.append(self._keep(self._first_input(batch)[0]))
+                    self._q.append(self._store(self._first_input(batch)[0]))
         if not self._fp:
             raise RuntimeError("no calibration batch: the data source was given none")
         self._pos = 0
@@ -180,10 +179,10 @@ class ChainDataSource:
         nxt = self.units[i + 1].enter if i + 1 < len(self.units) else None
         device = next(self.model.parameters()).device
         for x, a in zip(xs, args):
-            y = self.units[i](x.to(device), *a)
+            y = self.units[i](x.to(device, torch.float32), *a)
             if nxt is not None:
                 y, a = nxt(y, *a)
-            out_x.append(self._keep(y))
+            out_x.append(self._store(y))
             out_args.append(a)
         return out_x, out_args
 
@@ -214,9 +213,9 @@ class ChainDataSource:
         with eval_mode(self.model), torch.no_grad():
             with quantizer_states(self.model, weights=False, activations=False):
                 for x, args in zip(self._fp, self._args):
-                    targets.append(self._store(unit(x.to(device), *args)))
-        return [self._store(x) for x in self._fp], targets, list(self._args)
+                    targets.append(self._store(unit(x.to(device, torch.float32), *args)))
+        return list(self._fp), targets, list(self._args)
 
     def quant_input(self, unit: nn.Module) -> list[torch.Tensor]:
         self._advance(unit)
-        return [self._store(x) for x in self._q]
+        return list(self._q)

@@ -1,0 +1,5 @@
+# PFCR on the embedded detection demo at the quick budget of tools/benchmark_recon.py: 300
+# iterations per backbone block spread over the fine-to-coarse levels, 32 calibration images.
+_base_ = ["./demo_mask_rcnn_swin_shapes_w4a4.py"]
+
+ptq = dict(method="pfcr", calib=dict(num_images=32), recon=dict(iters=300, batch_size=4))

@@ -1,0 +1,42 @@
+"""Every shipped config parses, has a valid ``ptq`` section, and says what its name says."""
+
+import re
+from pathlib import Path
+
+import pytest
+from mmengine.config import Config
+
+from pfcr_mm.engine.ptq import PTQSettings
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted(
+    p.relative_to(ROOT).as_posix()
+    for p in (ROOT / "configs").rglob("*.py")
+    if "_base_" not in p.parts and p.name != "demo_mask_rcnn_swin_shapes.py"  # a training config
+)
+
+
+def test_every_config_is_listed():
+    assert len(CONFIGS) == 32  # all but _base_ and the demo training config
+    assert "configs/pfcr_mask_rcnn_swin_t_w4a4.py" in CONFIGS
+
+
+@pytest.mark.parametrize("path", CONFIGS)
+def test_config_ptq_section_matches_its_name(path):
+    import pfcr_mm.engine  # noqa: F401  (the pfcr scope the configs use)
+
+    cfg = Config.fromfile(ROOT / path)
+    settings = PTQSettings.from_cfg(cfg.ptq)
+    name = Path(path).stem
+    bits = re.search(r"w(\d)a(\d)$", name)
+    assert bits, name
+    assert (settings.quant.w_bits, settings.quant.a_bits) == tuple(map(int, bits.groups()))
+    if "calib" in name or (name.startswith("demo_") and "pfcr" not in name):
+        assert settings.method == "calib"
+    else:  # pfcr_* detection configs, *_pfcr_* classification and demo configs
+        assert "pfcr" in name and settings.method == "pfcr"
+        recon = settings.recon_settings()
+        if name.startswith("demo_"):
+            assert recon.iters == 300  # the quick preset of tools/benchmark_recon.py
+        else:
+            assert recon.iters == 20000 and recon.cache_dtype == "float16"  # paper-grade
