@@ -235,3 +235,31 @@ def test_reconstruction_methods_through_the_tool(tmp_path, method):
         == 0
     )
     assert json.loads((again / "ptq_results.json").read_text())["quant"] == res["quant"]
+    assert res["recon"]["non_block"] == "calib" and res["recon"]["layerwise_layers"] == []
+    assert res["recon"]["calib_only_layers"] == ["net.patch_embed.proj", "net.head"]
+    assert res["recon"]["iterations"] == sum(iters)
+
+
+def test_layerwise_non_block_layers(tmp_path):
+    _make_folder(tmp_path / "data")
+    cfg = _write_config(tmp_path)
+    work = tmp_path / "layerwise"
+    opts = ["ptq.method=block", "ptq.recon.iters=4", "ptq.recon.non_block=layerwise"]
+    assert (
+        ptq_tool.main([str(cfg), "--work-dir", str(work), "--no-fp-eval", "--cfg-options", *opts])
+        == 0
+    )
+    res = json.loads((work / "ptq_results.json").read_text())
+    assert res["recon"]["layerwise_layers"] == ["net.patch_embed.proj", "net.head"]
+    assert res["recon"]["calib_only_layers"] == []
+    log = json.loads((work / "recon" / "recon_log.json").read_text())
+    # the patch embedding before the blocks, the head after them, each with `iters` iterations
+    assert [(u["name"], u["level"], u["iters"]) for u in log["units"]] == [
+        ("net.patch_embed.proj", -1, 4),
+        ("blocks.0", 1, 4),
+        ("blocks.1", 1, 4),
+        ("net.head", -1, 4),
+    ]
+    bad = tmp_path / "bad"
+    opts[-1] = "ptq.recon.non_block=everything"
+    assert ptq_tool.main([str(cfg), "--work-dir", str(bad), "--cfg-options", *opts]) == 2

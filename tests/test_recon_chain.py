@@ -7,7 +7,13 @@ from conftest import tiny_mmdet_swin, tiny_timm_swin, tiny_timm_vit
 
 from pfcr_mm.adapters import UnsupportedModelError, prepare, quantize
 from pfcr_mm.quant.config import QuantConfig
-from pfcr_mm.recon import ChainDataSource, FineToCoarseSchedule, leaves, quantizer_states
+from pfcr_mm.recon import (
+    ChainDataSource,
+    FineToCoarseSchedule,
+    LayerUnit,
+    leaves,
+    quantizer_states,
+)
 
 
 def _vit():
@@ -112,3 +118,36 @@ def test_blocks_in_two_roots_are_not_one_chain():
     # nothing was swapped before the error
     assert model.state_dict().keys() == before.keys()
     assert not any("quantizer" in n for n, _ in model.named_modules())
+
+
+def test_layer_units_off_the_chain():
+    model, batches = _timm_swin()
+    plan = quantize(model, QuantConfig(w_bits=4, a_bits=4), lambda m: [m(b) for b in batches])
+    layers = {name: (layer, before) for name, layer, before in plan.layers}
+    assert list(layers) == ["patch_embed.proj", "layers.1.downsample.reduction", "head.fc"]
+    assert [before for _, before in layers.values()] == [True, False, False]
+    source = ChainDataSource(model, plan.units, batches)
+    # the patch embedding sees the image; its output is compared channels last
+    embed = LayerUnit("patch_embed.proj", layers["patch_embed.proj"][0])
+    x, y, args = source.fp_io(embed)
+    assert torch.equal(x[0], batches[0]) and args == [(), ()]
+    assert y[0].shape == (2, 14, 14, 24)
+    # the PatchMerging reduction: inputs as full forwards compute them, FP and quantized
+    reduction = layers["layers.1.downsample.reduction"][0]
+    seen = []
+    hook = reduction.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    with torch.no_grad():
+        with quantizer_states(model, weights=False, activations=False):
+            model(batches[0])
+        model(batches[0])
+    hook.remove()
+    unit = LayerUnit("layers.1.downsample.reduction", reduction)
+    torch.testing.assert_close(source.fp_io(unit)[0][0], seen[0])
+    torch.testing.assert_close(source.quant_input(unit)[0], seen[1])
+    assert not torch.equal(seen[0], seen[1])
+    # a layer before the blocks that changes moves the quantized input of the first block
+    q_before = source.quant_input(plan.units[0])[0]
+    with torch.no_grad():
+        embed.layer.weight_quantizer.scale.mul_(1.1)
+    source.fp_io(embed)
+    assert not torch.equal(source.quant_input(plan.units[0])[0], q_before)

@@ -129,10 +129,10 @@ def run(cfg: Config, quantized: str | None = None) -> dict:
     work_dir = Path(cfg.work_dir)
     if quantized:
         _, saved = load_quantized_model(runner, settings, quantized)
-        indices = saved["calib_indices"]
+        indices, recon = saved["calib_indices"], saved.get("recon", {})
     else:
-        _, indices = quantize_runner_model(runner, settings)
-        save_quantized_model(runner, settings, indices, work_dir / "quantized_model.pth")
+        _, indices, recon = quantize_runner_model(runner, settings)
+        save_quantized_model(runner, settings, indices, recon, work_dir / "quantized_model.pth")
     times["quantize"] = time.time() - t
     t = time.time()
     quant = loop.run()
@@ -145,6 +145,7 @@ def run(cfg: Config, quantized: str | None = None) -> dict:
         "a_bits": settings.quant.a_bits,
         "scope": settings.scope,
         "quant_config": settings.quant.to_dict(),
+        "recon": recon,
         "fp": fp,
         "quant": quant,
         "calib_indices": indices,

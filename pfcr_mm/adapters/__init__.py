@@ -76,6 +76,8 @@ class QuantPlan:
     post_ln_pairs: list[tuple[nn.Module, QuantLinear]]
     quantized_modules: list[str]
     fp_parts: list[str] = field(default_factory=list)
+    # quantized layers outside the blocks: (name, layer, whether it runs before the first block)
+    layers: list[tuple[str, nn.Module, bool]] = field(default_factory=list)
 
 
 def _find_blocks(model: nn.Module, adapters: list[ArchAdapter]):
@@ -175,13 +177,22 @@ def prepare(
                     setattr(parent, attr, new)
                     replaced[id(child)] = new
                     quantized.append(".".join(p for p in (root_name, name, attr) if p))
+    new_ids = {id(m) for m in replaced.values()}
+    in_blocks = {id(m) for _, _, b, _ in blocks for m in b.modules()}
+    layers: list[tuple[str, nn.Module, bool]] = []
+    before = True  # module order is forward order for the supported families
+    for root, root_name in zip(roots, scope or [""]):
+        for name, m in root.named_modules():
+            before = before and m is not blocks[0][2]
+            if id(m) in new_ids and id(m) not in in_blocks:
+                layers.append((".".join(p for p in (root_name, name) if p), m, before))
     pairs = [(norm, replaced[id(lin)]) for norm, lin in post_ln] if cfg.post_ln == "reparam" else []
     present = {type(m).__name__ for m in model.modules()}
     fp_parts = [n for n in _FP_CLASS_NAMES if n in present]
     fp_parts += ["attention softmax", "residual additions"]
     if scope is not None:
         fp_parts.append(f"everything outside the scope {scope}")
-    return QuantPlan(cfg, units, pairs, quantized, fp_parts)
+    return QuantPlan(cfg, units, pairs, quantized, fp_parts, layers)
 
 
 def _stage_link(last: tuple, this: tuple, scope: list[str] | None):

@@ -26,4 +26,4 @@ class PFCRHook(Hook):
 
     def before_test(self, runner) -> None:
         if self.plan is None:
-            self.plan, _ = quantize_runner_model(runner, self.settings)
+            self.plan, _, _ = quantize_runner_model(runner, self.settings)

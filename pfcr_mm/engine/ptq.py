@@ -42,12 +42,21 @@ from ..adapters import QuantPlan, prepare, quantize
 from ..quant.calibrate import write_quant_summary
 from ..quant.config import QuantConfig
 from ..quant.modules import QuantConv2d, QuantLinear
-from ..recon import ChainDataSource, FineToCoarseSchedule, ReconSettings, run_reconstruction
+from ..recon import (
+    ChainDataSource,
+    FineToCoarseSchedule,
+    LayerUnit,
+    ReconSettings,
+    run_reconstruction,
+)
 from .checkpoint import load_checkpoint_file
 
 QUANTIZED_FORMAT = "pfcr_mm.quantized_model.v1"
 
 METHODS = ("calib", "block", "pfcr")
+# keys of ``ptq.recon`` that shape the run rather than a unit (the others are ReconSettings')
+RECON_RUN_KEYS = ("max_level", "non_block")
+NON_BLOCK = ("calib", "layerwise")
 
 
 @dataclass
@@ -80,6 +89,10 @@ class PTQSettings:
         if settings.method not in METHODS:
             raise ValueError(f"ptq.method must be one of {METHODS}, got {settings.method!r}")
         settings.recon_settings()  # fails now on a bad key, not after calibration
+        if settings.non_block not in NON_BLOCK:
+            raise ValueError(
+                f"ptq.recon.non_block must be one of {NON_BLOCK}, got {settings.non_block!r}"
+            )
         calib_known = {"num_images", "seed", "batch_size", "num_workers", "dataset"}
         unknown = sorted(set(settings.calib) - calib_known)
         if unknown:
@@ -87,7 +100,14 @@ class PTQSettings:
         return settings
 
     def recon_settings(self) -> ReconSettings:
-        return ReconSettings.from_dict({k: v for k, v in self.recon.items() if k != "max_level"})
+        return ReconSettings.from_dict(
+            {k: v for k, v in self.recon.items() if k not in RECON_RUN_KEYS}
+        )
+
+    @property
+    def non_block(self) -> str:
+        """``recon.non_block``: how layers outside the blocks are treated (``NON_BLOCK``)."""
+        return self.recon.get("non_block", "calib")
 
     def calib_dataset_cfg(self, test_dataset_cfg: dict) -> dict:
         """The calibration dataset config: the test one with ``calib.dataset`` merged in."""
@@ -150,8 +170,9 @@ def reconstruct(
     loader: DataLoader,
     settings: PTQSettings,
     log_dir: Path,
-) -> list:
-    """Reconstruct the calibrated model on the calibration images (``block`` or ``pfcr``)."""
+) -> dict:
+    """Reconstruct the calibrated model on the calibration images (``block`` or ``pfcr``);
+    returns what was done, for the results: levels, layer-wise and calibration-only layers."""
     recon = settings.recon_settings()
     if settings.method == "block":
         schedule, budget = FineToCoarseSchedule.block(plan.units), None
@@ -160,23 +181,58 @@ def reconstruct(
             plan.units, max_level=settings.recon.get("max_level", "top")
         )
         budget = recon.iters * len(schedule.blocks)
-
     batches = [model.data_preprocessor(b, False)["inputs"] for b in loader]
+    # A detector's layers are reached through its features (heads need data samples).
+    feats = getattr(model, "extract_feat", None)
+    run_batch = (lambda m, x: feats(x)) if feats else (lambda m, x: m(x, mode="tensor"))
+    before, after, calib_only = [], [], [name for name, _, _ in plan.layers]
+    if settings.non_block == "layerwise":
+        reached = _layers_reached(model, plan, run_batch, batches[0])
+        for name, layer, is_before in plan.layers:
+            if id(layer) in reached:
+                (before if is_before else after).append(LayerUnit(name, layer))
+        calib_only = [name for name, layer, _ in plan.layers if id(layer) not in reached]
     source = ChainDataSource(
-        model,
-        plan.units,
-        batches,
-        run_batch=lambda m, x: m(x, mode="tensor"),
-        cache_dtype=recon.cache_dtype,
+        model, plan.units, batches, run_batch=run_batch, cache_dtype=recon.cache_dtype
     )
-    return run_reconstruction(
+    records = run_reconstruction(
         schedule,
         source,
         recon,
         log_dir=log_dir,
         print_fn=lambda s: print_log(s, logger="current"),
         budget=budget,
+        layers_before=before,
+        layers_after=after,
     )
+    return {
+        "settings": recon.to_dict(),
+        "max_level": settings.recon.get("max_level", "top"),
+        "levels_run": sorted({r.level for r in records if r.level >= 0}),
+        "units": len(records),
+        "iterations": sum(r.iters for r in records),
+        "seconds": sum(r.seconds for r in records),
+        "non_block": settings.non_block,
+        "layerwise_layers": [u.name for u in before + after],
+        "calib_only_layers": calib_only,
+        "log": str(log_dir / "recon_log.json"),
+    }
+
+
+def _layers_reached(model, plan: QuantPlan, run_batch, batch) -> set[int]:
+    """Which of the plan's non-block layers one calibration forward calls."""
+    called: set[int] = set()
+    hooks = [
+        layer.register_forward_pre_hook(lambda m, a: called.add(id(m)))
+        for _, layer, _ in plan.layers
+    ]
+    try:
+        with torch.no_grad():
+            run_batch(model, batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    return called
 
 
 def _merge(base: dict, override: dict) -> dict:
@@ -217,14 +273,17 @@ def _model_and_head(runner, settings: PTQSettings):
     return model, head
 
 
-def quantize_runner_model(runner, settings: PTQSettings) -> tuple[QuantPlan, list[int]]:
-    """Quantize ``runner.model`` in place (calibration only) and write the summary."""
+def quantize_runner_model(runner, settings: PTQSettings) -> tuple[QuantPlan, list[int], dict]:
+    """Quantize ``runner.model`` in place (calibration, then reconstruction unless the method is
+    ``calib``) and write the summary; returns the plan, the calibration indices and what the
+    reconstruction did (empty for ``calib``)."""
     model, head = _model_and_head(runner, settings)
     work_dir = Path(runner.work_dir)
     loader, indices = calibration_loader(settings, runner.cfg.test_dataloader, work_dir)
     plan = quantize(model, settings.quant, make_forward_loop(loader), settings.scope_modules, head)
+    done = {}
     if settings.method != "calib":
-        reconstruct(model, plan, loader, settings, work_dir / "recon")
+        done = reconstruct(model, plan, loader, settings, work_dir / "recon")
     fp_parts = list(plan.fp_parts)
     if runner.cfg.get("task") == "detection":  # functional ops, invisible as modules
         fp_parts += ["NMS", "box and mask post-processing"]
@@ -234,10 +293,12 @@ def quantize_runner_model(runner, settings: PTQSettings) -> tuple[QuantPlan, lis
         f"summary in {work_dir / 'quant_summary.txt'}",
         logger="current",
     )
-    return plan, indices
+    return plan, indices, done
 
 
-def save_quantized_model(runner, settings: PTQSettings, indices: list[int], path: Path) -> Path:
+def save_quantized_model(
+    runner, settings: PTQSettings, indices: list[int], recon: dict, path: Path
+) -> Path:
     """Write the quantized model: the full state (re-parameterized weights, every quantizer's
     range and flags), the integer weight codes of every quantized layer, the settings, the
     calibration indices and the resolved config. :func:`load_quantized_model` restores it."""
@@ -254,6 +315,7 @@ def save_quantized_model(runner, settings: PTQSettings, indices: list[int], path
             "quant_config": settings.quant.to_dict(),
             "scope": settings.scope,
             "calib_indices": indices,
+            "recon": recon,
             "state_dict": model.state_dict(),
             "integer_weights": integer,
             "config": runner.cfg.pretty_text,

@@ -12,12 +12,20 @@ Pure torch (matplotlib is imported only when a plot is written)::
 from .data import ChainDataSource, UnitDataSource, hard_rounding, quantizer_states
 from .driver import load_loss_log, run_reconstruction
 from .engine import ReconSettings, UnitRecord, beta_at, harden, reconstruct_unit
-from .units import ComposedUnit, FineToCoarseSchedule, leaves, stage_of_container, unit_level
+from .units import (
+    ComposedUnit,
+    FineToCoarseSchedule,
+    LayerUnit,
+    leaves,
+    stage_of_container,
+    unit_level,
+)
 
 __all__ = [
     "ChainDataSource",
     "ComposedUnit",
     "FineToCoarseSchedule",
+    "LayerUnit",
     "ReconSettings",
     "UnitDataSource",
     "UnitRecord",

@@ -21,7 +21,7 @@ from ..adapters.base import ReconUnit
 from ..quant.calibrate import is_weight_quantizer, named_quantizers
 from ..quant.quantizers import AdaRoundWeightQuantizer
 from .engine import CACHE_DTYPES, eval_mode
-from .units import leaves
+from .units import LayerUnit, leaves
 
 
 class UnitDataSource(Protocol):
@@ -75,7 +75,11 @@ def hard_rounding(model: nn.Module) -> Iterator[None]:
 
 
 class _ReachedBlock(Exception):
-    """Raised by the capture hook to stop a forward once the first block's input is recorded."""
+    """Raised by the capture hook to stop a forward once a module's input is recorded."""
+
+
+class UnreachedError(RuntimeError):
+    """A calibration forward (``run_batch``) never called the unit's module."""
 
 
 def default_run_batch(model: nn.Module, batch: Any) -> Any:
@@ -103,7 +107,10 @@ class ChainDataSource:
     and the learned roundings hard (what the deployed model feeds the next unit). A front moves
     lazily, when a unit further on asks for its caches, so each unit it passes has already been
     learned. A unit before the fronts (the first unit of the next level) restarts them from the
-    first block; the layers before it are never reconstructed, so that input does not change.
+    first block (recaptured, so a layer reconstructed before the blocks is taken into account).
+
+    A :class:`~pfcr_mm.recon.units.LayerUnit` (a layer outside the blocks) is not on the chain:
+    its inputs come from running each batch up to the layer, FP and quantized.
     Per level the model's blocks run about twice per batch, instead of once per unit as
     re-running the model to each unit would.
     """
@@ -134,21 +141,20 @@ class ChainDataSource:
     def _store(self, t: torch.Tensor) -> torch.Tensor:
         return t.detach().to(self.cache_device, self.cache_dtype)
 
-    def _first_input(self, batch: Any) -> tuple[torch.Tensor, tuple]:
-        """Run one batch up to the first unit's block; its input and extra positional arguments."""
+    def _capture(self, module: nn.Module, batch: Any, name: str) -> tuple[torch.Tensor, tuple]:
+        """Run one batch up to ``module``; its input and extra positional arguments."""
         seen: list[tuple[torch.Tensor, tuple]] = []
-        name = self.units[0].name
 
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        def hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
             if any(v is not None and v is not False for v in kwargs.values()):
                 raise NotImplementedError(
-                    f"the block of unit {name!r} was called with keyword arguments "
+                    f"the module of unit {name!r} was called with keyword arguments "
                     f"{sorted(kwargs)}; the units take positional arguments only"
                 )
             seen.append((args[0], tuple(args[1:])))
             raise _ReachedBlock
 
-        handle = self.units[0].block.register_forward_pre_hook(hook, with_kwargs=True)
+        handle = module.register_forward_pre_hook(hook, with_kwargs=True)
         try:
             self.run_batch(self.model, batch)
         except _ReachedBlock:
@@ -156,8 +162,25 @@ class ChainDataSource:
         finally:
             handle.remove()
         if not seen:
-            raise RuntimeError(f"running a calibration batch did not reach the unit {name!r}")
+            raise UnreachedError(f"running a calibration batch did not reach the unit {name!r}")
         return seen[0]
+
+    def _first_input(self, batch: Any) -> tuple[torch.Tensor, tuple]:
+        return self._capture(self.units[0].block, batch, self.units[0].name)
+
+    def _layer_io(self, unit: LayerUnit, fp: bool) -> list[torch.Tensor]:
+        """A layer outside the chain: its input per batch, captured by running the model to it
+        (FP: every quantizer off; otherwise quantized, learned roundings hard)."""
+        states = (
+            quantizer_states(self.model, weights=False, activations=False)
+            if fp
+            else hard_rounding(self.model)
+        )
+        with eval_mode(self.model), torch.no_grad(), states:
+            out = [self._store(self._capture(unit.layer, b, unit.name)[0]) for b in self.batches]
+        if not out:
+            raise RuntimeError("no calibration batch: the data source was given none")
+        return out
 
     def _restart(self) -> None:
         self._fp, self._q, self._args = [], [], []
@@ -207,6 +230,13 @@ class ChainDataSource:
         return to
 
     def fp_io(self, unit: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor], list[tuple]]:
+        if isinstance(unit, LayerUnit):
+            self._pos = None  # the layer is about to change: the fronts restart after it
+            inputs = self._layer_io(unit, fp=True)
+            device = next(self.model.parameters()).device
+            with torch.no_grad(), quantizer_states(self.model, weights=False, activations=False):
+                targets = [self._store(unit(x.to(device, torch.float32))) for x in inputs]
+            return inputs, targets, [()] * len(inputs)
         self._advance(unit)
         device = next(self.model.parameters()).device
         targets = []
@@ -217,5 +247,7 @@ class ChainDataSource:
         return list(self._fp), targets, list(self._args)
 
     def quant_input(self, unit: nn.Module) -> list[torch.Tensor]:
+        if isinstance(unit, LayerUnit):
+            return self._layer_io(unit, fp=False)
         self._advance(unit)
         return list(self._q)

@@ -55,6 +55,8 @@ def run_reconstruction(
     print_fn: Callable[[str], None] = print,
     harden_at_end: bool = True,
     budget: int | None = None,
+    layers_before: Sequence[nn.Module] = (),
+    layers_after: Sequence[nn.Module] = (),
 ) -> list[UnitRecord]:
     """Reconstruct the units of ``schedule`` level by level; returns one record per unit.
 
@@ -67,12 +69,22 @@ def run_reconstruction(
     budget: the total number of iterations of the run, spread over the levels and units by
         :func:`unit_iterations`; ``None``: ``settings.iters`` for every unit.
 
+    layers_before / layers_after: units of single layers outside the blocks
+        (:class:`~pfcr_mm.recon.units.LayerUnit`, level -1) reconstructed before the first
+        level (the layers before the first block) and after the last one (the others), with
+        ``settings.iters`` iterations each, outside the budget of the blocks.
+
     Under ``settings.pos == "anneal"`` the temperature decay is split evenly over the levels
     run: the units of the i-th of L levels cover the decay from i/L to (i+1)/L.
     """
     levels = [(k, list(units)) for k, units in schedule]
     per_unit = unit_iterations(levels, budget, settings.pos) if budget is not None else None
-    total = sum(len(units) for _, units in levels)
+    plan = [(k, units, True) for k, units in levels]
+    if layers_before:
+        plan.insert(0, (-1, list(layers_before), False))
+    if layers_after:
+        plan.append((-1, list(layers_after), False))
+    total = sum(len(units) for _, units, _ in plan)
     log_dir = Path(log_dir) if log_dir is not None else None
     if log_dir is not None:
         log_dir.mkdir(parents=True, exist_ok=True)
@@ -81,15 +93,20 @@ def run_reconstruction(
         "budget": budget,
         "iters_per_unit": per_unit,
         "levels_run": [k for k, _ in levels],
+        "layer_units": [u.name for _, units, blocks in plan if not blocks for u in units],
         "schedule": schedule.describe() if isinstance(schedule, FineToCoarseSchedule) else None,
     }
     records: list[UnitRecord] = []
     start = time.perf_counter()
     k = 0
-    for i, (level, units) in enumerate(levels):
-        span = (i / len(levels), (i + 1) / len(levels)) if settings.pos == "anneal" else (0.0, 1.0)
+    i = 0  # index of the block level
+    for level, units, blocks in plan:
+        span = (0.0, 1.0)
+        if blocks and settings.pos == "anneal":
+            span = (i / len(levels), (i + 1) / len(levels))
+        i += blocks
         unit_settings = settings
-        if per_unit is not None:
+        if blocks and per_unit is not None:
             unit_settings = dataclasses.replace(settings, iters=per_unit[level])
         for unit in units:
             k += 1
@@ -133,7 +150,7 @@ def run_reconstruction(
                     log_dir / LOG_NAME, records, {**meta, "seconds": time.perf_counter() - start}
                 )
     if harden_at_end:
-        n = harden(u for _, units in levels for u in units)
+        n = harden(u for _, units, _ in plan for u in units)
         print_fn(f"hardened the rounding of {n} weight quantizer(s)")
     if log_dir is not None:
         write_loss_log(

@@ -53,8 +53,28 @@ class ComposedUnit(nn.Module):
         return f"name={self.name!r}, level={self.level}"
 
 
+class LayerUnit(nn.Module):
+    """One quantized layer outside the transformer blocks (patch embedding, PatchMerging
+    reduction, classifier head), reconstructed on its own: ``forward(x)`` is ``layer(x)`` with
+    channels last (a conv's ``(B, C, H, W)`` output as ``(B, H, W, C)``), as the loss expects."""
+
+    level = -1
+
+    def __init__(self, name: str, layer: nn.Module):
+        super().__init__()
+        self.name = name
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.layer(x)
+        return y.movedim(1, -1) if isinstance(self.layer, nn.Conv2d) else y
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}"
+
+
 def unit_level(unit: nn.Module) -> int:
-    """The level of a unit: a finest :class:`ReconUnit` is level 0."""
+    """The level of a unit: a finest :class:`ReconUnit` is level 0, a :class:`LayerUnit` -1."""
     return getattr(unit, "level", 0)
 
 
