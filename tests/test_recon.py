@@ -246,6 +246,9 @@ def test_unit_loss_goes_down():
     harden(model)
     after = mean_error(unit, q, y)
     assert after < 0.97 * before
+    # the record's integer-weight errors: rounding to nearest before, learned rounding after
+    assert record.hard_before == pytest.approx(before, rel=1e-5)
+    assert record.hard_after == pytest.approx(after, rel=1e-5)
     assert not any(m.training for m in model.modules())  # the model stays in eval mode
     # only the MLP's rounding was learned: the block's MHSA layers are untouched
     assert unit.block.attn.qkv.weight_quantizer.alpha is None
@@ -263,8 +266,9 @@ def test_pos_two_stage_learns_rounding_with_fp_activations_first():
     settings = ReconSettings(iters=20, batch_size=8, w_lr=1e-2, a_lr=1e-3, pos="two_stage")
     record = reconstruct_unit(unit, q, x, y, args, settings)
     hook.remove()
-    # one probe forward (quantized), then 10 iterations in FP, then 10 quantized
-    assert states == ["quant"] + ["fp"] * 10 + ["quant"] * 10
+    # a probe forward and the integer-weight error on the 2 batches (quantized), then 10
+    # iterations in FP, 10 quantized, and the integer-weight error again
+    assert states == ["quant"] * 3 + ["fp"] * 10 + ["quant"] * 12
     assert all(a.state == "quant" for a in acts)
     # the weight-only stage cannot have a larger error than the fully quantized one after it
     assert sum(record.losses[:10]) < sum(record.losses[10:])

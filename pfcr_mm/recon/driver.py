@@ -143,7 +143,8 @@ def run_reconstruction(
             records.append(record)
             print_fn(
                 f"({k}/{total}) {name}, level {level}, loss {record.first_loss:.4g} -> "
-                f"{record.last_loss:.4g} ({record.seconds:.1f}s)"
+                f"{record.last_loss:.4g}, integer weights {record.hard_before:.4g} -> "
+                f"{record.hard_after:.4g} ({record.seconds:.1f}s)"
             )
             if log_dir is not None:
                 write_loss_log(

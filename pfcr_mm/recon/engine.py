@@ -121,6 +121,10 @@ class UnitRecord:
     losses: list[float] = field(default_factory=list, repr=False)
     n_weight_quantizers: int = 0
     n_act_quantizers: int = 0
+    # the error with integer weights (learned rounding hard, or to nearest before any learning)
+    # on the quantized-path inputs of the first cached batches, before and after the unit
+    hard_before: float = math.nan
+    hard_after: float = math.nan
 
 
 def beta_at(progress: float, settings: ReconSettings) -> float:
@@ -304,6 +308,31 @@ def _reconstruction_error(out: torch.Tensor, target: torch.Tensor) -> torch.Tens
     return (out - target).pow(2).sum(-1).mean()
 
 
+HARD_EVAL_BATCHES = 4
+
+
+def _hard_error(unit: nn.Module, batches: _Batches, weights: list) -> float:
+    """The unit's error with integer weights on the quantized-path inputs of the first cached
+    batches: what the deployed unit does, as opposed to the soft rounding being trained."""
+    saved = [(q, q.rounding) for q, _ in weights]
+    n = min(HARD_EVAL_BATCHES, len(batches.sizes))
+    try:
+        for q, _ in weights:
+            if q.alpha is not None:
+                q.rounding = "hard"
+        with torch.no_grad(), eval_mode(unit):
+            errors = [
+                _reconstruction_error(
+                    unit(batches._move(batches.q[i]), *batches.args[i]), batches._move(batches.y[i])
+                ).item()
+                for i in range(n)
+            ]
+    finally:
+        for q, rounding in saved:
+            q.rounding = rounding
+    return sum(errors) / n
+
+
 def reconstruct_unit(
     unit: nn.Module,
     q_inputs: Sequence[torch.Tensor],
@@ -354,6 +383,7 @@ def reconstruct_unit(
     saved_a = [(q, q.scale.detach().clone()) for q in acts]
     saved_grad = {id(p): (p, p.requires_grad) for p in unit.parameters()}
 
+    hard_before = _hard_error(unit, batches, weights)
     seed = unit_seed(name, settings.seed)
     sampler = torch.Generator().manual_seed(seed)
     masker = torch.Generator(device=device).manual_seed(seed)
@@ -460,6 +490,8 @@ def reconstruct_unit(
         losses=losses,
         n_weight_quantizers=len(weights),
         n_act_quantizers=len(acts),
+        hard_before=hard_before,
+        hard_after=_hard_error(unit, batches, weights),
     )
 
 

@@ -37,6 +37,8 @@ def write_loss_log(path: str | Path, records: Sequence[UnitRecord], meta: dict) 
             "iters": r.iters,
             "first_loss": r.first_loss,
             "last_loss": r.last_loss,
+            "hard_before": r.hard_before,
+            "hard_after": r.hard_after,
             "seconds": round(r.seconds, 3),
             "weight_quantizers": r.n_weight_quantizers,
             "act_quantizers": r.n_act_quantizers,
