@@ -82,6 +82,15 @@ def test_ptq_tool_writes_results(tmp_path):
     for v in (res["fp"]["accuracy/top1"], res["quant"]["accuracy/top1"]):
         assert abs(v * 12 / 100 - round(v * 12 / 100)) < 1e-6
     assert len(res["calib_indices"]) == 5 and all(0 <= i < 12 for i in res["calib_indices"])
+    error = res["output_error"]
+    assert error["outputs"] == "logits" and error["images"] == 12
+    assert 0 < error["relative_mse"] < 1
+    # at W8A8 the logits are much closer to FP than at W4A4
+    w8 = tmp_path / "w8"
+    opts = ["--cfg-options", "ptq.quant.w_bits=8", "ptq.quant.a_bits=8"]
+    assert ptq_tool.main([str(cfg), "--work-dir", str(w8), "--no-fp-eval", *opts]) == 0
+    w8_error = json.loads((w8 / "ptq_results.json").read_text())["output_error"]["relative_mse"]
+    assert w8_error < 0.2 * error["relative_mse"]
     summary = json.loads((work / "quant_summary.json").read_text())
     assert any(r["module"].endswith("attn.matmul_quant.probs") for r in summary["quantizers"])
     assert "LayerNorm" in summary["floating_point"]

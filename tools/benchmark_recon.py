@@ -5,11 +5,13 @@ For each demo model, bit width and seed, runs ``tools/ptq.py`` with ``calib``, `
 ``pfcr_shrink``, ``pfcr_anneal``: POS options (a), (b), (c) of method.md), all on the same
 calibration images and with the same total iteration budget (``iters`` per block), and writes
 ``<out>/benchmark.json`` (one row per run) and ``<out>/benchmark.md`` (mean and spread over the
-seeds): FP and quantized accuracy or box/mask mAP, quantization (calibration + reconstruction)
-time, peak host memory. A seed sets both the calibration images and the reconstruction.
+seeds): FP and quantized accuracy or box/mask mAP, the relative MSE of the outputs on held-out
+images (logits, or the detector's backbone+neck features), reconstruction time, peak host
+memory. A seed sets both the calibration images and the reconstruction.
 
     python tools/benchmark_recon.py [--preset quick|paper] [--bits 4 3] [--models cls det]
         [--methods calib block ...] [--seeds 0 1 2]
+    python tools/benchmark_recon.py --merge a/benchmark.json b/benchmark.json --out DIR
 """
 
 from __future__ import annotations
@@ -46,11 +48,9 @@ PRESETS = {
 }
 
 
-def run_one(model: str, bits: int, method: str, seed: int, preset: dict, out: Path) -> dict:
-    config = MODELS[model][0]
-    work = out / f"{model}_w{bits}a{bits}_{method}_seed{seed}"
+def _options(model: str, bits: int, method: str, seed: int, preset: dict) -> list[str]:
     images = preset["cls_images" if model == "cls" else "det_images"]
-    opts = [
+    return [
         f"ptq.quant.w_bits={bits}",
         f"ptq.quant.a_bits={bits}",
         f"ptq.calib.num_images={images}",
@@ -61,8 +61,12 @@ def run_one(model: str, bits: int, method: str, seed: int, preset: dict, out: Pa
         f"ptq.recon.batch_size={4 if model == 'det' else 32}",
         *METHODS[method],
     ]
-    cmd = [sys.executable, str(ROOT / "tools/ptq.py"), config, "--work-dir", str(work)]
-    cmd += ["--cfg-options", *opts]
+
+
+def run_one(model: str, bits: int, method: str, seed: int, preset: dict, out: Path) -> dict:
+    work = out / f"{model}_w{bits}a{bits}_{method}_seed{seed}"
+    cmd = [sys.executable, str(ROOT / "tools/ptq.py"), MODELS[model][0], "--work-dir", str(work)]
+    cmd += ["--cfg-options", *_options(model, bits, method, seed, preset)]
     log = work.with_suffix(".log")
     work.parent.mkdir(parents=True, exist_ok=True)
     row = {"model": model, "bits": bits, "method": method, "seed": seed}
@@ -80,6 +84,7 @@ def run_one(model: str, bits: int, method: str, seed: int, preset: dict, out: Pa
         "quantize_s": res["time_s"]["quantize"],
         "recon_s": recon_s,
         "peak_host_mb": res["peak_mem_mb"]["host_rss"],
+        "output_rel_mse": res["output_error"]["relative_mse"],
         "scope": res["scope"],
     }
 
@@ -91,12 +96,41 @@ def _mean_spread(values: list[float], scale: float) -> str:
     return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
 
 
+def rescore(path: Path) -> list[dict]:
+    """Fill in the output error of rows run before it was measured, by re-evaluating each run's
+    saved quantized model (``tools/ptq.py --quantized``, no calibration); rewrites ``path``."""
+    data = json.loads(path.read_text())
+    preset = PRESETS[data["preset"]]
+    for r in data["rows"]:
+        if "error" in r or r.get("output_rel_mse") is not None:
+            continue
+        name = f"{r['model']}_w{r['bits']}a{r['bits']}_{r['method']}_seed{r['seed']}"
+        saved, work = path.parent / name / "quantized_model.pth", path.parent / f"{name}_rescore"
+        cmd = [sys.executable, str(ROOT / "tools/ptq.py"), MODELS[r["model"]][0]]
+        cmd += ["--work-dir", str(work), "--no-fp-eval", "--quantized", str(saved)]
+        cmd += ["--cfg-options", *_options(r["model"], r["bits"], r["method"], r["seed"], preset)]
+        print(f"rescoring {name} ...", flush=True)
+        subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
+        res = json.loads((work / "ptq_results.json").read_text())
+        if res["quant"] != r["quant"]:
+            raise SystemExit(f"error: {saved} does not reproduce the metrics of its row")
+        r["output_rel_mse"] = res["output_error"]["relative_mse"]
+        path.write_text(json.dumps(data, indent=1))
+    return data["rows"]
+
+
+def _output_error(rows: list[dict]) -> str:
+    """Mean relative MSE of the outputs on held-out images (rows of older runs have none)."""
+    values = [r["output_rel_mse"] for r in rows if r.get("output_rel_mse") is not None]
+    return f"{statistics.mean(values):.4f}" if values else "-"
+
+
 def markdown(rows: list[dict]) -> str:
     """One line per (model, bits, method): mean ± sample std over the seeds run, in percent."""
     lines = [
         "| model | bits | method | seeds | metric (%) | FP | quantized | per seed | "
-        "recon s | peak host MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "output rel. MSE | recon s | peak host MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
@@ -106,7 +140,7 @@ def markdown(rows: list[dict]) -> str:
         errors = "; ".join(r["error"] for r in rs if "error" in r)
         head = f"| {model} | W{bits}A{bits} | {method} | {len(ok)} |"
         if not ok:
-            lines.append(f"{head} | | | {errors} | | | |")
+            lines.append(f"{head} | | | {errors} | | | | |")
             continue
         _, metrics, pct = MODELS[model]
         for metric in metrics:
@@ -114,6 +148,7 @@ def markdown(rows: list[dict]) -> str:
             lines.append(
                 f"{head} {metric} | {pct * ok[0]['fp'][metric]:.1f} | "
                 f"{_mean_spread(quant, pct)} | {' '.join(f'{pct * v:.1f}' for v in quant)} | "
+                f"{_output_error(ok)} | "
                 f"{statistics.mean(r['recon_s'] for r in ok):.0f} | "
                 f"{max(r['peak_host_mb'] for r in ok):.0f} |"
             )
@@ -128,8 +163,39 @@ def main(argv=None) -> int:
     p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--out", default="work_dirs/benchmark_recon")
+    p.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="JSON",
+        help="run nothing: combine the rows of benchmark.json files (of runs split over\n"
+        "processes or machines, same preset) into <out>/benchmark.{json,md}",
+    )
+    p.add_argument(
+        "--rescore",
+        metavar="JSON",
+        help="run nothing new: add the output error to the rows of a benchmark.json written\n"
+        "before it was measured, from the saved quantized models",
+    )
     args = p.parse_args(argv)
     out = ROOT / args.out
+    if args.rescore:
+        path = Path(args.rescore)
+        path.with_suffix(".md").write_text(markdown(rescore(path)))
+        print(f"rewrote {path} and {path.with_suffix('.md')}")
+        return 0
+    if args.merge:
+        parts = [json.loads(Path(f).read_text()) for f in args.merge]
+        if len({part["preset"] for part in parts}) != 1:
+            raise SystemExit("error: --merge needs benchmark.json files of one preset")
+        rows = [r for part in parts for r in part["rows"]]
+        seeds = sorted({r["seed"] for r in rows})
+        out.mkdir(parents=True, exist_ok=True)
+        merged = {**parts[0], "seeds": seeds, "rows": rows, "merged_from": args.merge}
+        (out / "benchmark.json").write_text(json.dumps(merged, indent=1))
+        (out / "benchmark.md").write_text(markdown(rows))
+        print(markdown(rows), end="")
+        print(f"wrote {out / 'benchmark.json'} and {out / 'benchmark.md'}")
+        return 0
     preset = PRESETS[args.preset]
     rows = []
     for model in args.models:

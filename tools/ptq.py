@@ -30,6 +30,7 @@ from pfcr_mm.engine.detection import (  # noqa: E402
 from pfcr_mm.engine.ptq import (  # noqa: E402
     PTQSettings,
     load_quantized_model,
+    output_error,
     package_versions,
     peak_memory_mb,
     quantize_runner_model,
@@ -137,6 +138,7 @@ def run(cfg: Config, quantized: str | None = None) -> dict:
     t = time.time()
     quant = loop.run()
     times["quant_eval"] = time.time() - t
+    error = output_error(unwrap_model(runner.model), loop.dataloader)
     runner.call_hook("after_run")
     results = {
         "task": cfg.get("task", "classification"),
@@ -148,6 +150,7 @@ def run(cfg: Config, quantized: str | None = None) -> dict:
         "recon": recon,
         "fp": fp,
         "quant": quant,
+        "output_error": error,
         "calib_indices": indices,
         "time_s": times,
         "peak_mem_mb": peak_memory_mb(),
@@ -170,6 +173,11 @@ def print_table(results: dict) -> None:
             fp = results["fp"][name] if results["fp"] else float("nan")
             print(f"{name:28s} {fp:10.4g} {value:10.4g}")
     times = ", ".join(f"{k} {v:.1f} s" for k, v in results["time_s"].items())
+    error = results["output_error"]
+    print(
+        f"output error on {error['images']} evaluation images ({error['outputs']}): relative MSE "
+        f"{error['relative_mse']:.4g}"
+    )
     print(
         f"method {results['method']}, scope {results['scope']}; {times}; "
         f"peak host memory {results['peak_mem_mb']['host_rss']:.0f} MiB"

@@ -47,6 +47,7 @@ from ..recon import (
     FineToCoarseSchedule,
     LayerUnit,
     ReconSettings,
+    quantizer_states,
     run_reconstruction,
 )
 from .checkpoint import load_checkpoint_file
@@ -257,6 +258,31 @@ def make_forward_loop(loader: DataLoader):
             print_log(f"calibration: {seen}/{total} images", logger="current")
 
     return forward_loop
+
+
+def output_error(model: torch.nn.Module, loader, max_images: int = 32) -> dict:
+    """How far the quantized model's outputs are from the FP model's, on the first
+    ``max_images`` images of ``loader`` (the evaluation images: held out from calibration and
+    reconstruction). Outputs: a detector's features (``extract_feat``: backbone and neck), a
+    classifier's logits. Returns ``sum ||q - fp||^2 / sum ||fp||^2`` over all of them."""
+    feats = getattr(model, "extract_feat", None)
+    forward = feats if feats else (lambda x: model(x, mode="tensor"))
+    err = ref = 0.0
+    seen = 0
+    with torch.no_grad():
+        for batch in loader:
+            x = model.data_preprocessor(batch, False)["inputs"]
+            with quantizer_states(model, weights=False, activations=False):
+                fp = forward(x)
+            q = forward(x)
+            fp, q = (fp, q) if isinstance(fp, (tuple, list)) else ((fp,), (q,))
+            err += sum(float((a - b).pow(2).sum()) for a, b in zip(q, fp))
+            ref += sum(float(b.pow(2).sum()) for b in fp)
+            seen += len(x)
+            if seen >= max_images:
+                break
+    where = "backbone and neck features" if feats else "logits"
+    return {"outputs": where, "images": seen, "relative_mse": err / max(ref, 1e-30)}
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
