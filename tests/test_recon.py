@@ -511,6 +511,8 @@ def test_pfcr_run_on_vit_writes_log_and_plot_and_hardens(tmp_path):
     assert log["finished"] and log["levels_run"] == [0, 1, 2]
     assert [u["name"] for u in log["units"]] == [r.name for r in records]
     assert all(len(u["curve"]["loss"]) == 30 for u in log["units"])
+    assert all(u["peak_mem_mb"]["host_rss"] > 0 for u in log["units"])
+    assert all(math.isfinite(u["hard_before"] + u["hard_after"]) for u in log["units"])
     assert (tmp_path / "recon_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     quantizers = [m for m in model.blocks.modules() if isinstance(m, AdaRoundWeightQuantizer)]
     assert len(quantizers) == 16 and all(q.rounding == "hard" for q in quantizers)

@@ -32,12 +32,12 @@ from pfcr_mm.engine.ptq import (  # noqa: E402
     load_quantized_model,
     output_error,
     package_versions,
-    peak_memory_mb,
     quantize_runner_model,
     save_quantized_model,
     unwrap_model,
     write_results,
 )
+from pfcr_mm.recon import peak_memory_mb  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

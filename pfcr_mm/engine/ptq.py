@@ -27,7 +27,6 @@ from __future__ import annotations
 import copy
 import json
 import platform
-import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -381,14 +380,6 @@ def package_versions() -> dict:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
             out[pkg] = None
-    return out
-
-
-def peak_memory_mb() -> dict:
-    """Peak host RSS and, on CUDA, peak allocated device memory, in MiB."""
-    out = {"host_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-    if torch.cuda.is_available():
-        out["cuda_allocated"] = torch.cuda.max_memory_allocated() / 2**20
     return out
 
 

@@ -12,6 +12,7 @@ Pure torch (matplotlib is imported only when a plot is written)::
 from .data import ChainDataSource, UnitDataSource, hard_rounding, quantizer_states
 from .driver import load_loss_log, run_reconstruction
 from .engine import ReconSettings, UnitRecord, beta_at, harden, reconstruct_unit
+from .report import peak_memory_mb
 from .units import (
     ComposedUnit,
     FineToCoarseSchedule,
@@ -34,6 +35,7 @@ __all__ = [
     "harden",
     "leaves",
     "load_loss_log",
+    "peak_memory_mb",
     "quantizer_states",
     "reconstruct_unit",
     "run_reconstruction",

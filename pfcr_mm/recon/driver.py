@@ -24,7 +24,7 @@ from torch import nn
 
 from .data import UnitDataSource
 from .engine import ReconSettings, UnitRecord, harden, reconstruct_unit
-from .report import plot_losses, write_loss_log
+from .report import peak_memory_mb, plot_losses, write_loss_log
 from .units import FineToCoarseSchedule
 
 LOG_NAME = "recon_log.json"
@@ -140,6 +140,7 @@ def run_reconstruction(
                 # references now, before the next unit's caches are built.
                 del fp_inputs, fp_targets, extra_args, q_inputs
             record.level = level
+            record.peak_mem_mb = peak_memory_mb()
             records.append(record)
             print_fn(
                 f"({k}/{total}) {name}, level {level}, loss {record.first_loss:.4g} -> "

@@ -125,6 +125,7 @@ class UnitRecord:
     # on the quantized-path inputs of the first cached batches, before and after the unit
     hard_before: float = math.nan
     hard_after: float = math.nan
+    peak_mem_mb: dict = field(default_factory=dict)  # process peaks when the unit was done
 
 
 def beta_at(progress: float, settings: ReconSettings) -> float:

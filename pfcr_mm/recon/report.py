@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import resource
 from collections.abc import Sequence
 from pathlib import Path
+
+import torch
 
 from .engine import UnitRecord
 
@@ -27,6 +30,14 @@ def loss_curve(losses: Sequence[float], points: int = CURVE_POINTS) -> dict[str,
     return {"iter": iters, "loss": means}
 
 
+def peak_memory_mb() -> dict:
+    """Peak host RSS of the process and, on CUDA, peak allocated device memory, in MiB."""
+    out = {"host_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if torch.cuda.is_available():
+        out["cuda_allocated"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
 def write_loss_log(path: str | Path, records: Sequence[UnitRecord], meta: dict) -> Path:
     """Write ``meta`` and, per unit, its summary and reduced loss curve as JSON."""
     path = Path(path)
@@ -40,6 +51,7 @@ def write_loss_log(path: str | Path, records: Sequence[UnitRecord], meta: dict) 
             "hard_before": r.hard_before,
             "hard_after": r.hard_after,
             "seconds": round(r.seconds, 3),
+            "peak_mem_mb": r.peak_mem_mb,
             "weight_quantizers": r.n_weight_quantizers,
             "act_quantizers": r.n_act_quantizers,
             "curve": loss_curve(r.losses),
