@@ -1,5 +1,8 @@
 """Tiny models shared by the tests (CPU, seconds)."""
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import timm
 import torch
@@ -103,3 +106,24 @@ def fp_outputs_around_reparam(model, x):
             reparameterize_post_ln(norm, linear)
         after = model(x)
     return plan, before, after
+
+
+def _load_tool(name: str):
+    """``tools/<name>.py`` as a module, without putting ``tools/`` on ``sys.path``."""
+    path = Path(__file__).resolve().parents[1] / "tools" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"pfcr_tools_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def ptq_tool():
+    """``tools/ptq.py`` (its ``main(argv)`` returns the exit code)."""
+    return _load_tool("ptq")
+
+
+@pytest.fixture(scope="session")
+def convert_tool():
+    """``tools/convert_swin_det_checkpoint.py``."""
+    return _load_tool("convert_swin_det_checkpoint")

@@ -9,7 +9,7 @@ from conftest import assert_every_point_hit_once, fp_outputs_around_reparam, tin
 from mmdet.models.backbones.swin import WindowMSA
 from torch import nn
 
-from pfcr_mm.adapters import prepare, quantize
+from pfcr_mm.adapters import prepare, prepare_calibrated
 from pfcr_mm.quant.config import QuantConfig
 from pfcr_mm.quant.modules import QuantLinear
 
@@ -42,7 +42,7 @@ def test_every_linear_and_both_matmuls_quantized():
     model = tiny_mmdet_swin()
     n_linear = sum(isinstance(m, nn.Linear) for m in model.modules())
     x = torch.randn(PADDED_INPUT)
-    plan = quantize(model, QuantConfig(), lambda m: m(x))
+    plan = prepare_calibrated(model, QuantConfig(), lambda m: m(x))
     assert sum(isinstance(m, QuantLinear) for m in model.modules()) == n_linear == 4 * 4 + 1
     assert [u.name for u in plan.units][:2] == ["stages.0.blocks.0.attn", "stages.0.blocks.0.mlp"]
     assert assert_every_point_hit_once(model, lambda: model(x)) == 4 * 4
@@ -87,7 +87,7 @@ def test_quantized_swin_output_error_falls_with_bits(post_softmax):
     errs = {}
     for bits in (8, 4):
         m = copy.deepcopy(model)
-        quantize(
+        prepare_calibrated(
             m, QuantConfig(w_bits=bits, a_bits=bits, post_softmax=post_softmax), lambda m: m(x)
         )
         with torch.no_grad():

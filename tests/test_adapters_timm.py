@@ -12,7 +12,7 @@ from conftest import (
 )
 from torch import nn
 
-from pfcr_mm.adapters import UnsupportedModelError, prepare, quantize
+from pfcr_mm.adapters import UnsupportedModelError, prepare, prepare_calibrated
 from pfcr_mm.quant.calibrate import calibrate_activations
 from pfcr_mm.quant.config import QuantConfig
 from pfcr_mm.quant.modules import QuantLinear
@@ -52,7 +52,7 @@ def test_every_linear_and_both_matmuls_quantized(name):
     n_linear = sum(isinstance(m, nn.Linear) for m in model.modules())
     n_conv = sum(isinstance(m, nn.Conv2d) for m in model.modules())
     x = torch.randn(shape)
-    plan = quantize(model, QuantConfig(), lambda m: m(x))
+    plan = prepare_calibrated(model, QuantConfig(), lambda m: m(x))
     assert sum(isinstance(m, QuantLinear) for m in model.modules()) == n_linear
     assert len(plan.quantized_modules) == n_linear + n_conv
     assert len(plan.units) == 2 * 4  # attn + mlp per block, 4 blocks
@@ -99,7 +99,7 @@ def test_quantized_model_close_at_8_bits_and_further_at_3():
     errs = {}
     for bits in (8, 3):
         m = copy.deepcopy(model)
-        quantize(m, QuantConfig(w_bits=bits, a_bits=bits), lambda m: m(x))
+        prepare_calibrated(m, QuantConfig(w_bits=bits, a_bits=bits), lambda m: m(x))
         with torch.no_grad():
             errs[bits] = (m(x) - ref).pow(2).mean().item() / ref.pow(2).mean().item()
     assert errs[8] < 1e-2

@@ -1,7 +1,6 @@
 """The classification path end to end through tools/ptq.py, and its error messages."""
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,8 +9,6 @@ import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-import ptq as ptq_tool  # noqa: E402
 
 ARCH = "vit_tiny_patch16_224"
 KWARGS = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=3)
@@ -55,7 +52,7 @@ ptq = dict(quant=dict(w_bits={fields['bits']}, a_bits={fields['bits']}),
     return cfg
 
 
-def test_ptq_tool_writes_results(tmp_path):
+def test_ptq_tool_writes_results(ptq_tool, tmp_path):
     _make_folder(tmp_path / "data")
     cfg = _write_config(tmp_path)
     work = tmp_path / "work"
@@ -107,7 +104,10 @@ def test_ptq_tool_writes_results(tmp_path):
         (dict(ckpt="'/nonexistent/x.pth'"), "checkpoint not found: /nonexistent/x.pth"),
         (dict(bits=9), "w_bits: bits must be an integer from 2 to 8"),
         (dict(data="'/nonexistent/data'"), "ImageNet-layout"),
-        (dict(extra="ptq = dict(quant=dict(wbits=4))"), "unknown quantization setting"),
+        (
+            dict(extra="ptq = dict(quant=dict(wbits=4))"),
+            "unknown ptq.quant setting(s) 'wbits' (did you mean 'w_bits'?)",
+        ),
         (
             dict(
                 kwargs="dict(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=3, "
@@ -117,7 +117,7 @@ def test_ptq_tool_writes_results(tmp_path):
         ),
     ],
 )
-def test_bad_configs_fail_clearly(tmp_path, capsys, over, message):
+def test_bad_configs_fail_clearly(ptq_tool, tmp_path, capsys, over, message):
     _make_folder(tmp_path / "data", per_class=1)
     cfg = _write_config(tmp_path, **over)
     work = tmp_path / "work"
@@ -126,7 +126,7 @@ def test_bad_configs_fail_clearly(tmp_path, capsys, over, message):
     assert not (work / "ptq_results.json").exists()
 
 
-def test_empty_dataset_folder_fails_clearly(tmp_path, capsys):
+def test_empty_dataset_folder_fails_clearly(ptq_tool, tmp_path, capsys):
     for split in ("train", "val"):
         (tmp_path / "data" / split / "a").mkdir(parents=True)
     cfg = _write_config(tmp_path)
@@ -149,10 +149,16 @@ def test_hook_quantizes_before_a_stock_test_run(tmp_path):
     assert set(metrics) == {"accuracy/top1", "accuracy/top5"}
     n_quant = sum(isinstance(m, QuantLinear) for m in runner.model.modules())
     assert n_quant == 2 * 4 + 1  # qkv, proj, fc1, fc2 per block and the head
-    assert (tmp_path / "work" / "quant_summary.json").exists()
+    work = tmp_path / "work"
+    assert (work / "quant_summary.json").exists() and (work / "quantized_model.pth").exists()
+    # the hook writes the results a tools/ptq.py run writes, without the FP evaluation
+    res = json.loads((work / "ptq_results.json").read_text())
+    assert res["fp"] is None and res["quant"] == metrics and res["method"] == "calib"
+    assert res["output_error"]["outputs"] == "logits" and 0 < res["output_error"]["relative_mse"]
+    assert len(res["calib_indices"]) == 5
 
 
-def test_saved_quantized_model_reloads_with_identical_metrics(tmp_path):
+def test_saved_quantized_model_reloads_with_identical_metrics(ptq_tool, tmp_path):
     _make_folder(tmp_path / "data")
     cfg = _write_config(tmp_path)
     first, second = tmp_path / "first", tmp_path / "second"
@@ -174,14 +180,15 @@ def test_saved_quantized_model_reloads_with_identical_metrics(tmp_path):
     from mmengine.config import Config
     from mmengine.runner import Runner
 
-    from pfcr_mm.engine.ptq import PTQSettings, load_quantized_model
+    from pfcr_mm import PTQConfig
+    from pfcr_mm.engine.ptq import load_quantized_model
 
     outs = []
     for _ in range(2):
         c = Config.fromfile(cfg)
         c.work_dir = str(tmp_path / "w")
         runner = Runner.from_cfg(c)
-        load_quantized_model(runner, PTQSettings.from_cfg(c.ptq), saved)
+        load_quantized_model(runner, PTQConfig.from_dict(c.ptq), saved)
         with torch.no_grad():
             outs.append(
                 runner.model(torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)))
@@ -205,7 +212,7 @@ def test_saved_quantized_model_reloads_with_identical_metrics(tmp_path):
 
 
 @pytest.mark.parametrize("method", ["block", "pfcr"])
-def test_reconstruction_methods_through_the_tool(tmp_path, method):
+def test_reconstruction_methods_through_the_tool(ptq_tool, tmp_path, method):
     _make_folder(tmp_path / "data")
     cfg = _write_config(tmp_path)
     work = tmp_path / method
@@ -249,7 +256,7 @@ def test_reconstruction_methods_through_the_tool(tmp_path, method):
     assert res["recon"]["iterations"] == sum(iters)
 
 
-def test_layerwise_non_block_layers(tmp_path):
+def test_layerwise_non_block_layers(ptq_tool, tmp_path):
     _make_folder(tmp_path / "data")
     cfg = _write_config(tmp_path)
     work = tmp_path / "layerwise"

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from mmengine.config import Config
 
-from pfcr_mm.engine.ptq import PTQSettings
+from pfcr_mm import PTQConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(
@@ -26,7 +26,7 @@ def test_config_ptq_section_matches_its_name(path):
     import pfcr_mm.engine  # noqa: F401  (the pfcr scope the configs use)
 
     cfg = Config.fromfile(ROOT / path)
-    settings = PTQSettings.from_cfg(cfg.ptq)
+    settings = PTQConfig.from_dict(cfg.ptq)
     name = Path(path).stem
     bits = re.search(r"w(\d)a(\d)$", name)
     assert bits, name
@@ -35,7 +35,7 @@ def test_config_ptq_section_matches_its_name(path):
         assert settings.method == "calib"
     else:  # pfcr_* detection configs, *_pfcr_* classification and demo configs
         assert "pfcr" in name and settings.method == "pfcr"
-        recon = settings.recon_settings()
+        recon = settings.recon
         if name.startswith("demo_"):
             assert recon.iters == 300  # the quick preset of tools/benchmark_recon.py
         else:

@@ -12,7 +12,7 @@ from mmdet.utils import register_all_modules
 from mmengine.config import Config
 from torch import nn
 
-from pfcr_mm.adapters import UnsupportedModelError, prepare, quantize
+from pfcr_mm.adapters import UnsupportedModelError, prepare, prepare_calibrated
 from pfcr_mm.quant.config import QuantConfig
 from pfcr_mm.quant.modules import QuantConv2d, QuantLinear
 
@@ -36,7 +36,7 @@ def test_backbone_fully_quantized(config):
     backbone_linears = sum(isinstance(m, nn.Linear) for m in model.backbone.modules())
     head_linears = sum(isinstance(m, nn.Linear) for m in model.modules()) - backbone_linears
     x = torch.randn(1, 3, 64, 96)
-    plan = quantize(model, QuantConfig(), lambda m: m.backbone(x), scope=["backbone"])
+    plan = prepare_calibrated(model, QuantConfig(), lambda m: m.backbone(x), scope=["backbone"])
     assert sum(isinstance(m, QuantLinear) for m in model.backbone.modules()) == backbone_linears
     # outside the scope nothing changes
     assert (

@@ -3,7 +3,6 @@ evaluation, results file, saved model), reload with identical metrics, subset ev
 clear failures that write nothing misleading."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,8 +14,6 @@ from mmengine.config import Config
 from pfcr_mm.demo.coco_shapes import generate_coco_shapes
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-import ptq as ptq_tool  # noqa: E402
 
 DEMO = ROOT / "configs/demo/demo_mask_rcnn_swin_shapes_w4a4.py"
 
@@ -47,7 +44,7 @@ ptq = dict(calib=dict(num_images=3, batch_size=1))
     return cfg
 
 
-def test_ptq_end_to_end_and_reload(demo_setup, tmp_path):
+def test_ptq_end_to_end_and_reload(ptq_tool, demo_setup, tmp_path):
     cfg = _config(demo_setup)
     work = tmp_path / "run"
     assert ptq_tool.main([str(cfg), "--work-dir", str(work)]) == 0
@@ -80,7 +77,7 @@ def test_ptq_end_to_end_and_reload(demo_setup, tmp_path):
     assert res2["quant"] == res["quant"]
 
 
-def test_subset_evaluation_uses_subset_annotations(demo_setup, tmp_path):
+def test_subset_evaluation_uses_subset_annotations(ptq_tool, demo_setup, tmp_path):
     cfg = _config(demo_setup)
     work = tmp_path / "sub"
     assert (
@@ -106,7 +103,7 @@ def test_subset_evaluation_uses_subset_annotations(demo_setup, tmp_path):
         ("ptq = dict(scope='neck')", "found no supported transformer block"),
     ],
 )
-def test_bad_detection_inputs_fail_clearly(demo_setup, tmp_path, capsys, extra, message):
+def test_bad_detection_inputs_fail_clearly(ptq_tool, demo_setup, tmp_path, capsys, extra, message):
     cfg = _config(demo_setup, "bad.py", extra)
     work = tmp_path / "bad"
     assert ptq_tool.main([str(cfg), "--work-dir", str(work)]) == 2

@@ -1,4 +1,4 @@
-"""The quantization core (quant/, adapters/) imports neither mmdet nor mmcv nor mmengine."""
+"""The core (pfcr_mm, quant/, adapters/, recon/) imports neither mmdet nor mmcv nor mmengine."""
 
 import subprocess
 import sys
@@ -10,6 +10,15 @@ def test_core_does_not_import_openmmlab():
         "from pfcr_mm.adapters import available_adapters; available_adapters(); "
         "bad = [m for m in sys.modules if m.split('.')[0] in ('mmdet', 'mmcv', 'mmengine')]; "
         "print(bad); sys.exit(1 if bad else 0)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_top_level_api_pulls_in_no_openmmlab():
+    code = (
+        "import pfcr_mm, sys; pfcr_mm.quantize; pfcr_mm.PTQConfig; import pfcr_mm.recon; "
+        "assert not {'mmdet','mmengine','mmcv'} & set(sys.modules), 'openmmlab imported'"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr

@@ -14,8 +14,9 @@ from conftest import tiny_timm_swin, tiny_timm_vit
 from torch import nn
 
 import pfcr_mm.recon.driver as driver_module
-from pfcr_mm.adapters import prepare, quantize
+from pfcr_mm.adapters import prepare, prepare_calibrated
 from pfcr_mm.adapters.base import ReconUnit
+from pfcr_mm.quant.calibrate import quantizer_states
 from pfcr_mm.quant.config import QuantConfig
 from pfcr_mm.quant.quantizers import AdaRoundWeightQuantizer
 from pfcr_mm.recon import (
@@ -23,22 +24,26 @@ from pfcr_mm.recon import (
     ComposedUnit,
     FineToCoarseSchedule,
     ReconSettings,
+    UnitRecipe,
     UnitRecord,
     beta_at,
     harden,
+    layer_recipe,
     leaves,
-    quantizer_states,
+    level_recipes,
     reconstruct_unit,
     run_reconstruction,
 )
-from pfcr_mm.recon.engine import _Batches, _reconstruction_error
+from pfcr_mm.recon.engine import CacheSampler, reconstruction_loss
 
 
 def quantized_vit():
     """A tiny ViT (4 blocks, 17 tokens of 48 channels) quantized at W4A4, two calib batches."""
     model = tiny_timm_vit()
     batches = [torch.randn(16, 3, 32, 32) for _ in range(2)]
-    plan = quantize(model, QuantConfig(w_bits=4, a_bits=4), lambda m: [m(b) for b in batches])
+    plan = prepare_calibrated(
+        model, QuantConfig(w_bits=4, a_bits=4), lambda m: [m(b) for b in batches]
+    )
     return model, plan, batches
 
 
@@ -62,7 +67,7 @@ def same_state(a, b):
 def mean_error(unit, inputs, targets):
     """The unit's reconstruction error on every cached sample, without QDrop."""
     with torch.no_grad():
-        errors = [_reconstruction_error(unit(x), y).item() for x, y in zip(inputs, targets)]
+        errors = [reconstruction_loss(unit(x), y).item() for x, y in zip(inputs, targets)]
     return sum(errors) / len(errors)
 
 
@@ -263,8 +268,9 @@ def test_pos_two_stage_learns_rounding_with_fp_activations_first():
     scales = [a.scale.detach().clone() for a in acts]
     states = []  # the activation quantizers' state at every forward of the unit
     hook = unit.block.mlp.fc1.register_forward_pre_hook(lambda m, a: states.append(acts[0].state))
-    settings = ReconSettings(iters=20, batch_size=8, w_lr=1e-2, a_lr=1e-3, pos="two_stage")
-    record = reconstruct_unit(unit, q, x, y, args, settings)
+    settings = ReconSettings(iters=20, batch_size=8, w_lr=1e-2, a_lr=1e-3)
+    # what POS "two_stage" gives a unit of 20 iterations (the settings' pos is not read here)
+    record = reconstruct_unit(unit, q, x, y, args, settings, layer_recipe("two_stage", 20))
     hook.remove()
     # a probe forward and the integer-weight error on the 2 batches (quantized), then 10
     # iterations in FP, 10 quantized, and the integer-weight error again
@@ -276,27 +282,44 @@ def test_pos_two_stage_learns_rounding_with_fp_activations_first():
     assert all(not torch.equal(a.scale, s) for a, s in zip(acts, scales))
 
 
-def test_unit_iterations_spread_one_budget():
+def test_level_recipes_spread_one_budget_as_pos_says():
     units, _ = _fake_units([4])
     levels = list(FineToCoarseSchedule(units))  # 8 finest units, 4 blocks, 2 pairs, 1 group
     assert [len(u) for _, u in levels] == [8, 4, 2, 1]
-    even = driver_module.unit_iterations(levels, 1600, "none")
-    assert even == {0: 50, 1: 100, 2: 200, 3: 400}  # every level gets 1600 / 4
-    assert sum(even[k] * len(u) for k, u in levels) == 1600
-    assert driver_module.unit_iterations(levels, 1500, "shrink") == {0: 100, 1: 100, 2: 100, 3: 100}
-    assert driver_module.unit_iterations(levels, 3, "none") == {0: 1, 1: 1, 2: 1, 3: 1}
+    even = level_recipes(levels, "none", 7, 1600)
+    assert {k: r.iters for k, r in even.items()} == {0: 50, 1: 100, 2: 200, 3: 400}
+    assert sum(even[k].iters * len(u) for k, u in levels) == 1600  # every level gets 1600 / 4
+    assert all(r.beta_span == (0.0, 1.0) and r.fp_act_iters == 0 for r in even.values())
+    shrink = level_recipes(levels, "shrink", 7, 1500)
+    assert {k: r.iters for k, r in shrink.items()} == {0: 100, 1: 100, 2: 100, 3: 100}
+    assert {k: r.iters for k, r in level_recipes(levels, "none", 7, 3).items()} == dict.fromkeys(
+        range(4), 1
+    )
+    anneal = level_recipes(levels, "anneal", 7, 1600)
+    assert [anneal[k].beta_span for k in range(4)] == [
+        (0, 0.25),
+        (0.25, 0.5),
+        (0.5, 0.75),
+        (0.75, 1),
+    ]
+    two = level_recipes(levels, "two_stage", 7, 1600)
+    assert [two[k].fp_act_iters for k in range(4)] == [25, 50, 100, 200]
+    # no budget: every unit gets the per-unit iterations
+    assert {r.iters for r in level_recipes(levels, "anneal", 7, None).values()} == {7}
+    assert layer_recipe("two_stage", 9) == UnitRecipe(9, (0.0, 1.0), 4)
+    assert layer_recipe("anneal", 9) == UnitRecipe(9)
 
 
 def test_batches_of_different_sizes_and_fp16_caches():
     # pooled: same per-sample shape and extra args -> rows drawn across the cached batches
     same = [torch.arange(4.0).reshape(4, 1) + 10 * i for i in range(3)]
-    pooled = _Batches(same, same, same, [(7,)] * 3, 5, torch.device("cpu"), torch.float32)
+    pooled = CacheSampler(same, same, same, [(7,)] * 3, 5, torch.device("cpu"), torch.float32)
     q, x, y, args = pooled.draw(torch.Generator().manual_seed(0))
     assert pooled.pooled and q.shape == (5, 1) and args == (7,)
     assert torch.equal(q, x) and len(set(q.flatten().tolist())) == 5  # no row twice
     # detection-like: sizes differ -> one cached batch at a time, with its own extra args
     sizes = [torch.zeros(2, 3, 1), torch.ones(3, 5, 1)]
-    per_batch = _Batches(
+    per_batch = CacheSampler(
         sizes, sizes, sizes, [((3,),), ((5,),)], 8, torch.device("cpu"), torch.float32
     )
     seen = set()
@@ -358,7 +381,7 @@ def test_strong_regularizer_drives_rounding_to_integers():
     with torch.no_grad():
         soft = unit(q[0])
         harden(unit)
-        gap = _reconstruction_error(unit(q[0]), soft).item()
+        gap = reconstruction_loss(unit(q[0]), soft).item()
     assert gap < 0.1 * record.last_loss
 
 
@@ -456,9 +479,9 @@ def test_driver_walks_fine_to_coarse_frees_caches_and_spans_beta(monkeypatch, tm
     schedule = FineToCoarseSchedule(units)
     spans = []
 
-    def fake_reconstruct(unit, q, x, y, args, settings, progress=None, beta_span=(0.0, 1.0)):
-        spans.append(beta_span)
-        return UnitRecord(unit.name, 0, settings.iters, 1.0, 0.5, 0.0, [1.0, 0.5])
+    def fake_reconstruct(unit, q, x, y, args, settings, recipe, progress=None):
+        spans.append(recipe.beta_span)
+        return UnitRecord(unit.name, 0, recipe.iters, 1.0, 0.5, 0.0, [1.0, 0.5])
 
     monkeypatch.setattr(driver_module, "reconstruct_unit", fake_reconstruct)
     source = _FakeSource()
@@ -491,7 +514,7 @@ def encoder_outputs(model, batches):
 
 def encoder_error(model, batches, ref):
     outs = encoder_outputs(model, batches)
-    return sum(_reconstruction_error(o, r).item() for o, r in zip(outs, ref)) / len(ref)
+    return sum(reconstruction_loss(o, r).item() for o, r in zip(outs, ref)) / len(ref)
 
 
 def test_pfcr_run_on_vit_writes_log_and_plot_and_hardens(tmp_path):

@@ -5,14 +5,14 @@ import pytest
 import torch
 from conftest import tiny_mmdet_swin, tiny_timm_swin, tiny_timm_vit
 
-from pfcr_mm.adapters import UnsupportedModelError, prepare, quantize
+from pfcr_mm.adapters import UnsupportedModelError, prepare, prepare_calibrated
+from pfcr_mm.quant.calibrate import quantizer_states
 from pfcr_mm.quant.config import QuantConfig
 from pfcr_mm.recon import (
     ChainDataSource,
     FineToCoarseSchedule,
     LayerUnit,
     leaves,
-    quantizer_states,
 )
 
 
@@ -57,7 +57,9 @@ def unit_inputs_by_forward(model, units, batches):
 @pytest.mark.parametrize("make", [_vit, _timm_swin, _mmdet_swin], ids=["vit", "timm_swin", "mmdet"])
 def test_chain_source_gives_every_unit_the_inputs_of_a_full_forward(make):
     model, batches = make()
-    plan = quantize(model, QuantConfig(w_bits=4, a_bits=4), lambda m: [m(b) for b in batches])
+    plan = prepare_calibrated(
+        model, QuantConfig(w_bits=4, a_bits=4), lambda m: [m(b) for b in batches]
+    )
     with quantizer_states(model, weights=False, activations=False):
         fp_ref = unit_inputs_by_forward(model, plan.units, batches)
     q_ref = unit_inputs_by_forward(model, plan.units, batches)
@@ -86,7 +88,9 @@ def test_chain_source_gives_every_unit_the_inputs_of_a_full_forward(make):
 
 def test_chain_source_moves_the_quantized_front_through_what_was_learned():
     model, batches = _mmdet_swin()
-    plan = quantize(model, QuantConfig(w_bits=4, a_bits=4), lambda m: [m(b) for b in batches])
+    plan = prepare_calibrated(
+        model, QuantConfig(w_bits=4, a_bits=4), lambda m: [m(b) for b in batches]
+    )
     source = ChainDataSource(model, plan.units, batches)
     first_of_stage1 = next(u for u in plan.units if u.enter is not None)
     assert first_of_stage1.name == "stages.1.blocks.0.attn"
@@ -122,7 +126,9 @@ def test_blocks_in_two_roots_are_not_one_chain():
 
 def test_layer_units_off_the_chain():
     model, batches = _timm_swin()
-    plan = quantize(model, QuantConfig(w_bits=4, a_bits=4), lambda m: [m(b) for b in batches])
+    plan = prepare_calibrated(
+        model, QuantConfig(w_bits=4, a_bits=4), lambda m: [m(b) for b in batches]
+    )
     layers = {name: (layer, before) for name, layer, before in plan.layers}
     assert list(layers) == ["patch_embed.proj", "layers.1.downsample.reduction", "head.fc"]
     assert [before for _, before in layers.values()] == [True, False, False]

@@ -4,13 +4,13 @@ size, and levels stay within a stage."""
 import torch
 from conftest import tiny_mmdet_swin
 
-from pfcr_mm.adapters import quantize
+from pfcr_mm.adapters import prepare_calibrated
+from pfcr_mm.quant.calibrate import quantizer_states
 from pfcr_mm.quant.config import QuantConfig
 from pfcr_mm.recon import (
     ChainDataSource,
     FineToCoarseSchedule,
     ReconSettings,
-    quantizer_states,
     run_reconstruction,
 )
 
@@ -19,7 +19,9 @@ def quantized_tiny_swin():
     model = tiny_mmdet_swin()
     # two image sizes: 15x19 and 14x14 tokens at stage 1 (the first needs window padding)
     batches = [torch.randn(2, 3, 60, 76), torch.randn(1, 3, 56, 56)]
-    plan = quantize(model, QuantConfig(w_bits=4, a_bits=4), lambda m: [m(b) for b in batches])
+    plan = prepare_calibrated(
+        model, QuantConfig(w_bits=4, a_bits=4), lambda m: [m(b) for b in batches]
+    )
     return model, plan, batches
 
 

@@ -1,7 +1,6 @@
 """The Swin-Transformer-Object-Detection converter maps original keys exactly and refuses to
 write a checkpoint that does not fit the config."""
 
-import sys
 from pathlib import Path
 
 import torch
@@ -10,8 +9,6 @@ from mmdet.utils import register_all_modules
 from mmengine.config import Config
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-import convert_swin_det_checkpoint as tool  # noqa: E402
 
 
 def _to_original_layout(state: dict) -> dict:
@@ -41,7 +38,7 @@ def _tiny_cfg(tmp_path: Path) -> Path:
     return cfg
 
 
-def test_round_trip_and_refusal(tmp_path, capsys):
+def test_round_trip_and_refusal(convert_tool, tmp_path, capsys):
     register_all_modules()
     cfg = _tiny_cfg(tmp_path)
     model = MODELS.build(Config.fromfile(cfg).model)
@@ -49,19 +46,28 @@ def test_round_trip_and_refusal(tmp_path, capsys):
     torch.save(
         {"state_dict": _to_original_layout(state), "meta": {"epoch": 36}}, tmp_path / "o.pth"
     )
-    assert tool.main([str(tmp_path / "o.pth"), str(tmp_path / "c.pth"), "--config", str(cfg)]) == 0
+    assert (
+        convert_tool.main([str(tmp_path / "o.pth"), str(tmp_path / "c.pth"), "--config", str(cfg)])
+        == 0
+    )
     converted = torch.load(tmp_path / "c.pth", weights_only=True)["state_dict"]
     assert set(converted) == set(state)
     assert all(torch.equal(converted[k], state[k]) for k in state)
     # the written file is not overwritten
-    assert tool.main([str(tmp_path / "o.pth"), str(tmp_path / "c.pth"), "--config", str(cfg)]) == 2
+    assert (
+        convert_tool.main([str(tmp_path / "o.pth"), str(tmp_path / "c.pth"), "--config", str(cfg)])
+        == 2
+    )
     assert "exists" in capsys.readouterr().err
     # a checkpoint for another architecture is refused and nothing is written
     bad = _to_original_layout(state)
     bad.pop("roi_head.bbox_head.0.fc_cls.weight")
     torch.save({"state_dict": bad}, tmp_path / "bad.pth")
     assert (
-        tool.main([str(tmp_path / "bad.pth"), str(tmp_path / "d.pth"), "--config", str(cfg)]) == 2
+        convert_tool.main(
+            [str(tmp_path / "bad.pth"), str(tmp_path / "d.pth"), "--config", str(cfg)]
+        )
+        == 2
     )
     assert "missing: roi_head.bbox_head.0.fc_cls.weight" in capsys.readouterr().err
     assert not (tmp_path / "d.pth").exists()

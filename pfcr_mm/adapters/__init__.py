@@ -3,7 +3,8 @@
 :func:`prepare` swaps, inside the chosen parts of a model, every ``nn.Linear`` and ``nn.Conv2d``
 for a quantized one and every supported attention for one with an explicit quantized forward,
 and returns a :class:`QuantPlan`: the MHSA and MLP units in forward order and the post-LayerNorm
-pairs to re-parameterize. :func:`quantize` adds calibration on top: the one call a user needs.
+pairs to re-parameterize. :func:`prepare_calibrated` adds calibration and the
+re-parameterization on top (the first steps of :func:`pfcr_mm.quantize`).
 
 Adapters for timm are used when timm is loaded, the one for mmdet when mmdet's Swin is loaded:
 a model can only hold classes of a library that has been imported, and the core itself imports
@@ -210,7 +211,7 @@ def _stage_link(last: tuple, this: tuple, scope: list[str] | None):
     return ad.stage_link(root, last_name, name)
 
 
-def quantize(
+def prepare_calibrated(
     model: nn.Module,
     cfg: QuantConfig,
     forward_loop: Callable[[nn.Module], None],

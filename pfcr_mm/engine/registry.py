@@ -6,6 +6,7 @@ configs). ``locations`` imports the registering modules on first use.
 
 from mmengine.registry import DATASETS as MMENGINE_DATASETS
 from mmengine.registry import HOOKS as MMENGINE_HOOKS
+from mmengine.registry import LOOPS as MMENGINE_LOOPS
 from mmengine.registry import METRICS as MMENGINE_METRICS
 from mmengine.registry import MODELS as MMENGINE_MODELS
 from mmengine.registry import Registry
@@ -16,3 +17,4 @@ MODELS = Registry("model", parent=MMENGINE_MODELS, scope="pfcr", locations=_LOCA
 DATASETS = Registry("dataset", parent=MMENGINE_DATASETS, scope="pfcr", locations=_LOCATIONS)
 METRICS = Registry("metric", parent=MMENGINE_METRICS, scope="pfcr", locations=_LOCATIONS)
 HOOKS = Registry("hook", parent=MMENGINE_HOOKS, scope="pfcr", locations=["pfcr_mm.engine.hooks"])
+LOOPS = Registry("loop", parent=MMENGINE_LOOPS, scope="pfcr", locations=["pfcr_mm.engine.loop"])

@@ -1,6 +1,13 @@
 """Quantizers and quantized modules (pure torch)."""
 
-from .calibrate import calibrate_activations, quant_summary, set_quant_state
+from .calibrate import (
+    calibrate_activations,
+    hard_rounding,
+    learned_rounding,
+    quant_summary,
+    quantizer_states,
+    set_quant_state,
+)
 from .config import QuantConfig
 from .modules import QuantConv2d, QuantLinear
 from .quantizers import AdaRoundWeightQuantizer, Log2Quantizer, UniformQuantizer
@@ -13,6 +20,9 @@ __all__ = [
     "QuantLinear",
     "UniformQuantizer",
     "calibrate_activations",
+    "hard_rounding",
+    "learned_rounding",
     "quant_summary",
+    "quantizer_states",
     "set_quant_state",
 ]

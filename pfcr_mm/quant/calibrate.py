@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -27,6 +28,46 @@ def set_quant_state(model: nn.Module, weights: bool, activations: bool) -> None:
     for _, q in named_quantizers(model):
         on = weights if is_weight_quantizer(q) else activations
         q.set_state("quant" if on else "fp")
+
+
+@contextmanager
+def quantizer_states(model: nn.Module, weights: bool, activations: bool) -> Iterator[None]:
+    """:func:`set_quant_state` inside the block; every quantizer's own state restored after."""
+    saved = [(q, q.state) for _, q in named_quantizers(model)]
+    try:
+        set_quant_state(model, weights, activations)
+        yield
+    finally:
+        for q, state in saved:
+            q.state = state
+
+
+def learned_rounding(modules: nn.Module | Iterable[nn.Module]) -> list[AdaRoundWeightQuantizer]:
+    """The AdaRound quantizers in ``modules`` (a model, or units that may share layers) that have
+    learned rounding variables, each once."""
+    roots = [modules] if isinstance(modules, nn.Module) else list(modules)
+    found = {
+        id(m): m
+        for root in roots
+        for m in root.modules()
+        if isinstance(m, AdaRoundWeightQuantizer) and m.alpha is not None
+    }
+    return list(found.values())
+
+
+@contextmanager
+def hard_rounding(modules: nn.Module | Iterable[nn.Module]) -> Iterator[None]:
+    """Inside the block, every AdaRound quantizer in ``modules`` (a model, units or quantizers)
+    that has learned variables rounds to ``[V >= 0]``: the integer weights the deployed model
+    will have, whatever soft state reconstruction left; each rounding mode restored after."""
+    saved = [(m, m.rounding) for m in learned_rounding(modules)]
+    try:
+        for m, _ in saved:
+            m.rounding = "hard"
+        yield
+    finally:
+        for m, rounding in saved:
+            m.rounding = rounding
 
 
 @torch.no_grad()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import asdict, dataclass, fields
 
 from .quantizers import check_bits
@@ -11,12 +12,22 @@ POST_LN_CHOICES = ("reparam", "per_channel", "per_tensor")
 RANGE_CHOICES = ("mse", "percentile", "minmax")
 
 
-def dataclass_from_dict(cls: type, d: dict, what: str):
-    """``cls(**d)``, failing with the unknown and the known keys on a typo."""
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(d) - known)
+def check_keys(d: dict, known, what: str) -> None:
+    """Raise KeyError on a key of ``d`` that is not in ``known``, naming the closest known key."""
+    unknown = sorted(set(d) - set(known))
     if unknown:
-        raise KeyError(f"unknown {what} setting(s) {unknown}; known: {sorted(known)}")
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(str(key), sorted(known), n=1)
+            hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise KeyError(f"unknown {what} setting(s) {', '.join(hints)}; known: {sorted(known)}")
+
+
+def dataclass_from_dict(cls: type, d: dict, what: str):
+    """``cls(**d)``, failing with the unknown key, its closest match and the known keys."""
+    if not isinstance(d, dict):
+        raise ValueError(f"the {what} settings must be a dict, got {type(d).__name__}")
+    check_keys(d, {f.name for f in fields(cls)}, what)
     return cls(**d)
 
 

@@ -10,16 +10,14 @@ chain of units.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from ..adapters.base import ReconUnit
-from ..quant.calibrate import is_weight_quantizer, named_quantizers
-from ..quant.quantizers import AdaRoundWeightQuantizer
+from ..quant.calibrate import hard_rounding, quantizer_states
 from .engine import CACHE_DTYPES, eval_mode
 from .units import LayerUnit, leaves
 
@@ -36,42 +34,6 @@ class UnitDataSource(Protocol):
         """The unit's input computed by the model with the preceding units quantized, in the
         same batches and order as :meth:`fp_io`."""
         ...
-
-
-@contextmanager
-def quantizer_states(model: nn.Module, weights: bool, activations: bool) -> Iterator[None]:
-    """Temporarily switch every quantizer to quantized (True) or FP (False); restores the states
-    each quantizer had before."""
-    saved = [(q, q.state) for _, q in named_quantizers(model)]
-    try:
-        for q, _ in saved:
-            on = weights if is_weight_quantizer(q) else activations
-            q.set_state("quant" if on else "fp")
-        yield
-    finally:
-        for q, state in saved:
-            q.state = state
-
-
-@contextmanager
-def hard_rounding(model: nn.Module) -> Iterator[None]:
-    """Temporarily round every AdaRound quantizer that has learned variables to ``[V >= 0]``.
-
-    The quantized-path input of a unit is computed this way: it is what the deployed model will
-    feed the unit, whatever the soft state the preceding units were left in.
-    """
-    saved = [
-        (m, m.rounding)
-        for m in model.modules()
-        if isinstance(m, AdaRoundWeightQuantizer) and m.alpha is not None
-    ]
-    try:
-        for m, _ in saved:
-            m.rounding = "hard"
-        yield
-    finally:
-        for m, rounding in saved:
-            m.rounding = rounding
 
 
 class _ReachedBlock(Exception):

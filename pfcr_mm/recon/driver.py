@@ -14,7 +14,6 @@ At the end every learned rounding is hardened. The same driver runs the baseline
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -24,27 +23,12 @@ from torch import nn
 
 from .data import UnitDataSource
 from .engine import ReconSettings, UnitRecord, harden, reconstruct_unit
+from .pos import layer_recipe, level_recipes
 from .report import peak_memory_mb, plot_losses, write_loss_log
 from .units import FineToCoarseSchedule
 
 LOG_NAME = "recon_log.json"
 PLOT_NAME = "recon_loss.png"
-
-
-def unit_iterations(
-    levels: Sequence[tuple[int, Sequence[nn.Module]]], budget: int, pos: str = "none"
-) -> dict[int, int]:
-    """Iterations per unit of each level, spreading a total ``budget`` over a run's levels.
-
-    Default: every level gets ``budget / L`` (L levels), shared equally by its units, so a
-    coarser unit gets more iterations (a level of 4 blocks has the cost of one block-wise pass).
-    Under ``pos="shrink"`` (POS option (b)) every unit of the run gets ``budget / units``: the
-    fine levels, with many small units, take most of the budget. At least one iteration each.
-    """
-    n_units = sum(len(units) for _, units in levels)
-    if pos == "shrink":
-        return {k: max(1, round(budget / n_units)) for k, _ in levels}
-    return {k: max(1, round(budget / (len(levels) * len(units)))) for k, units in levels}
 
 
 def run_reconstruction(
@@ -66,24 +50,24 @@ def run_reconstruction(
     log_dir: where ``recon_log.json`` (rewritten after every unit, so a crash keeps what was
         done) and ``recon_loss.png`` go; ``None`` writes nothing.
     harden_at_end: fix every learned rounding to integers after the last unit.
-    budget: the total number of iterations of the run, spread over the levels and units by
-        :func:`unit_iterations`; ``None``: ``settings.iters`` for every unit.
+    budget: the total number of iterations of the run, spread over the levels and units as
+        ``settings.pos`` says (:mod:`pfcr_mm.recon.pos`, the only place POS is read);
+        ``None``: ``settings.iters`` for every unit.
 
     layers_before / layers_after: units of single layers outside the blocks
         (:class:`~pfcr_mm.recon.units.LayerUnit`, level -1) reconstructed before the first
         level (the layers before the first block) and after the last one (the others), with
         ``settings.iters`` iterations each, outside the budget of the blocks.
 
-    Under ``settings.pos == "anneal"`` the temperature decay is split evenly over the levels
-    run: the units of the i-th of L levels cover the decay from i/L to (i+1)/L.
     """
     levels = [(k, list(units)) for k, units in schedule]
-    per_unit = unit_iterations(levels, budget, settings.pos) if budget is not None else None
-    plan = [(k, units, True) for k, units in levels]
+    recipes = level_recipes(levels, settings.pos, settings.iters, budget)
+    plan = [(k, units, recipes[k]) for k, units in levels]
+    layer = layer_recipe(settings.pos, settings.iters)
     if layers_before:
-        plan.insert(0, (-1, list(layers_before), False))
+        plan.insert(0, (-1, list(layers_before), layer))
     if layers_after:
-        plan.append((-1, list(layers_after), False))
+        plan.append((-1, list(layers_after), layer))
     total = sum(len(units) for _, units, _ in plan)
     log_dir = Path(log_dir) if log_dir is not None else None
     if log_dir is not None:
@@ -91,30 +75,22 @@ def run_reconstruction(
     meta = {
         "settings": settings.to_dict(),
         "budget": budget,
-        "iters_per_unit": per_unit,
+        "iters_per_unit": {k: r.iters for k, r in recipes.items()} if budget is not None else None,
         "levels_run": [k for k, _ in levels],
-        "layer_units": [u.name for _, units, blocks in plan if not blocks for u in units],
+        "layer_units": [u.name for u in [*layers_before, *layers_after]],
         "schedule": schedule.describe() if isinstance(schedule, FineToCoarseSchedule) else None,
     }
     records: list[UnitRecord] = []
     start = time.perf_counter()
     k = 0
-    i = 0  # index of the block level
-    for level, units, blocks in plan:
-        span = (0.0, 1.0)
-        if blocks and settings.pos == "anneal":
-            span = (i / len(levels), (i + 1) / len(levels))
-        i += blocks
-        unit_settings = settings
-        if blocks and per_unit is not None:
-            unit_settings = dataclasses.replace(settings, iters=per_unit[level])
+    for level, units, recipe in plan:
         for unit in units:
             k += 1
             name = getattr(unit, "name", type(unit).__name__)
             fp_inputs, fp_targets, extra_args = source.fp_io(unit)
             q_inputs = source.quant_input(unit)
 
-            def progress(it: int, loss: float, k=k, name=name, n=unit_settings.iters) -> None:
+            def progress(it: int, loss: float, k=k, name=name, n=recipe.iters) -> None:
                 print_fn(f"  ({k}/{total}) {name} iter {it}/{n} loss {loss:.4g}")
 
             try:
@@ -124,9 +100,9 @@ def run_reconstruction(
                     fp_inputs,
                     fp_targets,
                     extra_args,
-                    unit_settings,
+                    settings,
+                    recipe,
                     progress=progress,
-                    beta_span=span,
                 )
             except BaseException:
                 if log_dir is not None:  # keep what was done, and say where it stopped

@@ -26,13 +26,13 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from ..quant.calibrate import is_weight_quantizer
+from ..quant.calibrate import hard_rounding, is_weight_quantizer, learned_rounding
 from ..quant.config import dataclass_from_dict
 from ..quant.quantizers import AdaRoundWeightQuantizer, BaseQuantizer, UniformQuantizer
-from .units import unit_level
+from .pos import POS_STRATEGIES, UnitRecipe
+from .units import TOP, check_max_level, unit_level
 
-# Progressive Optimization Strategy (method.md section 4; the paper names it without details)
-POS_STRATEGIES = ("none", "two_stage", "shrink", "anneal")
+NON_BLOCK = ("calib", "layerwise")
 CACHE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
@@ -47,24 +47,18 @@ class ReconSettings:
     round_weight: weight of the AdaRound regularizer.
     beta_start / beta_end / warmup: the regularizer temperature decays linearly from beta_start
         to beta_end after the first ``warmup`` fraction of a unit's iterations (regularizer off).
-    pos: the progressive optimization strategy of a fine-to-coarse run:
-
-        * ``"none"``: every unit runs the same recipe (warm-up, then its own decay of beta);
-        * ``"two_stage"`` (POS option (a)): in the first half of a unit's iterations its
-          activation quantizers compute in floating point and only the weight rounding is
-          learned; in the second half everything is quantized and learned;
-        * ``"shrink"`` (option (b)): the iteration budget of the run is split equally among its
-          units, so the fine levels (many small units) get most of it and each coarser unit
-          fewer iterations than a block-per-level split would give (see
-          :func:`pfcr_mm.recon.driver.unit_iterations`);
-        * ``"anneal"`` (option (c), the default): one decay of beta spread over the whole run,
-          level after level, instead of restarting in every unit.
-
-        The default was chosen on the demo benchmark (``tools/benchmark_recon.py``, README):
-        no option separated from the others in accuracy beyond the spread over seeds, and
+    pos: the progressive optimization strategy of a fine-to-coarse run (``none``,
+        ``two_stage``, ``shrink``, ``anneal``: see :mod:`pfcr_mm.recon.pos`). The default,
+        ``"anneal"``, was chosen on the demo benchmark (``tools/benchmark_recon.py``, README): no
+        option separated from the others in accuracy beyond the spread over seeds, and
         ``"anneal"`` gave the lowest output error on held-out images in three of the four
         model/bit-width cells and tied in the fourth. With the block method (one level) it
         equals ``"none"``.
+    max_level: the coarsest level of a ``pfcr`` run: ``"top"`` (one group per stage, or the
+        whole ViT encoder) or an integer (0: MHSA and MLP only, 1: up to blocks, ...).
+    non_block: layers outside the blocks (patch embedding, PatchMerging reductions, head, neck):
+        ``"calib"`` keeps them calibrated only, ``"layerwise"`` reconstructs each on its own
+        (``iters`` iterations each, outside the block budget).
     drop_prob: probability that an input element comes from the FP input instead of the
         quantized path (QDrop); 0 uses the quantized-path input only.
     cache_dtype: dtype of the cached inputs and targets (``float32`` or ``float16``).
@@ -81,6 +75,8 @@ class ReconSettings:
     beta_end: float = 2.0
     warmup: float = 0.2
     pos: str = "anneal"
+    max_level: int | str = TOP
+    non_block: str = "calib"
     drop_prob: float = 0.5
     cache_dtype: str = "float32"
     seed: int = 0
@@ -95,6 +91,11 @@ class ReconSettings:
             raise ValueError(f"ReconSettings.drop_prob must be in [0, 1], got {self.drop_prob}")
         if self.pos not in POS_STRATEGIES:
             raise ValueError(f"ReconSettings.pos must be one of {POS_STRATEGIES}, got {self.pos!r}")
+        if self.non_block not in NON_BLOCK:
+            raise ValueError(
+                f"ReconSettings.non_block must be one of {NON_BLOCK}, got {self.non_block!r}"
+            )
+        check_max_level(self.max_level)
         if self.cache_dtype not in CACHE_DTYPES:
             raise ValueError(
                 f"ReconSettings.cache_dtype must be one of {tuple(CACHE_DTYPES)}, "
@@ -215,7 +216,7 @@ def _active_quantizers(
 # Sampling from the caches
 
 
-class _Batches:
+class CacheSampler:
     """Draws training batches from cached lists of ``(B_i, ...)`` tensors.
 
     When all cached batches have the same per-sample shape and the same extra arguments (a
@@ -310,7 +311,7 @@ def unit_seed(name: str, seed: int) -> int:
 # One unit
 
 
-def _reconstruction_error(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def reconstruction_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Squared error summed over channels (last axis), averaged over images and tokens."""
     return (out - target).pow(2).sum(-1).mean()
 
@@ -318,26 +319,116 @@ def _reconstruction_error(out: torch.Tensor, target: torch.Tensor) -> torch.Tens
 HARD_EVAL_BATCHES = 4
 
 
-def _hard_error(unit: nn.Module, batches: _Batches, weights: list) -> float:
+def _hard_error(unit: nn.Module, batches: CacheSampler, weights: list) -> float:
     """The unit's error with integer weights on the quantized-path inputs of the first cached
     batches: what the deployed unit does, as opposed to the soft rounding being trained."""
-    saved = [(q, q.rounding) for q, _ in weights]
     n = min(HARD_EVAL_BATCHES, len(batches.sizes))
-    try:
-        for q, _ in weights:
-            if q.alpha is not None:
-                q.rounding = "hard"
-        with torch.no_grad(), eval_mode(unit):
-            errors = [
-                _reconstruction_error(
-                    unit(batches._move(batches.q[i]), *batches.args[i]), batches._move(batches.y[i])
-                ).item()
-                for i in range(n)
-            ]
-    finally:
-        for q, rounding in saved:
-            q.rounding = rounding
+    with hard_rounding([q for q, _ in weights]), torch.no_grad(), eval_mode(unit):
+        errors = [
+            reconstruction_loss(
+                unit(batches._move(batches.q[i]), *batches.args[i]), batches._move(batches.y[i])
+            ).item()
+            for i in range(n)
+        ]
     return sum(errors) / n
+
+
+def qdrop_input(
+    q_in: torch.Tensor, fp_in: torch.Tensor, drop_prob: float, generator: torch.Generator
+) -> torch.Tensor:
+    """QDrop's input mix: each element from the FP input with probability ``drop_prob``, from the
+    quantized-path input otherwise (``drop_prob=0``: the quantized-path input itself)."""
+    if drop_prob <= 0:
+        return q_in
+    keep_fp = torch.rand(fp_in.shape, generator=generator, device=fp_in.device) < drop_prob
+    return torch.where(keep_fp, fp_in, q_in)
+
+
+def temperature(it: int, recipe: UnitRecipe, settings: ReconSettings) -> float | None:
+    """The AdaRound temperature ``beta`` at iteration ``it`` of a unit; ``None`` during the
+    warm-up (the first ``settings.warmup`` of its iterations), when the regularizer is off.
+    After it, beta follows the unit's share ``recipe.beta_span`` of the decay."""
+    warm = int(settings.warmup * recipe.iters)
+    if it < warm:
+        return None
+    lo, hi = recipe.beta_span
+    t = (it - warm) / max(recipe.iters - warm, 1)
+    return beta_at(lo + (hi - lo) * t, settings)
+
+
+def check_finite(loss: float, name: str, level: int, it: int) -> None:
+    """The NaN guard: raise ``FloatingPointError`` naming the unit when the loss is not finite."""
+    if not math.isfinite(loss):
+        raise FloatingPointError(
+            f"reconstruction of unit {name!r} (level {level}): the loss became {loss} at "
+            f"iteration {it}; the unit was left unchanged. Check the cached inputs/targets "
+            "(fp16 overflow?) and the learning rates."
+        )
+
+
+class _Rollback:
+    """What a unit's reconstruction may change (AdaRound variables, rounding modes, step sizes,
+    activation states), saved so that a failure leaves the model as it was found."""
+
+    def __init__(self, weights: list, act_quantizers: list[BaseQuantizer], acts: list):
+        self.weights = [(q, q.alpha, q.rounding) for q, _ in weights]
+        self.scales = [(q, q.scale.detach().clone()) for q in acts]
+        self.act_quantizers = act_quantizers
+
+    def restore(self) -> None:
+        for q in self.act_quantizers:
+            q.state = "quant"
+        for q, alpha, rounding in self.weights:
+            q.alpha, q.rounding = alpha, rounding
+        with torch.no_grad():
+            for q, scale in self.scales:
+                q.scale.copy_(scale)
+
+
+class _Optimizer:
+    """Adam on the AdaRound variables (``w_lr``) and on the step sizes (``a_lr``, cosine-annealed
+    to 0 over the unit, kept positive)."""
+
+    def __init__(self, alphas: list, scales: list, settings: ReconSettings, iters: int):
+        self.opts = []
+        if alphas:
+            self.opts.append(torch.optim.Adam(alphas, lr=settings.w_lr))
+        self.scales, self.sched = scales, None
+        if scales:
+            opt_a = torch.optim.Adam(scales, lr=settings.a_lr)
+            self.opts.append(opt_a)
+            self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt_a, T_max=iters, eta_min=0)
+
+    def step(self, loss: torch.Tensor) -> None:
+        for opt in self.opts:
+            opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for opt in self.opts:
+            opt.step()
+        if self.sched is not None:
+            self.sched.step()
+            with torch.no_grad():
+                for p in self.scales:
+                    p.clamp_(min=1e-8)  # a step size must stay positive
+
+
+def _start_learning(unit: nn.Module, weights: list, acts: list) -> tuple[list, list]:
+    """Make the AdaRound variables and step sizes the only trainable tensors of ``unit``;
+    returns them. A layer's V is initialized on its first reconstruction; afterwards a copy of
+    the V the previous level learned is trained (the original is put back on failure)."""
+    for q, layer in weights:
+        if q.alpha is None:
+            q.init_adaround(layer.weight)
+        else:
+            q.alpha = nn.Parameter(q.alpha.detach().clone())
+        q.rounding = "soft"  # a level learns from the soft state the previous one left
+    for p in unit.parameters():
+        p.requires_grad_(False)
+    alphas = [q.alpha for q, _ in weights]
+    scales = [q.scale for q in acts]
+    for p in alphas + scales:
+        p.requires_grad_(True)
+    return alphas, scales
 
 
 def reconstruct_unit(
@@ -347,8 +438,8 @@ def reconstruct_unit(
     fp_targets: Sequence[torch.Tensor],
     extra_args: Sequence[tuple] | None,
     settings: ReconSettings,
+    recipe: UnitRecipe | None = None,
     progress: Callable[[int, float], None] | None = None,
-    beta_span: tuple[float, float] = (0.0, 1.0),
 ) -> UnitRecord:
     """Learn the rounding and step sizes of ``unit`` so that it reproduces its FP targets.
 
@@ -358,21 +449,21 @@ def reconstruct_unit(
         device and float32 per batch), one tensor per batch, batch first; ``q_inputs[i]`` and
         ``fp_inputs[i]`` have the same shape.
     extra_args: per batch, the arguments after ``x`` (mmdet Swin ``(hw_shape,)``); ``None``: none.
+    recipe: iterations, temperature span and FP-activation stage of this unit, as POS decided
+        (:mod:`pfcr_mm.recon.pos`); ``None``: ``settings.iters`` iterations, the whole decay.
     progress: called as ``progress(iteration, loss)`` every ``settings.log_every`` iterations.
-    beta_span: the part of the temperature decay this unit covers (``(0, 1)``: the whole decay;
-        the driver passes a level's share under ``pos="anneal"``).
 
-    The AdaRound variables are initialized (``init_adaround``) on the first reconstruction of a
-    layer and carried over afterwards. If the loss becomes NaN or infinite, everything the call
-    changed (AdaRound variables, rounding modes, step sizes) is restored and
-    ``FloatingPointError`` is raised, naming the unit. Returns a :class:`UnitRecord`.
+    If the loss becomes NaN or infinite, everything the call changed (AdaRound variables,
+    rounding modes, step sizes) is restored and ``FloatingPointError`` is raised, naming the
+    unit. Returns a :class:`UnitRecord`.
     """
     name = getattr(unit, "name", type(unit).__name__)
     level = unit_level(unit)
+    recipe = recipe or UnitRecipe(settings.iters)
     if extra_args is None:
         extra_args = [()] * len(fp_inputs)
     device = next(unit.parameters()).device
-    batches = _Batches(
+    batches = CacheSampler(
         q_inputs, fp_inputs, fp_targets, extra_args, settings.batch_size, device, torch.float32
     )
     probe = q_inputs[0][:1].to(device, torch.float32)
@@ -384,47 +475,22 @@ def reconstruct_unit(
             f"unit {name!r} calls no enabled quantizer in the quantized state: nothing to learn "
             "(switch the model to quantized with set_quant_state first)"
         )
-
-    # Snapshot what this call may change, so a failure leaves the model as it found it.
-    saved_w = [(q, q.alpha, q.rounding) for q, _ in weights]
-    saved_a = [(q, q.scale.detach().clone()) for q in acts]
-    saved_grad = {id(p): (p, p.requires_grad) for p in unit.parameters()}
-
+    rollback = _Rollback(weights, act_quantizers, acts)
+    saved_grad = [(p, p.requires_grad) for p in unit.parameters()]
     hard_before = _hard_error(unit, batches, weights)
     seed = unit_seed(name, settings.seed)
     sampler = torch.Generator().manual_seed(seed)
     masker = torch.Generator(device=device).manual_seed(seed)
+    # rounding learned alone first only where there is rounding to learn
+    fp_acts_until = recipe.fp_act_iters if weights else 0
+    regularized = bool(weights) and settings.round_weight != 0
     losses: list[float] = []
     start = time.perf_counter()
     try:
-        for q, layer in weights:
-            if q.alpha is None:
-                q.init_adaround(layer.weight)
-            else:
-                # Train a copy of the V the previous level learned: the original stays intact
-                # (and is put back) if this unit fails.
-                q.alpha = nn.Parameter(q.alpha.detach().clone())
-            q.rounding = "soft"  # a level learns from the soft state the previous one left
-        for p in unit.parameters():
-            p.requires_grad_(False)
-        alphas = [q.alpha for q, _ in weights]
-        scales = [q.scale for q in acts]
-        for p in alphas + scales:
-            p.requires_grad_(True)
-
-        opt_w = torch.optim.Adam(alphas, lr=settings.w_lr) if alphas else None
-        opt_a = torch.optim.Adam(scales, lr=settings.a_lr) if scales else None
-        sched_a = (
-            torch.optim.lr_scheduler.CosineAnnealingLR(opt_a, T_max=settings.iters, eta_min=0.0)
-            if opt_a
-            else None
-        )
-        warm = int(settings.warmup * settings.iters)
-        # POS "two_stage": activations in floating point for the first half (weights only)
-        fp_acts_until = settings.iters // 2 if settings.pos == "two_stage" and weights else 0
-        lo, hi = beta_span
+        alphas, scales = _start_learning(unit, weights, acts)
+        optimizer = _Optimizer(alphas, scales, settings, recipe.iters)
         with torch.enable_grad(), eval_mode(unit):
-            for it in range(settings.iters):
+            for it in range(recipe.iters):
                 if it == 0 and fp_acts_until:
                     for q in act_quantizers:
                         q.state = "fp"
@@ -432,55 +498,24 @@ def reconstruct_unit(
                     for q in act_quantizers:
                         q.state = "quant"
                 q_in, fp_in, target, args = batches.draw(sampler)
-                if settings.drop_prob > 0:
-                    keep_fp = (
-                        torch.rand(fp_in.shape, generator=masker, device=device)
-                        < settings.drop_prob
+                x = qdrop_input(q_in, fp_in, settings.drop_prob, masker)
+                rec = reconstruction_loss(unit(x, *args), target)
+                beta = temperature(it, recipe, settings) if regularized else None
+                loss = rec
+                if beta is not None:
+                    loss = rec + settings.round_weight * sum(
+                        q.rounding_loss(beta) for q, _ in weights
                     )
-                    x = torch.where(keep_fp, fp_in, q_in)
-                else:
-                    x = q_in
-                rec = _reconstruction_error(unit(x, *args), target)
-                if it < warm or settings.round_weight == 0 or not weights:
-                    loss = rec
-                else:
-                    t = (it - warm) / max(settings.iters - warm, 1)
-                    beta = beta_at(lo + (hi - lo) * t, settings)
-                    reg = sum(q.rounding_loss(beta) for q, _ in weights)
-                    loss = rec + settings.round_weight * reg
-                value = float(loss.detach())
-                if not math.isfinite(value):
-                    raise FloatingPointError(
-                        f"reconstruction of unit {name!r} (level {level}): the loss became "
-                        f"{value} at iteration {it}; the unit was left unchanged. Check the "
-                        "cached inputs/targets (fp16 overflow?) and the learning rates."
-                    )
+                check_finite(float(loss.detach()), name, level, it)
                 losses.append(float(rec.detach()))
-                for opt in (opt_w, opt_a):
-                    if opt is not None:
-                        opt.zero_grad(set_to_none=True)
-                loss.backward()
-                for opt in (opt_w, opt_a):
-                    if opt is not None:
-                        opt.step()
-                if sched_a is not None:
-                    sched_a.step()
-                    with torch.no_grad():
-                        for p in scales:
-                            p.clamp_(min=1e-8)  # a step size must stay positive
+                optimizer.step(loss)
                 if progress and settings.log_every and (it + 1) % settings.log_every == 0:
                     progress(it + 1, losses[-1])
     except BaseException:
-        for q in act_quantizers:
-            q.state = "quant"
-        for q, alpha, rounding in saved_w:
-            q.alpha, q.rounding = alpha, rounding
-        with torch.no_grad():
-            for q, scale in saved_a:
-                q.scale.copy_(scale)
+        rollback.restore()
         raise
     finally:
-        for p, flag in saved_grad.values():
+        for p, flag in saved_grad:
             p.requires_grad_(flag)
         for q in acts:
             q.scale.requires_grad_(False)  # LSQ gradient scaling only while learning
@@ -490,7 +525,7 @@ def reconstruct_unit(
     return UnitRecord(
         name=name,
         level=level,
-        iters=settings.iters,
+        iters=recipe.iters,
         first_loss=losses[0],
         last_loss=losses[-1],
         seconds=time.perf_counter() - start,
@@ -508,13 +543,7 @@ def harden(modules: nn.Module | Iterable[nn.Module]) -> int:
     Returns how many quantizers were hardened (each counted once, however many units share it).
     Quantizers never reconstructed (no AdaRound variables) keep rounding to nearest.
     """
-    roots = [modules] if isinstance(modules, nn.Module) else list(modules)
-    found = {
-        id(m): m
-        for root in roots
-        for m in root.modules()
-        if isinstance(m, AdaRoundWeightQuantizer) and m.alpha is not None
-    }
-    for m in found.values():
+    found = learned_rounding(modules)
+    for m in found:
         m.harden()
     return len(found)

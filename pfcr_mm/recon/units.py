@@ -105,6 +105,15 @@ def _group_name(blocks: Sequence[ComposedUnit]) -> str:
     return blocks[0].name if len(blocks) == 1 else f"{blocks[0].name}..{blocks[-1].name}"
 
 
+def check_max_level(max_level: int | str) -> int | str:
+    """``max_level`` itself if it is ``"top"`` or a level >= 0; raises ValueError otherwise."""
+    if max_level != TOP and (
+        not isinstance(max_level, int) or isinstance(max_level, bool) or max_level < 0
+    ):
+        raise ValueError(f"max_level must be a level >= 0 or {TOP!r}, got {max_level!r}")
+    return max_level
+
+
 def top_level(stage_sizes: Sequence[int]) -> int:
     """The first level whose groups hold a whole stage: ``1 + ceil(log2(largest stage))``."""
     return 1 + math.ceil(math.log2(max(stage_sizes)))
@@ -142,9 +151,7 @@ class FineToCoarseSchedule:
         top = top_level([len(s) for s in self.stages])
         if max_level == TOP:
             max_level = top
-        if not isinstance(max_level, int) or isinstance(max_level, bool) or max_level < 0:
-            raise ValueError(f"max_level must be a level >= 0 or {TOP!r}, got {max_level!r}")
-        max_level = min(max_level, top)
+        max_level = min(check_max_level(max_level), top)
         if not 0 <= min_level <= max_level:
             raise ValueError(f"min_level must be in [0, {max_level}], got {min_level}")
         self.skip_repeated = skip_repeated

@@ -1,0 +1,264 @@
+"""The whole method as one call, pure torch: ``pfcr_mm.quantize(model, config, calib_data)``.
+
+::
+
+    import pfcr_mm, timm
+    model = timm.create_model("deit_tiny_patch16_224", pretrained=False).eval()
+    config = pfcr_mm.PTQConfig(method="pfcr", quant=pfcr_mm.QuantConfig(w_bits=4, a_bits=4),
+                               recon=pfcr_mm.ReconSettings(iters=300))
+    result = pfcr_mm.quantize(model, config, calib_batches)   # a list of (B, 3, H, W) tensors
+
+:func:`quantize` prepares the model (quantized modules in place), calibrates every range on
+``calib_data``, re-parameterizes the post-LayerNorm activations, reconstructs (``calib``:
+nothing; ``block``: every transformer block once; ``pfcr``: fine to coarse, the budget spread
+over the levels as POS says, :mod:`pfcr_mm.recon.pos`), reconstructs or keeps calibrated the
+layers outside the blocks, and hardens the learned rounding. Everything that decides the method
+is here or below; the MMEngine layer only turns a Runner's model and data into ``calib_data``
+and ``run_batch`` (:mod:`pfcr_mm.engine.ptq`).
+
+:class:`PTQConfig` is the one serializable settings object (``to_dict``/``from_dict``, unknown
+keys rejected with the closest known key named); it is the ``ptq`` section of a config file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .adapters import QuantPlan, prepare_calibrated
+from .quant.config import QuantConfig, check_keys, dataclass_from_dict
+from .recon import (
+    ChainDataSource,
+    FineToCoarseSchedule,
+    LayerUnit,
+    ReconSettings,
+    UnitRecord,
+    run_reconstruction,
+)
+from .recon.data import default_run_batch
+
+METHODS = ("calib", "block", "pfcr")
+
+
+@dataclass
+class CalibSettings:
+    """Which calibration images a run takes (the engine picks them; :func:`quantize` takes
+    ``calib_data`` as given).
+
+    num_images: how many images, drawn at random with ``seed`` from the calibration split.
+    batch_size / num_workers: of the calibration loader.
+    dataset: MMEngine only: overrides of the test dataset config that select the calibration
+        split, e.g. ``dict(split='train')`` or COCO train2017's ``ann_file``/``data_prefix``.
+    """
+
+    num_images: int = 256
+    seed: int = 0
+    batch_size: int = 32
+    num_workers: int = 0
+    dataset: dict | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("num_images", "batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"ptq.calib.{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.num_workers, int) or self.num_workers < 0:
+            raise ValueError(f"ptq.calib.num_workers must be >= 0, got {self.num_workers!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ValueError(f"ptq.calib.seed must be an integer, got {self.seed!r}")
+
+
+@dataclass
+class PTQConfig:
+    """Everything a post-training quantization run is given.
+
+    method: ``calib`` (ranges only, RepQ-ViT-like), ``block`` (every transformer block
+        reconstructed once, QDrop/BRECQ-like) or ``pfcr`` (fine to coarse).
+    scope: the sub-modules to quantize, joined by ``+`` (``"backbone+neck"``), or ``"all"``.
+    quant: what to quantize and how (:class:`~pfcr_mm.quant.QuantConfig`).
+    calib: which calibration images (:class:`CalibSettings`).
+    recon: how units are reconstructed (:class:`~pfcr_mm.recon.ReconSettings`); ``recon.iters``
+        is the budget per block: ``block`` gives each block ``iters`` iterations, ``pfcr``
+        spreads the same total over its levels and units.
+    eval_fp: the engine evaluates the FP model before quantizing it.
+    """
+
+    method: str = "calib"
+    scope: str = "all"
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    calib: CalibSettings = field(default_factory=CalibSettings)
+    recon: ReconSettings = field(default_factory=ReconSettings)
+    eval_fp: bool = True
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"ptq.method must be one of {METHODS}, got {self.method!r}")
+        if not isinstance(self.scope, str) or not self.scope:
+            raise ValueError(
+                f"ptq.scope must be a string like 'backbone+neck' or 'all', got {self.scope!r}"
+            )
+
+    @property
+    def scope_modules(self) -> list[str] | None:
+        """The sub-module names of ``scope`` (``None``: the whole model)."""
+        return None if self.scope == "all" else self.scope.split("+")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> PTQConfig:
+        if isinstance(d, cls):
+            return d
+        if not isinstance(d, dict):
+            raise ValueError(f"the ptq settings must be a dict, got {type(d).__name__}")
+        check_keys(d, {f.name for f in fields(cls)}, "ptq")
+        parts = {"quant": QuantConfig, "calib": CalibSettings, "recon": ReconSettings}
+        kwargs = dict(d)
+        for key, sub in parts.items():
+            if key in kwargs and not isinstance(kwargs[key], sub):
+                kwargs[key] = dataclass_from_dict(sub, dict(kwargs[key] or {}), f"ptq.{key}")
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class QuantResult:
+    """What :func:`quantize` did.
+
+    plan: the quantized structure (units, quantized modules, what stays in floating point).
+    records: one :class:`~pfcr_mm.recon.UnitRecord` per reconstructed unit (empty for calib).
+    recon: the summary of the reconstruction for the results file (empty for ``calib``):
+        settings, levels run, units, iterations, seconds, and which layers outside the blocks
+        were reconstructed or only calibrated.
+    """
+
+    plan: QuantPlan
+    records: list[UnitRecord] = field(default_factory=list)
+    recon: dict = field(default_factory=dict)
+
+    @property
+    def fp_parts(self) -> list[str]:
+        return self.plan.fp_parts
+
+
+def quantize(
+    model: nn.Module,
+    config: PTQConfig | dict,
+    calib_data: Iterable[Any],
+    run_batch: Callable[[nn.Module, Any], Any] | None = None,
+    *,
+    recon_batch: Callable[[nn.Module, Any], Any] | None = None,
+    head: nn.Module | None = None,
+    log_dir: str | Path | None = None,
+    print_fn: Callable[[str], None] = print,
+) -> QuantResult:
+    """Quantize ``model`` in place: prepare, calibrate, re-parameterize, reconstruct, harden.
+
+    config: a :class:`PTQConfig` or its dict (``calib`` and ``eval_fp`` are the engine's).
+    calib_data: the calibration batches, re-iterable in a fixed order (a list, or a loader
+        without shuffling); a reconstruction run keeps them in memory.
+    run_batch: ``f(model, batch)`` runs the model on one batch, reaching every quantized layer
+        (default ``model(batch)``); used for calibration.
+    recon_batch: ``f(model, batch)`` for reconstruction: the part of the forward whose inputs
+        pair up between the FP and the quantized model (a detector's backbone and neck: its
+        heads depend on proposals, which differ); default ``run_batch``. Layers outside the
+        blocks that it does not reach stay calibrated only.
+    head: a classification head, quantized with ``config.quant.head_bits`` if set.
+    log_dir: where ``recon_log.json`` and ``recon_loss.png`` go (``None``: nowhere).
+    print_fn: progress lines.
+
+    Raises ``ValueError`` on settings that do not fit the model (an unknown scope, a model
+    without supported transformer blocks, ``head_bits`` without a head) before anything is
+    changed, and ``RuntimeError`` naming the quantizers that calibration did not reach.
+    """
+    config = PTQConfig.from_dict(config)
+    run_batch = run_batch or default_run_batch
+    if config.quant.head_bits is not None and head is None:
+        raise ValueError("quant.head_bits is set but the model has no classification head")
+
+    def forward_loop(m: nn.Module) -> None:
+        total = len(calib_data) if hasattr(calib_data, "__len__") else "?"
+        for i, batch in enumerate(calib_data):
+            run_batch(m, batch)
+            print_fn(f"calibration: batch {i + 1}/{total}")
+
+    plan = prepare_calibrated(model, config.quant, forward_loop, config.scope_modules, head)
+    if config.method == "calib":
+        return QuantResult(plan)
+    records, recon = _reconstruct(
+        model, plan, list(calib_data), config, recon_batch or run_batch, log_dir, print_fn
+    )
+    return QuantResult(plan, records, recon)
+
+
+def _reconstruct(
+    model: nn.Module,
+    plan: QuantPlan,
+    batches: list,
+    config: PTQConfig,
+    run_batch: Callable[[nn.Module, Any], Any],
+    log_dir: str | Path | None,
+    print_fn: Callable[[str], None],
+) -> tuple[list[UnitRecord], dict]:
+    """``block`` or ``pfcr`` on the calibrated model; the records and the summary."""
+    recon = config.recon
+    if config.method == "block":
+        schedule, budget = FineToCoarseSchedule.block(plan.units), None
+    else:
+        schedule = FineToCoarseSchedule(plan.units, max_level=recon.max_level)
+        budget = recon.iters * len(schedule.blocks)
+    before, after, calib_only = [], [], [name for name, _, _ in plan.layers]
+    if recon.non_block == "layerwise":
+        reached = _layers_reached(model, plan, run_batch, batches[0])
+        for name, layer, is_before in plan.layers:
+            if id(layer) in reached:
+                (before if is_before else after).append(LayerUnit(name, layer))
+        calib_only = [name for name, layer, _ in plan.layers if id(layer) not in reached]
+    source = ChainDataSource(
+        model, plan.units, batches, run_batch=run_batch, cache_dtype=recon.cache_dtype
+    )
+    records = run_reconstruction(
+        schedule,
+        source,
+        recon,
+        log_dir=log_dir,
+        print_fn=print_fn,
+        budget=budget,
+        layers_before=before,
+        layers_after=after,
+    )
+    summary = {
+        "settings": recon.to_dict(),
+        "max_level": recon.max_level,
+        "levels_run": sorted({r.level for r in records if r.level >= 0}),
+        "units": len(records),
+        "iterations": sum(r.iters for r in records),
+        "seconds": sum(r.seconds for r in records),
+        "non_block": recon.non_block,
+        "layerwise_layers": [u.name for u in before + after],
+        "calib_only_layers": calib_only,
+    }
+    if log_dir is not None:
+        summary["log"] = str(Path(log_dir) / "recon_log.json")
+    return records, summary
+
+
+def _layers_reached(model: nn.Module, plan: QuantPlan, run_batch, batch) -> set[int]:
+    """Which of the plan's layers outside the blocks one reconstruction forward calls."""
+    called: set[int] = set()
+    hooks = [
+        layer.register_forward_pre_hook(lambda m, a: called.add(id(m)))
+        for _, layer, _ in plan.layers
+    ]
+    try:
+        with torch.no_grad():
+            run_batch(model, batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    return called

@@ -1,0 +1,130 @@
+"""``pfcr.PTQLoop``: a test loop that evaluates the FP model, quantizes it with
+:func:`pfcr_mm.quantize`, evaluates the quantized model and writes the results.
+
+``tools/ptq.py`` sets it as the config's ``test_cfg`` and calls ``runner.test()``; in a config of
+your own::
+
+    test_cfg = dict(type="pfcr.PTQLoop")   # the ``ptq`` section of the config is used
+
+Files in the work dir: ``ptq_results.json`` (an earlier one is kept under a timestamped name),
+``quantized_model.pth``, ``quant_summary.{json,txt}``, ``calib_indices.json``,
+``ptq_config.py`` and, for ``block``/``pfcr``, ``recon/recon_log.json`` and ``recon_loss.png``.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from mmengine.runner import TestLoop
+
+from ..adapters import find_blocks
+from ..core import PTQConfig
+from .checkpoint import load_weights_strict
+from .ptq import (
+    load_quantized_model,
+    output_error,
+    ptq_results,
+    quantize_runner_model,
+    save_quantized_model,
+    unwrap_model,
+    write_results,
+)
+from .registry import LOOPS
+
+
+@LOOPS.register_module()
+class PTQLoop(TestLoop):
+    """FP evaluation (``ptq.eval_fp``), quantization, quantized evaluation, results.
+
+    ptq: the :class:`~pfcr_mm.PTQConfig` dict (default: the config's ``ptq`` section).
+    checkpoint: weights loaded strictly into the model before anything runs (a checkpoint of
+        another model fails with the differing keys).
+    quantized: a ``quantized_model.pth`` of an earlier run, evaluated instead of quantizing.
+
+    ``run()`` returns the quantized model's metrics, as a test loop does.
+    """
+
+    def __init__(
+        self,
+        runner,
+        dataloader,
+        evaluator,
+        ptq: dict | None = None,
+        checkpoint: str | None = None,
+        quantized: str | None = None,
+        fp16: bool = False,
+    ):
+        if ptq is None and "ptq" not in runner.cfg:
+            raise KeyError("pfcr.PTQLoop needs a 'ptq' section in the config (or its ptq=...)")
+        self.config = PTQConfig.from_dict(ptq if ptq is not None else runner.cfg.ptq)
+        # an unsupported model or scope fails now, before the FP evaluation
+        find_blocks(unwrap_model(runner.model), self.config.scope_modules)
+        for path in (checkpoint, quantized):
+            if path is not None and not Path(path).is_file():
+                raise FileNotFoundError(f"file not found: {path}")
+        super().__init__(runner, dataloader, evaluator, fp16)
+        self.checkpoint, self.quantized = checkpoint, quantized
+
+    def run(self) -> dict:
+        runner, config = self.runner, self.config
+        work_dir = Path(runner.work_dir)
+        if self.checkpoint:
+            load_weights_strict(unwrap_model(runner.model), self.checkpoint)
+        times, fp = {}, None
+        if config.eval_fp:
+            t = time.time()
+            fp = super().run()
+            times["fp_eval"] = time.time() - t
+        t = time.time()
+        if self.quantized:
+            _, saved = load_quantized_model(runner, config, self.quantized)
+            indices, recon, model_path = saved["calib_indices"], saved.get("recon", {}), None
+        else:
+            result, indices = quantize_runner_model(runner, config)
+            recon = result.recon
+            model_path = save_quantized_model(
+                runner, config, indices, recon, work_dir / "quantized_model.pth"
+            )
+        times["quantize"] = time.time() - t
+        t = time.time()
+        quant = super().run()
+        times["quant_eval"] = time.time() - t
+        results = ptq_results(
+            runner,
+            config,
+            fp=fp,
+            quant=quant,
+            indices=indices,
+            recon=recon,
+            times=times,
+            error=output_error(unwrap_model(runner.model), self.dataloader),
+            quantized_model=str(self.quantized or model_path),
+        )
+        path = write_results(work_dir / "ptq_results.json", results)
+        runner.cfg.dump(str(work_dir / "ptq_config.py"))
+        print(format_results(results))
+        print(f"results: {path}")
+        return quant
+
+
+def format_results(results: dict) -> str:
+    """The FP and quantized metrics side by side, the output error, method, scope and times."""
+    setting = f"W{results['w_bits']}A{results['a_bits']}"
+    lines = [f"\n{'metric':28s} {'FP':>10s} {setting:>10s}"]
+    for name, value in results["quant"].items():
+        if isinstance(value, (int, float)):
+            fp = results["fp"][name] if results["fp"] else float("nan")
+            lines.append(f"{name:28s} {fp:10.4g} {value:10.4g}")
+    times = ", ".join(f"{k} {v:.1f} s" for k, v in results["time_s"].items())
+    error = results["output_error"]
+    if error:
+        lines.append(
+            f"output error on {error['images']} evaluation images ({error['outputs']}): "
+            f"relative MSE {error['relative_mse']:.4g}"
+        )
+    lines.append(
+        f"method {results['method']}, scope {results['scope']}; {times}; "
+        f"peak host memory {results['peak_mem_mb']['host_rss']:.0f} MiB"
+    )
+    return "\n".join(lines)
