@@ -22,15 +22,18 @@ keys rejected with the closest known key named); it is the ``ptq`` section of a 
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from .adapters import QuantPlan, prepare_calibrated
+from .quant.calibrate import begin_batch, distributed_world
 from .quant.config import QuantConfig, check_keys, dataclass_from_dict
 from .recon import (
     ChainDataSource,
@@ -172,6 +175,14 @@ def quantize(
     log_dir: where ``recon_log.json`` and ``recon_loss.png`` go (``None``: nowhere).
     print_fn: progress lines.
 
+    Under ``torch.distributed`` (an initialized default group of W processes), each process
+    passes its share of the calibration batches: batches ``rank, rank + W, rank + 2W, ...`` of
+    the whole list. Calibration runs data-parallel and pools the range statistics, so every
+    process gets the quantizers one process would get on the whole list. Reconstruction runs on
+    rank 0 on all the batches (gathered there) and the result is broadcast: a unit's optimizer
+    steps are sequential and small (batch 32 of cached activations), and splitting each step
+    over processes would change the optimization; on rank 0 the result equals one process's.
+
     Raises ``ValueError`` on settings that do not fit the model (an unknown scope, a model
     without supported transformer blocks, ``head_bits`` without a head) before anything is
     changed, and ``RuntimeError`` naming the quantizers that calibration did not reach.
@@ -181,19 +192,38 @@ def quantize(
     if config.quant.head_bits is not None and head is None:
         raise ValueError("quant.head_bits is set but the model has no classification head")
 
+    rank, world = distributed_world()
+
     def forward_loop(m: nn.Module) -> None:
         total = len(calib_data) if hasattr(calib_data, "__len__") else "?"
         for i, batch in enumerate(calib_data):
+            begin_batch(m, rank + i * world)  # its index in the whole calibration list
             run_batch(m, batch)
             print_fn(f"calibration: batch {i + 1}/{total}")
 
     plan = prepare_calibrated(model, config.quant, forward_loop, config.scope_modules, head)
     if config.method == "calib":
         return QuantResult(plan)
-    records, recon = _reconstruct(
-        model, plan, list(calib_data), config, recon_batch or run_batch, log_dir, print_fn
-    )
-    return QuantResult(plan, records, recon)
+    batches = list(calib_data)
+    if world == 1:
+        records, recon = _reconstruct(
+            model, plan, batches, config, recon_batch or run_batch, log_dir, print_fn
+        )
+        return QuantResult(plan, records, recon)
+    shares = [None] * world if rank == 0 else None
+    dist.gather_object(batches, shares, dst=0)
+    done: list = [None, None, None]
+    if rank == 0:
+        # batch i of the whole list is batch i // W of rank i % W
+        batches = [b for group in itertools.zip_longest(*shares) for b in group if b is not None]
+        records, recon = _reconstruct(
+            model, plan, batches, config, recon_batch or run_batch, log_dir, print_fn
+        )
+        done = [model.state_dict(), records, recon]
+    dist.broadcast_object_list(done, src=0)
+    if rank != 0:
+        model.load_state_dict(done[0])
+    return QuantResult(plan, done[1], done[2])
 
 
 def _reconstruct(

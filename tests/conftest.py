@@ -1,4 +1,7 @@
-"""Tiny models shared by the tests (CPU, seconds)."""
+"""Tiny models and helpers shared by the tests (CPU, seconds), as fixtures.
+
+The model fixtures return factories (``tiny_timm_vit(**kw)`` builds a fresh model at each
+call), so a test builds as many models as it needs and draws its random inputs after them."""
 
 import importlib.util
 from pathlib import Path
@@ -8,47 +11,108 @@ import timm
 import torch
 
 
-def tiny_timm_vit(**kw):
-    return timm.create_model(
-        "vit_tiny_patch16_224",
-        pretrained=False,
-        img_size=32,
-        patch_size=8,
-        embed_dim=48,
-        depth=4,
-        num_heads=3,
-        num_classes=5,
-        **kw,
-    ).eval()
+@pytest.fixture(scope="session")
+def tiny_timm_vit():
+    """Factory of a tiny timm ViT (4 blocks, 17 tokens of 48 channels, 5 classes), in eval mode;
+    keyword arguments go to ``timm.create_model``."""
+
+    def build(**kw):
+        return timm.create_model(
+            "vit_tiny_patch16_224",
+            pretrained=False,
+            img_size=32,
+            patch_size=8,
+            embed_dim=48,
+            depth=4,
+            num_heads=3,
+            num_classes=5,
+            **kw,
+        ).eval()
+
+    return build
 
 
+@pytest.fixture(scope="session")
 def tiny_timm_swin():
-    return timm.create_model(
-        "swin_tiny_patch4_window7_224",
-        pretrained=False,
-        img_size=56,
-        embed_dim=24,
-        depths=(2, 2),
-        num_heads=(2, 4),
-        window_size=7,
-        num_classes=5,
-    ).eval()
+    """Factory of a tiny timm Swin (two stages of two blocks, 56x56 images), in eval mode."""
+
+    def build():
+        return timm.create_model(
+            "swin_tiny_patch4_window7_224",
+            pretrained=False,
+            img_size=56,
+            embed_dim=24,
+            depths=(2, 2),
+            num_heads=(2, 4),
+            window_size=7,
+            num_classes=5,
+        ).eval()
+
+    return build
 
 
+@pytest.fixture(scope="session")
 def tiny_mmdet_swin():
-    from mmdet.models.backbones.swin import SwinTransformer
+    """Factory of a tiny mmdet Swin backbone (two stages of two blocks), in eval mode."""
 
-    model = SwinTransformer(
-        embed_dims=24,
-        depths=(2, 2),
-        num_heads=(2, 4),
-        window_size=7,
-        out_indices=(0, 1),
-        strides=(4, 2),
-        drop_path_rate=0.0,
-    )
-    model.eval()  # mmdet's SwinTransformer.train() returns None: no chaining
-    return model
+    def build():
+        from mmdet.models.backbones.swin import SwinTransformer
+
+        model = SwinTransformer(
+            embed_dims=24,
+            depths=(2, 2),
+            num_heads=(2, 4),
+            window_size=7,
+            out_indices=(0, 1),
+            strides=(4, 2),
+            drop_path_rate=0.0,
+        )
+        model.eval()  # mmdet's SwinTransformer.train() returns None: no chaining
+        return model
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def quantized_vit(tiny_timm_vit):
+    """Factory: ``quantized_vit()`` returns ``(model, plan, batches)``."""
+    from pfcr_mm.adapters import prepare_calibrated
+    from pfcr_mm.quant.config import QuantConfig
+
+    def build():
+        """A tiny ViT (4 blocks, 17 tokens of 48 channels) quantized at W4A4, two calib
+        batches."""
+        model = tiny_timm_vit()
+        batches = [torch.randn(16, 3, 32, 32) for _ in range(2)]
+        plan = prepare_calibrated(
+            model, QuantConfig(w_bits=4, a_bits=4), lambda m: [m(b) for b in batches]
+        )
+        return model, plan, batches
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def fake_units():
+    """Factory: ``fake_units(stage_depths)`` returns ``(units, blocks)``, an MHSA and an MLP
+    reconstruction unit per identity block, named as Swin's ``layers.<s>.blocks.<i>``."""
+    from torch import nn
+
+    from pfcr_mm.adapters.base import ReconUnit
+
+    def build(stage_depths):
+        units, blocks = [], []
+        for s, depth in enumerate(stage_depths):
+            for i in range(depth):
+                block = nn.Identity()
+                blocks.append(block)
+                for kind in ("attn", "mlp"):
+                    units.append(
+                        ReconUnit(f"layers.{s}.blocks.{i}.{kind}", kind, block, lambda b, x: x)
+                    )
+        return units, blocks
+
+    return build
 
 
 @pytest.fixture(autouse=True)
@@ -61,55 +125,66 @@ def _seed_and_one_thread():
     torch.set_num_threads(n)
 
 
-def assert_every_point_hit_once(model, run) -> int:
-    """Run ``run()`` and assert that every attention quantizer point (q, k, v, probs) and the
-    input and weight quantizer of every QuantLinear ran exactly once; returns the number of
-    attention points."""
+@pytest.fixture(scope="session")
+def assert_every_point_hit_once():
+    """``assert_every_point_hit_once(model, run)``: see its docstring."""
     from pfcr_mm.quant.attention import AttentionQuantizers
     from pfcr_mm.quant.calibrate import named_quantizers
     from pfcr_mm.quant.modules import QuantLinear
 
-    hits = {}
-    handles = [
-        q.register_forward_hook(lambda m, a, o, n=n: hits.__setitem__(n, hits.get(n, 0) + 1))
-        for n, q in named_quantizers(model)
-    ]
-    with torch.no_grad():
-        run()
-    for h in handles:
-        h.remove()
-    points = 0
-    for name, m in model.named_modules():
-        if isinstance(m, AttentionQuantizers):
-            for point in ("q", "k", "v", "probs"):
-                assert hits.get(f"{name}.{point}", 0) == 1, f"{name}.{point} not hit once"
-                points += 1
-        if isinstance(m, QuantLinear):
-            assert hits[f"{name}.input_quantizer"] == hits[f"{name}.weight_quantizer"] == 1
-    return points
+    def check(model, run) -> int:
+        """Run ``run()`` and assert that every attention quantizer point (q, k, v, probs) and
+        the input and weight quantizer of every QuantLinear ran exactly once; returns the
+        number of attention points."""
+        hits = {}
+        handles = [
+            q.register_forward_hook(lambda m, a, o, n=n: hits.__setitem__(n, hits.get(n, 0) + 1))
+            for n, q in named_quantizers(model)
+        ]
+        with torch.no_grad():
+            run()
+        for h in handles:
+            h.remove()
+        points = 0
+        for name, m in model.named_modules():
+            if isinstance(m, AttentionQuantizers):
+                for point in ("q", "k", "v", "probs"):
+                    assert hits.get(f"{name}.{point}", 0) == 1, f"{name}.{point} not hit once"
+                    points += 1
+            if isinstance(m, QuantLinear):
+                assert hits[f"{name}.input_quantizer"] == hits[f"{name}.weight_quantizer"] == 1
+        return points
+
+    return check
 
 
-def fp_outputs_around_reparam(model, x):
-    """Prepare ``model`` at W4A4, calibrate on ``x``, and return the plan and the FP outputs
-    (all quantizers off) before and after the post-LayerNorm re-parameterization."""
+@pytest.fixture(scope="session")
+def fp_outputs_around_reparam():
+    """``fp_outputs_around_reparam(model, x)``: see its docstring."""
     from pfcr_mm.adapters import prepare
     from pfcr_mm.quant.calibrate import calibrate_activations, set_quant_state
     from pfcr_mm.quant.config import QuantConfig
     from pfcr_mm.quant.reparam import reparameterize_post_ln
 
-    plan = prepare(model, QuantConfig(w_bits=4, a_bits=4))
-    calibrate_activations(model, lambda m: m(x))
-    set_quant_state(model, weights=False, activations=False)
-    with torch.no_grad():
-        before = model(x)
-        for norm, linear in plan.post_ln_pairs:
-            reparameterize_post_ln(norm, linear)
-        after = model(x)
-    return plan, before, after
+    def run(model, x):
+        """Prepare ``model`` at W4A4, calibrate on ``x``, and return the plan and the FP
+        outputs (all quantizers off) before and after the post-LayerNorm
+        re-parameterization."""
+        plan = prepare(model, QuantConfig(w_bits=4, a_bits=4))
+        calibrate_activations(model, lambda m: m(x))
+        set_quant_state(model, weights=False, activations=False)
+        with torch.no_grad():
+            before = model(x)
+            for norm, linear in plan.post_ln_pairs:
+                reparameterize_post_ln(norm, linear)
+            after = model(x)
+        return plan, before, after
+
+    return run
 
 
 def _load_tool(name: str):
-    """``tools/<name>.py`` as a module, without putting ``tools/`` on ``sys.path``."""
+    """``tools/<name>.py`` as a module, loaded from its file (``tools/`` is not made importable)."""
     path = Path(__file__).resolve().parents[1] / "tools" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(f"pfcr_tools_{name}", path)
     module = importlib.util.module_from_spec(spec)

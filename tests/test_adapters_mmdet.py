@@ -5,7 +5,6 @@ import copy
 
 import pytest
 import torch
-from conftest import assert_every_point_hit_once, fp_outputs_around_reparam, tiny_mmdet_swin
 from mmdet.models.backbones.swin import WindowMSA
 from torch import nn
 
@@ -17,7 +16,7 @@ from pfcr_mm.quant.modules import QuantLinear
 PADDED_INPUT = (2, 3, 60, 76)
 
 
-def test_quantized_window_msa_equals_original_when_disabled():
+def test_quantized_window_msa_equals_original_when_disabled(tiny_mmdet_swin):
     model = tiny_mmdet_swin()
     ref = copy.deepcopy(model)
     prepare(model, QuantConfig())
@@ -38,7 +37,7 @@ def test_quantized_window_msa_equals_original_when_disabled():
             assert torch.allclose(o, r, atol=1e-5)
 
 
-def test_every_linear_and_both_matmuls_quantized():
+def test_every_linear_and_both_matmuls_quantized(tiny_mmdet_swin, assert_every_point_hit_once):
     model = tiny_mmdet_swin()
     n_linear = sum(isinstance(m, nn.Linear) for m in model.modules())
     x = torch.randn(PADDED_INPUT)
@@ -48,7 +47,7 @@ def test_every_linear_and_both_matmuls_quantized():
     assert assert_every_point_hit_once(model, lambda: model(x)) == 4 * 4
 
 
-def test_units_compose_to_the_block():
+def test_units_compose_to_the_block(tiny_mmdet_swin):
     model = tiny_mmdet_swin()
     plan = prepare(model, QuantConfig())
     calls = []
@@ -62,7 +61,7 @@ def test_units_compose_to_the_block():
             assert torch.allclose(mlp(attn(x, hw), hw), out, atol=1e-6)
 
 
-def test_reparameterization_exact_with_padding():
+def test_reparameterization_exact_with_padding(tiny_mmdet_swin, fp_outputs_around_reparam):
     model = tiny_mmdet_swin()
     # give the LayerNorms non-trivial affine parameters, as trained models have
     for m in model.modules():
@@ -79,7 +78,7 @@ def test_reparameterization_exact_with_padding():
 
 
 @pytest.mark.parametrize("post_softmax", ["log2", "uniform"])
-def test_quantized_swin_output_error_falls_with_bits(post_softmax):
+def test_quantized_swin_output_error_falls_with_bits(post_softmax, tiny_mmdet_swin):
     model = tiny_mmdet_swin()
     x = torch.randn(PADDED_INPUT)
     with torch.no_grad():

@@ -4,12 +4,6 @@ import copy
 
 import pytest
 import torch
-from conftest import (
-    assert_every_point_hit_once,
-    fp_outputs_around_reparam,
-    tiny_timm_swin,
-    tiny_timm_vit,
-)
 from torch import nn
 
 from pfcr_mm.adapters import UnsupportedModelError, prepare, prepare_calibrated
@@ -17,16 +11,23 @@ from pfcr_mm.quant.calibrate import calibrate_activations
 from pfcr_mm.quant.config import QuantConfig
 from pfcr_mm.quant.modules import QuantLinear
 
-MODELS = {"vit": (tiny_timm_vit, (4, 3, 32, 32)), "swin": (tiny_timm_swin, (2, 3, 56, 56))}
+INPUT_SHAPES = {"vit": (4, 3, 32, 32), "swin": (2, 3, 56, 56)}
+
+
+@pytest.fixture
+def models(tiny_timm_vit, tiny_timm_swin):
+    """Per model name: its tiny factory and the shape of its input."""
+    factories = {"vit": tiny_timm_vit, "swin": tiny_timm_swin}
+    return {name: (factories[name], shape) for name, shape in INPUT_SHAPES.items()}
 
 
 def _attention_modules(model):
     return [m for m in model.modules() if hasattr(m, "qkv") and hasattr(m, "proj")]
 
 
-@pytest.mark.parametrize("name", MODELS)
-def test_quantized_attention_equals_original_when_disabled(name):
-    build, shape = MODELS[name]
+@pytest.mark.parametrize("name", INPUT_SHAPES)
+def test_quantized_attention_equals_original_when_disabled(name, models):
+    build, shape = models[name]
     model = build()
     x = torch.randn(shape)
     ref = copy.deepcopy(model)
@@ -45,9 +46,9 @@ def test_quantized_attention_equals_original_when_disabled(name):
         assert torch.allclose(model(x), ref_out, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", MODELS)
-def test_every_linear_and_both_matmuls_quantized(name):
-    build, shape = MODELS[name]
+@pytest.mark.parametrize("name", INPUT_SHAPES)
+def test_every_linear_and_both_matmuls_quantized(name, models, assert_every_point_hit_once):
+    build, shape = models[name]
     model = build()
     n_linear = sum(isinstance(m, nn.Linear) for m in model.modules())
     n_conv = sum(isinstance(m, nn.Conv2d) for m in model.modules())
@@ -60,9 +61,9 @@ def test_every_linear_and_both_matmuls_quantized(name):
     assert assert_every_point_hit_once(model, lambda: model(x)) == 4 * 4
 
 
-@pytest.mark.parametrize("name", MODELS)
-def test_units_compose_to_the_model(name):
-    build, shape = MODELS[name]
+@pytest.mark.parametrize("name", INPUT_SHAPES)
+def test_units_compose_to_the_model(name, models):
+    build, shape = models[name]
     model = build()
     x = torch.randn(shape)
     plan = prepare(model, QuantConfig())
@@ -80,9 +81,9 @@ def test_units_compose_to_the_model(name):
             assert torch.allclose(mlp(attn(inp)), out, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", MODELS)
-def test_reparameterization_keeps_fp_output(name):
-    build, shape = MODELS[name]
+@pytest.mark.parametrize("name", INPUT_SHAPES)
+def test_reparameterization_keeps_fp_output(name, models, fp_outputs_around_reparam):
+    build, shape = models[name]
     model = build()
     x = torch.randn(shape)
     plan, before, after = fp_outputs_around_reparam(model, x)
@@ -91,7 +92,7 @@ def test_reparameterization_keeps_fp_output(name):
     assert torch.allclose(before, after, atol=1e-4, rtol=1e-4)
 
 
-def test_quantized_model_close_at_8_bits_and_further_at_3():
+def test_quantized_model_close_at_8_bits_and_further_at_3(tiny_timm_vit):
     model = tiny_timm_vit()
     x = torch.randn(8, 3, 32, 32)
     with torch.no_grad():
@@ -114,7 +115,7 @@ def test_no_supported_block_is_a_clear_error():
         prepare(model, QuantConfig())
 
 
-def test_unobserved_quantizer_is_named():
+def test_unobserved_quantizer_is_named(tiny_timm_vit):
     model = tiny_timm_vit()
     prepare(model, QuantConfig())
     with pytest.raises(RuntimeError, match=r"blocks\.0\.attn\.qkv\.input_quantizer"):

@@ -279,3 +279,52 @@ def test_layerwise_non_block_layers(ptq_tool, tmp_path):
     bad = tmp_path / "bad"
     opts[-1] = "ptq.recon.non_block=everything"
     assert ptq_tool.main([str(cfg), "--work-dir", str(bad), "--cfg-options", *opts]) == 2
+
+
+def test_two_gloo_processes_give_the_quantizers_and_metrics_of_one(ptq_tool, tmp_path):
+    """tools/ptq.py --launcher pytorch on 2 CPU processes (gloo): calibration split over the
+    processes with pooled statistics, reconstruction on rank 0, evaluation split; the saved
+    quantized model and the metrics equal a single-process run's."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    _make_folder(tmp_path / "data")
+    cfg = _write_config(tmp_path)
+    opts = ["--cfg-options", "ptq.method=pfcr", "ptq.recon.iters=6", "ptq.recon.batch_size=2"]
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    assert ptq_tool.main([str(cfg), "--work-dir", str(single), *opts]) == 0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={port}",
+        str(ROOT / "tools/ptq.py"),
+        str(cfg),
+        "--work-dir",
+        str(multi),
+        "--launcher",
+        "pytorch",
+        *opts,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    a = json.loads((single / "ptq_results.json").read_text())
+    b = json.loads((multi / "ptq_results.json").read_text())
+    assert b["fp"] == a["fp"] and b["quant"] == a["quant"]
+    assert b["output_error"] == a["output_error"]
+    assert b["calib_indices"] == a["calib_indices"] and len(a["calib_indices"]) == 5
+    assert b["recon"]["units"] == a["recon"]["units"] == 7
+    sa = torch.load(single / "quantized_model.pth", weights_only=True)["state_dict"]
+    sb = torch.load(multi / "quantized_model.pth", weights_only=True)["state_dict"]
+    assert sa.keys() == sb.keys()
+    tensors = [k for k in sa if isinstance(sa[k], torch.Tensor)]
+    assert any(k.endswith("input_quantizer.scale") for k in tensors)
+    assert any(k.endswith("weight_quantizer.alpha") for k in tensors)  # reconstructed
+    assert all(torch.equal(sa[k], sb[k]) for k in tensors)

@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_every_point_hit_once
 from mmdet.models.backbones.swin import SwinBlock
 from mmdet.registry import MODELS
 from mmdet.utils import register_all_modules
@@ -31,7 +30,7 @@ def _build_small(config: str) -> nn.Module:
 
 
 @pytest.mark.parametrize("config", CONFIGS)
-def test_backbone_fully_quantized(config):
+def test_backbone_fully_quantized(config, assert_every_point_hit_once):
     model = _build_small(config)
     backbone_linears = sum(isinstance(m, nn.Linear) for m in model.backbone.modules())
     head_linears = sum(isinstance(m, nn.Linear) for m in model.modules()) - backbone_linears

@@ -1,4 +1,5 @@
-"""The core (pfcr_mm, quant/, adapters/, recon/) imports neither mmdet nor mmcv nor mmengine."""
+"""The core (pfcr_mm, quant/, adapters/, recon/) imports neither mmdet nor mmcv nor mmengine;
+recon/ imports no matplotlib either (only when a plot is written)."""
 
 import subprocess
 import sys
@@ -19,6 +20,16 @@ def test_top_level_api_pulls_in_no_openmmlab():
     code = (
         "import pfcr_mm, sys; pfcr_mm.quantize; pfcr_mm.PTQConfig; import pfcr_mm.recon; "
         "assert not {'mmdet','mmengine','mmcv'} & set(sys.modules), 'openmmlab imported'"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_recon_imports_no_openmmlab_and_no_matplotlib():
+    code = (
+        "import sys, pfcr_mm.recon; "
+        "bad = [m for m in sys.modules if m.split('.')[0] in "
+        "('mmdet', 'mmcv', 'mmengine', 'matplotlib')]; print(bad); sys.exit(1 if bad else 0)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr

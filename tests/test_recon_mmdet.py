@@ -1,8 +1,8 @@
 """Reconstruction on mmdet's Swin: units take ``(x, hw_shape)``, calibration images differ in
 size, and levels stay within a stage."""
 
+import pytest
 import torch
-from conftest import tiny_mmdet_swin
 
 from pfcr_mm.adapters import prepare_calibrated
 from pfcr_mm.quant.calibrate import quantizer_states
@@ -15,17 +15,23 @@ from pfcr_mm.recon import (
 )
 
 
-def quantized_tiny_swin():
-    model = tiny_mmdet_swin()
-    # two image sizes: 15x19 and 14x14 tokens at stage 1 (the first needs window padding)
-    batches = [torch.randn(2, 3, 60, 76), torch.randn(1, 3, 56, 56)]
-    plan = prepare_calibrated(
-        model, QuantConfig(w_bits=4, a_bits=4), lambda m: [m(b) for b in batches]
-    )
-    return model, plan, batches
+@pytest.fixture
+def quantized_tiny_swin(tiny_mmdet_swin):
+    """Factory: ``quantized_tiny_swin()`` returns ``(model, plan, batches)``."""
+
+    def build():
+        model = tiny_mmdet_swin()
+        # two image sizes: 15x19 and 14x14 tokens at stage 1 (the first needs window padding)
+        batches = [torch.randn(2, 3, 60, 76), torch.randn(1, 3, 56, 56)]
+        plan = prepare_calibrated(
+            model, QuantConfig(w_bits=4, a_bits=4), lambda m: [m(b) for b in batches]
+        )
+        return model, plan, batches
+
+    return build
 
 
-def test_swin_blocks_composed_and_hw_shape_cached_per_image_size():
+def test_swin_blocks_composed_and_hw_shape_cached_per_image_size(quantized_tiny_swin):
     model, plan, batches = quantized_tiny_swin()
     schedule = FineToCoarseSchedule(plan.units)
     assert schedule.describe()["stages"] == [

@@ -11,9 +11,11 @@ quantized model in ``<work_dir>/quantized_model.pth``.
 from __future__ import annotations
 
 import argparse
+import datetime
 import sys
 from pathlib import Path
 
+import torch
 from mmengine.config import Config, DictAction
 from mmengine.runner import Runner
 
@@ -62,6 +64,14 @@ def build_cfg(args: argparse.Namespace) -> Config:
         args.work_dir or cfg.get("work_dir") or str(Path("work_dirs") / Path(args.config).stem)
     )
     cfg.launcher = args.launcher
+    if args.launcher != "none":
+        # Evaluation only: no DDP (it refuses CPU models); gloo where there is no GPU; rank 0
+        # reconstructs for hours at paper-grade budgets while the others wait for its result.
+        cfg.model_wrapper_cfg = dict(type="pfcr.PTQModelWrapper")
+        dist_cfg = cfg.setdefault("env_cfg", {}).setdefault("dist_cfg", {})
+        dist_cfg.setdefault("timeout", 7 * 24 * 3600)
+        if not torch.cuda.is_available():
+            dist_cfg["backend"] = "gloo"
     if args.checkpoint:
         if not Path(args.checkpoint).is_file():
             raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}")
@@ -106,6 +116,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         cfg = build_cfg(args)
+        if cfg.launcher == "pytorch" and not torch.cuda.is_available():
+            # mmengine's pytorch launcher selects a CUDA device unconditionally: without one,
+            # start the gloo group here (from torchrun's environment); the Runner then uses it.
+            timeout = datetime.timedelta(seconds=cfg.env_cfg.dist_cfg.timeout)
+            torch.distributed.init_process_group("gloo", timeout=timeout)
         Runner.from_cfg(cfg).test()
     except (FileNotFoundError, KeyError, ValueError) as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err

@@ -6,6 +6,13 @@ your own::
 
     test_cfg = dict(type="pfcr.PTQLoop")   # the ``ptq`` section of the config is used
 
+Distributed (``tools/ptq.py --launcher pytorch``, one process per device or CPU share): the
+calibration images are split over the processes and their range statistics pooled, so every
+process ends with the quantizers of a single-process run; reconstruction runs on rank 0 and is
+broadcast (see :func:`pfcr_mm.quantize`); the evaluations are split as MMEngine's test loop
+splits them, and the main process writes the files. The model is wrapped in
+:class:`PTQModelWrapper`, not DistributedDataParallel: nothing is trained.
+
 Files in the work dir: ``ptq_results.json`` (an earlier one is kept under a timestamped name),
 ``quantized_model.pth``, ``quant_summary.{json,txt}``, ``calib_indices.json``,
 ``ptq_config.py`` and, for ``block``/``pfcr``, ``recon/recon_log.json`` and ``recon_loss.png``.
@@ -16,7 +23,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from mmengine.dist import is_main_process
 from mmengine.runner import TestLoop
+from torch import nn
 
 from ..adapters import find_blocks
 from ..core import PTQConfig
@@ -30,7 +39,7 @@ from .ptq import (
     unwrap_model,
     write_results,
 )
-from .registry import LOOPS
+from .registry import LOOPS, MODEL_WRAPPERS
 
 
 @LOOPS.register_module()
@@ -102,9 +111,10 @@ class PTQLoop(TestLoop):
             quantized_model=str(self.quantized or model_path),
         )
         path = write_results(work_dir / "ptq_results.json", results)
-        runner.cfg.dump(str(work_dir / "ptq_config.py"))
-        print(format_results(results))
-        print(f"results: {path}")
+        if is_main_process():
+            runner.cfg.dump(str(work_dir / "ptq_config.py"))
+            print(format_results(results))
+            print(f"results: {path}")
         return quant
 
 
@@ -128,3 +138,26 @@ def format_results(results: dict) -> str:
         f"peak host memory {results['peak_mem_mb']['host_rss']:.0f} MiB"
     )
     return "\n".join(lines)
+
+
+@MODEL_WRAPPERS.register_module()
+class PTQModelWrapper(nn.Module):
+    """The model wrapper of a distributed PTQ run: the model runs as it is in every process.
+
+    Nothing is trained, so there are no gradients to synchronize; DistributedDataParallel would
+    also refuse a CPU model with the device ids MMEngine gives it. ``module`` is the model, as
+    in MMEngine's own wrappers.
+    """
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def test_step(self, data):
+        return self.module.test_step(data)
+
+    def val_step(self, data):
+        return self.module.val_step(data)
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import torch
+from mmengine.dist import get_dist_info, is_main_process
 from mmengine.logging import print_log
 from mmengine.model import is_model_wrapper
 from mmengine.registry import DATASETS, FUNCTIONS
@@ -62,6 +63,10 @@ def calibration_loader(
     ``dict(split='train')`` for a folder dataset, or ``dict(ann_file=..., data_prefix=...)`` of
     COCO train2017. It is required: calibrating on the evaluation images would leak them. The
     indices are written to ``work_dir/calib_indices.json``.
+
+    In a distributed run the loader of process ``rank`` of W holds batches ``rank, rank + W,
+    ...`` of the whole calibration list (the share :func:`pfcr_mm.quantize` expects); the
+    returned indices are always those of the whole list.
     """
     calib = config.calib
     dataset_cfg = calib_dataset_cfg(config, test_dataloader_cfg["dataset"])
@@ -71,15 +76,20 @@ def calibration_loader(
     num = min(calib.num_images, len(dataset))
     gen = torch.Generator().manual_seed(calib.seed)
     indices = sorted(torch.randperm(len(dataset), generator=gen)[:num].tolist())
-    (work_dir / "calib_indices.json").write_text(
-        json.dumps({"seed": calib.seed, "dataset": dataset_cfg, "indices": indices})
-    )
+    if is_main_process():
+        (work_dir / "calib_indices.json").write_text(
+            json.dumps({"seed": calib.seed, "dataset": dataset_cfg, "indices": indices})
+        )
+    rank, world = get_dist_info()
+    size = calib.batch_size
+    batches = [indices[i : i + size] for i in range(0, len(indices), size)]
+    share = [i for batch in batches[rank::world] for i in batch]
     collate_cfg = test_dataloader_cfg.get("collate_fn", {"type": "pseudo_collate"})
     collate = FUNCTIONS.get(collate_cfg["type"])
     if collate is None:
         raise KeyError(f"unknown collate_fn {collate_cfg['type']!r} in test_dataloader")
     loader = DataLoader(
-        Subset(dataset, indices),
+        Subset(dataset, share),
         batch_size=calib.batch_size,
         shuffle=False,
         num_workers=calib.num_workers,
@@ -126,15 +136,19 @@ def features(model: torch.nn.Module, data: dict):
     return feats(data["inputs"]) if feats else model(data["inputs"], mode="tensor")
 
 
-def output_error(model: torch.nn.Module, loader, max_images: int = 32) -> dict:
+def output_error(model: torch.nn.Module, loader: DataLoader, max_images: int = 32) -> dict:
     """How far the quantized model's outputs are from the FP model's, on the first
-    ``max_images`` images of ``loader`` (the evaluation images: held out from calibration and
-    reconstruction). Outputs: a detector's features (``extract_feat``: backbone and neck), a
+    ``max_images`` images (in whole batches) of ``loader``'s dataset in order (the evaluation
+    images: held out from calibration and reconstruction; every process of a distributed run
+    computes the same). Outputs: a detector's features (``extract_feat``: backbone and neck), a
     classifier's logits. Returns ``sum ||q - fp||^2 / sum ||fp||^2`` over all of them."""
+    in_order = DataLoader(
+        loader.dataset, batch_size=loader.batch_size, shuffle=False, collate_fn=loader.collate_fn
+    )
     err = ref = 0.0
     seen = 0
     with torch.no_grad():
-        for data in PreprocessedBatches(loader, model):
+        for data in PreprocessedBatches(in_order, model):
             with quantizer_states(model, weights=False, activations=False):
                 fp = features(model, data)
             q = features(model, data)
@@ -181,7 +195,8 @@ def quantize_runner_model(runner, config: PTQConfig) -> tuple[QuantResult, list[
     fp_parts = list(result.fp_parts)
     if runner.cfg.get("task") == "detection":  # functional ops, invisible as modules
         fp_parts += ["NMS", "box and mask post-processing"]
-    write_quant_summary(model, work_dir / "quant_summary.json", fp_parts)
+    if is_main_process():
+        write_quant_summary(model, work_dir / "quant_summary.json", fp_parts)
     print_log(
         f"quantized {len(result.plan.quantized_modules)} modules, {len(result.plan.units)} "
         f"units; summary in {work_dir / 'quant_summary.txt'}",
@@ -195,7 +210,10 @@ def save_quantized_model(
 ) -> Path:
     """Write the quantized model: the full state (re-parameterized weights, every quantizer's
     range and flags), the integer weight codes of every quantized layer, the settings, the
-    calibration indices and the resolved config. :func:`load_quantized_model` restores it."""
+    calibration indices and the resolved config. :func:`load_quantized_model` restores it.
+    Only the main process writes."""
+    if not is_main_process():
+        return path
     model, _ = _model_and_head(runner, config)
     integer = {
         name: m.weight_quantizer.integer_weight(m.weight.detach()).to(torch.uint8)
@@ -286,7 +304,10 @@ def ptq_results(
 
 
 def write_results(path: Path, results: dict) -> Path:
-    """Write ``results`` as JSON; an existing file is kept under a timestamped name."""
+    """Write ``results`` as JSON (the main process only); an existing file is kept under a
+    timestamped name."""
+    if not is_main_process():
+        return path
     if path.exists():
         stamp = time.strftime("%Y%m%d_%H%M%S", time.localtime(path.stat().st_mtime))
         kept = path.with_name(f"{path.stem}.{stamp}{path.suffix}")

@@ -8,6 +8,7 @@ from mmengine.registry import DATASETS as MMENGINE_DATASETS
 from mmengine.registry import HOOKS as MMENGINE_HOOKS
 from mmengine.registry import LOOPS as MMENGINE_LOOPS
 from mmengine.registry import METRICS as MMENGINE_METRICS
+from mmengine.registry import MODEL_WRAPPERS as MMENGINE_MODEL_WRAPPERS
 from mmengine.registry import MODELS as MMENGINE_MODELS
 from mmengine.registry import Registry
 
@@ -18,3 +19,6 @@ DATASETS = Registry("dataset", parent=MMENGINE_DATASETS, scope="pfcr", locations
 METRICS = Registry("metric", parent=MMENGINE_METRICS, scope="pfcr", locations=_LOCATIONS)
 HOOKS = Registry("hook", parent=MMENGINE_HOOKS, scope="pfcr", locations=["pfcr_mm.engine.hooks"])
 LOOPS = Registry("loop", parent=MMENGINE_LOOPS, scope="pfcr", locations=["pfcr_mm.engine.loop"])
+MODEL_WRAPPERS = Registry(
+    "model_wrapper", parent=MMENGINE_MODEL_WRAPPERS, scope="pfcr", locations=["pfcr_mm.engine.loop"]
+)

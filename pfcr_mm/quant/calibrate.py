@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from .quantizers import AdaRoundWeightQuantizer, BaseQuantizer
@@ -70,10 +71,27 @@ def hard_rounding(modules: nn.Module | Iterable[nn.Module]) -> Iterator[None]:
             m.rounding = rounding
 
 
+def distributed_world() -> tuple[int, int]:
+    """``(rank, world size)`` of the initialized default process group, ``(0, 1)`` without."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def begin_batch(model: nn.Module, index: int) -> None:
+    """Tell every quantizer that the next observations come from calibration batch ``index``."""
+    for _, q in named_quantizers(model):
+        q.begin_batch(index)
+
+
 @torch.no_grad()
 def calibrate_activations(model: nn.Module, forward_loop: Callable[[nn.Module], None]) -> None:
     """Run ``forward_loop(model)`` in floating point while every activation quantizer observes its
     inputs, then choose every range.
+
+    Under ``torch.distributed`` each process runs its own share of the calibration batches
+    (named with :func:`begin_batch`); the observed samples are pooled across processes before
+    the ranges are chosen, so every process ends with the quantizers one process would have.
 
     Raises ``RuntimeError`` naming the enabled quantizers that saw no data: a point the forward
     loop never reached would otherwise be left with an arbitrary range.
@@ -90,6 +108,12 @@ def calibrate_activations(model: nn.Module, forward_loop: Callable[[nn.Module], 
         model.train(was_training)
         for _, q in quantizers:
             q.set_state("fp")
+    _, world = distributed_world()
+    if world > 1:
+        for _, q in quantizers:  # the same order in every process
+            pooled = [None] * world
+            dist.all_gather_object(pooled, q.samples())
+            q.pool_samples(pooled)
     unseen = [n for n, q in quantizers if q.enabled and q.observed_rows == 0]
     if unseen:
         raise RuntimeError(

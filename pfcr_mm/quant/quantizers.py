@@ -4,7 +4,8 @@ Every quantizer has three states, switched by :meth:`BaseQuantizer.set_state`:
 
 * ``"fp"``: identity;
 * ``"observe"``: identity that records a row sample of the inputs, from which
-  :meth:`BaseQuantizer.finish_calibration` chooses the range;
+  :meth:`BaseQuantizer.finish_calibration` chooses the range (the sample is a function of the
+  calibration batches alone, whichever process saw them: see :meth:`BaseQuantizer.observe`);
 * ``"quant"``: quantize-dequantize with straight-through rounding, so that step sizes (LSQ) and
   AdaRound variables can be learned.
 
@@ -61,7 +62,9 @@ class BaseQuantizer(nn.Module):
         self.state = "fp"
         self.calibrated = False
         self._samples: list[torch.Tensor] = []
-        self._generator = torch.Generator().manual_seed(0)
+        self._keys: list[torch.Tensor] = []
+        self._batch: int | None = None  # index of the calibration batch being observed
+        self._calls = 0  # observations in this batch (or in all, while no batch is named)
 
     @property
     def per_channel(self) -> bool:
@@ -86,18 +89,48 @@ class BaseQuantizer(nn.Module):
     def observed_rows(self) -> int:
         return sum(s.shape[0] for s in self._samples)
 
+    def begin_batch(self, index: int) -> None:
+        """Name the calibration batch the next observations come from (its index in the whole
+        calibration set)."""
+        self._batch, self._calls = index, 0
+
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:
+        """Keep a row sample of ``x``: every row gets a random key drawn from a generator seeded
+        by the batch index and the call within the batch, and the rows with the smallest keys
+        are kept (``OBSERVE_ROWS_PER_BATCH`` per call, ``OBSERVE_MAX_ROWS`` in all). A sample
+        of the smallest keys is mergeable: the union of the samples of several processes,
+        cut to the smallest keys, is the sample one process would have kept
+        (:meth:`pool_samples`)."""
         rows = self._rows(x.detach().float())
+        seed = (self._batch or 0) * 1_000_003 + self._calls
+        self._calls += 1
+        keys = torch.rand(rows.shape[0], generator=torch.Generator().manual_seed(seed))
         if rows.shape[0] > OBSERVE_ROWS_PER_BATCH:
-            keep = torch.randperm(rows.shape[0], generator=self._generator)[:OBSERVE_ROWS_PER_BATCH]
-            rows = rows[keep.to(rows.device)]
+            keep = keys.topk(OBSERVE_ROWS_PER_BATCH, largest=False).indices
+            rows, keys = rows[keep.to(rows.device)], keys[keep]
         self._samples.append(rows.cpu())
-        total = self.observed_rows
-        if total > OBSERVE_MAX_ROWS:
-            merged = torch.cat(self._samples)
-            keep = torch.randperm(total, generator=self._generator)[:OBSERVE_MAX_ROWS]
-            self._samples = [merged[keep]]
+        self._keys.append(keys)
+        if self.observed_rows > OBSERVE_MAX_ROWS:
+            self.pool_samples([self.samples()])
+
+    def samples(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The kept ``(keys, rows)``, or ``None`` when nothing was observed."""
+        if not self._samples:
+            return None
+        return torch.cat(self._keys), torch.cat(self._samples)
+
+    def pool_samples(self, parts: list[tuple[torch.Tensor, torch.Tensor] | None]) -> None:
+        """Replace the kept sample by the ``OBSERVE_MAX_ROWS`` rows of smallest key among
+        ``parts`` (:meth:`samples` of this and other processes), in key order."""
+        parts = [p for p in parts if p is not None]
+        if not parts:
+            self._keys, self._samples = [], []
+            return
+        keys = torch.cat([k for k, _ in parts])
+        rows = torch.cat([r for _, r in parts])
+        order = keys.argsort(stable=True)[:OBSERVE_MAX_ROWS]
+        self._keys, self._samples = [keys[order]], [rows[order]]
 
     def _rows(self, x: torch.Tensor) -> torch.Tensor:
         if self.ch_axis is None:
@@ -108,8 +141,9 @@ class BaseQuantizer(nn.Module):
         """All observed rows as one ``(rows, C)`` tensor; clears the sample."""
         if not self._samples:
             raise RuntimeError("quantizer observed no data")
-        rows = torch.cat(self._samples)
-        self._samples = []
+        self.pool_samples([self.samples()])  # key order: the same rows in every process
+        rows = self._samples[0]
+        self._samples, self._keys = [], []
         return rows
 
     def _param_shape(self, x: torch.Tensor) -> list[int]:

@@ -1,32 +1,57 @@
-"""The chain data source: every unit's caches, propagated block to block (through the Swin
-PatchMerging links), equal what full forwards of the model compute at that unit."""
+"""The chain data source (pfcr_mm/recon/data.py): every unit's caches, propagated block to
+block (through the Swin PatchMerging links), equal what full forwards of the model compute at
+that unit."""
 
 import pytest
 import torch
-from conftest import tiny_mmdet_swin, tiny_timm_swin, tiny_timm_vit
 
 from pfcr_mm.adapters import UnsupportedModelError, prepare, prepare_calibrated
 from pfcr_mm.quant.calibrate import quantizer_states
 from pfcr_mm.quant.config import QuantConfig
 from pfcr_mm.recon import (
     ChainDataSource,
+    ComposedUnit,
     FineToCoarseSchedule,
     LayerUnit,
     leaves,
 )
 
 
-def _vit():
-    return tiny_timm_vit(), [torch.randn(3, 3, 32, 32) for _ in range(2)]
+@pytest.fixture
+def vit_and_batches(tiny_timm_vit):
+    """Factory: a tiny timm ViT and two batches of three 32x32 images."""
+
+    def build():
+        return tiny_timm_vit(), [torch.randn(3, 3, 32, 32) for _ in range(2)]
+
+    return build
 
 
-def _timm_swin():
-    return tiny_timm_swin(), [torch.randn(2, 3, 56, 56) for _ in range(2)]
+@pytest.fixture
+def timm_swin_and_batches(tiny_timm_swin):
+    """Factory: a tiny timm Swin and two batches of two 56x56 images."""
+
+    def build():
+        return tiny_timm_swin(), [torch.randn(2, 3, 56, 56) for _ in range(2)]
+
+    return build
 
 
-def _mmdet_swin():
-    # two image sizes (the first needs window padding, and PatchMerging pads it too)
-    return tiny_mmdet_swin(), [torch.randn(2, 3, 60, 76), torch.randn(1, 3, 56, 56)]
+@pytest.fixture
+def mmdet_swin_and_batches(tiny_mmdet_swin):
+    """Factory: a tiny mmdet Swin and two batches of different image sizes."""
+
+    def build():
+        # two image sizes (the first needs window padding, and PatchMerging pads it too)
+        return tiny_mmdet_swin(), [torch.randn(2, 3, 60, 76), torch.randn(1, 3, 56, 56)]
+
+    return build
+
+
+@pytest.fixture
+def make(request):
+    """The factory fixture named by the (indirect) parameter."""
+    return request.getfixturevalue(request.param)
 
 
 def unit_inputs_by_forward(model, units, batches):
@@ -54,7 +79,45 @@ def unit_inputs_by_forward(model, units, batches):
     return out
 
 
-@pytest.mark.parametrize("make", [_vit, _timm_swin, _mmdet_swin], ids=["vit", "timm_swin", "mmdet"])
+def test_data_source_matches_the_model(quantized_vit):
+    model, plan, batches = quantized_vit()
+    attn1, mlp1 = plan.units[2], plan.units[3]
+    block1 = ComposedUnit("blocks.1", 1, [attn1, mlp1])
+    fp, quant = [], []
+    hook = model.blocks[1].register_forward_hook(lambda m, a, o: seen.append((a[0], o)))
+    with torch.no_grad():
+        seen = fp
+        with quantizer_states(model, weights=False, activations=False):
+            for b in batches:
+                model(b)
+        seen = quant
+        for b in batches:
+            model(b)
+    hook.remove()
+    source = ChainDataSource(model, plan.units, batches)
+    x, y, args = source.fp_io(block1)
+    assert args == [(), ()]
+    for (fx, fy), xi, yi in zip(fp, x, y):
+        assert torch.equal(xi, fx) and torch.allclose(yi, fy, atol=1e-6)
+    for (qx, _), xi in zip(quant, source.quant_input(block1)):
+        assert torch.equal(xi, qx)
+    # an MLP unit starts after its block's MHSA: its inputs go through the MHSA unit first
+    x_mlp, y_mlp, _ = source.fp_io(mlp1)
+    with torch.no_grad(), quantizer_states(model, weights=False, activations=False):
+        assert torch.allclose(x_mlp[0], attn1(fp[0][0]), atol=1e-6)
+        assert torch.allclose(y_mlp[0], fp[0][1], atol=1e-6)
+    half = ChainDataSource(model, plan.units, batches, cache_dtype="float16")
+    h_x, h_y, _ = half.fp_io(block1)
+    assert h_x[0].dtype == torch.float16 and h_x[0].device.type == "cpu"
+    assert torch.allclose(h_y[0].float(), y[0], rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "make",
+    ["vit_and_batches", "timm_swin_and_batches", "mmdet_swin_and_batches"],
+    ids=["vit", "timm_swin", "mmdet"],
+    indirect=True,
+)
 def test_chain_source_gives_every_unit_the_inputs_of_a_full_forward(make):
     model, batches = make()
     plan = prepare_calibrated(
@@ -86,8 +149,8 @@ def test_chain_source_gives_every_unit_the_inputs_of_a_full_forward(make):
     assert len(calls) == 2 * len(batches) * len(list(schedule))
 
 
-def test_chain_source_moves_the_quantized_front_through_what_was_learned():
-    model, batches = _mmdet_swin()
+def test_chain_source_moves_the_quantized_front_through_what_was_learned(mmdet_swin_and_batches):
+    model, batches = mmdet_swin_and_batches()
     plan = prepare_calibrated(
         model, QuantConfig(w_bits=4, a_bits=4), lambda m: [m(b) for b in batches]
     )
@@ -111,7 +174,7 @@ def test_chain_source_moves_the_quantized_front_through_what_was_learned():
         assert torch.equal(xi, fi)
 
 
-def test_blocks_in_two_roots_are_not_one_chain():
+def test_blocks_in_two_roots_are_not_one_chain(tiny_timm_vit):
     vit_a, vit_b = tiny_timm_vit(), tiny_timm_vit()
     model = torch.nn.Sequential()
     model.add_module("a", vit_a)
@@ -124,8 +187,8 @@ def test_blocks_in_two_roots_are_not_one_chain():
     assert not any("quantizer" in n for n, _ in model.named_modules())
 
 
-def test_layer_units_off_the_chain():
-    model, batches = _timm_swin()
+def test_layer_units_off_the_chain(timm_swin_and_batches):
+    model, batches = timm_swin_and_batches()
     plan = prepare_calibrated(
         model, QuantConfig(w_bits=4, a_bits=4), lambda m: [m(b) for b in batches]
     )
