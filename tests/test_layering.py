@@ -4,32 +4,31 @@ recon/ imports no matplotlib either (only when a plot is written)."""
 import subprocess
 import sys
 
+import pytest
 
-def test_core_does_not_import_openmmlab():
+OPENMMLAB = ("mmdet", "mmcv", "mmengine")
+
+
+@pytest.mark.parametrize(
+    "imports, banned",
+    [
+        # the adapters with timm loaded, as a timm user has them
+        (
+            "import torch, timm, pfcr_mm.quant, pfcr_mm.adapters; "
+            "pfcr_mm.adapters.available_adapters()",
+            OPENMMLAB,
+        ),
+        # the top-level API: the whole method in one call
+        ("import pfcr_mm; pfcr_mm.quantize; pfcr_mm.PTQConfig", OPENMMLAB),
+        ("import pfcr_mm.recon", (*OPENMMLAB, "matplotlib")),
+    ],
+    ids=["adapters", "top_level_api", "recon"],
+)
+def test_core_imports_no_openmmlab(imports, banned):
     code = (
-        "import sys, torch, timm, pfcr_mm.quant, pfcr_mm.adapters; "
-        "from pfcr_mm.adapters import available_adapters; available_adapters(); "
-        "bad = [m for m in sys.modules if m.split('.')[0] in ('mmdet', 'mmcv', 'mmengine')]; "
+        f"import sys; {imports}; "
+        f"bad = [m for m in sys.modules if m.split('.')[0] in {banned!r}]; "
         "print(bad); sys.exit(1 if bad else 0)"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert out.returncode == 0, out.stdout + out.stderr
-
-
-def test_top_level_api_pulls_in_no_openmmlab():
-    code = (
-        "import pfcr_mm, sys; pfcr_mm.quantize; pfcr_mm.PTQConfig; import pfcr_mm.recon; "
-        "assert not {'mmdet','mmengine','mmcv'} & set(sys.modules), 'openmmlab imported'"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert out.returncode == 0, out.stdout + out.stderr
-
-
-def test_recon_imports_no_openmmlab_and_no_matplotlib():
-    code = (
-        "import sys, pfcr_mm.recon; "
-        "bad = [m for m in sys.modules if m.split('.')[0] in "
-        "('mmdet', 'mmcv', 'mmengine', 'matplotlib')]; print(bad); sys.exit(1 if bad else 0)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr

@@ -13,19 +13,11 @@ evaluation: ``fp`` is ``null``; ``tools/ptq.py`` adds it).
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 from mmengine.hooks import Hook
 
 from ..core import PTQConfig
-from .ptq import (
-    output_error,
-    ptq_results,
-    quantize_runner_model,
-    save_quantized_model,
-    unwrap_model,
-    write_results,
-)
+from .ptq import quantize_and_save, record_results
 from .registry import HOOKS
 
 
@@ -40,15 +32,11 @@ class PFCRHook(Hook):
     def before_test(self, runner) -> None:
         if self.done is not None:
             return
-        work_dir = Path(runner.work_dir)
         t = time.time()
-        result, indices = quantize_runner_model(runner, self.config)
-        path = save_quantized_model(
-            runner, self.config, indices, result.recon, work_dir / "quantized_model.pth"
-        )
+        indices, recon, path = quantize_and_save(runner, self.config)
         self.done = {
             "indices": indices,
-            "recon": result.recon,
+            "recon": recon,
             "path": str(path),
             "times": {"quantize": time.time() - t},
             "start": time.time(),
@@ -59,16 +47,15 @@ class PFCRHook(Hook):
         if done is None or "written" in done:
             return
         times = {**done["times"], "quant_eval": time.time() - done["start"]}
-        results = ptq_results(
+        record_results(
             runner,
             self.config,
+            runner.test_loop.dataloader,
             fp=None,
             quant=dict(metrics or {}),
             indices=done["indices"],
             recon=done["recon"],
             times=times,
-            error=output_error(unwrap_model(runner.model), runner.test_loop.dataloader),
             quantized_model=done["path"],
         )
-        write_results(Path(runner.work_dir) / "ptq_results.json", results)
         done["written"] = True

@@ -30,15 +30,7 @@ from torch import nn
 from ..adapters import find_blocks
 from ..core import PTQConfig
 from .checkpoint import load_weights_strict
-from .ptq import (
-    load_quantized_model,
-    output_error,
-    ptq_results,
-    quantize_runner_model,
-    save_quantized_model,
-    unwrap_model,
-    write_results,
-)
+from .ptq import load_quantized_model, quantize_and_save, record_results, unwrap_model
 from .registry import LOOPS, MODEL_WRAPPERS
 
 
@@ -90,27 +82,22 @@ class PTQLoop(TestLoop):
             _, saved = load_quantized_model(runner, config, self.quantized)
             indices, recon, model_path = saved["calib_indices"], saved.get("recon", {}), None
         else:
-            result, indices = quantize_runner_model(runner, config)
-            recon = result.recon
-            model_path = save_quantized_model(
-                runner, config, indices, recon, work_dir / "quantized_model.pth"
-            )
+            indices, recon, model_path = quantize_and_save(runner, config)
         times["quantize"] = time.time() - t
         t = time.time()
         quant = super().run()
         times["quant_eval"] = time.time() - t
-        results = ptq_results(
+        results, path = record_results(
             runner,
             config,
+            self.dataloader,
             fp=fp,
             quant=quant,
             indices=indices,
             recon=recon,
             times=times,
-            error=output_error(unwrap_model(runner.model), self.dataloader),
             quantized_model=str(self.quantized or model_path),
         )
-        path = write_results(work_dir / "ptq_results.json", results)
         if is_main_process():
             runner.cfg.dump(str(work_dir / "ptq_config.py"))
             print(format_results(results))

@@ -270,20 +270,31 @@ def package_versions() -> dict:
     return out
 
 
-def ptq_results(
+def quantize_and_save(runner, config: PTQConfig) -> tuple[list[int], dict, Path]:
+    """Quantize ``runner.model`` (:func:`quantize_runner_model`) and save it to
+    ``quantized_model.pth``; returns the calibration indices, the reconstruction summary and
+    the path."""
+    result, indices = quantize_runner_model(runner, config)
+    path = Path(runner.work_dir) / "quantized_model.pth"
+    save_quantized_model(runner, config, indices, result.recon, path)
+    return indices, result.recon, path
+
+
+def record_results(
     runner,
     config: PTQConfig,
+    loader: DataLoader,
     fp: dict | None,
     quant: dict,
     indices: list[int],
     recon: dict,
     times: dict,
-    error: dict | None,
-    quantized_model: str | None,
-) -> dict:
-    """The content of ``ptq_results.json``."""
+    quantized_model: str,
+) -> tuple[dict, Path]:
+    """Measure the output error on ``loader``'s first images and write ``ptq_results.json``;
+    returns the results and the path."""
     cfg = runner.cfg
-    return {
+    results = {
         "task": cfg.get("task", "classification"),
         "method": config.method,
         "w_bits": config.quant.w_bits,
@@ -293,7 +304,7 @@ def ptq_results(
         "recon": recon,
         "fp": fp,
         "quant": quant,
-        "output_error": error,
+        "output_error": output_error(unwrap_model(runner.model), loader),
         "calib_indices": indices,
         "time_s": times,
         "peak_mem_mb": peak_memory_mb(),
@@ -301,6 +312,7 @@ def ptq_results(
         "config": cfg.filename,
         "quantized_model": quantized_model,
     }
+    return results, write_results(Path(runner.work_dir) / "ptq_results.json", results)
 
 
 def write_results(path: Path, results: dict) -> Path:

@@ -24,9 +24,8 @@ from torch import nn
 ADAROUND_ZETA = 1.1
 ADAROUND_GAMMA = -0.1
 
-# Rows kept per observed batch and in total: enough for a stable range search, bounded memory on
+# Rows kept of all observed inputs: enough for a stable range search, bounded memory on
 # detection-size activations (a stage-1 Swin map at 800x1216 has 60k tokens).
-OBSERVE_ROWS_PER_BATCH = 2048
 OBSERVE_MAX_ROWS = 32768
 
 
@@ -96,18 +95,17 @@ class BaseQuantizer(nn.Module):
 
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:
-        """Keep a row sample of ``x``: every row gets a random key drawn from a generator seeded
-        by the batch index and the call within the batch, and the rows with the smallest keys
-        are kept (``OBSERVE_ROWS_PER_BATCH`` per call, ``OBSERVE_MAX_ROWS`` in all). A sample
-        of the smallest keys is mergeable: the union of the samples of several processes,
-        cut to the smallest keys, is the sample one process would have kept
-        (:meth:`pool_samples`)."""
+        """Keep a uniform row sample of everything observed: every row gets a random key from
+        a generator seeded by the batch index and the call within the batch, and the
+        ``OBSERVE_MAX_ROWS`` rows of smallest key are kept. Such a sample is mergeable: the
+        samples of several processes, pooled and cut to the smallest keys, are the sample one
+        process would have kept of all their rows (:meth:`pool_samples`)."""
         rows = self._rows(x.detach().float())
         seed = (self._batch or 0) * 1_000_003 + self._calls
         self._calls += 1
         keys = torch.rand(rows.shape[0], generator=torch.Generator().manual_seed(seed))
-        if rows.shape[0] > OBSERVE_ROWS_PER_BATCH:
-            keep = keys.topk(OBSERVE_ROWS_PER_BATCH, largest=False).indices
+        if rows.shape[0] > OBSERVE_MAX_ROWS:
+            keep = keys.topk(OBSERVE_MAX_ROWS, largest=False).indices
             rows, keys = rows[keep.to(rows.device)], keys[keep]
         self._samples.append(rows.cpu())
         self._keys.append(keys)
