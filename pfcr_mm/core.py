@@ -33,7 +33,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .adapters import QuantPlan, prepare_calibrated
-from .quant.calibrate import begin_batch, distributed_world
+from .quant.calibrate import begin_batch, distributed_world, raise_if_any_failed
 from .quant.config import QuantConfig, check_keys, dataclass_from_dict
 from .recon import (
     ChainDataSource,
@@ -121,8 +121,9 @@ class PTQConfig:
         parts = {"quant": QuantConfig, "calib": CalibSettings, "recon": ReconSettings}
         kwargs = dict(d)
         for key, sub in parts.items():
-            if key in kwargs and not isinstance(kwargs[key], sub):
-                kwargs[key] = dataclass_from_dict(sub, dict(kwargs[key] or {}), f"ptq.{key}")
+            value = kwargs.get(key)
+            if key in kwargs and not isinstance(value, sub):
+                kwargs[key] = dataclass_from_dict(sub, {} if value is None else value, f"ptq.{key}")
         return cls(**kwargs)
 
     def to_dict(self) -> dict:
@@ -210,20 +211,44 @@ def quantize(
             model, plan, batches, config, recon_batch or run_batch, log_dir, print_fn
         )
         return QuantResult(plan, records, recon)
+    # Collectives carry CPU objects: a CUDA tensor would come back on the sender's device.
     shares = [None] * world if rank == 0 else None
-    dist.gather_object(batches, shares, dst=0)
+    dist.gather_object(_to_device(batches, "cpu"), shares, dst=0)
     done: list = [None, None, None]
+    failure = None
     if rank == 0:
         # batch i of the whole list is batch i // W of rank i % W
         batches = [b for group in itertools.zip_longest(*shares) for b in group if b is not None]
-        records, recon = _reconstruct(
-            model, plan, batches, config, recon_batch or run_batch, log_dir, print_fn
-        )
-        done = [model.state_dict(), records, recon]
+        device = next(model.parameters()).device
+        try:
+            records, recon = _reconstruct(
+                model,
+                plan,
+                _to_device(batches, device),
+                config,
+                recon_batch or run_batch,
+                log_dir,
+                print_fn,
+            )
+            done = [_to_device(model.state_dict(), "cpu"), records, recon]
+        except Exception as err:
+            failure = err
+    raise_if_any_failed(failure, "reconstruction on rank 0")
     dist.broadcast_object_list(done, src=0)
     if rank != 0:
         model.load_state_dict(done[0])
     return QuantResult(plan, done[1], done[2])
+
+
+def _to_device(obj: Any, device: torch.device | str) -> Any:
+    """``obj`` with every tensor (in lists, tuples, dicts, or objects with ``.to``, such as
+    MMEngine data samples) on ``device``."""
+    if isinstance(obj, dict):
+        return type(obj)({k: _to_device(v, device) for k, v in obj.items()})
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_device(v, device) for v in obj)
+    to = getattr(obj, "to", None)
+    return to(device) if callable(to) else obj
 
 
 def _reconstruct(

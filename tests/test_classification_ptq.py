@@ -151,6 +151,7 @@ def test_hook_quantizes_before_a_stock_test_run(tmp_path):
     assert n_quant == 2 * 4 + 1  # qkv, proj, fc1, fc2 per block and the head
     work = tmp_path / "work"
     assert (work / "quant_summary.json").exists() and (work / "quantized_model.pth").exists()
+    assert (work / "ptq_config.py").exists()
     # the hook writes the results a tools/ptq.py run writes, without the FP evaluation
     res = json.loads((work / "ptq_results.json").read_text())
     assert res["fp"] is None and res["quant"] == metrics and res["method"] == "calib"

@@ -144,3 +144,31 @@ def test_bits_outside_range_rejected(bits):
 def test_quant_before_calibration_rejected():
     with pytest.raises(RuntimeError, match="before calibration"):
         UniformQuantizer(4).set_state("quant")
+
+
+def test_observed_sample_is_uniform_and_the_same_however_batches_are_split():
+    from pfcr_mm.quant.quantizers import OBSERVE_MAX_ROWS
+
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randn(n, 1, generator=gen) for n in (30000, 5000, 20000, 9000)]
+    one = UniformQuantizer(4)
+    for i, b in enumerate(batches):
+        one.begin_batch(i)
+        one.observe(b)
+    # two "processes", each seeing every other batch, pooled afterwards
+    parts = [UniformQuantizer(4), UniformQuantizer(4)]
+    for i, b in enumerate(batches):
+        parts[i % 2].begin_batch(i)
+        parts[i % 2].observe(b)
+    pooled = UniformQuantizer(4)
+    pooled.pool_samples([p.samples() for p in parts])
+    keys, rows = one.samples()
+    keys2, rows2 = pooled.samples()
+    assert rows.shape == (OBSERVE_MAX_ROWS, 1)
+    assert torch.equal(keys, keys2) and torch.equal(rows, rows2)
+    # uniform over all 64000 rows: each batch contributes in proportion to its size
+    origin = torch.cat([torch.full((b.shape[0],), i) for i, b in enumerate(batches)])
+    everything = torch.cat(batches)[:, 0]
+    share = torch.bincount(origin[torch.isin(everything, rows[:, 0])], minlength=4).float()
+    expected = torch.tensor([b.shape[0] for b in batches]).float() * OBSERVE_MAX_ROWS / 64000
+    assert torch.allclose(share, expected, rtol=0.05)

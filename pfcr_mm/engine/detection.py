@@ -48,5 +48,9 @@ def write_subset_annotations(ann_file: Path, num_images: int, out: Path) -> list
         "images": images,
         "annotations": [a for a in coco["annotations"] if a["image_id"] in ids],
     }
-    out.write_text(json.dumps(subset))
+    # every process of a distributed run writes the same file: each writes its own temporary
+    # file and renames it, so none reads a half-written one
+    tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(subset))
+    os.replace(tmp, out)
     return sorted(ids)

@@ -5,9 +5,10 @@ For users of ``mmdet``'s ``tools/test.py`` or ``mim test``::
     custom_hooks = [dict(type="pfcr.PFCRHook", ptq=dict(quant=dict(w_bits=4, a_bits=4), ...))]
 
 The model is quantized once, on the first test run, by the same code as ``pfcr.PTQLoop``
-(:func:`pfcr_mm.engine.ptq.quantize_runner_model`), and the same files are written: the
-quantized model and summary before the evaluation, ``ptq_results.json`` after it (without an FP
-evaluation: ``fp`` is ``null``; ``tools/ptq.py`` adds it).
+(:func:`pfcr_mm.engine.ptq.quantize_and_save`, :func:`~pfcr_mm.engine.ptq.record_results`),
+and the same files are written: the quantized model and summary before the evaluation,
+``ptq_results.json`` and ``ptq_config.py`` after every test run (without an FP evaluation:
+``fp`` is ``null``; ``tools/ptq.py`` adds it; an earlier results file is kept).
 """
 
 from __future__ import annotations
@@ -39,12 +40,15 @@ class PFCRHook(Hook):
             "recon": recon,
             "path": str(path),
             "times": {"quantize": time.time() - t},
-            "start": time.time(),
         }
+
+    def before_test_epoch(self, runner) -> None:
+        if self.done is not None:
+            self.done["start"] = time.time()
 
     def after_test_epoch(self, runner, metrics: dict | None = None) -> None:
         done = self.done
-        if done is None or "written" in done:
+        if done is None:
             return
         times = {**done["times"], "quant_eval": time.time() - done["start"]}
         record_results(
@@ -58,4 +62,3 @@ class PFCRHook(Hook):
             times=times,
             quantized_model=done["path"],
         )
-        done["written"] = True

@@ -69,7 +69,6 @@ class PTQLoop(TestLoop):
 
     def run(self) -> dict:
         runner, config = self.runner, self.config
-        work_dir = Path(runner.work_dir)
         if self.checkpoint:
             load_weights_strict(unwrap_model(runner.model), self.checkpoint)
         times, fp = {}, None
@@ -99,7 +98,6 @@ class PTQLoop(TestLoop):
             quantized_model=str(self.quantized or model_path),
         )
         if is_main_process():
-            runner.cfg.dump(str(work_dir / "ptq_config.py"))
             print(format_results(results))
             print(f"results: {path}")
         return quant

@@ -14,7 +14,7 @@ The ``ptq`` section of a config is a :class:`pfcr_mm.PTQConfig`::
     )
 
 :class:`pfcr_mm.engine.loop.PTQLoop` (``tools/ptq.py``) and :class:`pfcr_mm.engine.hooks.PFCRHook`
-(stock test scripts) both go through :func:`quantize_runner_model` and :func:`write_results`.
+(stock test scripts) both go through :func:`quantize_and_save` and :func:`record_results`.
 """
 
 from __future__ import annotations
@@ -291,8 +291,8 @@ def record_results(
     times: dict,
     quantized_model: str,
 ) -> tuple[dict, Path]:
-    """Measure the output error on ``loader``'s first images and write ``ptq_results.json``;
-    returns the results and the path."""
+    """Measure the output error on ``loader``'s first images, write ``ptq_results.json`` and
+    the resolved config ``ptq_config.py``; returns the results and the path."""
     cfg = runner.cfg
     results = {
         "task": cfg.get("task", "classification"),
@@ -312,7 +312,10 @@ def record_results(
         "config": cfg.filename,
         "quantized_model": quantized_model,
     }
-    return results, write_results(Path(runner.work_dir) / "ptq_results.json", results)
+    path = write_results(Path(runner.work_dir) / "ptq_results.json", results)
+    if is_main_process():
+        cfg.dump(str(Path(runner.work_dir) / "ptq_config.py"))
+    return results, path
 
 
 def write_results(path: Path, results: dict) -> Path:

@@ -78,6 +78,19 @@ def distributed_world() -> tuple[int, int]:
     return 0, 1
 
 
+def raise_if_any_failed(failure: BaseException | None, what: str) -> None:
+    """Collective over all processes: raise in every one of them if ``failure`` is set in any,
+    so that no process waits for one that stopped."""
+    statuses = [None] * distributed_world()[1]
+    dist.all_gather_object(statuses, None if failure is None else repr(failure))
+    failed = [(rank, s) for rank, s in enumerate(statuses) if s is not None]
+    if failure is not None:
+        raise failure
+    if failed:
+        rank, message = failed[0]
+        raise RuntimeError(f"{what} failed in process {rank}: {message}")
+
+
 def begin_batch(model: nn.Module, index: int) -> None:
     """Tell every quantizer that the next observations come from calibration batch ``index``."""
     for _, q in named_quantizers(model):
@@ -102,14 +115,20 @@ def calibrate_activations(model: nn.Module, forward_loop: Callable[[nn.Module], 
         q.set_state("observe")
     was_training = model.training
     model.eval()
+    _, world = distributed_world()
+    failure = None
     try:
         forward_loop(model)
+    except Exception as err:
+        if world == 1:
+            raise
+        failure = err  # the other processes must hear of it, or they wait for this one
     finally:
         model.train(was_training)
         for _, q in quantizers:
             q.set_state("fp")
-    _, world = distributed_world()
     if world > 1:
+        raise_if_any_failed(failure, "calibration")
         for _, q in quantizers:  # the same order in every process
             pooled = [None] * world
             dist.all_gather_object(pooled, q.samples())

@@ -103,7 +103,10 @@ class BaseQuantizer(nn.Module):
         rows = self._rows(x.detach().float())
         seed = (self._batch or 0) * 1_000_003 + self._calls
         self._calls += 1
-        keys = torch.rand(rows.shape[0], generator=torch.Generator().manual_seed(seed))
+        # 62-bit integer keys: no ties in practice, so the kept rows never depend on the order
+        # in which processes or batches are pooled
+        gen = torch.Generator().manual_seed(seed)
+        keys = torch.randint(0, 2**62, (rows.shape[0],), generator=gen)
         if rows.shape[0] > OBSERVE_MAX_ROWS:
             keep = keys.topk(OBSERVE_MAX_ROWS, largest=False).indices
             rows, keys = rows[keep.to(rows.device)], keys[keep]
@@ -358,7 +361,8 @@ class AdaRoundWeightQuantizer(UniformQuantizer):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         if prefix + "alpha" in state_dict and self.alpha is None:
-            self.alpha = nn.Parameter(torch.empty_like(state_dict[prefix + "alpha"]))
+            stored = state_dict[prefix + "alpha"]  # may come from another device (a checkpoint)
+            self.alpha = nn.Parameter(torch.empty_like(stored, device=self.scale.device))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
