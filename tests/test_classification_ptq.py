@@ -1,6 +1,10 @@
 """The classification path end to end through tools/ptq.py, and its error messages."""
 
 import json
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -282,20 +286,8 @@ def test_layerwise_non_block_layers(ptq_tool, tmp_path):
     assert ptq_tool.main([str(cfg), "--work-dir", str(bad), "--cfg-options", *opts]) == 2
 
 
-def test_two_gloo_processes_give_the_quantizers_and_metrics_of_one(ptq_tool, tmp_path):
-    """tools/ptq.py --launcher pytorch on 2 CPU processes (gloo): calibration split over the
-    processes with pooled statistics, reconstruction on rank 0, evaluation split; the saved
-    quantized model and the metrics equal a single-process run's."""
-    import os
-    import socket
-    import subprocess
-    import sys
-
-    _make_folder(tmp_path / "data")
-    cfg = _write_config(tmp_path)
-    opts = ["--cfg-options", "ptq.method=pfcr", "ptq.recon.iters=6", "ptq.recon.batch_size=2"]
-    single, multi = tmp_path / "single", tmp_path / "multi"
-    assert ptq_tool.main([str(cfg), "--work-dir", str(single), *opts]) == 0
+def _torchrun(cfg: Path, work: Path, *options: str) -> subprocess.CompletedProcess:
+    """``tools/ptq.py CONFIG --launcher pytorch`` on 2 CPU processes (gloo)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -308,13 +300,25 @@ def test_two_gloo_processes_give_the_quantizers_and_metrics_of_one(ptq_tool, tmp
         str(ROOT / "tools/ptq.py"),
         str(cfg),
         "--work-dir",
-        str(multi),
+        str(work),
         "--launcher",
         "pytorch",
-        *opts,
+        *options,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+
+
+def test_two_gloo_processes_give_the_quantizers_and_metrics_of_one(ptq_tool, tmp_path):
+    """tools/ptq.py --launcher pytorch on 2 CPU processes (gloo): calibration split over the
+    processes with pooled statistics, reconstruction on rank 0, evaluation split; the saved
+    quantized model and the metrics equal a single-process run's."""
+    _make_folder(tmp_path / "data")
+    cfg = _write_config(tmp_path)
+    opts = ["--cfg-options", "ptq.method=pfcr", "ptq.recon.iters=6", "ptq.recon.batch_size=2"]
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    assert ptq_tool.main([str(cfg), "--work-dir", str(single), *opts]) == 0
+    proc = _torchrun(cfg, multi, *opts)
     assert proc.returncode == 0, proc.stderr[-4000:]
     a = json.loads((single / "ptq_results.json").read_text())
     b = json.loads((multi / "ptq_results.json").read_text())
@@ -329,3 +333,16 @@ def test_two_gloo_processes_give_the_quantizers_and_metrics_of_one(ptq_tool, tmp
     assert any(k.endswith("input_quantizer.scale") for k in tensors)
     assert any(k.endswith("weight_quantizer.alpha") for k in tensors)  # reconstructed
     assert all(torch.equal(sa[k], sb[k]) for k in tensors)
+
+
+def test_a_failure_on_rank_0_stops_every_process(tmp_path):
+    """Rank 0's reconstruction fails (Adam refuses a NaN learning rate): rank 1, waiting for
+    its result, is told and stops too, instead of waiting for the group's timeout."""
+    _make_folder(tmp_path / "data")
+    cfg = _write_config(tmp_path)
+    opts = ["--cfg-options", "ptq.method=block", "ptq.recon.iters=2", "ptq.recon.w_lr=nan"]
+    proc = _torchrun(cfg, tmp_path / "fail", "--no-fp-eval", *opts)
+    assert proc.returncode != 0
+    assert "reconstruction on rank 0 failed in process 0" in proc.stderr
+    assert "Invalid learning rate" in proc.stderr
+    assert not (tmp_path / "fail" / "ptq_results.json").exists()
