@@ -120,3 +120,29 @@ def test_unobserved_quantizer_is_named(tiny_timm_vit):
     prepare(model, QuantConfig())
     with pytest.raises(RuntimeError, match=r"blocks\.0\.attn\.qkv\.input_quantizer"):
         calibrate_activations(model, lambda m: None)
+
+
+def test_weight_range_reaches_every_weight_quantizer(tiny_timm_vit):
+    from pfcr_mm.quant.modules import QuantConv2d
+
+    errors = {}
+    for method in ("mse", "minmax"):
+        model = tiny_timm_vit()
+        prepare(model, QuantConfig(w_bits=3, a_bits=8, weight_range=method))
+        layers = [m for m in model.modules() if isinstance(m, (QuantLinear, QuantConv2d))]
+        assert len(layers) == 4 * 4 + 2  # qkv, proj, fc1, fc2 per block; patch embed; head
+        assert {m.weight_quantizer.range_method for m in layers} == {method}
+        w = model.blocks[0].mlp.fc1.weight.detach()
+        q = model.blocks[0].mlp.fc1.weight_quantizer
+        q.set_state("quant")
+        with torch.no_grad():
+            w_hat = q(w)
+        half_step = q.scale.detach().reshape(-1, 1) / 2
+        clipped = ((w_hat - w).abs() > half_step + 1e-7).sum()
+        if method == "minmax":  # the grid covers every weight: only rounding, no clipping
+            assert clipped == 0
+        else:  # the MSE search clips the outliers of some channels
+            assert clipped > 0
+        errors[method] = float((w_hat - w).pow(2).sum())
+    # the MSE search clips outliers to lower the error at 3 bits
+    assert errors["mse"] < errors["minmax"]

@@ -163,11 +163,13 @@ def prepare(
         if child is head and cfg.head_bits is not None:
             w = a = cfg.head_bits
         if isinstance(child, nn.Linear) and not isinstance(child, QuantLinear):
-            return QuantLinear(child, w, a, id(child) in per_channel, cfg.act_range)
+            return QuantLinear(
+                child, w, a, id(child) in per_channel, cfg.act_range, cfg.weight_range
+            )
         if isinstance(child, nn.Conv2d) and not isinstance(child, QuantConv2d):
             if id(child) in first_convs:
                 a = cfg.first_layer_a_bits
-            return QuantConv2d(child, w, a, cfg.act_range)
+            return QuantConv2d(child, w, a, cfg.act_range, cfg.weight_range)
         return None
 
     for root, root_name in zip(roots, scope or [""]):

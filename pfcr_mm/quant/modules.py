@@ -14,7 +14,9 @@ from .quantizers import AdaRoundWeightQuantizer, UniformQuantizer
 
 
 class QuantLinear(nn.Linear):
-    """``y = W_hat x_hat + b``; weights per output channel, input per tensor or per channel."""
+    """``y = W_hat x_hat + b``; weights per output channel, input per tensor or per channel.
+    ``range_method`` / ``weight_range``: range search of the input / the weights
+    (``QuantConfig.act_range`` / ``weight_range``)."""
 
     def __init__(
         self,
@@ -23,13 +25,14 @@ class QuantLinear(nn.Linear):
         a_bits: int,
         act_per_channel: bool = False,
         range_method: str = "mse",
+        weight_range: str = "mse",
     ):
         super().__init__(
             linear.in_features, linear.out_features, linear.bias is not None, device="meta"
         )
         self.weight = linear.weight
         self.bias = linear.bias
-        self.weight_quantizer = AdaRoundWeightQuantizer(w_bits, ch_axis=0)
+        self.weight_quantizer = AdaRoundWeightQuantizer(w_bits, 0, weight_range)
         self.weight_quantizer.calibrate_from(self.weight)
         self.input_quantizer = UniformQuantizer(
             a_bits, ch_axis=-1 if act_per_channel else None, range_method=range_method
@@ -54,7 +57,14 @@ class QuantLinear(nn.Linear):
 class QuantConv2d(nn.Conv2d):
     """Conv2d with per-output-channel weights and a per-tensor input quantizer."""
 
-    def __init__(self, conv: nn.Conv2d, w_bits: int, a_bits: int, range_method: str = "mse"):
+    def __init__(
+        self,
+        conv: nn.Conv2d,
+        w_bits: int,
+        a_bits: int,
+        range_method: str = "mse",
+        weight_range: str = "mse",
+    ):
         super().__init__(
             conv.in_channels,
             conv.out_channels,
@@ -69,7 +79,7 @@ class QuantConv2d(nn.Conv2d):
         )
         self.weight = conv.weight
         self.bias = conv.bias
-        self.weight_quantizer = AdaRoundWeightQuantizer(w_bits, ch_axis=0)
+        self.weight_quantizer = AdaRoundWeightQuantizer(w_bits, 0, weight_range)
         self.weight_quantizer.calibrate_from(self.weight)
         self.input_quantizer = UniformQuantizer(a_bits, range_method=range_method)
 
