@@ -190,8 +190,6 @@ def quantize(
     """
     config = PTQConfig.from_dict(config)
     run_batch = run_batch or default_run_batch
-    if config.quant.head_bits is not None and head is None:
-        raise ValueError("quant.head_bits is set but the model has no classification head")
 
     rank, world = distributed_world()
 

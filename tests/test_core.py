@@ -118,3 +118,21 @@ def test_ptq_config_round_trips_and_names_the_close_key():
         PTQConfig.from_dict({"recon": {"non_block": "all"}})
     with pytest.raises(ValueError, match="max_level must be a level >= 0"):
         PTQConfig.from_dict({"recon": {"max_level": -1}})
+
+
+def test_head_bits_without_a_head_fails_before_the_model_changes(tiny_timm_vit):
+    import torch
+
+    from pfcr_mm import quantize
+
+    model = tiny_timm_vit()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    config = PTQConfig(quant=QuantConfig(head_bits=8))
+    with pytest.raises(ValueError, match="head_bits is set but the model has no classification"):
+        quantize(model, config, [torch.randn(2, 3, 32, 32)])
+    assert model.state_dict().keys() == before.keys()  # no quantizer was added
+    # with the head named, the head gets 8 bits and the rest the model's bits
+    quantize(model, config, [torch.randn(2, 3, 32, 32)], head=model.get_classifier())
+    assert (
+        model.head.weight_quantizer.bits == 8 and model.blocks[0].mlp.fc1.weight_quantizer.bits == 4
+    )

@@ -129,8 +129,11 @@ def prepare(
 
     scope: names of the sub-modules to quantize (``None``: the whole model); ``""`` is the root.
     head: a classification head, quantized with ``cfg.head_bits`` if set.
-    Raises :class:`UnsupportedModelError` when the model holds no supported transformer block.
+    Raises :class:`UnsupportedModelError` when the model holds no supported transformer block,
+    ValueError when ``cfg.head_bits`` is set without a ``head``.
     """
+    if cfg.head_bits is not None and head is None:
+        raise ValueError("quant.head_bits is set but the model has no classification head")
     roots, blocks = find_blocks(model, scope)
     units = []  # built first: an unsupported chain fails before the model is changed
     for i, (_, name, block, ad) in enumerate(blocks):
