@@ -145,10 +145,6 @@ class QuantResult:
     records: list[UnitRecord] = field(default_factory=list)
     recon: dict = field(default_factory=dict)
 
-    @property
-    def fp_parts(self) -> list[str]:
-        return self.plan.fp_parts
-
 
 def quantize(
     model: nn.Module,
@@ -203,11 +199,9 @@ def quantize(
     plan = prepare_calibrated(model, config.quant, forward_loop, config.scope_modules, head)
     if config.method == "calib":
         return QuantResult(plan)
-    batches = list(calib_data)
+    batches, recon_batch = list(calib_data), recon_batch or run_batch
     if world == 1:
-        records, recon = _reconstruct(
-            model, plan, batches, config, recon_batch or run_batch, log_dir, print_fn
-        )
+        records, recon = _reconstruct(model, plan, batches, config, recon_batch, log_dir, print_fn)
         return QuantResult(plan, records, recon)
     # Collectives carry CPU objects: a CUDA tensor would come back on the sender's device.
     shares = [None] * world if rank == 0 else None
@@ -219,14 +213,9 @@ def quantize(
         batches = [b for group in itertools.zip_longest(*shares) for b in group if b is not None]
         device = next(model.parameters()).device
         try:
+            batches = _to_device(batches, device)
             records, recon = _reconstruct(
-                model,
-                plan,
-                _to_device(batches, device),
-                config,
-                recon_batch or run_batch,
-                log_dir,
-                print_fn,
+                model, plan, batches, config, recon_batch, log_dir, print_fn
             )
             done = [_to_device(model.state_dict(), "cpu"), records, recon]
         except Exception as err:

@@ -167,7 +167,7 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if is_model_wrapper(model) else model
 
 
-def _model_and_head(runner, config: PTQConfig):
+def _model_and_head(runner):
     model = unwrap_model(runner.model)
     # a classifier names its head, so QuantConfig.head_bits can apply to it
     head = model.classifier_head() if hasattr(model, "classifier_head") else None
@@ -177,7 +177,7 @@ def _model_and_head(runner, config: PTQConfig):
 def quantize_runner_model(runner, config: PTQConfig) -> tuple[QuantResult, list[int]]:
     """Quantize ``runner.model`` in place with :func:`pfcr_mm.quantize` on the calibration
     images and write the summary; returns the result and the calibration indices."""
-    model, head = _model_and_head(runner, config)
+    model, head = _model_and_head(runner)
     work_dir = Path(runner.work_dir)
     loader, indices = calibration_loader(config, runner.cfg.test_dataloader, work_dir)
     result = quantize(
@@ -190,7 +190,7 @@ def quantize_runner_model(runner, config: PTQConfig) -> tuple[QuantResult, list[
         log_dir=work_dir / "recon",
         print_fn=lambda s: print_log(s, logger="current"),
     )
-    fp_parts = list(result.fp_parts)
+    fp_parts = list(result.plan.fp_parts)
     if runner.cfg.get("task") == "detection":  # functional ops, invisible as modules
         fp_parts += ["NMS", "box and mask post-processing"]
     if is_main_process():
@@ -212,7 +212,7 @@ def save_quantized_model(
     Only the main process writes."""
     if not is_main_process():
         return path
-    model, _ = _model_and_head(runner, config)
+    model, _ = _model_and_head(runner)
     integer = {
         name: m.weight_quantizer.integer_weight(m.weight.detach()).to(torch.uint8)
         for name, m in model.named_modules()
@@ -245,7 +245,7 @@ def load_quantized_model(runner, config: PTQConfig, path: str | Path) -> tuple[Q
             f"{path} was quantized with quant={saved['quant_config']} scope={saved['scope']}, "
             f"but the config asks for quant={config.quant.to_dict()} scope={config.scope}"
         )
-    model, head = _model_and_head(runner, config)
+    model, head = _model_and_head(runner)
     plan = prepare(model, config.quant, config.scope_modules, head)
     result = model.load_state_dict(saved["state_dict"], strict=False)
     if result.missing_keys or result.unexpected_keys:
