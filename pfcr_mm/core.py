@@ -23,6 +23,7 @@ keys rejected with the closest known key named); it is the ``ptq`` section of a 
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -33,7 +34,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .adapters import QuantPlan, prepare_calibrated
-from .quant.calibrate import begin_batch, distributed_world, raise_if_any_failed
+from .quant.calibrate import distributed_world, raise_if_any_failed
 from .quant.config import QuantConfig, check_keys, dataclass_from_dict
 from .recon import (
     ChainDataSource,
@@ -54,6 +55,9 @@ class CalibSettings:
     ``calib_data`` as given).
 
     num_images: how many images, drawn at random with ``seed`` from the calibration split.
+    heldout_images: the engine measures the output error on this many further images of the
+        calibration split, which calibration does not see (``ptq_results.json``
+        ``heldout_error``): where settings are chosen without the evaluation images; 0: none.
     batch_size / num_workers: of the calibration loader.
     dataset: MMEngine only: overrides of the test dataset config that select the calibration
         split, e.g. ``dict(split='train')`` or COCO train2017's ``ann_file``/``data_prefix``.
@@ -61,6 +65,7 @@ class CalibSettings:
 
     num_images: int = 256
     seed: int = 0
+    heldout_images: int = 32
     batch_size: int = 32
     num_workers: int = 0
     dataset: dict | None = None
@@ -70,6 +75,8 @@ class CalibSettings:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"ptq.calib.{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.heldout_images, int) or self.heldout_images < 0:
+            raise ValueError(f"ptq.calib.heldout_images must be >= 0, got {self.heldout_images!r}")
         if not isinstance(self.num_workers, int) or self.num_workers < 0:
             raise ValueError(f"ptq.calib.num_workers must be >= 0, got {self.num_workers!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
@@ -87,7 +94,7 @@ class PTQConfig:
     calib: which calibration images (:class:`CalibSettings`).
     recon: how units are reconstructed (:class:`~pfcr_mm.recon.ReconSettings`); ``recon.iters``
         is the budget per block: ``block`` gives each block ``iters`` iterations, ``pfcr``
-        spreads the same total over its levels and units.
+        spreads the same compute (``iters`` x blocks block-passes) over its levels and units.
     eval_fp: the engine evaluates the FP model before quantizing it.
     """
 
@@ -137,8 +144,9 @@ class QuantResult:
     plan: the quantized structure (units, quantized modules, what stays in floating point).
     records: one :class:`~pfcr_mm.recon.UnitRecord` per reconstructed unit (empty for calib).
     recon: the summary of the reconstruction for the results file (empty for ``calib``):
-        settings, levels run, units, iterations, seconds, and which layers outside the blocks
-        were reconstructed or only calibrated.
+        settings, levels run, units, iterations, block-passes, where the time went (calibration,
+        caches, optimizer steps), and which layers outside the blocks were reconstructed or only
+        calibrated.
     """
 
     plan: QuantPlan
@@ -192,17 +200,18 @@ def quantize(
     def forward_loop(m: nn.Module) -> None:
         total = len(calib_data) if hasattr(calib_data, "__len__") else "?"
         for i, batch in enumerate(calib_data):
-            begin_batch(m, rank + i * world)  # its index in the whole calibration list
             run_batch(m, batch)
             print_fn(f"calibration: batch {i + 1}/{total}")
 
+    start = time.perf_counter()
     plan = prepare_calibrated(model, config.quant, forward_loop, config.scope_modules, head)
+    calibration_seconds = time.perf_counter() - start
     if config.method == "calib":
         return QuantResult(plan)
     batches, recon_batch = list(calib_data), recon_batch or run_batch
     if world == 1:
         records, recon = _reconstruct(model, plan, batches, config, recon_batch, log_dir, print_fn)
-        return QuantResult(plan, records, recon)
+        return QuantResult(plan, records, {**recon, "calibration_seconds": calibration_seconds})
     # Collectives carry CPU objects: a CUDA tensor would come back on the sender's device.
     shares = [None] * world if rank == 0 else None
     dist.gather_object(_to_device(batches, "cpu"), shares, dst=0)
@@ -224,7 +233,7 @@ def quantize(
     dist.broadcast_object_list(done, src=0)
     if rank != 0:
         model.load_state_dict(done[0])
-    return QuantResult(plan, done[1], done[2])
+    return QuantResult(plan, done[1], {**done[2], "calibration_seconds": calibration_seconds})
 
 
 def _to_device(obj: Any, device: torch.device | str) -> Any:
@@ -280,7 +289,9 @@ def _reconstruct(
         "levels_run": sorted({r.level for r in records if r.level >= 0}),
         "units": len(records),
         "iterations": sum(r.iters for r in records),
+        "block_passes": sum(r.block_passes for r in records),
         "seconds": sum(r.seconds for r in records),
+        "cache_seconds": sum(r.cache_seconds for r in records),
         "non_block": recon.non_block,
         "layerwise_layers": [u.name for u in before + after],
         "calib_only_layers": calib_only,

@@ -5,12 +5,18 @@ import math
 import pytest
 import torch
 
+from pfcr_mm.quant.histogram import WeightedValues
 from pfcr_mm.quant.quantizers import (
     AdaRoundWeightQuantizer,
-    Log2Quantizer,
+    LogQuantizer,
     UniformQuantizer,
-    search_uniform_range,
 )
+from pfcr_mm.quant.quantizers import search_uniform_range as _search
+
+
+def search_uniform_range(x, bits, method):
+    """The range search over every row of ``x`` (n, 1), counted once each."""
+    return _search(WeightedValues.of_rows(x), bits, method)
 
 
 def test_uniform_minmax_per_tensor_hand_values():
@@ -47,7 +53,7 @@ def test_mse_range_clips_an_outlier():
     s_mm, _ = search_uniform_range(x, 4, "minmax")
     assert s_mse < s_mm
     for s, z in (search_uniform_range(x, 4, "mse"), search_uniform_range(x, 4, "minmax")):
-        assert s.dim() == 0 and z.dim() == 0
+        assert s.shape == (1,) and z.shape == (1,)
 
     def err(s, z):
         return ((torch.clamp(torch.round(x / s) + z, 0, 15) - z) * s - x).pow(2).sum()
@@ -77,7 +83,7 @@ def test_lsq_step_gradient_scaled():
 
 
 def test_log2_hand_values():
-    q = Log2Quantizer(3)  # codes 0..7, delta = 1
+    q = LogQuantizer(3)  # codes 0..7, delta = 1
     q.calibrated = True
     q.set_state("quant")
     x = torch.tensor([1.0, 0.5, 0.3, 0.1, 2**-7, 2**-7.6, 2**-9, 0.0])
@@ -87,7 +93,7 @@ def test_log2_hand_values():
 
 
 def test_log_sqrt2_hand_values():
-    q = Log2Quantizer(3, sqrt2=True)
+    q = LogQuantizer(3, k=2.0)
     q.calibrated = True
     q.set_state("quant")
     out = q(torch.tensor([1.0, 0.7, 0.5, 0.4]))
@@ -96,7 +102,7 @@ def test_log_sqrt2_hand_values():
 
 
 def test_log2_calibration_picks_delta_from_data():
-    q = Log2Quantizer(4)
+    q = LogQuantizer(4)
     q.set_state("observe")
     q(torch.rand(1000) * 0.5)
     q.finish_calibration()
@@ -144,31 +150,3 @@ def test_bits_outside_range_rejected(bits):
 def test_quant_before_calibration_rejected():
     with pytest.raises(RuntimeError, match="before calibration"):
         UniformQuantizer(4).set_state("quant")
-
-
-def test_observed_sample_is_uniform_and_the_same_however_batches_are_split():
-    from pfcr_mm.quant.quantizers import OBSERVE_MAX_ROWS
-
-    gen = torch.Generator().manual_seed(0)
-    batches = [torch.randn(n, 1, generator=gen) for n in (30000, 5000, 20000, 9000)]
-    one = UniformQuantizer(4)
-    for i, b in enumerate(batches):
-        one.begin_batch(i)
-        one.observe(b)
-    # two "processes", each seeing every other batch, pooled afterwards
-    parts = [UniformQuantizer(4), UniformQuantizer(4)]
-    for i, b in enumerate(batches):
-        parts[i % 2].begin_batch(i)
-        parts[i % 2].observe(b)
-    pooled = UniformQuantizer(4)
-    pooled.pool_samples([p.samples() for p in parts])
-    keys, rows = one.samples()
-    keys2, rows2 = pooled.samples()
-    assert rows.shape == (OBSERVE_MAX_ROWS, 1)
-    assert torch.equal(keys, keys2) and torch.equal(rows, rows2)
-    # uniform over all 64000 rows: each batch contributes in proportion to its size
-    origin = torch.cat([torch.full((b.shape[0],), i) for i, b in enumerate(batches)])
-    everything = torch.cat(batches)[:, 0]
-    share = torch.bincount(origin[torch.isin(everything, rows[:, 0])], minlength=4).float()
-    expected = torch.tensor([b.shape[0] for b in batches]).float() * OBSERVE_MAX_ROWS / 64000
-    assert torch.allclose(share, expected, rtol=0.05)

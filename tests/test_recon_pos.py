@@ -2,18 +2,28 @@
 the temperature decay are spread over the levels."""
 
 from pfcr_mm.recon import FineToCoarseSchedule, UnitRecipe, layer_recipe, level_recipes
+from pfcr_mm.recon.pos import block_passes
 
 
 def test_level_recipes_spread_one_budget_as_pos_says(fake_units):
     units, _ = fake_units([4])
     levels = list(FineToCoarseSchedule(units))  # 8 finest units, 4 blocks, 2 pairs, 1 group
     assert [len(u) for _, u in levels] == [8, 4, 2, 1]
+    assert [block_passes(u[0]) for _, u in levels] == [0.5, 1, 2, 4]
+    # 1600 block-passes over 4 levels: 400 each, and every level covers the 4 blocks once
     even = level_recipes(levels, "none", 7, 1600)
-    assert {k: r.iters for k, r in even.items()} == {0: 50, 1: 100, 2: 200, 3: 400}
-    assert sum(even[k].iters * len(u) for k, u in levels) == 1600  # every level gets 1600 / 4
+    assert {k: r.iters for k, r in even.items()} == {0: 100, 1: 100, 2: 100, 3: 100}
+    for k, u in levels:
+        assert even[k].iters * sum(block_passes(x) for x in u) == 400
     assert all(r.beta_span == (0.0, 1.0) and r.fp_act_iters == 0 for r in even.values())
+    # counted in optimizer steps (the earlier equal-steps mode): coarse units get more steps
+    steps = level_recipes(levels, "none", 7, 1600, cost=lambda u: 1)
+    assert {k: r.iters for k, r in steps.items()} == {0: 50, 1: 100, 2: 200, 3: 400}
+    # shrink: every one of the 15 units gets 100 block-passes, so fine units get more steps
     shrink = level_recipes(levels, "shrink", 7, 1500)
-    assert {k: r.iters for k, r in shrink.items()} == {0: 100, 1: 100, 2: 100, 3: 100}
+    assert {k: r.iters for k, r in shrink.items()} == {0: 200, 1: 100, 2: 50, 3: 25}
+    shrink_steps = level_recipes(levels, "shrink", 7, 1500, cost=lambda u: 1)
+    assert {k: r.iters for k, r in shrink_steps.items()} == dict.fromkeys(range(4), 100)
     assert {k: r.iters for k, r in level_recipes(levels, "none", 7, 3).items()} == dict.fromkeys(
         range(4), 1
     )
@@ -25,7 +35,7 @@ def test_level_recipes_spread_one_budget_as_pos_says(fake_units):
         (0.75, 1),
     ]
     two = level_recipes(levels, "two_stage", 7, 1600)
-    assert [two[k].fp_act_iters for k in range(4)] == [25, 50, 100, 200]
+    assert [two[k].fp_act_iters for k in range(4)] == [50, 50, 50, 50]
     # no budget: every unit gets the per-unit iterations
     assert {r.iters for r in level_recipes(levels, "anneal", 7, None).values()} == {7}
     assert layer_recipe("two_stage", 9) == UnitRecipe(9, (0.0, 1.0), 4)

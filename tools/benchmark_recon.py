@@ -3,11 +3,15 @@
 For each demo model, bit width and seed, runs ``tools/ptq.py`` with ``calib``, ``block`` and
 ``pfcr`` under each progressive optimization strategy (``pfcr_nopos``: none; ``pfcr_two_stage``,
 ``pfcr_shrink``, ``pfcr_anneal``: POS options (a), (b), (c) of method.md), all on the same
-calibration images and with the same total iteration budget (``iters`` per block), and writes
+calibration images and at the same compute (``iters`` block forward+backward passes per block;
+``pfcr_steps``: the equal-steps budget of earlier versions, for comparison), and writes
 ``<out>/benchmark.json`` (one row per run) and ``<out>/benchmark.md`` (mean and spread over the
 seeds): FP and quantized accuracy or box/mask mAP, the relative MSE of the outputs on held-out
 images (logits, or the detector's backbone+neck features), reconstruction time, peak host
-memory. A seed sets both the calibration images and the reconstruction.
+memory. The output error is measured twice: on the first evaluation images and on held-out
+calibration-split images that calibration did not see; defaults are chosen on the latter. A seed
+sets both the calibration images and the reconstruction. ``calib`` uses the default
+post-softmax quantizer (chosen per attention); ``calib_log2`` etc. fix one for all.
 
     python tools/benchmark_recon.py [--preset quick|paper] [--bits 4 3] [--models cls det]
         [--methods calib block ...] [--seeds 0 1 2]
@@ -34,12 +38,18 @@ MODELS = {
     ),
 }
 METHODS = {
-    "calib": ["ptq.method=calib"],
+    "calib": ["ptq.method=calib"],  # post_softmax "auto", the default
+    # calibration with one fixed post-softmax quantizer for every attention
+    "calib_log2": ["ptq.method=calib", "ptq.quant.post_softmax=log2"],
+    "calib_log_sqrt2": ["ptq.method=calib", "ptq.quant.post_softmax=log_sqrt2"],
+    "calib_uniform": ["ptq.method=calib", "ptq.quant.post_softmax=uniform"],
     "block": ["ptq.method=block"],
     "pfcr_nopos": ["ptq.method=pfcr", "ptq.recon.pos=none"],
     "pfcr_two_stage": ["ptq.method=pfcr", "ptq.recon.pos=two_stage"],
     "pfcr_shrink": ["ptq.method=pfcr", "ptq.recon.pos=shrink"],
     "pfcr_anneal": ["ptq.method=pfcr", "ptq.recon.pos=anneal"],
+    # the equal-steps budget of earlier versions: coarse steps cost more, 2.7x block's compute
+    "pfcr_steps": ["ptq.method=pfcr", "ptq.recon.pos=anneal", "ptq.recon.budget_unit=steps"],
 }
 # iterations per block and calibration images; "paper" follows method.md (20k iterations)
 PRESETS = {
@@ -83,8 +93,16 @@ def run_one(model: str, bits: int, method: str, seed: int, preset: dict, out: Pa
         "quant": res["quant"],
         "quantize_s": res["time_s"]["quantize"],
         "recon_s": recon_s,
+        "block_passes": res["recon"].get("block_passes", 0),
+        "recon_time_split_s": {
+            k: res["recon"][k]
+            for k in ("calibration_seconds", "cache_seconds", "seconds")
+            if k in res["recon"]
+        },
         "peak_host_mb": res["peak_mem_mb"]["host_rss"],
         "output_rel_mse": res["output_error"]["relative_mse"],
+        # calibration-split images calibration did not see: where defaults are chosen
+        "heldout_rel_mse": (res.get("heldout_error") or {}).get("relative_mse"),
         "scope": res["scope"],
     }
 
@@ -119,18 +137,21 @@ def rescore(path: Path) -> list[dict]:
     return data["rows"]
 
 
-def _output_error(rows: list[dict]) -> str:
-    """Mean relative MSE of the outputs on held-out images (rows of older runs have none)."""
-    values = [r["output_rel_mse"] for r in rows if r.get("output_rel_mse") is not None]
-    return f"{statistics.mean(values):.4f}" if values else "-"
+def _output_error(rows: list[dict], key: str = "output_rel_mse") -> str:
+    """Mean ± spread of a relative MSE of the outputs over the rows (rows of older runs may have
+    none)."""
+    values = [r[key] for r in rows if r.get(key) is not None]
+    if len(values) > 1:
+        return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+    return f"{values[0]:.4f}" if values else "-"
 
 
 def markdown(rows: list[dict]) -> str:
     """One line per (model, bits, method): mean ± sample std over the seeds run, in percent."""
     lines = [
         "| model | bits | method | seeds | metric (%) | FP | quantized | per seed | "
-        "output rel. MSE | recon s | peak host MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "output rel. MSE, eval | held-out calib | block-passes | recon s | peak host MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
@@ -140,7 +161,7 @@ def markdown(rows: list[dict]) -> str:
         errors = "; ".join(r["error"] for r in rs if "error" in r)
         head = f"| {model} | W{bits}A{bits} | {method} | {len(ok)} |"
         if not ok:
-            lines.append(f"{head} | | | {errors} | | | | |")
+            lines.append(f"{head} | | | {errors} | | | | | | |")
             continue
         _, metrics, pct = MODELS[model]
         for metric in metrics:
@@ -148,7 +169,8 @@ def markdown(rows: list[dict]) -> str:
             lines.append(
                 f"{head} {metric} | {pct * ok[0]['fp'][metric]:.1f} | "
                 f"{_mean_spread(quant, pct)} | {' '.join(f'{pct * v:.1f}' for v in quant)} | "
-                f"{_output_error(ok)} | "
+                f"{_output_error(ok)} | {_output_error(ok, 'heldout_rel_mse')} | "
+                f"{statistics.mean(r.get('block_passes', 0) for r in ok):.0f} | "
                 f"{statistics.mean(r['recon_s'] for r in ok):.0f} | "
                 f"{max(r['peak_host_mb'] for r in ok):.0f} |"
             )

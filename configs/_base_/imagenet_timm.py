@@ -27,7 +27,7 @@ test_cfg = dict(type="TestLoop")
 
 ptq = dict(
     method="calib",
-    quant=dict(w_bits=4, a_bits=4, post_softmax="log2", post_ln="reparam"),
+    quant=dict(w_bits=4, a_bits=4, post_softmax="auto", post_ln="reparam"),
     scope="net",
     calib=dict(num_images=1024, seed=0, batch_size=32, num_workers=4, dataset=dict(split="train")),
 )

@@ -11,7 +11,7 @@ task = "detection"
 
 ptq = dict(
     method="pfcr",
-    quant=dict(w_bits=4, a_bits=4, post_softmax="log2", post_ln="reparam"),
+    quant=dict(w_bits=4, a_bits=4, post_softmax="auto", post_ln="reparam"),
     scope="backbone",
     calib=dict(
         num_images=256,

@@ -30,7 +30,7 @@ class QuantWindowMSA(WindowMSA):
             attn = attn.view(B // nW, nW, self.num_heads, N, N) + mask.unsqueeze(1).unsqueeze(0)
             attn = attn.view(-1, self.num_heads, N, N)
         attn = self.attn_drop(self.softmax(attn))
-        x = (mq.probs(attn) @ mq.v(v)).transpose(1, 2).reshape(B, N, C)
+        x = mq.attend(attn, v).transpose(1, 2).reshape(B, N, C)
         return self.proj_drop(self.proj(x))
 
 

@@ -24,7 +24,7 @@ class QuantTimmWindowAttention(WindowAttention):
             attn = attn.view(-1, num_win, self.num_heads, N, N) + mask.unsqueeze(1).unsqueeze(0)
             attn = attn.view(-1, self.num_heads, N, N)
         attn = self.attn_drop(self.softmax(attn))
-        x = (mq.probs(attn) @ mq.v(v)).transpose(1, 2).reshape(B_, N, -1)
+        x = mq.attend(attn, v).transpose(1, 2).reshape(B_, N, -1)
         return self.proj_drop(self.proj(x))
 
 

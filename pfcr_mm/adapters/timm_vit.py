@@ -29,7 +29,7 @@ class QuantTimmAttention(Attention):
         attn = mq.q(q * self.scale) @ mq.k(k).transpose(-2, -1)
         attn = maybe_add_mask(attn, resolve_self_attn_mask(N, attn, attn_mask, is_causal))
         attn = self.attn_drop(attn.softmax(dim=-1))
-        x = mq.probs(attn) @ mq.v(v)
+        x = mq.attend(attn, v)
         x = self.norm(x.transpose(1, 2).reshape(B, N, self.attn_dim))
         if gate is not None:
             x = x * gate

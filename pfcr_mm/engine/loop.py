@@ -112,12 +112,13 @@ def format_results(results: dict) -> str:
             fp = results["fp"][name] if results["fp"] else float("nan")
             lines.append(f"{name:28s} {fp:10.4g} {value:10.4g}")
     times = ", ".join(f"{k} {v:.1f} s" for k, v in results["time_s"].items())
-    error = results["output_error"]
-    if error:
-        lines.append(
-            f"output error on {error['images']} evaluation images ({error['outputs']}): "
-            f"relative MSE {error['relative_mse']:.4g}"
-        )
+    for key, images in (("output_error", "evaluation"), ("heldout_error", "held-out calibration")):
+        error = results.get(key)
+        if error:
+            lines.append(
+                f"output error on {error['images']} {images} images ({error['outputs']}): "
+                f"relative MSE {error['relative_mse']:.4g}"
+            )
     lines.append(
         f"method {results['method']}, scope {results['scope']}; {times}; "
         f"peak host memory {results['peak_mem_mb']['host_rss']:.0f} MiB"

@@ -39,7 +39,8 @@ from ..quant.modules import QuantConv2d, QuantLinear
 from ..recon import peak_memory_mb
 from .checkpoint import load_checkpoint_file
 
-QUANTIZED_FORMAT = "pfcr_mm.quantized_model.v1"
+# v2: the post-softmax quantizer chosen per attention is part of the state
+QUANTIZED_FORMAT = "pfcr_mm.quantized_model.v2"
 
 
 def calib_dataset_cfg(config: PTQConfig, test_dataset_cfg: dict) -> dict:
@@ -51,6 +52,32 @@ def calib_dataset_cfg(config: PTQConfig, test_dataset_cfg: dict) -> dict:
             "ann_file/data_prefix"
         )
     return _merge(test_dataset_cfg, config.calib.dataset)
+
+
+def _calibration_order(config: PTQConfig, test_dataloader_cfg: dict):
+    """The calibration dataset, its config, and its indices in the seeded random order from
+    which the calibration images (the first ``num_images``) and the held-out ones (the next
+    ``heldout_images``) are taken."""
+    dataset_cfg = calib_dataset_cfg(config, test_dataloader_cfg["dataset"])
+    dataset = DATASETS.build(dataset_cfg)
+    if len(dataset) == 0:
+        raise ValueError(f"the calibration dataset is empty: {dataset_cfg}")
+    gen = torch.Generator().manual_seed(config.calib.seed)
+    return dataset, dataset_cfg, torch.randperm(len(dataset), generator=gen).tolist()
+
+
+def _loader(dataset, indices: list[int], batch_size: int, num_workers: int, cfg: dict):
+    collate_cfg = cfg.get("collate_fn", {"type": "pseudo_collate"})
+    collate = FUNCTIONS.get(collate_cfg["type"])
+    if collate is None:
+        raise KeyError(f"unknown collate_fn {collate_cfg['type']!r} in test_dataloader")
+    return DataLoader(
+        Subset(dataset, indices),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=collate,
+    )
 
 
 def calibration_loader(
@@ -69,13 +96,8 @@ def calibration_loader(
     returned indices are always those of the whole list.
     """
     calib = config.calib
-    dataset_cfg = calib_dataset_cfg(config, test_dataloader_cfg["dataset"])
-    dataset = DATASETS.build(dataset_cfg)
-    if len(dataset) == 0:
-        raise ValueError(f"the calibration dataset is empty: {dataset_cfg}")
-    num = min(calib.num_images, len(dataset))
-    gen = torch.Generator().manual_seed(calib.seed)
-    indices = sorted(torch.randperm(len(dataset), generator=gen)[:num].tolist())
+    dataset, dataset_cfg, order = _calibration_order(config, test_dataloader_cfg)
+    indices = sorted(order[: calib.num_images])
     if is_main_process():
         (work_dir / "calib_indices.json").write_text(
             json.dumps({"seed": calib.seed, "dataset": dataset_cfg, "indices": indices})
@@ -84,18 +106,21 @@ def calibration_loader(
     size = calib.batch_size
     batches = [indices[i : i + size] for i in range(0, len(indices), size)]
     share = [i for batch in batches[rank::world] for i in batch]
-    collate_cfg = test_dataloader_cfg.get("collate_fn", {"type": "pseudo_collate"})
-    collate = FUNCTIONS.get(collate_cfg["type"])
-    if collate is None:
-        raise KeyError(f"unknown collate_fn {collate_cfg['type']!r} in test_dataloader")
-    loader = DataLoader(
-        Subset(dataset, share),
-        batch_size=calib.batch_size,
-        shuffle=False,
-        num_workers=calib.num_workers,
-        collate_fn=collate,
-    )
-    return loader, indices
+    return _loader(dataset, share, size, calib.num_workers, test_dataloader_cfg), indices
+
+
+def heldout_loader(config: PTQConfig, test_dataloader_cfg: dict) -> DataLoader | None:
+    """A loader over ``calib.heldout_images`` images of the calibration split that calibration
+    did not see (they follow the calibration images in the seeded order): where settings are
+    chosen without touching the evaluation images. ``None`` when there are none."""
+    if config.calib.heldout_images == 0:
+        return None
+    calib = config.calib
+    dataset, _, order = _calibration_order(config, test_dataloader_cfg)
+    held = sorted(order[calib.num_images : calib.num_images + calib.heldout_images])
+    if not held:
+        return None
+    return _loader(dataset, held, calib.batch_size, calib.num_workers, test_dataloader_cfg)
 
 
 def _merge(base: dict, override: dict) -> dict:
@@ -138,10 +163,11 @@ def features(model: torch.nn.Module, data: dict):
 
 def output_error(model: torch.nn.Module, loader: DataLoader, max_images: int = 32) -> dict:
     """How far the quantized model's outputs are from the FP model's, on the first
-    ``max_images`` images (in whole batches) of ``loader``'s dataset in order (the evaluation
-    images: held out from calibration and reconstruction; every process of a distributed run
-    computes the same). Outputs: a detector's features (``extract_feat``: backbone and neck), a
-    classifier's logits. Returns ``sum ||q - fp||^2 / sum ||fp||^2`` over all of them."""
+    ``max_images`` images (in whole batches) of ``loader``'s dataset in order (evaluation
+    images, or the held-out calibration images of :func:`heldout_loader`; every process of a
+    distributed run computes the same). Outputs: a detector's features (``extract_feat``:
+    backbone and neck), a classifier's logits. Returns ``sum ||q - fp||^2 / sum ||fp||^2`` over
+    all of them."""
     in_order = DataLoader(
         loader.dataset, batch_size=loader.batch_size, shuffle=False, collate_fn=loader.collate_fn
     )
@@ -238,6 +264,11 @@ def save_quantized_model(
 def load_quantized_model(runner, config: PTQConfig, path: str | Path) -> tuple[QuantPlan, dict]:
     """Rebuild the quantized structure on ``runner.model`` and load a saved quantized model."""
     saved = load_checkpoint_file(path)
+    if saved.get("format") == "pfcr_mm.quantized_model.v1":
+        raise ValueError(
+            f"{path} was written by an earlier pfcr_mm (format v1, before the post-softmax "
+            "quantizer was saved with the model): quantize again with tools/ptq.py"
+        )
     if saved.get("format") != QUANTIZED_FORMAT:
         raise ValueError(f"{path} is not a quantized model written by tools/ptq.py")
     if saved["quant_config"] != config.quant.to_dict() or saved["scope"] != config.scope:
@@ -289,9 +320,11 @@ def record_results(
     times: dict,
     quantized_model: str,
 ) -> tuple[dict, Path]:
-    """Measure the output error on ``loader``'s first images, write ``ptq_results.json`` and
-    the resolved config ``ptq_config.py``; returns the results and the path."""
+    """Measure the output error on ``loader``'s first images and on the held-out calibration
+    images (:func:`heldout_loader`), write ``ptq_results.json`` and the resolved config
+    ``ptq_config.py``; returns the results and the path."""
     cfg = runner.cfg
+    heldout = heldout_loader(config, cfg.test_dataloader)
     results = {
         "task": cfg.get("task", "classification"),
         "method": config.method,
@@ -303,6 +336,10 @@ def record_results(
         "fp": fp,
         "quant": quant,
         "output_error": output_error(unwrap_model(runner.model), loader),
+        # where defaults are chosen: calibration-split images that calibration did not see
+        "heldout_error": None
+        if heldout is None
+        else output_error(unwrap_model(runner.model), heldout, len(heldout.dataset)),
         "calib_indices": indices,
         "time_s": times,
         "peak_mem_mb": peak_memory_mb(),

@@ -10,11 +10,11 @@ from .calibrate import (
 )
 from .config import QuantConfig
 from .modules import QuantConv2d, QuantLinear
-from .quantizers import AdaRoundWeightQuantizer, Log2Quantizer, UniformQuantizer
+from .quantizers import AdaRoundWeightQuantizer, LogQuantizer, UniformQuantizer
 
 __all__ = [
     "AdaRoundWeightQuantizer",
-    "Log2Quantizer",
+    "LogQuantizer",
     "QuantConfig",
     "QuantConv2d",
     "QuantLinear",

@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .attention import AttentionQuantizers
 from .quantizers import AdaRoundWeightQuantizer, BaseQuantizer
 
 
@@ -91,49 +92,38 @@ def raise_if_any_failed(failure: BaseException | None, what: str) -> None:
         raise RuntimeError(f"{what} failed in process {rank}: {message}")
 
 
-def begin_batch(model: nn.Module, index: int) -> None:
-    """Tell every quantizer that the next observations come from calibration batch ``index``."""
-    for _, q in named_quantizers(model):
-        q.begin_batch(index)
-
-
 @torch.no_grad()
 def calibrate_activations(model: nn.Module, forward_loop: Callable[[nn.Module], None]) -> None:
-    """Run ``forward_loop(model)`` in floating point while every activation quantizer observes its
-    inputs, then choose every range.
+    """Run ``forward_loop(model)`` in floating point while every activation quantizer counts its
+    inputs (:mod:`pfcr_mm.quant.histogram`), then choose every range. Where an attention's
+    post-softmax quantizer is ``"auto"``, a second pass of ``forward_loop`` scores the
+    candidates by the error of that attention's output and keeps the best
+    (:mod:`pfcr_mm.quant.attention`).
 
-    Under ``torch.distributed`` each process runs its own share of the calibration batches
-    (named with :func:`begin_batch`); the observed samples are pooled across processes before
-    the ranges are chosen, so every process ends with the quantizers one process would have.
+    Under ``torch.distributed`` each process runs its own share of the calibration batches; the
+    histograms and scores are summed across processes (exact integer counts), so every process
+    ends with the quantizers one process would have.
 
     Raises ``RuntimeError`` naming the enabled quantizers that saw no data: a point the forward
     loop never reached would otherwise be left with an arbitrary range.
     """
     quantizers = [(n, q) for n, q in named_quantizers(model) if not is_weight_quantizer(q)]
-    set_quant_state(model, weights=False, activations=False)
     for _, q in quantizers:
-        q.set_state("observe")
-    was_training = model.training
-    model.eval()
-    _, world = distributed_world()
-    failure = None
-    try:
-        forward_loop(model)
-    except Exception as err:
-        if world == 1:
-            raise
-        failure = err  # the other processes must hear of it, or they wait for this one
-    finally:
-        model.train(was_training)
+        q.observed = None
+
+    def observe(m: nn.Module) -> None:
+        set_quant_state(m, weights=False, activations=False)
         for _, q in quantizers:
-            q.set_state("fp")
-    if world > 1:
-        raise_if_any_failed(failure, "calibration")
+            q.set_state("observe")
+        forward_loop(m)
+
+    _run_everywhere(model, observe, "calibration")
+    if distributed_world()[1] > 1:
         for _, q in quantizers:  # the same order in every process
-            pooled = [None] * world
-            dist.all_gather_object(pooled, q.samples())
-            q.pool_samples(pooled)
-    unseen = [n for n, q in quantizers if q.enabled and q.observed_rows == 0]
+            parts = [None] * distributed_world()[1]
+            dist.all_gather_object(parts, q.observed)
+            q.pool_observed(parts)
+    unseen = [n for n, q in quantizers if q.enabled and q.observed_count == 0]
     if unseen:
         raise RuntimeError(
             f"{len(unseen)} enabled quantizer(s) saw no data during calibration: "
@@ -143,6 +133,37 @@ def calibrate_activations(model: nn.Module, forward_loop: Callable[[nn.Module], 
         )
     for _, q in quantizers:
         q.finish_calibration()
+    choosing = [m for m in model.modules() if isinstance(m, AttentionQuantizers) and m.choosing]
+    if not choosing:
+        return
+    for m in choosing:
+        m.start_scoring()
+    _run_everywhere(model, forward_loop, "post-softmax scoring")
+    for m in choosing:
+        scores = [m.scores]
+        if distributed_world()[1] > 1:
+            scores = [None] * distributed_world()[1]
+            dist.all_gather_object(scores, m.scores)
+        m.choose([sum(s) for s in zip(*scores)])
+
+
+def _run_everywhere(model: nn.Module, forward_loop: Callable[[nn.Module], None], what: str) -> None:
+    """``forward_loop(model)`` in eval mode with every quantizer in floating point after it;
+    in a distributed run, a failure in one process is raised in all of them."""
+    was_training = model.training
+    model.eval()
+    failure = None
+    try:
+        forward_loop(model)
+    except Exception as err:
+        if distributed_world()[1] == 1:
+            raise
+        failure = err  # the other processes must hear of it, or they wait for this one
+    finally:
+        model.train(was_training)
+        set_quant_state(model, weights=False, activations=False)
+    if distributed_world()[1] > 1:
+        raise_if_any_failed(failure, what)
 
 
 def quant_summary(model: nn.Module) -> list[dict]:

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, fields
 
 from .quantizers import check_bits
 
-POST_SOFTMAX_CHOICES = ("log2", "log_sqrt2", "uniform")
+POST_SOFTMAX_CHOICES = ("auto", "log2", "log_sqrt2", "uniform")
 POST_LN_CHOICES = ("reparam", "per_channel", "per_tensor")
 RANGE_CHOICES = ("mse", "percentile", "minmax")
 
@@ -36,7 +36,10 @@ class QuantConfig:
     """What to quantize and how.
 
     w_bits / a_bits: weight and activation bits (2-8).
-    post_softmax: quantizer of the attention probabilities (``log2``, ``log_sqrt2``, ``uniform``).
+    post_softmax: quantizer of the attention probabilities: ``auto`` (each attention chooses
+        among log quantizers of several bases and a uniform one by the error of its output
+        ``probs @ v`` on the calibration images, :mod:`pfcr_mm.quant.attention`), or one fixed
+        for all: ``log2``, ``log_sqrt2``, ``uniform``.
     post_ln: inputs of the linears after a LayerNorm (qkv, fc1, PatchMerging reduction):
         ``reparam`` calibrates them per channel and folds the channel scales into the LayerNorm
         and the linear (per tensor at inference, RepQ-ViT); ``per_channel`` keeps them per
@@ -48,7 +51,7 @@ class QuantConfig:
 
     w_bits: int = 4
     a_bits: int = 4
-    post_softmax: str = "log2"
+    post_softmax: str = "auto"
     post_ln: str = "reparam"
     first_layer_a_bits: int = 8
     head_bits: int | None = None

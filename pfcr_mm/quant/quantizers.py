@@ -3,9 +3,9 @@
 Every quantizer has three states, switched by :meth:`BaseQuantizer.set_state`:
 
 * ``"fp"``: identity;
-* ``"observe"``: identity that records a row sample of the inputs, from which
-  :meth:`BaseQuantizer.finish_calibration` chooses the range (the sample is a function of the
-  calibration batches alone, whichever process saw them: see :meth:`BaseQuantizer.observe`);
+* ``"observe"``: identity that counts every input value (exact min/max and a histogram,
+  :mod:`pfcr_mm.quant.histogram`), from which :meth:`BaseQuantizer.finish_calibration` chooses
+  the range;
 * ``"quant"``: quantize-dequantize with straight-through rounding, so that step sizes (LSQ) and
   AdaRound variables can be learned.
 
@@ -20,13 +20,16 @@ import math
 import torch
 from torch import nn
 
+from .histogram import (
+    MANTISSA_BITS_PER_CHANNEL,
+    MANTISSA_BITS_PER_TENSOR,
+    ValueHistogram,
+    WeightedValues,
+)
+
 # AdaRound's rectified sigmoid (Nagel et al. 2020): h(V) = clamp(sigmoid(V)(ZETA-GAMMA)+GAMMA, 0, 1)
 ADAROUND_ZETA = 1.1
 ADAROUND_GAMMA = -0.1
-
-# Rows kept of all observed inputs: enough for a stable range search, bounded memory on
-# detection-size activations (a stage-1 Swin map at 800x1216 has 60k tokens).
-OBSERVE_MAX_ROWS = 32768
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -46,11 +49,12 @@ def check_bits(bits: int) -> int:
 
 
 class BaseQuantizer(nn.Module):
-    """State handling and the observation sample shared by all quantizers.
+    """State handling and the observed statistics shared by all quantizers.
 
-    ``ch_axis`` is the channel axis for per-channel quantizers (``None``: per tensor).
-    Observed inputs are flattened to rows of ``(rows, C)`` along ``ch_axis`` (or to one column per
-    tensor) and a seeded random subset of rows is kept.
+    ``ch_axis`` is the channel axis for per-channel quantizers (``None``: per tensor). Observed
+    inputs are flattened to rows of ``(rows, C)`` along ``ch_axis`` (or to one column per tensor)
+    and counted in a :class:`~pfcr_mm.quant.histogram.ValueHistogram`: every value is seen, in
+    bounded memory.
     """
 
     def __init__(self, bits: int, ch_axis: int | None = None, enabled: bool = True):
@@ -60,10 +64,7 @@ class BaseQuantizer(nn.Module):
         self.enabled = enabled
         self.state = "fp"
         self.calibrated = False
-        self._samples: list[torch.Tensor] = []
-        self._keys: list[torch.Tensor] = []
-        self._batch: int | None = None  # index of the calibration batch being observed
-        self._calls = 0  # observations in this batch (or in all, while no batch is named)
+        self.observed: ValueHistogram | None = None
 
     @property
     def per_channel(self) -> bool:
@@ -85,67 +86,42 @@ class BaseQuantizer(nn.Module):
         return self.fake_quant(x)
 
     @property
-    def observed_rows(self) -> int:
-        return sum(s.shape[0] for s in self._samples)
-
-    def begin_batch(self, index: int) -> None:
-        """Name the calibration batch the next observations come from (its index in the whole
-        calibration set)."""
-        self._batch, self._calls = index, 0
+    def observed_count(self) -> int:
+        """How many values (per channel) were observed since the last calibration."""
+        return 0 if self.observed is None else self.observed.count
 
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:
-        """Keep a uniform row sample of everything observed: every row gets a random key from
-        a generator seeded by the batch index and the call within the batch, and the
-        ``OBSERVE_MAX_ROWS`` rows of smallest key are kept. Such a sample is mergeable: the
-        samples of several processes, pooled and cut to the smallest keys, are the sample one
-        process would have kept of all their rows (:meth:`pool_samples`)."""
+        """Count every value of ``x`` (exact min/max and histogram, per channel or per tensor)."""
         rows = self._rows(x.detach().float())
-        seed = (self._batch or 0) * 1_000_003 + self._calls
-        self._calls += 1
-        # 62-bit integer keys: no ties in practice, so the kept rows never depend on the order
-        # in which processes or batches are pooled
-        gen = torch.Generator().manual_seed(seed)
-        keys = torch.randint(0, 2**62, (rows.shape[0],), generator=gen)
-        if rows.shape[0] > OBSERVE_MAX_ROWS:
-            keep = keys.topk(OBSERVE_MAX_ROWS, largest=False).indices
-            rows, keys = rows[keep.to(rows.device)], keys[keep]
-        self._samples.append(rows.cpu())
-        self._keys.append(keys)
-        if self.observed_rows > OBSERVE_MAX_ROWS:
-            self.pool_samples([self.samples()])
+        if self.observed is None:
+            bits = MANTISSA_BITS_PER_CHANNEL if self.per_channel else MANTISSA_BITS_PER_TENSOR
+            self.observed = ValueHistogram(rows.shape[1], bits)
+        self.observed.add(rows)
 
-    def samples(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The kept ``(keys, rows)``, or ``None`` when nothing was observed."""
-        if not self._samples:
-            return None
-        return torch.cat(self._keys), torch.cat(self._samples)
+    def pool_observed(self, parts: list[ValueHistogram | None]) -> None:
+        """Replace the observed statistics by the sum of ``parts`` (the :attr:`observed` of
+        this and other processes): what one process would have counted over all their data."""
+        pooled = None
+        for part in parts:
+            if part is None:
+                continue
+            if pooled is None:
+                pooled = ValueHistogram(part.channels, part.mantissa_bits)
+            pooled.merge(part)
+        self.observed = pooled
 
-    def pool_samples(self, parts: list[tuple[torch.Tensor, torch.Tensor] | None]) -> None:
-        """Replace the kept sample by the ``OBSERVE_MAX_ROWS`` rows of smallest key among
-        ``parts`` (:meth:`samples` of this and other processes), in key order."""
-        parts = [p for p in parts if p is not None]
-        if not parts:
-            self._keys, self._samples = [], []
-            return
-        keys = torch.cat([k for k, _ in parts])
-        rows = torch.cat([r for _, r in parts])
-        order = keys.argsort(stable=True)[:OBSERVE_MAX_ROWS]
-        self._keys, self._samples = [keys[order]], [rows[order]]
+    def take_observed(self) -> WeightedValues:
+        """The observed statistics as :class:`WeightedValues`; clears them."""
+        if self.observed is None:
+            raise RuntimeError("quantizer observed no data")
+        stats, self.observed = self.observed.weighted(), None
+        return stats
 
     def _rows(self, x: torch.Tensor) -> torch.Tensor:
         if self.ch_axis is None:
             return x.reshape(-1, 1)
         return x.movedim(self.ch_axis, -1).reshape(-1, x.shape[self.ch_axis])
-
-    def take_samples(self) -> torch.Tensor:
-        """All observed rows as one ``(rows, C)`` tensor; clears the sample."""
-        if not self._samples:
-            raise RuntimeError("quantizer observed no data")
-        self.pool_samples([self.samples()])  # key order: the same rows in every process
-        rows = self._samples[0]
-        self._samples, self._keys = [], []
-        return rows
 
     def _param_shape(self, x: torch.Tensor) -> list[int]:
         """Shape that broadcasts per-channel parameters against ``x``."""
@@ -202,37 +178,35 @@ def _quant_dequant(
     return (q - zero_point) * scale
 
 
-def search_uniform_range(
-    rows: torch.Tensor, bits: int, method: str = "mse", per_channel: bool = False
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Choose scale and zero point for ``rows`` of shape ``(n, C)``.
+RANGE_PERCENTILES = (0.999, 0.9999, 0.99999, 1.0)
 
-    ``method="mse"`` shrinks the min/max range by ratios ``1.0, 0.99, ..., 0.2`` and keeps, per
-    channel (or for the whole tensor), the ratio with the smallest squared error.
-    ``method="percentile"`` tries the two-sided percentiles 99.9, 99.99, 99.999 and 100 and keeps
-    the one with the smallest squared error. ``method="minmax"`` uses the observed range.
-    Returns ``(scale, zero_point)`` of shape ``(C,)`` (per channel) or ``()``.
+
+def search_uniform_range(
+    stats: WeightedValues, bits: int, method: str = "mse"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Choose scale and zero point, per column of ``stats`` (one column per channel, or one for
+    a whole tensor), by the squared error over every observed value.
+
+    ``method="mse"`` shrinks the exact min/max range by ratios ``1.0, 0.99, ..., 0.2`` and keeps
+    the ratio with the smallest squared error; ``method="percentile"`` tries the two-sided
+    percentiles 99.9, 99.99, 99.999 and 100 and keeps the one with the smallest squared error;
+    ``method="minmax"`` uses the exact observed range. Returns ``(scale, zero_point)`` of shape
+    ``(C,)``.
     """
     qmax = 2**bits - 1
-    x = rows if per_channel else rows.reshape(-1, 1)
+    lo, hi = stats.lo, stats.hi
     if method == "minmax":
-        candidates = [(x.amin(0), x.amax(0))]
+        candidates = [(lo, hi)]
     elif method == "mse":
-        lo, hi = x.amin(0), x.amax(0)
         candidates = [(lo * r, hi * r) for r in torch.linspace(1.0, 0.2, 81).tolist()]
     elif method == "percentile":
-        candidates = []
-        n = x.shape[0]
-        for p in (0.999, 0.9999, 0.99999, 1.0):
-            k_hi = max(1, min(n, math.ceil(p * n)))
-            k_lo = max(1, min(n, n + 1 - k_hi))
-            candidates.append((x.kthvalue(k_lo, 0).values, x.kthvalue(k_hi, 0).values))
+        candidates = [(stats.quantile(1 - p), stats.quantile(p)) for p in RANGE_PERCENTILES]
     else:
         raise ValueError(f"unknown range method {method!r}: use 'mse', 'percentile' or 'minmax'")
     best_err = best_scale = best_zp = None
     for lo, hi in candidates:
         scale, zp = _uniform_params(lo, hi, qmax)
-        err = (_quant_dequant(x, scale, zp, qmax) - x).pow(2).sum(0)
+        err = stats.squared_error(_quant_dequant(stats.values, scale, zp, qmax))
         if best_err is None:
             best_err, best_scale, best_zp = err, scale, zp
         else:
@@ -240,8 +214,6 @@ def search_uniform_range(
             best_err = torch.where(better, err, best_err)
             best_scale = torch.where(better, scale, best_scale)
             best_zp = torch.where(better, zp, best_zp)
-    if not per_channel:
-        return best_scale.reshape(()), best_zp.reshape(())
     return best_scale, best_zp
 
 
@@ -277,20 +249,17 @@ class UniformQuantizer(BaseQuantizer):
 
     def calibrate_from(self, data: torch.Tensor) -> None:
         """Choose the range from a full tensor (weights): channels along ``ch_axis``."""
-        self.set_params(
-            *search_uniform_range(
-                self._rows(data.detach().float()), self.bits, self.range_method, self.per_channel
-            )
-        )
+        self.calibrate_from_stats(WeightedValues.of_rows(self._rows(data.detach().float())))
+
+    def calibrate_from_stats(self, stats: WeightedValues) -> None:
+        scale, zp = search_uniform_range(stats, self.bits, self.range_method)
+        if not self.per_channel:
+            scale, zp = scale.reshape(()), zp.reshape(())
+        self.set_params(scale, zp)
 
     def finish_calibration(self) -> None:
-        if not self.enabled:
-            return
-        self.set_params(
-            *search_uniform_range(
-                self.take_samples(), self.bits, self.range_method, self.per_channel
-            )
-        )
+        if self.enabled:
+            self.calibrate_from_stats(self.take_observed())
 
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
         shape = self._param_shape(x)
@@ -392,29 +361,37 @@ class AdaRoundWeightQuantizer(UniformQuantizer):
         return info
 
 
-class Log2Quantizer(BaseQuantizer):
-    """Log2 quantizer for post-softmax attention probabilities in ``[0, 1]``.
+class LogQuantizer(BaseQuantizer):
+    """Log quantizer of base ``2^(1/k)`` for post-softmax attention probabilities in ``[0, 1]``.
 
-    ``q = clamp(round(-k * log2(x / delta)), 0, 2^b - 1)``, ``x_hat = delta * 2^(-q / k)``, with
-    ``k = 1`` (log2) or ``k = 2`` (log-sqrt2). Inputs too small to reach code ``2^b - 1`` after
-    rounding (``-k log2(x/delta) >= 2^b - 0.5``) become 0, as in RepQ-ViT. ``delta`` is chosen at
-    calibration among the observed maximum and its 99.9/99.99/99.999 percentiles by squared error.
+    ``q = clamp(round(-k * log2(x / delta)), 0, 2^b - 1)``, ``x_hat = delta * 2^(-q / k)``:
+    ``k = 1`` is log2, ``k = 2`` log-sqrt2 (RepQ-ViT); a larger ``k`` gives finer steps over a
+    narrower range (``2^b - 1`` steps cover ``delta * [2^(-(2^b - 1)/k), 1]``). Inputs too small
+    to reach code ``2^b - 1`` after rounding (``-k log2(x/delta) >= 2^b - 0.5``) become 0, as in
+    RepQ-ViT. ``delta`` is chosen at calibration among the observed maximum and its
+    99.9/99.99/99.999 percentiles by squared error over every observed value.
     """
 
-    def __init__(self, bits: int, sqrt2: bool = False, enabled: bool = True):
+    def __init__(self, bits: int, k: float = 1.0, enabled: bool = True):
         super().__init__(bits, None, enabled)
-        self.k = 2.0 if sqrt2 else 1.0
+        if not k > 0:
+            raise ValueError(f"the log base exponent k must be positive, got {k!r}")
+        self.k = float(k)
         self.register_buffer("delta", torch.ones(()))
 
+    @property
+    def name(self) -> str:
+        return {1.0: "log2", 2.0: "log_sqrt2"}.get(self.k, f"log_k{self.k:g}")
+
     def finish_calibration(self) -> None:
-        if not self.enabled:
-            return
-        x = self.take_samples().reshape(-1)
-        n = x.numel()
+        if self.enabled:
+            self.calibrate_from_stats(self.take_observed())
+
+    def calibrate_from_stats(self, stats: WeightedValues) -> None:
         best = None
-        for p in (0.999, 0.9999, 0.99999, 1.0):
-            delta = x.kthvalue(max(1, min(n, math.ceil(p * n)))).values.clamp(min=1e-8)
-            err = (self._quant(x, delta) - x).pow(2).sum()
+        for p in RANGE_PERCENTILES:
+            delta = stats.quantile(p).reshape(()).clamp(min=1e-8)
+            err = float(stats.squared_error(self._quant(stats.values, delta)).sum())
             if best is None or err < best[0]:
                 best = (err, delta)
         self.delta = best[1].to(self.delta.device)
@@ -431,9 +408,16 @@ class Log2Quantizer(BaseQuantizer):
         # The gradient passes straight through to x: the probabilities come from the quantized qk.
         return (self._quant(x, self.delta) - x).detach() + x
 
+    def get_extra_state(self) -> dict:
+        return {**super().get_extra_state(), "k": self.k}
+
+    def set_extra_state(self, extra: dict) -> None:
+        super().set_extra_state(extra)
+        self.k = extra["k"]
+
     def describe(self) -> dict:
         return {
-            "quantizer": "log-sqrt2" if self.k == 2 else "log2",
+            "quantizer": self.name,
             "bits": self.bits,
             "granularity": "per-tensor",
             "scale_min": float(self.delta),

@@ -23,7 +23,7 @@ from torch import nn
 
 from .data import UnitDataSource
 from .engine import ReconSettings, UnitRecord, harden, reconstruct_unit
-from .pos import layer_recipe, level_recipes
+from .pos import block_passes, layer_recipe, level_recipes
 from .report import peak_memory_mb, plot_losses, write_loss_log
 from .units import FineToCoarseSchedule
 
@@ -38,7 +38,7 @@ def run_reconstruction(
     log_dir: str | Path | None = None,
     print_fn: Callable[[str], None] = print,
     harden_at_end: bool = True,
-    budget: int | None = None,
+    budget: float | None = None,
     layers_before: Sequence[nn.Module] = (),
     layers_after: Sequence[nn.Module] = (),
 ) -> list[UnitRecord]:
@@ -50,9 +50,9 @@ def run_reconstruction(
     log_dir: where ``recon_log.json`` (rewritten after every unit, so a crash keeps what was
         done) and ``recon_loss.png`` go; ``None`` writes nothing.
     harden_at_end: fix every learned rounding to integers after the last unit.
-    budget: the total number of iterations of the run, spread over the levels and units as
-        ``settings.pos`` says (:mod:`pfcr_mm.recon.pos`, the only place POS is read);
-        ``None``: ``settings.iters`` for every unit.
+    budget: the total cost of the run, in block-passes or steps (``settings.budget_unit``),
+        spread over the levels and units as ``settings.pos`` says (:mod:`pfcr_mm.recon.pos`,
+        the only place POS is read); ``None``: ``settings.iters`` for every unit.
 
     layers_before / layers_after: units of single layers outside the blocks
         (:class:`~pfcr_mm.recon.units.LayerUnit`, level -1) reconstructed before the first
@@ -61,7 +61,10 @@ def run_reconstruction(
 
     """
     levels = [(k, list(units)) for k, units in schedule]
-    recipes = level_recipes(levels, settings.pos, settings.iters, budget)
+    steps = settings.budget_unit == "steps"
+    recipes = level_recipes(
+        levels, settings.pos, settings.iters, budget, (lambda u: 1) if steps else block_passes
+    )
     plan = [(k, units, recipes[k]) for k, units in levels]
     layer = layer_recipe(settings.pos, settings.iters)
     if layers_before:
@@ -75,6 +78,7 @@ def run_reconstruction(
     meta = {
         "settings": settings.to_dict(),
         "budget": budget,
+        "budget_unit": settings.budget_unit,
         "iters_per_unit": {k: r.iters for k, r in recipes.items()} if budget is not None else None,
         "levels_run": [k for k, _ in levels],
         "layer_units": [u.name for u in [*layers_before, *layers_after]],
@@ -87,8 +91,10 @@ def run_reconstruction(
         for unit in units:
             k += 1
             name = getattr(unit, "name", type(unit).__name__)
+            cache_start = time.perf_counter()
             fp_inputs, fp_targets, extra_args = source.fp_io(unit)
             q_inputs = source.quant_input(unit)
+            cache_seconds = time.perf_counter() - cache_start
 
             def progress(it: int, loss: float, k=k, name=name, n=recipe.iters) -> None:
                 print_fn(f"  ({k}/{total}) {name} iter {it}/{n} loss {loss:.4g}")
@@ -117,6 +123,8 @@ def run_reconstruction(
                 del fp_inputs, fp_targets, extra_args, q_inputs
             record.level = level
             record.peak_mem_mb = peak_memory_mb()
+            record.cache_seconds = cache_seconds
+            record.block_passes = record.iters * block_passes(unit)
             records.append(record)
             print_fn(
                 f"({k}/{total}) {name}, level {level}, loss {record.first_loss:.4g} -> "

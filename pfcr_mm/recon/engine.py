@@ -29,7 +29,7 @@ from torch import nn
 from ..quant.calibrate import hard_rounding, is_weight_quantizer, learned_rounding
 from ..quant.config import dataclass_from_dict
 from ..quant.quantizers import AdaRoundWeightQuantizer, BaseQuantizer, UniformQuantizer
-from .pos import POS_STRATEGIES, UnitRecipe
+from .pos import BUDGET_UNITS, POS_STRATEGIES, UnitRecipe
 from .units import TOP, check_max_level, unit_level
 
 NON_BLOCK = ("calib", "layerwise")
@@ -47,6 +47,11 @@ class ReconSettings:
     round_weight: weight of the AdaRound regularizer.
     beta_start / beta_end / warmup: the regularizer temperature decays linearly from beta_start
         to beta_end after the first ``warmup`` fraction of a unit's iterations (regularizer off).
+    budget_unit: how the budget of a ``pfcr`` run (``iters`` x blocks) is counted:
+        ``"block_passes"`` (a step of a unit costs the blocks it holds, an MHSA or MLP half a
+        block; ``pfcr`` then costs what ``block`` costs at the same ``iters``) or ``"steps"``
+        (optimizer steps, whatever the unit; the equal-steps mode of earlier versions). See
+        :mod:`pfcr_mm.recon.pos`.
     pos: the progressive optimization strategy of a fine-to-coarse run (``none``,
         ``two_stage``, ``shrink``, ``anneal``: see :mod:`pfcr_mm.recon.pos`). The default,
         ``"anneal"``, was chosen on the demo benchmark (``tools/benchmark_recon.py``, README): no
@@ -74,6 +79,7 @@ class ReconSettings:
     beta_start: float = 20.0
     beta_end: float = 2.0
     warmup: float = 0.2
+    budget_unit: str = "block_passes"
     pos: str = "anneal"
     max_level: int | str = TOP
     non_block: str = "calib"
@@ -91,6 +97,11 @@ class ReconSettings:
             raise ValueError(f"ReconSettings.drop_prob must be in [0, 1], got {self.drop_prob}")
         if self.pos not in POS_STRATEGIES:
             raise ValueError(f"ReconSettings.pos must be one of {POS_STRATEGIES}, got {self.pos!r}")
+        if self.budget_unit not in BUDGET_UNITS:
+            raise ValueError(
+                f"ReconSettings.budget_unit must be one of {BUDGET_UNITS}, "
+                f"got {self.budget_unit!r}"
+            )
         if self.non_block not in NON_BLOCK:
             raise ValueError(
                 f"ReconSettings.non_block must be one of {NON_BLOCK}, got {self.non_block!r}"
@@ -133,6 +144,10 @@ class UnitRecord:
     hard_before: float = math.nan
     hard_after: float = math.nan
     peak_mem_mb: dict = field(default_factory=dict)  # process peaks when the unit was done
+    # what the unit cost: block forward+backward passes of its steps (pfcr_mm.recon.pos), and
+    # the seconds spent getting its caches (``seconds`` is its optimization)
+    block_passes: float = 0.0
+    cache_seconds: float = 0.0
 
 
 def beta_at(progress: float, settings: ReconSettings) -> float:

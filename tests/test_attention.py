@@ -1,0 +1,85 @@
+"""The post-softmax quantizer chosen per attention (post_softmax='auto')."""
+
+import pytest
+import torch
+
+from pfcr_mm.adapters import prepare, prepare_calibrated
+from pfcr_mm.quant.attention import POST_SOFTMAX_CANDIDATES, AttentionQuantizers
+from pfcr_mm.quant.calibrate import quant_summary, set_quant_state
+from pfcr_mm.quant.config import QuantConfig
+from pfcr_mm.quant.quantizers import LogQuantizer
+
+
+def _attentions(model):
+    return {n: m for n, m in model.named_modules() if isinstance(m, AttentionQuantizers)}
+
+
+@pytest.mark.parametrize("bits", [3, 8])
+def test_each_attention_keeps_the_candidate_of_least_output_error(tiny_timm_vit, monkeypatch, bits):
+    x = torch.randn(8, 3, 32, 32)
+    model = tiny_timm_vit()
+    scored = {}
+    choose = AttentionQuantizers.choose
+    monkeypatch.setattr(
+        AttentionQuantizers,
+        "choose",
+        lambda self, scores: (scored.__setitem__(id(self), list(scores)), choose(self, scores)),
+    )
+    cfg = QuantConfig(w_bits=bits, a_bits=bits, post_softmax="auto")
+    prepare_calibrated(model, cfg, lambda m: m(x))
+    attentions = _attentions(model)
+    assert len(attentions) == len(scored) == 4  # depth 4
+    # what the scoring pass saw: each attention's FP probabilities and v on the same images
+    seen = {}
+    attend = AttentionQuantizers.attend
+    monkeypatch.setattr(
+        AttentionQuantizers,
+        "attend",
+        lambda self, p, v: (seen.__setitem__(id(self), (p, v)), attend(self, p, v))[1],
+    )
+    set_quant_state(model, weights=False, activations=False)
+    with torch.no_grad():
+        model(x)
+    for m in attentions.values():
+        scores = scored[id(m)]
+        assert len(scores) == len(POST_SOFTMAX_CANDIDATES) and len(set(scores)) > 1
+        best = min(range(len(scores)), key=scores.__getitem__)
+        kind, k = POST_SOFTMAX_CANDIDATES[best]
+        assert m.chosen() == ({"kind": "log", "k": k} if kind == "log" else {"kind": "uniform"})
+        # the chosen quantizer's score is the squared error it causes in probs @ v
+        probs, v = seen[id(m)]
+        error = (m.probs.fake_quant(probs) @ v - probs @ v).pow(2).sum().item()
+        assert scores[best] == pytest.approx(error, rel=1e-4)
+    names = {r["quantizer"] for r in quant_summary(model) if r["module"].endswith(".probs")}
+    assert names == {m.probs.describe()["quantizer"] for m in attentions.values()}
+
+
+def test_the_choice_is_saved_with_the_model(tiny_timm_vit):
+    x = torch.randn(8, 3, 32, 32)
+    cfg = QuantConfig(w_bits=4, a_bits=4, post_softmax="auto")
+    model = tiny_timm_vit()
+    prepare_calibrated(model, cfg, lambda m: m(x))
+    # force a log candidate of a searched base in one attention, to see k travel
+    first = next(iter(_attentions(model).values()))
+    first.probs = LogQuantizer(4, k=2 * 2**0.5)
+    first.probs.calibrated = True
+    first.probs.delta.fill_(0.7)
+    loaded = tiny_timm_vit()
+    prepare(loaded, cfg)
+    loaded.load_state_dict(model.state_dict())
+    for (_, a), (_, b) in zip(_attentions(model).items(), _attentions(loaded).items()):
+        assert a.chosen() == b.chosen()
+        assert b.probs.describe() == a.probs.describe()
+    set_quant_state(model, weights=True, activations=True)
+    set_quant_state(loaded, weights=True, activations=True)
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+
+
+def test_a_model_used_before_the_choice_is_refused(tiny_timm_vit):
+    model = tiny_timm_vit()
+    prepare(model, QuantConfig(post_softmax="auto"))
+    first = next(iter(_attentions(model).values()))
+    first.probs.calibrated = True
+    with pytest.raises(RuntimeError, match="choice was not made"):
+        first.probs.fake_quant(torch.rand(2, 2))
