@@ -86,6 +86,10 @@ def test_ptq_tool_writes_results(ptq_tool, tmp_path):
     error = res["output_error"]
     assert error["outputs"] == "logits" and error["images"] == 12
     assert 0 < error["relative_mse"] < 1
+    # the held-out error: the 7 calibration-split images calibration did not see (of 12)
+    heldout = res["heldout_error"]
+    assert sorted(heldout["indices"] + res["calib_indices"]) == list(range(12))
+    assert heldout["images"] == 7 and 0 < heldout["relative_mse"] < 1
     # at W8A8 the logits are much closer to FP than at W4A4
     w8 = tmp_path / "w8"
     opts = ["--cfg-options", "ptq.quant.w_bits=8", "ptq.quant.a_bits=8"]

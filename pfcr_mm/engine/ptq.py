@@ -339,7 +339,10 @@ def record_results(
         # where defaults are chosen: calibration-split images that calibration did not see
         "heldout_error": None
         if heldout is None
-        else output_error(unwrap_model(runner.model), heldout, len(heldout.dataset)),
+        else {
+            **output_error(unwrap_model(runner.model), heldout, len(heldout.dataset)),
+            "indices": list(heldout.dataset.indices),
+        },
         "calib_indices": indices,
         "time_s": times,
         "peak_mem_mb": peak_memory_mb(),
