@@ -50,6 +50,8 @@ METHODS = {
     "pfcr_anneal": ["ptq.method=pfcr", "ptq.recon.pos=anneal"],
     # the equal-steps budget of earlier versions: coarse steps cost more, 2.7x block's compute
     "pfcr_steps": ["ptq.method=pfcr", "ptq.recon.pos=anneal", "ptq.recon.budget_unit=steps"],
+    # fewer coarse levels (MHSA/MLP, blocks, pairs), the same compute over 3 levels
+    "pfcr_level2": ["ptq.method=pfcr", "ptq.recon.max_level=2"],
 }
 # iterations per block and calibration images; "paper" follows method.md (20k iterations)
 PRESETS = {
