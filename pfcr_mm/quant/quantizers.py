@@ -400,9 +400,12 @@ class LogQuantizer(BaseQuantizer):
     def _quant(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         levels = 2**self.bits - 1
         code = -self.k * torch.log2(torch.clamp(x / delta, min=1e-30))
-        q = torch.clamp(torch.round(code), 0, levels)
-        out = delta * torch.pow(2.0, -q / self.k)
-        return torch.where(code >= levels + 0.5, torch.zeros_like(out), out)
+        # the 2^b levels and 0 (codes that round beyond the last level) as a table: one gather
+        # instead of a pow and a where over every probability (the costliest elementwise work
+        # of an MHSA unit's reconstruction step), with the same values
+        steps = torch.arange(levels + 1, device=x.device, dtype=x.dtype)
+        table = torch.cat([delta * torch.pow(2.0, -steps / self.k), steps.new_zeros(1)])
+        return table[torch.clamp(torch.round(code), 0, levels + 1).long()]
 
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
         # The gradient passes straight through to x: the probabilities come from the quantized qk.
