@@ -123,6 +123,22 @@ def test_ptq_tool_writes_results(ptq_tool, tmp_path):
             ),
             "does not match the model",
         ),
+        # refused before the FP evaluation, not after it
+        (
+            dict(extra="ptq = dict(calib=dict(num_images=50))"),
+            "ptq.calib.num_images=50, but the calibration split has",
+        ),
+        (
+            dict(extra="ptq = dict(calib=dict(dataset=dict(split='val')))"),
+            "selects the evaluation images themselves",
+        ),
+        (
+            dict(
+                extra="ptq = dict(method='pfcr', calib=dict(num_images=2), "
+                "recon=dict(iters=2, max_level=9))"
+            ),
+            "max_level=9 is above this model's top level",
+        ),
     ],
 )
 def test_bad_configs_fail_clearly(ptq_tool, tmp_path, capsys, over, message):
@@ -167,7 +183,7 @@ def test_hook_quantizes_before_a_stock_test_run(tmp_path):
     assert len(res["calib_indices"]) == 5
 
 
-def test_saved_quantized_model_reloads_with_identical_metrics(ptq_tool, tmp_path):
+def test_saved_quantized_model_reloads_with_identical_metrics(ptq_tool, tmp_path, capsys):
     _make_folder(tmp_path / "data")
     cfg = _write_config(tmp_path)
     first, second = tmp_path / "first", tmp_path / "second"
@@ -182,6 +198,15 @@ def test_saved_quantized_model_reloads_with_identical_metrics(ptq_tool, tmp_path
     a = json.loads((first / "ptq_results.json").read_text())
     b = json.loads((second / "ptq_results.json").read_text())
     assert a["quant"] == b["quant"] and a["calib_indices"] == b["calib_indices"]
+    # the saved model is a calib one: evaluating it as pfcr would record the wrong method
+    third = tmp_path / "third"
+    argv = [str(cfg), "--work-dir", str(third), "--quantized", str(saved), "--eval-images", "0"]
+    assert ptq_tool.main(argv) == 2
+    assert "--eval-images must be >= 1, got 0" in capsys.readouterr().err
+    argv = argv[:-2] + ["--no-fp-eval", "--cfg-options", "ptq.method=pfcr"]
+    assert ptq_tool.main(argv) == 2
+    assert "was quantized with method 'calib'" in capsys.readouterr().err
+    assert not (third / "ptq_results.json").exists()
     payload = torch.load(saved, weights_only=True)
     codes = payload["integer_weights"]["net.blocks.0.attn.qkv"]
     assert codes.dtype == torch.uint8 and int(codes.max()) <= 15

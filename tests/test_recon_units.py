@@ -60,7 +60,8 @@ def test_vit_levels_cover_every_block_once(tiny_timm_vit):
     assert [k for k, _ in block_only] == [1]
     assert [u.name for u in block_only.levels[1]] == [f"blocks.{i}" for i in range(4)]
     assert list(FineToCoarseSchedule(plan.units, max_level=2).levels) == [0, 1, 2]
-    assert list(FineToCoarseSchedule(plan.units, max_level=9).levels) == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="max_level=9 is above this model's top level 3"):
+        FineToCoarseSchedule(plan.units, max_level=9)
 
 
 def test_swin_like_levels_stay_within_stages_with_odd_counts(fake_units):

@@ -86,12 +86,14 @@ def build_cfg(args: argparse.Namespace) -> Config:
     if args.quantized and not Path(args.quantized).is_file():
         raise FileNotFoundError(f"quantized model not found: {args.quantized}")
     config = PTQConfig.from_dict(cfg.ptq)
+    if args.eval_images is not None and args.eval_images < 1:
+        raise ValueError(f"--eval-images must be >= 1, got {args.eval_images}")
     if cfg.get("task") == "detection":
         check_coco_dataset(cfg.test_dataloader.dataset, "evaluation")
         check_coco_dataset(calib_dataset_cfg(config, cfg.test_dataloader.dataset), "calibration")
-        if args.eval_images:
+        if args.eval_images is not None:
             restrict_evaluation(cfg, args.eval_images)
-    elif args.eval_images:
+    elif args.eval_images is not None:
         raise ValueError("--eval-images applies to COCO detection configs only")
     # The loop loads the checkpoint strictly (mmengine's load_from would not), then runs.
     cfg.test_cfg = dict(

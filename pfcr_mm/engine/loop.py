@@ -30,7 +30,13 @@ from torch import nn
 from ..adapters import find_blocks
 from ..core import PTQConfig
 from .checkpoint import load_weights_strict
-from .ptq import load_quantized_model, quantize_and_save, record_results, unwrap_model
+from .ptq import (
+    check_calibration_split,
+    load_quantized_model,
+    quantize_and_save,
+    record_results,
+    unwrap_model,
+)
 from .registry import LOOPS, MODEL_WRAPPERS
 
 
@@ -64,6 +70,8 @@ class PTQLoop(TestLoop):
         for path in (checkpoint, quantized):
             if path is not None and not Path(path).is_file():
                 raise FileNotFoundError(f"file not found: {path}")
+        if quantized is None:  # before the FP evaluation, which takes hours on COCO
+            check_calibration_split(self.config, runner.cfg.test_dataloader)
         super().__init__(runner, dataloader, evaluator, fp16)
         self.checkpoint, self.quantized = checkpoint, quantized
 

@@ -59,9 +59,19 @@ def _calibration_order(config: PTQConfig, test_dataloader_cfg: dict):
     which the calibration images (the first ``num_images``) and the held-out ones (the next
     ``heldout_images``) are taken."""
     dataset_cfg = calib_dataset_cfg(config, test_dataloader_cfg["dataset"])
+    if dataset_cfg == _merge(test_dataloader_cfg["dataset"], {}):
+        raise ValueError(
+            f"ptq.calib.dataset={config.calib.dataset} selects the evaluation images "
+            "themselves: point it at another split (e.g. dict(split='train'))"
+        )
     dataset = DATASETS.build(dataset_cfg)
     if len(dataset) == 0:
         raise ValueError(f"the calibration dataset is empty: {dataset_cfg}")
+    if len(dataset) < config.calib.num_images:
+        raise ValueError(
+            f"ptq.calib.num_images={config.calib.num_images}, but the calibration split has "
+            f"{len(dataset)} images: lower num_images or use a larger split"
+        )
     gen = torch.Generator().manual_seed(config.calib.seed)
     return dataset, dataset_cfg, torch.randperm(len(dataset), generator=gen).tolist()
 
@@ -107,6 +117,12 @@ def calibration_loader(
     batches = [indices[i : i + size] for i in range(0, len(indices), size)]
     share = [i for batch in batches[rank::world] for i in batch]
     return _loader(dataset, share, size, calib.num_workers, test_dataloader_cfg), indices
+
+
+def check_calibration_split(config: PTQConfig, test_dataloader_cfg: dict) -> None:
+    """Refuse, before any long work, a calibration split that is the evaluation split, is
+    empty, or has fewer than ``num_images`` images (builds the calibration dataset once)."""
+    _calibration_order(config, test_dataloader_cfg)
 
 
 def heldout_loader(config: PTQConfig, test_dataloader_cfg: dict) -> DataLoader | None:
@@ -275,6 +291,11 @@ def load_quantized_model(runner, config: PTQConfig, path: str | Path) -> tuple[Q
         raise ValueError(
             f"{path} was quantized with quant={saved['quant_config']} scope={saved['scope']}, "
             f"but the config asks for quant={config.quant.to_dict()} scope={config.scope}"
+        )
+    if saved["method"] != config.method:  # the results would name the wrong method
+        raise ValueError(
+            f"{path} was quantized with method {saved['method']!r}, but the config asks for "
+            f"{config.method!r}: pass --cfg-options ptq.method={saved['method']}"
         )
     model, head = _model_and_head(runner)
     plan = prepare(model, config.quant, config.scope_modules, head)

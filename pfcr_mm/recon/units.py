@@ -126,8 +126,8 @@ class FineToCoarseSchedule:
         units of one block are consecutive and share ``unit.block``.
     stage_of: ``f(finest unit) -> stage key``; blocks of one stage must be consecutive. Default
         :func:`stage_of_container` (ViT: one stage; Swin: one per ``layers.i`` / ``stages.i``).
-    min_level / max_level: the levels to build; ``max_level="top"`` stops at one group per stage,
-        and an integer above that is capped there (coarser levels would repeat the top).
+    min_level / max_level: the levels to build; ``max_level="top"`` stops at one group per stage;
+        an integer above that is refused (coarser levels would repeat the top).
     skip_repeated: iterating the schedule leaves out a unit that holds exactly the blocks of a
         unit of the level run just before (a stage of 2 blocks is one group at levels 2, 3, ...),
         so that no block gets extra iterations by accident. :attr:`levels` keeps them.
@@ -151,7 +151,11 @@ class FineToCoarseSchedule:
         top = top_level([len(s) for s in self.stages])
         if max_level == TOP:
             max_level = top
-        max_level = min(check_max_level(max_level), top)
+        if check_max_level(max_level) > top:
+            raise ValueError(
+                f"max_level={max_level} is above this model's top level {top} (stages of "
+                f"{[len(s) for s in self.stages]} blocks): use 'top' or a level <= {top}"
+            )
         if not 0 <= min_level <= max_level:
             raise ValueError(f"min_level must be in [0, {max_level}], got {min_level}")
         self.skip_repeated = skip_repeated
