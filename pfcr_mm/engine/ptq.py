@@ -54,6 +54,20 @@ def calib_dataset_cfg(config: PTQConfig, test_dataset_cfg: dict) -> dict:
     return _merge(test_dataset_cfg, config.calib.dataset)
 
 
+# The calibration dataset of the run, by its config: a run needs it three times (the early
+# check, the calibration images, the held-out ones), and building COCO train2017 reads its
+# annotations each time (tens of seconds).
+_last_built: dict = {}
+
+
+def _build_calibration_dataset(dataset_cfg: dict):
+    key = json.dumps(dataset_cfg, sort_keys=True, default=str)
+    if _last_built.get("key") != key:
+        _last_built.clear()
+        _last_built.update(key=key, dataset=DATASETS.build(dataset_cfg))
+    return _last_built["dataset"]
+
+
 def _calibration_order(config: PTQConfig, test_dataloader_cfg: dict):
     """The calibration dataset, its config, and its indices in the seeded random order from
     which the calibration images (the first ``num_images``) and the held-out ones (the next
@@ -64,7 +78,7 @@ def _calibration_order(config: PTQConfig, test_dataloader_cfg: dict):
             f"ptq.calib.dataset={config.calib.dataset} selects the evaluation images "
             "themselves: point it at another split (e.g. dict(split='train'))"
         )
-    dataset = DATASETS.build(dataset_cfg)
+    dataset = _build_calibration_dataset(dataset_cfg)
     if len(dataset) == 0:
         raise ValueError(f"the calibration dataset is empty: {dataset_cfg}")
     if len(dataset) < config.calib.num_images:
