@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .config import QuantConfig
-from .quantizers import BaseQuantizer, LogQuantizer, UniformQuantizer
+from .quantizers import LOG_QUANTIZER_NAMES, BaseQuantizer, LogQuantizer, UniformQuantizer
 
 # The bases 2^(1/k) of the log candidates: k = 1 is log2, k = 2 log-sqrt2, larger k finer
 # steps over a narrower range; plus "uniform".
@@ -67,7 +67,8 @@ class AttentionQuantizers(nn.Module):
         self.q = UniformQuantizer(cfg.a_bits, range_method=cfg.act_range)
         self.k = UniformQuantizer(cfg.a_bits, range_method=cfg.act_range)
         self.v = UniformQuantizer(cfg.a_bits, range_method=cfg.act_range)
-        fixed = {"log2": ("log", 1.0), "log_sqrt2": ("log", 2.0), "uniform": ("uniform", None)}
+        fixed = {name: ("log", k) for k, name in LOG_QUANTIZER_NAMES.items()}
+        fixed["uniform"] = ("uniform", None)
         if cfg.post_softmax == "auto":
             self.probs: BaseQuantizer = PendingChoice(cfg)
         else:

@@ -108,6 +108,7 @@ def calibrate_activations(model: nn.Module, forward_loop: Callable[[nn.Module], 
     loop never reached would otherwise be left with an arbitrary range.
     """
     quantizers = [(n, q) for n, q in named_quantizers(model) if not is_weight_quantizer(q)]
+    _, world = distributed_world()
     for _, q in quantizers:
         q.observed = None
 
@@ -118,9 +119,9 @@ def calibrate_activations(model: nn.Module, forward_loop: Callable[[nn.Module], 
         forward_loop(m)
 
     _run_everywhere(model, observe, "calibration")
-    if distributed_world()[1] > 1:
+    if world > 1:
         for _, q in quantizers:  # the same order in every process
-            parts = [None] * distributed_world()[1]
+            parts = [None] * world
             dist.all_gather_object(parts, q.observed)
             q.pool_observed(parts)
     unseen = [n for n, q in quantizers if q.enabled and q.observed_count == 0]
@@ -141,8 +142,8 @@ def calibrate_activations(model: nn.Module, forward_loop: Callable[[nn.Module], 
     _run_everywhere(model, forward_loop, "post-softmax scoring")
     for m in choosing:
         scores = [m.scores]
-        if distributed_world()[1] > 1:
-            scores = [None] * distributed_world()[1]
+        if world > 1:
+            scores = [None] * world
             dist.all_gather_object(scores, m.scores)
         m.choose([sum(s) for s in zip(*scores)])
 
@@ -150,19 +151,20 @@ def calibrate_activations(model: nn.Module, forward_loop: Callable[[nn.Module], 
 def _run_everywhere(model: nn.Module, forward_loop: Callable[[nn.Module], None], what: str) -> None:
     """``forward_loop(model)`` in eval mode with every quantizer in floating point after it;
     in a distributed run, a failure in one process is raised in all of them."""
+    _, world = distributed_world()
     was_training = model.training
     model.eval()
     failure = None
     try:
         forward_loop(model)
     except Exception as err:
-        if distributed_world()[1] == 1:
+        if world == 1:
             raise
         failure = err  # the other processes must hear of it, or they wait for this one
     finally:
         model.train(was_training)
         set_quant_state(model, weights=False, activations=False)
-    if distributed_world()[1] > 1:
+    if world > 1:
         raise_if_any_failed(failure, what)
 
 

@@ -361,6 +361,10 @@ class AdaRoundWeightQuantizer(UniformQuantizer):
         return info
 
 
+# the log quantizers with names of their own (QuantConfig.post_softmax), by their k
+LOG_QUANTIZER_NAMES = {1.0: "log2", 2.0: "log_sqrt2"}
+
+
 class LogQuantizer(BaseQuantizer):
     """Log quantizer of base ``2^(1/k)`` for post-softmax attention probabilities in ``[0, 1]``.
 
@@ -381,7 +385,7 @@ class LogQuantizer(BaseQuantizer):
 
     @property
     def name(self) -> str:
-        return {1.0: "log2", 2.0: "log_sqrt2"}.get(self.k, f"log_k{self.k:g}")
+        return LOG_QUANTIZER_NAMES.get(self.k, f"log_k{self.k:g}")
 
     def finish_calibration(self) -> None:
         if self.enabled:
