@@ -172,10 +172,11 @@ def quantize(
         without shuffling); a reconstruction run keeps them in memory.
     run_batch: ``f(model, batch)`` runs the model on one batch, reaching every quantized layer
         (default ``model(batch)``); used for calibration.
-    recon_batch: ``f(model, batch)`` for reconstruction: the part of the forward whose inputs
-        pair up between the FP and the quantized model (a detector's backbone and neck: its
-        heads depend on proposals, which differ); default ``run_batch``. Layers outside the
-        blocks that it does not reach stay calibrated only.
+    recon_batch: ``f(model, batch)`` for reconstruction, default ``run_batch``: it runs the
+        model up to each unit to capture its inputs. Layers outside the blocks that it does not
+        reach stay calibrated only. A detector's heads pair up between the FP and the quantized
+        model although their proposals differ: the model's adapters pin the RoIs
+        (``QuantPlan.pinned``), so the quantized heads see the FP model's boxes.
     head: a classification head, quantized with ``config.quant.head_bits`` if set.
     log_dir: where ``recon_log.json`` and ``recon_loss.png`` go (``None``: nowhere).
     print_fn: progress lines.
@@ -263,15 +264,17 @@ def _reconstruct(
     else:
         schedule = FineToCoarseSchedule(plan.units, max_level=recon.max_level)
         budget = recon.iters * len(schedule.blocks)
-    before, after, calib_only = [], [], [name for name, _, _ in plan.layers]
-    if recon.non_block == "layerwise":
-        reached = _layers_reached(model, plan, run_batch, batches[0])
-        for name, layer, is_before in plan.layers:
-            if id(layer) in reached:
-                (before if is_before else after).append(LayerUnit(name, layer))
-        calib_only = [name for name, layer, _ in plan.layers if id(layer) not in reached]
+    before, between, after = [], [], []
+    calib_only = {name: "non_block='calib'" for name, _, _ in plan.layers}
+    if recon.non_block != "calib":
+        before, between, after, calib_only = _outside_units(model, plan, recon, run_batch, batches)
     source = ChainDataSource(
-        model, plan.units, batches, run_batch=run_batch, cache_dtype=recon.cache_dtype
+        model,
+        plan.units,
+        batches,
+        run_batch=run_batch,
+        cache_dtype=recon.cache_dtype,
+        pinned=plan.pinned,
     )
     records = run_reconstruction(
         schedule,
@@ -282,6 +285,7 @@ def _reconstruct(
         budget=budget,
         layers_before=before,
         layers_after=after,
+        layers_between=between,
     )
     summary = {
         "settings": recon.to_dict(),
@@ -293,12 +297,59 @@ def _reconstruct(
         "seconds": sum(r.seconds for r in records),
         "cache_seconds": sum(r.cache_seconds for r in records),
         "non_block": recon.non_block,
-        "layerwise_layers": [u.name for u in before + after],
+        # every quantized layer outside the blocks is in one of these two
+        "layer_units": {
+            u.name: _quantized_layers(u.layer, plan)
+            for u in before + [lu for lu, _ in between] + after
+        },
         "calib_only_layers": calib_only,
     }
     if log_dir is not None:
         summary["log"] = str(Path(log_dir) / "recon_log.json")
     return records, summary
+
+
+def _outside_units(
+    model: nn.Module, plan: QuantPlan, recon: ReconSettings, run_batch, batches: list
+) -> tuple[list[LayerUnit], list[tuple[LayerUnit, nn.Module]], list[LayerUnit], dict[str, str]]:
+    """The units of the quantized layers outside the blocks, in forward order: those before the
+    first block, ``(unit, block)`` pairs of those between blocks (with the block they precede),
+    those after the last block; and the layers left calibrated only, with the reason.
+
+    ``non_block="layerwise"``: a unit per layer; ``"parts"``: a unit per part of
+    ``plan.parts`` (a detector's neck, RPN head, RoI box and mask heads) for the layers inside
+    one, a unit per layer for the others."""
+    reached = _layers_reached(model, plan, run_batch, batches[0])
+    part_of = {}
+    if recon.non_block == "parts":
+        part_of = {id(m): (name, part) for name, part in plan.parts for m in part.modules()}
+    blocks = list(dict.fromkeys(u.block for u in plan.units))  # in forward order
+    before, between, after, calib_only, seen = [], [], [], {}, set()
+    for name, layer, next_block in plan.layers:
+        if id(layer) not in reached:
+            calib_only[name] = "the reconstruction forward does not reach it"
+            continue
+        if id(layer) in part_of:
+            name, part = part_of[id(layer)]
+            if name in seen:
+                continue
+            seen.add(name)
+            unit = LayerUnit(name, part, channels_first=True, whole_batches=True)
+        else:
+            unit = LayerUnit(name, layer)
+        if next_block is None:
+            after.append(unit)
+        elif next_block == 0:
+            before.append(unit)
+        else:
+            between.append((unit, blocks[next_block]))
+    return before, between, after, calib_only
+
+
+def _quantized_layers(module: nn.Module, plan: QuantPlan) -> list[str]:
+    """The names of the plan's layers outside the blocks that ``module`` is or holds."""
+    inside = {id(m) for m in module.modules()}
+    return [name for name, layer, _ in plan.layers if id(layer) in inside]
 
 
 def _layers_reached(model: nn.Module, plan: QuantPlan, run_batch, batch) -> set[int]:

@@ -285,8 +285,11 @@ def test_reconstruction_methods_through_the_tool(ptq_tool, tmp_path, method):
         == 0
     )
     assert json.loads((again / "ptq_results.json").read_text())["quant"] == res["quant"]
-    assert res["recon"]["non_block"] == "calib" and res["recon"]["layerwise_layers"] == []
-    assert res["recon"]["calib_only_layers"] == ["net.patch_embed.proj", "net.head"]
+    assert res["recon"]["non_block"] == "calib" and res["recon"]["layer_units"] == {}
+    assert res["recon"]["calib_only_layers"] == {
+        "net.patch_embed.proj": "non_block='calib'",
+        "net.head": "non_block='calib'",
+    }
     assert res["recon"]["iterations"] == sum(iters)
 
 
@@ -300,8 +303,11 @@ def test_layerwise_non_block_layers(ptq_tool, tmp_path):
         == 0
     )
     res = json.loads((work / "ptq_results.json").read_text())
-    assert res["recon"]["layerwise_layers"] == ["net.patch_embed.proj", "net.head"]
-    assert res["recon"]["calib_only_layers"] == []
+    assert res["recon"]["layer_units"] == {
+        "net.patch_embed.proj": ["net.patch_embed.proj"],
+        "net.head": ["net.head"],
+    }
+    assert res["recon"]["calib_only_layers"] == {}
     log = json.loads((work / "recon" / "recon_log.json").read_text())
     # the patch embedding before the blocks, the head after them, each with `iters` iterations
     assert [(u["name"], u["level"], u["iters"]) for u in log["units"]] == [

@@ -49,7 +49,7 @@ def test_ptq_end_to_end_and_reload(ptq_tool, demo_setup, tmp_path):
     work = tmp_path / "run"
     assert ptq_tool.main([str(cfg), "--work-dir", str(work)]) == 0
     res = json.loads((work / "ptq_results.json").read_text())
-    assert res["task"] == "detection" and res["scope"] == "backbone"
+    assert res["task"] == "detection" and res["scope"] == "all"
     for part in ("fp", "quant"):
         assert {"coco/bbox_mAP", "coco/segm_mAP"} <= set(res[part])
     assert len(res["calib_indices"]) == 3 and all(0 <= i < 6 for i in res["calib_indices"])
@@ -110,3 +110,50 @@ def test_bad_detection_inputs_fail_clearly(ptq_tool, demo_setup, tmp_path, capsy
     assert message in capsys.readouterr().err
     assert not (work / "ptq_results.json").exists()
     assert not (work / "quantized_model.pth").exists()
+
+
+def test_whole_detector_reconstructed_in_forward_order(ptq_tool, demo_setup, tmp_path):
+    """scope='all', non_block='parts' (the detection defaults): PatchMerging within the first
+    level before the next stage, then the finer-to-coarser block levels, then the neck and the
+    heads as one unit each; every quantized layer outside the blocks in exactly one unit."""
+    cfg = _config(demo_setup)
+    work = tmp_path / "pfcr"
+    opts = ["ptq.method=pfcr", "ptq.recon.iters=2", "ptq.recon.batch_size=1"]
+    argv = [str(cfg), "--work-dir", str(work), "--no-fp-eval", "--eval-images", "2"]
+    assert ptq_tool.main([*argv, "--cfg-options", *opts]) == 0
+    recon = json.loads((work / "ptq_results.json").read_text())["recon"]
+    log = json.loads((work / "recon" / "recon_log.json").read_text())
+    order = [(u["name"].removeprefix("backbone."), u["level"]) for u in log["units"]]
+    stage = [
+        (f"stages.{s}.blocks.{b}.{part}", 0)
+        for s in range(3)
+        for b in range(2)
+        for part in ("attn", "mlp")
+    ]
+    assert order == [
+        ("patch_embed.projection", -1),
+        *stage[0:4],
+        ("stages.0.downsample.reduction", -1),
+        *stage[4:8],
+        ("stages.1.downsample.reduction", -1),
+        *stage[8:12],
+        *[(f"stages.{s}.blocks.{b}", 1) for s in range(3) for b in range(2)],
+        *[(f"stages.{s}.blocks.0..backbone.stages.{s}.blocks.1", 2) for s in range(3)],
+        ("neck", -1),
+        ("rpn_head", -1),
+        ("roi_head.bbox_head", -1),
+        ("roi_head.mask_head", -1),
+    ]
+    summary = json.loads((work / "quant_summary.json").read_text())
+    quantized = {
+        r["module"].removesuffix(".weight_quantizer")
+        for r in summary["quantizers"]
+        if r["kind"] == "weight"
+    }
+    outside = {m for m in quantized if ".blocks." not in m}
+    in_units = [m for layers in recon["layer_units"].values() for m in layers]
+    assert sorted(in_units) == sorted(outside) and recon["calib_only_layers"] == {}
+    assert "roi_head.mask_head.conv_logits" in recon["layer_units"]["roi_head.mask_head"]
+    # the heads' units learned from their cached inputs (no labels): their error went down
+    heads = [u for u in log["units"] if u["name"].startswith(("rpn_head", "roi_head"))]
+    assert sum(u["hard_after"] for u in heads) < sum(u["hard_before"] for u in heads)

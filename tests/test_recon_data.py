@@ -192,9 +192,10 @@ def test_layer_units_off_the_chain(timm_swin_and_batches):
     plan = prepare_calibrated(
         model, QuantConfig(w_bits=4, a_bits=4), lambda m: [m(b) for b in batches]
     )
-    layers = {name: (layer, before) for name, layer, before in plan.layers}
+    layers = {name: (layer, next_block) for name, layer, next_block in plan.layers}
     assert list(layers) == ["patch_embed.proj", "layers.1.downsample.reduction", "head.fc"]
-    assert [before for _, before in layers.values()] == [True, False, False]
+    # the block each layer precedes: the first, the first of stage 1 (after 2 blocks), none
+    assert [next_block for _, next_block in layers.values()] == [0, 2, None]
     source = ChainDataSource(model, plan.units, batches)
     # the patch embedding sees the image; its output is compared channels last
     embed = LayerUnit("patch_embed.proj", layers["patch_embed.proj"][0])

@@ -24,7 +24,7 @@ from ..quant.calibrate import calibrate_activations, set_quant_state
 from ..quant.config import QuantConfig
 from ..quant.modules import QuantConv2d, QuantLinear
 from ..quant.reparam import reparameterize_post_ln
-from .base import ArchAdapter, ReconUnit, swap_attention
+from .base import ArchAdapter, PartsAdapter, ReconUnit, swap_attention
 
 # adapter module -> the module that must already be loaded for it to apply
 _ADAPTER_MODULES = {
@@ -32,6 +32,7 @@ _ADAPTER_MODULES = {
     "timm_swin": "timm",
     "mmdet_swin": "mmdet.models.backbones.swin",
 }
+_PARTS_MODULES = {"mmdet_parts": "mmdet.models.roi_heads"}
 
 # Module classes that compute in floating point, named in the summary when present.
 _FP_CLASS_NAMES = (
@@ -59,6 +60,14 @@ def available_adapters() -> list[ArchAdapter]:
     ]
 
 
+def available_parts() -> list[PartsAdapter]:
+    return [
+        importlib.import_module(f"{__name__}.{mod}").PARTS
+        for mod, needs in _PARTS_MODULES.items()
+        if needs in sys.modules
+    ]
+
+
 def supported_block_classes() -> list[str]:
     names = {
         "timm_vit": ["timm.models.vision_transformer.Block"],
@@ -70,15 +79,27 @@ def supported_block_classes() -> list[str]:
 
 @dataclass
 class QuantPlan:
-    """The result of :func:`prepare`."""
+    """The result of :func:`prepare`.
+
+    layers: the quantized layers outside the blocks in forward order, as ``(name, layer,
+        next_block)``: the index of the first block that runs after the layer (0: before every
+        block; ``None``: after the last one, as a detector's neck and heads).
+    parts: the modules of the scope that a :class:`~pfcr_mm.adapters.base.PartsAdapter`
+        declares as parts (a detector's neck, RPN head, RoI box and mask heads) and that hold
+        quantized layers, as ``(name, module)`` in forward order.
+    pinned: ``(module, argument index)`` pairs a reconstruction takes from the FP run (RoIs).
+    folded: the modules whose normalization was folded into the layer before it.
+    """
 
     cfg: QuantConfig
     units: list[ReconUnit]
     post_ln_pairs: list[tuple[nn.Module, QuantLinear]]
     quantized_modules: list[str]
     fp_parts: list[str] = field(default_factory=list)
-    # quantized layers outside the blocks: (name, layer, whether it runs before the first block)
-    layers: list[tuple[str, nn.Module, bool]] = field(default_factory=list)
+    layers: list[tuple[str, nn.Module, int | None]] = field(default_factory=list)
+    parts: list[tuple[str, nn.Module]] = field(default_factory=list)
+    pinned: list[tuple[nn.Module, int]] = field(default_factory=list)
+    folded: list[str] = field(default_factory=list)
 
 
 def _find_blocks(model: nn.Module, adapters: list[ArchAdapter]):
@@ -141,6 +162,14 @@ def prepare(
         units.append(ReconUnit(f"{name}.attn", "attn", block, ad.attn_unit, enter))
         units.append(ReconUnit(f"{name}.mlp", "mlp", block, ad.mlp_unit))
     adapters = available_adapters()
+    parts_adapters = available_parts()
+    folded = [
+        ".".join(p for p in (root_name, name) if p)
+        for root, root_name in zip(roots, scope or [""])
+        for pa in parts_adapters
+        if pa.fold_norms is not None
+        for name in pa.fold_norms(root)
+    ]
     post_ln: list[tuple[nn.Module, nn.Linear]] = []
     first_convs: set[int] = set()
     for root in roots:
@@ -185,20 +214,40 @@ def prepare(
                     quantized.append(".".join(p for p in (root_name, name, attr) if p))
     new_ids = {id(m) for m in replaced.values()}
     in_blocks = {id(m) for _, _, b, _ in blocks for m in b.modules()}
-    layers: list[tuple[str, nn.Module, bool]] = []
-    before = True  # module order is forward order for the supported families
+    block_index = {id(b): i for i, (_, _, b, _) in enumerate(blocks)}
+    layers: list[tuple[str, nn.Module, int | None]] = []
+    part_classes = tuple(c for pa in parts_adapters for c in pa.parts)
+    parts: list[tuple[str, nn.Module]] = []
+    next_block: int | None = 0  # module order is forward order for the supported families
     for root, root_name in zip(roots, scope or [""]):
         for name, m in root.named_modules():
-            before = before and m is not blocks[0][2]
+            full = ".".join(p for p in (root_name, name) if p)
+            if id(m) in block_index:
+                i = block_index[id(m)] + 1
+                next_block = i if i < len(blocks) else None
             if id(m) in new_ids and id(m) not in in_blocks:
-                layers.append((".".join(p for p in (root_name, name) if p), m, before))
+                layers.append((full, m, next_block))
+            if (
+                part_classes
+                and isinstance(m, part_classes)
+                and any(id(c) in new_ids for c in m.modules())
+            ):
+                parts.append((full, m))
+    pinned = [
+        (m, index)
+        for root in roots
+        for m in root.modules()
+        for pa in parts_adapters
+        for cls, index in pa.pinned.items()
+        if isinstance(m, cls)
+    ]
     pairs = [(norm, replaced[id(lin)]) for norm, lin in post_ln] if cfg.post_ln == "reparam" else []
     present = {type(m).__name__ for m in model.modules()}
     fp_parts = [n for n in _FP_CLASS_NAMES if n in present]
     fp_parts += ["attention softmax", "residual additions"]
     if scope is not None:
         fp_parts.append(f"everything outside the scope {scope}")
-    return QuantPlan(cfg, units, pairs, quantized, fp_parts, layers)
+    return QuantPlan(cfg, units, pairs, quantized, fp_parts, layers, parts, pinned, folded)
 
 
 def _stage_link(last: tuple, this: tuple, scope: list[str] | None):

@@ -39,6 +39,26 @@ class ArchAdapter:
     stage_link: Callable[[nn.Module, str, str], Callable] | None = None
 
 
+@dataclass(frozen=True)
+class PartsAdapter:
+    """How the parts of a model outside its transformer blocks are quantized and reconstructed
+    (a detector's neck and heads).
+
+    parts: module classes whose quantized layers are reconstructed together, as one unit per
+        instance (``ReconSettings.non_block="parts"``); their inputs and outputs may be tuples
+        of maps, 4-D ones ``(B, C, H, W)``.
+    pinned: ``{class: index}``: positional argument ``index`` of these modules is taken from
+        the FP run when a quantized run captures a part's input (a detector's RoIs).
+    fold_norms: ``f(root) -> names``, folds normalizations into the layers before them in
+        place, before quantization.
+    """
+
+    name: str
+    parts: tuple[type, ...]
+    pinned: dict[type, int] = field(default_factory=dict)
+    fold_norms: Callable[[nn.Module], list[str]] | None = None
+
+
 def swap_attention(module: nn.Module, quant_class: type, cfg: QuantConfig) -> None:
     """Give ``module`` the explicit quantized forward of ``quant_class`` (a subclass of its own
     class, so it keeps every attribute and ``isinstance`` check) and its matmul quantizers."""

@@ -184,9 +184,9 @@ def run_batch(model: torch.nn.Module, data: dict):
 
 
 def features(model: torch.nn.Module, data: dict):
-    """The outputs reconstruction and :func:`output_error` compare: a detector's features
-    (backbone and neck; its heads need data samples and depend on proposals, which differ
-    between the FP and the quantized model), a classifier's logits."""
+    """The outputs :func:`output_error` compares: a detector's features (backbone and neck;
+    its heads' outputs depend on proposals, which differ between the FP and the quantized
+    model), a classifier's logits."""
     feats = getattr(model, "extract_feat", None)
     return feats(data["inputs"]) if feats else model(data["inputs"], mode="tensor")
 
@@ -241,11 +241,16 @@ def quantize_runner_model(runner, config: PTQConfig) -> tuple[QuantResult, list[
         config,
         PreprocessedBatches(loader, model),
         run_batch,
-        recon_batch=features,
         head=head,
         log_dir=work_dir / "recon",
         print_fn=lambda s: print_log(s, logger="current"),
     )
+    if result.plan.folded:
+        print_log(
+            f"folded the BatchNorm of {len(result.plan.folded)} modules into their convolutions "
+            f"before quantization: {', '.join(result.plan.folded)}",
+            logger="current",
+        )
     fp_parts = list(result.plan.fp_parts)
     if runner.cfg.get("task") == "detection":  # functional ops, invisible as modules
         fp_parts += ["NMS", "box and mask post-processing"]

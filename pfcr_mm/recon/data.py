@@ -10,7 +10,8 @@ chain of units.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, Protocol
 
 import torch
@@ -19,7 +20,7 @@ from torch import nn
 from ..adapters.base import ReconUnit
 from ..quant.calibrate import hard_rounding, quantizer_states
 from .engine import CACHE_DTYPES, eval_mode
-from .units import LayerUnit, leaves
+from .units import LayerUnit, leaves, map_tensors
 
 
 class UnitDataSource(Protocol):
@@ -57,6 +58,11 @@ class ChainDataSource:
     batches: the calibration batches (a list, or a re-iterable loader with a fixed order).
     run_batch: ``f(model, batch)`` runs the model on one batch (default ``model(batch)``); a
         detector passes its data preprocessor and mode here.
+    pinned: ``(module, index)`` pairs: positional argument ``index`` of ``module`` that a
+        quantized run takes from the FP run of the same batch when the inputs of a
+        :class:`~pfcr_mm.recon.units.LayerUnit` are captured. A detector pins the RoIs of its
+        RoI extractors: the quantized heads then see the FP model's boxes, so their inputs pair
+        up with the FP targets (the quantized model's own proposals differ).
     cache_dtype / cache_device: dtype and device of the propagated tensors and of the caches
         handed out (``ReconSettings.cache_dtype``). Each step computes in float32 on the model's
         device. A unit's FP and quantized-path inputs are the fronts themselves, so per image
@@ -85,8 +91,11 @@ class ChainDataSource:
         run_batch: Callable[[nn.Module, Any], Any] = default_run_batch,
         cache_dtype: str | torch.dtype = "float32",
         cache_device: str | torch.device = "cpu",
+        pinned: Sequence[tuple[nn.Module, int]] = (),
     ):
         self.model = model
+        self.pinned = list(pinned)
+        self._pins: dict[int, list[tuple[nn.Module, Any]]] = {}  # batch -> FP values in call order
         self.units = list(units)
         self.batches = batches
         self.run_batch = run_batch
@@ -100,8 +109,38 @@ class ChainDataSource:
         self._q: list[torch.Tensor] = []
         self._args: list[tuple] = []
 
-    def _store(self, t: torch.Tensor) -> torch.Tensor:
-        return t.detach().to(self.cache_device, self.cache_dtype)
+    def _store(self, t):
+        return map_tensors(lambda u: u.detach().to(self.cache_device, self.cache_dtype), t)
+
+    @contextmanager
+    def _pinning(self, batch_index: int, record: bool) -> Iterator[None]:
+        """Inside, the pinned arguments of the batch's run are recorded (the FP run) or replaced
+        by the recorded ones, call by call (a quantized run)."""
+        if record:
+            self._pins[batch_index] = []
+        calls = iter(self._pins.get(batch_index, []))
+
+        def hook(module: nn.Module, args: tuple, index: int):
+            if record:
+                self._pins[batch_index].append((module, args[index]))
+                return None
+            recorded = next(calls, None)
+            if recorded is None or recorded[0] is not module:
+                raise RuntimeError(
+                    f"a quantized run called the pinned {type(module).__name__} where the FP run "
+                    "of the same batch did not: the two runs must take the same path"
+                )
+            return (*args[:index], recorded[1], *args[index + 1 :])
+
+        handles = [
+            m.register_forward_pre_hook(lambda mod, args, i=i: hook(mod, args, i))
+            for m, i in self.pinned
+        ]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
 
     def _capture(self, module: nn.Module, batch: Any, name: str) -> tuple[torch.Tensor, tuple]:
         """Run one batch up to ``module``; its input and extra positional arguments."""
@@ -138,8 +177,11 @@ class ChainDataSource:
             if fp
             else hard_rounding(self.model)
         )
+        out = []
         with eval_mode(self.model), torch.no_grad(), states:
-            out = [self._store(self._capture(unit.layer, b, unit.name)[0]) for b in self.batches]
+            for i, batch in enumerate(self.batches):
+                with self._pinning(i, record=fp):
+                    out.append(self._store(self._capture(unit.layer, batch, unit.name)[0]))
         if not out:
             raise RuntimeError("no calibration batch: the data source was given none")
         return out
@@ -196,8 +238,10 @@ class ChainDataSource:
             self._pos = None  # the layer is about to change: the fronts restart after it
             inputs = self._layer_io(unit, fp=True)
             device = next(self.model.parameters()).device
-            with torch.no_grad(), quantizer_states(self.model, weights=False, activations=False):
-                targets = [self._store(unit(x.to(device, torch.float32))) for x in inputs]
+            to_device = lambda t: t.to(device, torch.float32)  # noqa: E731
+            off = quantizer_states(self.model, weights=False, activations=False)
+            with eval_mode(self.model), torch.no_grad(), off:
+                targets = [self._store(unit(map_tensors(to_device, x))) for x in inputs]
             return inputs, targets, [()] * len(inputs)
         self._advance(unit)
         device = next(self.model.parameters()).device

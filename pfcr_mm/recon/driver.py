@@ -25,7 +25,7 @@ from .data import UnitDataSource
 from .engine import ReconSettings, UnitRecord, harden, reconstruct_unit
 from .pos import block_passes, layer_recipe, level_recipes
 from .report import peak_memory_mb, plot_losses, write_loss_log
-from .units import FineToCoarseSchedule
+from .units import FineToCoarseSchedule, leaves
 
 LOG_NAME = "recon_log.json"
 PLOT_NAME = "recon_loss.png"
@@ -41,6 +41,7 @@ def run_reconstruction(
     budget: float | None = None,
     layers_before: Sequence[nn.Module] = (),
     layers_after: Sequence[nn.Module] = (),
+    layers_between: Sequence[tuple[nn.Module, nn.Module]] = (),
 ) -> list[UnitRecord]:
     """Reconstruct the units of ``schedule`` level by level; returns one record per unit.
 
@@ -57,21 +58,34 @@ def run_reconstruction(
     layers_before / layers_after: units of single layers outside the blocks
         (:class:`~pfcr_mm.recon.units.LayerUnit`, level -1) reconstructed before the first
         level (the layers before the first block) and after the last one (the others), with
-        ``settings.iters`` iterations each, outside the budget of the blocks.
-
+        ``settings.iters`` iterations each, outside the budget of the blocks; a detector's
+        neck and heads are such units too (a whole part each, see ``QuantPlan.parts``).
+    layers_between: ``(layer unit, block)`` pairs: a layer between two blocks (a Swin
+        PatchMerging reduction, with the first block of the next stage), reconstructed in
+        forward order within the first level, just before the first unit holding that block
+        (the next stage then learns from the reconstructed layer); ``settings.iters``
+        iterations each, outside the budget.
     """
     levels = [(k, list(units)) for k, units in schedule]
     steps = settings.budget_unit == "steps"
     recipes = level_recipes(
         levels, settings.pos, settings.iters, budget, (lambda u: 1) if steps else block_passes
     )
-    plan = [(k, units, recipes[k]) for k, units in levels]
     layer = layer_recipe(settings.pos, settings.iters)
-    if layers_before:
-        plan.insert(0, (-1, list(layers_before), layer))
-    if layers_after:
-        plan.append((-1, list(layers_after), layer))
-    total = sum(len(units) for _, units, _ in plan)
+    # (level, unit, recipe) in the order they are reconstructed
+    plan = [(-1, u, layer) for u in layers_before]
+    between = list(layers_between)
+    for k, units in levels:
+        for unit in units:
+            if between:
+                holds = {id(leaf.block) for leaf in leaves(unit)}
+                plan += [(-1, lu, layer) for lu, block in between if id(block) in holds]
+                between = [(lu, block) for lu, block in between if id(block) not in holds]
+            plan.append((k, unit, recipes[k]))
+    if between:
+        raise ValueError(f"no unit holds the block after layer {between[0][0].name!r}")
+    plan += [(-1, u, layer) for u in layers_after]
+    total = len(plan)
     log_dir = Path(log_dir) if log_dir is not None else None
     if log_dir is not None:
         log_dir.mkdir(parents=True, exist_ok=True)
@@ -81,62 +95,61 @@ def run_reconstruction(
         "budget_unit": settings.budget_unit,
         "iters_per_unit": {k: r.iters for k, r in recipes.items()} if budget is not None else None,
         "levels_run": [k for k, _ in levels],
-        "layer_units": [u.name for u in [*layers_before, *layers_after]],
+        "layer_units": [u.name for level, u, _ in plan if level == -1],
         "schedule": schedule.describe() if isinstance(schedule, FineToCoarseSchedule) else None,
     }
     records: list[UnitRecord] = []
     start = time.perf_counter()
     k = 0
-    for level, units, recipe in plan:
-        for unit in units:
-            k += 1
-            name = getattr(unit, "name", type(unit).__name__)
-            cache_start = time.perf_counter()
-            fp_inputs, fp_targets, extra_args = source.fp_io(unit)
-            q_inputs = source.quant_input(unit)
-            cache_seconds = time.perf_counter() - cache_start
+    for level, unit, recipe in plan:
+        k += 1
+        name = getattr(unit, "name", type(unit).__name__)
+        cache_start = time.perf_counter()
+        fp_inputs, fp_targets, extra_args = source.fp_io(unit)
+        q_inputs = source.quant_input(unit)
+        cache_seconds = time.perf_counter() - cache_start
 
-            def progress(it: int, loss: float, k=k, name=name, n=recipe.iters) -> None:
-                print_fn(f"  ({k}/{total}) {name} iter {it}/{n} loss {loss:.4g}")
+        def progress(it: int, loss: float, k=k, name=name, n=recipe.iters) -> None:
+            print_fn(f"  ({k}/{total}) {name} iter {it}/{n} loss {loss:.4g}")
 
-            try:
-                record = reconstruct_unit(
-                    unit,
-                    q_inputs,
-                    fp_inputs,
-                    fp_targets,
-                    extra_args,
-                    settings,
-                    recipe,
-                    progress=progress,
-                )
-            except BaseException:
-                if log_dir is not None:  # keep what was done, and say where it stopped
-                    seconds = time.perf_counter() - start
-                    write_loss_log(
-                        log_dir / LOG_NAME, records, {**meta, "seconds": seconds, "failed": name}
-                    )
-                raise
-            finally:
-                # The caches of a unit are dead once it is done (or failed): drop the last
-                # references now, before the next unit's caches are built.
-                del fp_inputs, fp_targets, extra_args, q_inputs
-            record.level = level
-            record.peak_mem_mb = peak_memory_mb()
-            record.cache_seconds = cache_seconds
-            record.block_passes = record.iters * block_passes(unit)
-            records.append(record)
-            print_fn(
-                f"({k}/{total}) {name}, level {level}, loss {record.first_loss:.4g} -> "
-                f"{record.last_loss:.4g}, integer weights {record.hard_before:.4g} -> "
-                f"{record.hard_after:.4g} ({record.seconds:.1f}s)"
+        try:
+            record = reconstruct_unit(
+                unit,
+                q_inputs,
+                fp_inputs,
+                fp_targets,
+                extra_args,
+                settings,
+                recipe,
+                progress=progress,
             )
-            if log_dir is not None:
+        except BaseException:
+            if log_dir is not None:  # keep what was done, and say where it stopped
+                seconds = time.perf_counter() - start
                 write_loss_log(
-                    log_dir / LOG_NAME, records, {**meta, "seconds": time.perf_counter() - start}
+                    log_dir / LOG_NAME, records, {**meta, "seconds": seconds, "failed": name}
                 )
+            raise
+        finally:
+            # The caches of a unit are dead once it is done (or failed): drop the last
+            # references now, before the next unit's caches are built.
+            del fp_inputs, fp_targets, extra_args, q_inputs
+        record.level = level
+        record.peak_mem_mb = peak_memory_mb()
+        record.cache_seconds = cache_seconds
+        record.block_passes = record.iters * block_passes(unit)
+        records.append(record)
+        print_fn(
+            f"({k}/{total}) {name}, level {level}, loss {record.first_loss:.4g} -> "
+            f"{record.last_loss:.4g}, integer weights {record.hard_before:.4g} -> "
+            f"{record.hard_after:.4g} ({record.seconds:.1f}s)"
+        )
+        if log_dir is not None:
+            write_loss_log(
+                log_dir / LOG_NAME, records, {**meta, "seconds": time.perf_counter() - start}
+            )
     if harden_at_end:
-        n = harden(u for _, units, _ in plan for u in units)
+        n = harden(u for _, u, _ in plan)
         print_fn(f"hardened the rounding of {n} weight quantizer(s)")
     if log_dir is not None:
         write_loss_log(

@@ -30,9 +30,9 @@ from ..quant.calibrate import hard_rounding, is_weight_quantizer, learned_roundi
 from ..quant.config import dataclass_from_dict
 from ..quant.quantizers import AdaRoundWeightQuantizer, BaseQuantizer, UniformQuantizer
 from .pos import BUDGET_UNITS, POS_STRATEGIES, UnitRecipe
-from .units import TOP, check_max_level, unit_level
+from .units import TOP, check_max_level, flat_tensors, map_tensors, unit_level
 
-NON_BLOCK = ("calib", "layerwise")
+NON_BLOCK = ("calib", "layerwise", "parts")
 CACHE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
@@ -63,8 +63,11 @@ class ReconSettings:
     max_level: the coarsest level of a ``pfcr`` run: ``"top"`` (one group per stage, or the
         whole ViT encoder) or an integer (0: MHSA and MLP only, 1: up to blocks, ...).
     non_block: layers outside the blocks (patch embedding, PatchMerging reductions, head, neck):
-        ``"calib"`` keeps them calibrated only, ``"layerwise"`` reconstructs each on its own
-        (``iters`` iterations each, outside the block budget).
+        ``"calib"`` keeps them calibrated only, ``"layerwise"`` reconstructs each on its own,
+        ``"parts"`` reconstructs each part a model adapter declares (a detector's neck, RPN
+        head, RoI box and mask heads) as one unit and the other layers on their own. ``iters``
+        iterations per unit, outside the block budget; in forward order (a PatchMerging within
+        the first level, before the next stage; the neck and heads after the last level).
     drop_prob: probability that an input element comes from the FP input instead of the
         quantized path (QDrop); 0 uses the quantized-path input only.
     cache_dtype: dtype of the cached inputs and targets (``float32`` or ``float16``).
@@ -233,21 +236,23 @@ def _active_quantizers(
 
 
 class CacheSampler:
-    """Draws training batches from cached lists of ``(B_i, ...)`` tensors.
+    """Draws training batches from cached lists of ``(B_i, ...)`` tensors (or of tuples of
+    them nested alike, for a detector part: every tensor of an entry has the batch's rows).
 
-    When all cached batches have the same per-sample shape and the same extra arguments (a
-    classifier at one resolution), samples are drawn from the pooled cache, as BRECQ/QDrop do;
-    otherwise (detection images of different sizes) one cached batch is drawn, then samples
-    within it. Extra arguments are shared by a whole batch (``hw_shape``), never per sample.
+    When all cached batches are single tensors with the same per-sample shape and the same extra
+    arguments (a classifier at one resolution), samples are drawn from the pooled cache, as
+    BRECQ/QDrop do; otherwise (detection images of different sizes) one cached batch is drawn,
+    then ``batch_size`` rows within it (``batch_size=None``: all of them). Extra arguments are
+    shared by a whole batch (``hw_shape``), never per sample.
     """
 
     def __init__(
         self,
-        q_inputs: Sequence[torch.Tensor],
-        fp_inputs: Sequence[torch.Tensor],
-        fp_targets: Sequence[torch.Tensor],
+        q_inputs: Sequence,
+        fp_inputs: Sequence,
+        fp_targets: Sequence,
         extra_args: Sequence[tuple],
-        batch_size: int,
+        batch_size: int | None,
         device: torch.device,
         dtype: torch.dtype,
     ):
@@ -258,22 +263,31 @@ class CacheSampler:
                 f"same length, got {len(q_inputs)}, {n}, {len(fp_targets)}, {len(extra_args)}"
             )
         for i, (q, x, y) in enumerate(zip(q_inputs, fp_inputs, fp_targets)):
-            if q.shape != x.shape or y.shape[0] != x.shape[0]:
+            q_shapes = [t.shape for t in flat_tensors(q)]
+            x_shapes = [t.shape for t in flat_tensors(x)]
+            rows = {t.shape[0] for t in flat_tensors(x) + flat_tensors(y)}
+            if q_shapes != x_shapes or len(rows) != 1:
                 raise ValueError(
-                    f"cached batch {i}: quantized input {tuple(q.shape)}, FP input "
-                    f"{tuple(x.shape)} and target {tuple(y.shape)} do not match"
+                    f"cached batch {i}: quantized input {q_shapes}, FP input {x_shapes} and "
+                    f"target {[t.shape for t in flat_tensors(y)]} do not match"
                 )
         self.q, self.x, self.y, self.args = q_inputs, fp_inputs, fp_targets, extra_args
         self.batch_size, self.device, self.dtype = batch_size, device, dtype
-        self.sizes = [t.shape[0] for t in fp_inputs]
-        self.pooled = all(
-            t.shape[1:] == fp_inputs[0].shape[1:] and _args_equal(a, extra_args[0])
-            for t, a in zip(fp_inputs, extra_args)
-        ) and all(t.shape[1:] == fp_targets[0].shape[1:] for t in fp_targets)
+        self.sizes = [flat_tensors(x)[0].shape[0] for x in fp_inputs]
+        tensors = all(isinstance(t, torch.Tensor) for t in [*fp_inputs, *fp_targets])
+        self.pooled = (
+            batch_size is not None
+            and tensors
+            and all(
+                t.shape[1:] == fp_inputs[0].shape[1:] and _args_equal(a, extra_args[0])
+                for t, a in zip(fp_inputs, extra_args)
+            )
+            and all(t.shape[1:] == fp_targets[0].shape[1:] for t in fp_targets)
+        )
         self.offsets = torch.tensor([0] + self.sizes).cumsum(0)
 
-    def _move(self, t: torch.Tensor) -> torch.Tensor:
-        return t.to(self.device, self.dtype, non_blocking=True)
+    def _move(self, t):
+        return map_tensors(lambda u: u.to(self.device, self.dtype, non_blocking=True), t)
 
     def draw(
         self, generator: torch.Generator
@@ -291,9 +305,9 @@ class CacheSampler:
                 y.append(self._move(self.y[b].index_select(0, rows)))
             return torch.cat(q), torch.cat(x), torch.cat(y), self.args[0]
         b = int(torch.randint(len(self.sizes), (1,), generator=generator))
-        if self.sizes[b] > self.batch_size:
+        if self.batch_size is not None and self.sizes[b] > self.batch_size:
             rows = torch.randperm(self.sizes[b], generator=generator)[: self.batch_size]
-            pick = lambda t: t.index_select(0, rows)  # noqa: E731
+            pick = lambda t: map_tensors(lambda u: u.index_select(0, rows), t)  # noqa: E731
         else:
             pick = lambda t: t  # noqa: E731
         return (
@@ -327,9 +341,14 @@ def unit_seed(name: str, seed: int) -> int:
 # One unit
 
 
-def reconstruction_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Squared error summed over channels (last axis), averaged over images and tokens."""
-    return (out - target).pow(2).sum(-1).mean()
+def reconstruction_loss(out, target) -> torch.Tensor:
+    """Squared error summed over channels (last axis), averaged over images and tokens; for
+    nested outputs (a neck's maps per level, a head's scores and box deltas), the sum of that
+    over the tensors."""
+    return sum(
+        (o - t).pow(2).sum(-1).mean()
+        for o, t in zip(flat_tensors(out), flat_tensors(target), strict=True)
+    )
 
 
 HARD_EVAL_BATCHES = 4
@@ -349,15 +368,18 @@ def _hard_error(unit: nn.Module, batches: CacheSampler, weights: list) -> float:
     return sum(errors) / n
 
 
-def qdrop_input(
-    q_in: torch.Tensor, fp_in: torch.Tensor, drop_prob: float, generator: torch.Generator
-) -> torch.Tensor:
+def qdrop_input(q_in, fp_in, drop_prob: float, generator: torch.Generator):
     """QDrop's input mix: each element from the FP input with probability ``drop_prob``, from the
-    quantized-path input otherwise (``drop_prob=0``: the quantized-path input itself)."""
+    quantized-path input otherwise (``drop_prob=0``: the quantized-path input itself); tensors,
+    or nested tuples of them mixed tensor by tensor."""
     if drop_prob <= 0:
         return q_in
-    keep_fp = torch.rand(fp_in.shape, generator=generator, device=fp_in.device) < drop_prob
-    return torch.where(keep_fp, fp_in, q_in)
+
+    def mix(q: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
+        keep_fp = torch.rand(fp.shape, generator=generator, device=fp.device) < drop_prob
+        return torch.where(keep_fp, fp, q)
+
+    return map_tensors(mix, q_in, fp_in)
 
 
 def temperature(it: int, recipe: UnitRecipe, settings: ReconSettings) -> float | None:
@@ -460,7 +482,9 @@ def reconstruct_unit(
     """Learn the rounding and step sizes of ``unit`` so that it reproduces its FP targets.
 
     unit: a finest or composed unit, ``unit(x, *args) -> y`` with ``x`` and ``y`` of the same
-        shape ``(B, ..., C)``, channels last; its quantizers must be in the quantized state.
+        shape ``(B, ..., C)``, channels last, or a :class:`~pfcr_mm.recon.units.LayerUnit`
+        (``x`` and ``y`` may then be nested tuples of tensors); its quantizers must be in the
+        quantized state.
     q_inputs / fp_inputs / fp_targets: cached batches (any dtype and device; moved to the unit's
         device and float32 per batch), one tensor per batch, batch first; ``q_inputs[i]`` and
         ``fp_inputs[i]`` have the same shape.
@@ -479,10 +503,11 @@ def reconstruct_unit(
     if extra_args is None:
         extra_args = [()] * len(fp_inputs)
     device = next(unit.parameters()).device
+    batch_size = None if getattr(unit, "whole_batches", False) else settings.batch_size
     batches = CacheSampler(
-        q_inputs, fp_inputs, fp_targets, extra_args, settings.batch_size, device, torch.float32
+        q_inputs, fp_inputs, fp_targets, extra_args, batch_size, device, torch.float32
     )
-    probe = q_inputs[0][:1].to(device, torch.float32)
+    probe = map_tensors(lambda t: t[:1].to(device, torch.float32), q_inputs[0])
     weights, act_quantizers = _active_quantizers(unit, probe, tuple(extra_args[0]))
     # learned step sizes: the uniform quantizers (a log2 quantizer has no learned step)
     acts = [q for q in act_quantizers if isinstance(q, UniformQuantizer)]

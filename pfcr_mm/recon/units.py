@@ -54,23 +54,62 @@ class ComposedUnit(nn.Module):
 
 
 class LayerUnit(nn.Module):
-    """One quantized layer outside the transformer blocks (patch embedding, PatchMerging
-    reduction, classifier head), reconstructed on its own: ``forward(x)`` is ``layer(x)`` with
-    channels last (a conv's ``(B, C, H, W)`` output as ``(B, H, W, C)``), as the loss expects."""
+    """A part of the model outside the transformer blocks, reconstructed on its own: one quantized
+    layer (patch embedding, PatchMerging reduction, classifier head) or a module holding several
+    (a detector's neck, RPN head, RoI box or mask head; see ``adapters.QuantPlan.parts``).
+
+    ``forward(x)`` is ``layer(x)`` with every output channels last, as the loss expects; ``x``
+    and the output may be tensors or (nested) tuples and lists of them (a neck takes and gives
+    one map per level). channels_first: the 4-D outputs are ``(B, C, H, W)`` (a conv, the
+    detector parts) and are returned as ``(B, H, W, C)``; default: whether ``layer`` is a conv.
+    whole_batches: a step trains on one whole cached batch instead of ``batch_size`` rows (the
+    rows of a RoI head's input are the RoIs of a few images, not images).
+    """
 
     level = -1
 
-    def __init__(self, name: str, layer: nn.Module):
+    def __init__(
+        self,
+        name: str,
+        layer: nn.Module,
+        channels_first: bool | None = None,
+        whole_batches: bool = False,
+    ):
         super().__init__()
         self.name = name
         self.layer = layer
+        self.channels_first = (
+            isinstance(layer, nn.Conv2d) if channels_first is None else channels_first
+        )
+        self.whole_batches = whole_batches
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x):
         y = self.layer(x)
-        return y.movedim(1, -1) if isinstance(self.layer, nn.Conv2d) else y
+        if not self.channels_first:
+            return y
+        return map_tensors(lambda t: t.movedim(1, -1) if t.dim() == 4 else t, y)
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}"
+
+
+def map_tensors(fn: Callable, *objs):
+    """``fn`` applied to the tensors at the same place of ``objs`` (tensors, or tuples and lists
+    of them nested alike), in the structure of ``objs[0]``: the inputs and outputs of a
+    :class:`LayerUnit` holding a detector part."""
+    first = objs[0]
+    if isinstance(first, (tuple, list)):
+        if any(not isinstance(o, (tuple, list)) or len(o) != len(first) for o in objs[1:]):
+            raise ValueError("map_tensors: the nested structures differ")
+        return type(first)(map_tensors(fn, *parts) for parts in zip(*objs))
+    return fn(*objs)
+
+
+def flat_tensors(obj) -> list[torch.Tensor]:
+    """The tensors of a (nested) tuple or list, in order."""
+    if isinstance(obj, (tuple, list)):
+        return [t for part in obj for t in flat_tensors(part)]
+    return [obj]
 
 
 def unit_level(unit: nn.Module) -> int:
