@@ -161,6 +161,7 @@ def quantize(
     run_batch: Callable[[nn.Module, Any], Any] | None = None,
     *,
     recon_batch: Callable[[nn.Module, Any], Any] | None = None,
+    downstream: Callable[[nn.Module, Any], Any] | None = None,
     head: nn.Module | None = None,
     log_dir: str | Path | None = None,
     print_fn: Callable[[str], None] = print,
@@ -177,6 +178,9 @@ def quantize(
         reach stay calibrated only. A detector's heads pair up between the FP and the quantized
         model although their proposals differ: the model's adapters pin the RoIs
         (``QuantPlan.pinned``), so the quantized heads see the FP model's boxes.
+    downstream: ``f(model, batch)``: the outputs the detection-aware objective measures a
+        block unit's error at (``recon.downstream_weight``; a detector's FPN outputs);
+        default: the outputs of ``recon_batch``.
     head: a classification head, quantized with ``config.quant.head_bits`` if set.
     log_dir: where ``recon_log.json`` and ``recon_loss.png`` go (``None``: nowhere).
     print_fn: progress lines.
@@ -211,7 +215,9 @@ def quantize(
         return QuantResult(plan)
     batches, recon_batch = list(calib_data), recon_batch or run_batch
     if world == 1:
-        records, recon = _reconstruct(model, plan, batches, config, recon_batch, log_dir, print_fn)
+        records, recon = _reconstruct(
+            model, plan, batches, config, recon_batch, downstream, log_dir, print_fn
+        )
         return QuantResult(plan, records, {**recon, "calibration_seconds": calibration_seconds})
     # Collectives carry CPU objects: a CUDA tensor would come back on the sender's device.
     shares = [None] * world if rank == 0 else None
@@ -225,7 +231,7 @@ def quantize(
         try:
             batches = _to_device(batches, device)
             records, recon = _reconstruct(
-                model, plan, batches, config, recon_batch, log_dir, print_fn
+                model, plan, batches, config, recon_batch, downstream, log_dir, print_fn
             )
             done = [_to_device(model.state_dict(), "cpu"), records, recon]
         except Exception as err:
@@ -254,6 +260,7 @@ def _reconstruct(
     batches: list,
     config: PTQConfig,
     run_batch: Callable[[nn.Module, Any], Any],
+    downstream: Callable[[nn.Module, Any], Any] | None,
     log_dir: str | Path | None,
     print_fn: Callable[[str], None],
 ) -> tuple[list[UnitRecord], dict]:
@@ -275,6 +282,7 @@ def _reconstruct(
         run_batch=run_batch,
         cache_dtype=recon.cache_dtype,
         pinned=plan.pinned,
+        downstream=downstream or run_batch,
     )
     records = run_reconstruction(
         schedule,

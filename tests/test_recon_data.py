@@ -221,3 +221,44 @@ def test_layer_units_off_the_chain(timm_swin_and_batches):
         embed.layer.weight_quantizer.scale.mul_(1.1)
     source.fp_io(embed)
     assert not torch.equal(source.quant_input(plan.units[0])[0], q_before)
+
+
+def test_output_weights_estimate_the_diagonal_of_jtj(vit_and_batches):
+    """The detection-aware weights: E[(J^T r)^2] over random projections r equals the diagonal
+    of J^T J, J the FP model's Jacobian from a unit's output to the downstream outputs (here the
+    logits): for the MLP unit (the block's output) and, pulled back through the FP MLP, for the
+    MHSA unit of the third block."""
+    model, batches = vit_and_batches()
+    plan = prepare_calibrated(
+        model, QuantConfig(w_bits=4, a_bits=4), lambda m: [m(b) for b in batches]
+    )
+    batches = batches[:1]
+    source = ChainDataSource(model, plan.units, batches, downstream=lambda m, b: m(b))
+    attn, mlp = plan.units[4], plan.units[5]  # blocks.2
+    block = mlp.block
+
+    def exact(unit, x_at_unit):
+        """diag(J^T J) by the full Jacobian of the logits w.r.t. the unit's output."""
+
+        def rest(y):
+            out = mlp(y) if unit is attn else y  # an MHSA unit's output goes through its MLP
+            h = block.register_forward_hook(lambda m, a, o: out)
+            try:
+                return model(batches[0])
+            finally:
+                h.remove()
+
+        with quantizer_states(model, weights=False, activations=False):
+            y = unit(x_at_unit).detach()
+            jac = torch.autograd.functional.jacobian(rest, y)  # (B, classes, B, N, C)
+        return jac.pow(2).sum((0, 1))
+
+    for unit in (attn, mlp):
+        x, targets, _ = source.fp_io(unit)
+        weights = source.output_weights(unit, targets, probes=1500, seed=0)
+        want = exact(unit, x[0])
+        assert weights[0].shape == want.shape == targets[0].shape
+        rel = (weights[0] - want).norm() / want.norm()
+        assert rel < 0.1, (unit.name, float(rel))
+    # a source without downstream outputs has no weights
+    assert ChainDataSource(model, plan.units, batches).output_weights(mlp, targets, 2, 0) is None

@@ -48,7 +48,7 @@ def test_driver_walks_fine_to_coarse_frees_caches_and_spans_beta(monkeypatch, tm
     schedule = FineToCoarseSchedule(units)
     spans = []
 
-    def fake_reconstruct(unit, q, x, y, args, settings, recipe, progress=None):
+    def fake_reconstruct(unit, q, x, y, args, settings, recipe, progress=None, output_weights=None):
         spans.append(recipe.beta_span)
         return UnitRecord(unit.name, 0, recipe.iters, 1.0, 0.5, 0.0, [1.0, 0.5])
 

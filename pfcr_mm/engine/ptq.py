@@ -184,7 +184,8 @@ def run_batch(model: torch.nn.Module, data: dict):
 
 
 def features(model: torch.nn.Module, data: dict):
-    """The outputs :func:`output_error` compares: a detector's features (backbone and neck;
+    """The outputs :func:`output_error` compares and the detection-aware objective weights a
+    block's error by (``recon.downstream_weight``): a detector's features (backbone and neck;
     its heads' outputs depend on proposals, which differ between the FP and the quantized
     model), a classifier's logits."""
     feats = getattr(model, "extract_feat", None)
@@ -241,6 +242,7 @@ def quantize_runner_model(runner, config: PTQConfig) -> tuple[QuantResult, list[
         config,
         PreprocessedBatches(loader, model),
         run_batch,
+        downstream=features,
         head=head,
         log_dir=work_dir / "recon",
         print_fn=lambda s: print_log(s, logger="current"),

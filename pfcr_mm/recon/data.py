@@ -20,7 +20,7 @@ from torch import nn
 from ..adapters.base import ReconUnit
 from ..quant.calibrate import hard_rounding, quantizer_states
 from .engine import CACHE_DTYPES, eval_mode
-from .units import LayerUnit, leaves, map_tensors
+from .units import LayerUnit, flat_tensors, leaves, map_tensors
 
 
 class UnitDataSource(Protocol):
@@ -34,6 +34,14 @@ class UnitDataSource(Protocol):
     def quant_input(self, unit: nn.Module) -> list[torch.Tensor]:
         """The unit's input computed by the model with the preceding units quantized, in the
         same batches and order as :meth:`fp_io`."""
+        ...
+
+    def output_weights(
+        self, unit: nn.Module, fp_targets: list[torch.Tensor], probes: int, seed: int
+    ) -> list[torch.Tensor] | None:
+        """Per batch, how much the model's downstream outputs move with each element of the
+        unit's output (shaped like ``fp_targets``), or ``None`` where the source has none (see
+        ``ReconSettings.downstream_weight``)."""
         ...
 
 
@@ -63,6 +71,9 @@ class ChainDataSource:
         :class:`~pfcr_mm.recon.units.LayerUnit` are captured. A detector pins the RoIs of its
         RoI extractors: the quantized heads then see the FP model's boxes, so their inputs pair
         up with the FP targets (the quantized model's own proposals differ).
+    downstream: ``f(model, batch) -> outputs`` (a tensor or nested tuples): the outputs whose
+        sensitivity to a block's output weights the detection-aware term
+        (:meth:`output_weights`; a detector's FPN outputs); ``None``: no weights.
     cache_dtype / cache_device: dtype and device of the propagated tensors and of the caches
         handed out (``ReconSettings.cache_dtype``). Each step computes in float32 on the model's
         device. A unit's FP and quantized-path inputs are the fronts themselves, so per image
@@ -92,8 +103,11 @@ class ChainDataSource:
         cache_dtype: str | torch.dtype = "float32",
         cache_device: str | torch.device = "cpu",
         pinned: Sequence[tuple[nn.Module, int]] = (),
+        downstream: Callable[[nn.Module, Any], Any] | None = None,
     ):
         self.model = model
+        self.downstream = downstream
+        self._block_weights: dict[int, list[torch.Tensor]] = {}  # block output weights, by block
         self.pinned = list(pinned)
         self._pins: dict[int, list[tuple[nn.Module, Any]]] = {}  # batch -> FP values in call order
         self.units = list(units)
@@ -257,3 +271,67 @@ class ChainDataSource:
             return self._layer_io(unit, fp=False)
         self._advance(unit)
         return list(self._q)
+
+    def _block_grads(self, block: nn.Module, probes: int, seed: int) -> list[list[torch.Tensor]]:
+        """Per batch, ``probes`` vector-Jacobian products ``J^T r`` (``r ~ N(0, 1)`` on every
+        downstream output) at the output of ``block``, of the FP model (every quantizer off)."""
+        out = []
+        leaf: list[torch.Tensor] = []  # the block's output of the current batch, as a leaf
+
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+            leaf[:] = [output.detach().requires_grad_(True)]
+            return leaf[0]
+
+        off = quantizer_states(self.model, weights=False, activations=False)
+        with eval_mode(self.model), torch.enable_grad(), off:
+            for i, batch in enumerate(self.batches):
+                handle = block.register_forward_hook(hook)
+                try:
+                    outputs = flat_tensors(self.downstream(self.model, batch))
+                finally:
+                    handle.remove()
+                gen = torch.Generator().manual_seed(seed * 1_000_003 + i)
+                grads = []
+                for p in range(probes):
+                    rs = [torch.randn(o.shape, generator=gen).to(o) for o in outputs]
+                    (g,) = torch.autograd.grad(
+                        outputs, leaf[0], grad_outputs=rs, retain_graph=p < probes - 1
+                    )
+                    grads.append(g)
+                out.append(grads)
+        return out
+
+    def output_weights(
+        self, unit: nn.Module, fp_targets: list[torch.Tensor], probes: int, seed: int
+    ) -> list[torch.Tensor] | None:
+        """The diagonal of ``J^T J`` at the unit's output, ``E[(J^T r)^2]`` over ``probes``
+        random projections, per batch. A unit that ends with a block (an MLP unit, a block, a
+        group) takes the block's output weights (computed once per block and kept for the next
+        levels); an MHSA unit pulls each projection back through its block's FP MLP unit, from
+        its FP targets. ``None`` for a layer outside the blocks, or without ``downstream``."""
+        if self.downstream is None or isinstance(unit, LayerUnit):
+            return None
+        last = leaves(unit)[-1]
+        block = last.block
+        position = self._index[id(last)]
+        ends_block = position + 1 == len(self.units) or self.units[position + 1].block is not block
+        if ends_block and id(block) in self._block_weights:
+            return self._block_weights[id(block)]
+        grads = self._block_grads(block, probes, seed)
+        if ends_block:
+            weights = [self._store(torch.stack(g).pow(2).mean(0)) for g in grads]
+            self._block_weights[id(block)] = weights
+            return weights
+        mlp = self.units[position + 1]
+        device = next(self.model.parameters()).device
+        weights = []
+        off = quantizer_states(self.model, weights=False, activations=False)
+        with eval_mode(self.model), torch.enable_grad(), off:
+            for g_block, y, args in zip(grads, fp_targets, self._args):
+                y = y.to(device, torch.float32).requires_grad_(True)
+                z = mlp(y, *args)
+                pulled = [
+                    torch.autograd.grad(z, y, grad_outputs=g, retain_graph=True)[0] for g in g_block
+                ]
+                weights.append(self._store(torch.stack(pulled).pow(2).mean(0)))
+        return weights

@@ -22,7 +22,7 @@ from pathlib import Path
 from torch import nn
 
 from .data import UnitDataSource
-from .engine import ReconSettings, UnitRecord, harden, reconstruct_unit
+from .engine import ReconSettings, UnitRecord, harden, reconstruct_unit, unit_seed
 from .pos import block_passes, layer_recipe, level_recipes
 from .report import peak_memory_mb, plot_losses, write_loss_log
 from .units import FineToCoarseSchedule, leaves
@@ -107,6 +107,10 @@ def run_reconstruction(
         cache_start = time.perf_counter()
         fp_inputs, fp_targets, extra_args = source.fp_io(unit)
         q_inputs = source.quant_input(unit)
+        weights = None
+        if settings.downstream_weight > 0:
+            seed = unit_seed(name, settings.seed)
+            weights = source.output_weights(unit, fp_targets, settings.downstream_probes, seed)
         cache_seconds = time.perf_counter() - cache_start
 
         def progress(it: int, loss: float, k=k, name=name, n=recipe.iters) -> None:
@@ -122,6 +126,7 @@ def run_reconstruction(
                 settings,
                 recipe,
                 progress=progress,
+                output_weights=weights,
             )
         except BaseException:
             if log_dir is not None:  # keep what was done, and say where it stopped
@@ -133,7 +138,7 @@ def run_reconstruction(
         finally:
             # The caches of a unit are dead once it is done (or failed): drop the last
             # references now, before the next unit's caches are built.
-            del fp_inputs, fp_targets, extra_args, q_inputs
+            del fp_inputs, fp_targets, extra_args, q_inputs, weights
         record.level = level
         record.peak_mem_mb = peak_memory_mb()
         record.cache_seconds = cache_seconds

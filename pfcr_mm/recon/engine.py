@@ -73,6 +73,14 @@ class ReconSettings:
     cache_dtype: dtype of the cached inputs and targets (``float32`` or ``float16``).
     seed: seeds the sampling of batches and QDrop masks (per unit, combined with its name).
     log_every: report progress every this many iterations (0: only at the end of a unit).
+    downstream_weight: the detection-aware objective (0: off). A block unit's loss adds this
+        weight times its squared error weighted, element by element, by how much the model's
+        downstream outputs (``pfcr_mm.quantize(downstream=...)``: a detector's FPN outputs, a
+        classifier's logits) move with that element of the unit's output: the diagonal of
+        ``J^T J`` of the FP model from the unit's output to those outputs, estimated with
+        ``downstream_probes`` random projections when the unit's caches are built. The weighted
+        term is scaled to the plain term's value at the first iteration, so the weight is the
+        mix between the two. Units outside the blocks keep the plain loss.
     """
 
     iters: int = 20000
@@ -91,6 +99,8 @@ class ReconSettings:
     cache_dtype: str = "float32"
     seed: int = 0
     log_every: int = 1000
+    downstream_weight: float = 0.0
+    downstream_probes: int = 8
 
     def __post_init__(self) -> None:
         if self.iters < 1 or self.batch_size < 1:
@@ -111,6 +121,11 @@ class ReconSettings:
                 f"ReconSettings.non_block must be one of {NON_BLOCK}, got {self.non_block!r}"
             )
         check_max_level(self.max_level)
+        if not self.downstream_weight >= 0 or not self.downstream_probes >= 1:
+            raise ValueError(
+                "ReconSettings.downstream_weight must be >= 0 and downstream_probes >= 1, got "
+                f"{self.downstream_weight!r} and {self.downstream_probes!r}"
+            )
         if self.cache_dtype not in CACHE_DTYPES:
             raise ValueError(
                 f"ReconSettings.cache_dtype must be one of {tuple(CACHE_DTYPES)}, "
@@ -237,13 +252,14 @@ def _active_quantizers(
 
 class CacheSampler:
     """Draws training batches from cached lists of ``(B_i, ...)`` tensors (or of tuples of
-    them nested alike, for a detector part: every tensor of an entry has the batch's rows).
+    them nested alike: a detector part's maps, a target with its weights; every tensor of an
+    entry has the batch's rows).
 
-    When all cached batches are single tensors with the same per-sample shape and the same extra
-    arguments (a classifier at one resolution), samples are drawn from the pooled cache, as
-    BRECQ/QDrop do; otherwise (detection images of different sizes) one cached batch is drawn,
-    then ``batch_size`` rows within it (``batch_size=None``: all of them). Extra arguments are
-    shared by a whole batch (``hw_shape``), never per sample.
+    When all cached batches have the same per-sample shapes and the same extra arguments (a
+    classifier at one resolution), samples are drawn from the pooled cache, as BRECQ/QDrop do;
+    otherwise (detection images of different sizes) one cached batch is drawn, then
+    ``batch_size`` rows within it (``batch_size=None``: all of them, and never pooled). Extra
+    arguments are shared by a whole batch (``hw_shape``), never per sample.
     """
 
     def __init__(
@@ -274,48 +290,39 @@ class CacheSampler:
         self.q, self.x, self.y, self.args = q_inputs, fp_inputs, fp_targets, extra_args
         self.batch_size, self.device, self.dtype = batch_size, device, dtype
         self.sizes = [flat_tensors(x)[0].shape[0] for x in fp_inputs]
-        tensors = all(isinstance(t, torch.Tensor) for t in [*fp_inputs, *fp_targets])
-        self.pooled = (
-            batch_size is not None
-            and tensors
-            and all(
-                t.shape[1:] == fp_inputs[0].shape[1:] and _args_equal(a, extra_args[0])
-                for t, a in zip(fp_inputs, extra_args)
-            )
-            and all(t.shape[1:] == fp_targets[0].shape[1:] for t in fp_targets)
+
+        def sample_shapes(i: int) -> list:
+            return [t.shape[1:] for t in flat_tensors(fp_inputs[i]) + flat_tensors(fp_targets[i])]
+
+        self.pooled = batch_size is not None and all(
+            sample_shapes(i) == sample_shapes(0) and _args_equal(extra_args[i], extra_args[0])
+            for i in range(n)
         )
         self.offsets = torch.tensor([0] + self.sizes).cumsum(0)
 
     def _move(self, t):
         return map_tensors(lambda u: u.to(self.device, self.dtype, non_blocking=True), t)
 
-    def draw(
-        self, generator: torch.Generator
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple]:
+    def _rows(self, entry, rows: torch.Tensor):
+        return self._move(map_tensors(lambda u: u.index_select(0, rows), entry))
+
+    def draw(self, generator: torch.Generator) -> tuple:
         """One training batch ``(x_q, x_fp, y_fp, extra_args)`` on the unit's device."""
         if self.pooled:
             total = int(self.offsets[-1])
             idx = torch.randperm(total, generator=generator)[: self.batch_size].sort().values
             which = torch.searchsorted(self.offsets, idx, right=True) - 1
-            q, x, y = [], [], []
+            parts = []
             for b in which.unique().tolist():
                 rows = idx[which == b] - self.offsets[b]
-                q.append(self._move(self.q[b].index_select(0, rows)))
-                x.append(self._move(self.x[b].index_select(0, rows)))
-                y.append(self._move(self.y[b].index_select(0, rows)))
-            return torch.cat(q), torch.cat(x), torch.cat(y), self.args[0]
+                parts.append([self._rows(c[b], rows) for c in (self.q, self.x, self.y)])
+            q, x, y = (map_tensors(lambda *ts: torch.cat(ts), *p) for p in zip(*parts))
+            return q, x, y, self.args[0]
         b = int(torch.randint(len(self.sizes), (1,), generator=generator))
         if self.batch_size is not None and self.sizes[b] > self.batch_size:
             rows = torch.randperm(self.sizes[b], generator=generator)[: self.batch_size]
-            pick = lambda t: map_tensors(lambda u: u.index_select(0, rows), t)  # noqa: E731
-        else:
-            pick = lambda t: t  # noqa: E731
-        return (
-            self._move(pick(self.q[b])),
-            self._move(pick(self.x[b])),
-            self._move(pick(self.y[b])),
-            self.args[b],
-        )
+            return (*(self._rows(c[b], rows) for c in (self.q, self.x, self.y)), self.args[b])
+        return (*(self._move(c[b]) for c in (self.q, self.x, self.y)), self.args[b])
 
 
 def _args_equal(a: tuple, b: tuple) -> bool:
@@ -354,17 +361,17 @@ def reconstruction_loss(out, target) -> torch.Tensor:
 HARD_EVAL_BATCHES = 4
 
 
-def _hard_error(unit: nn.Module, batches: CacheSampler, weights: list) -> float:
+def _hard_error(unit: nn.Module, batches: CacheSampler, weights: list, weighted: bool) -> float:
     """The unit's error with integer weights on the quantized-path inputs of the first cached
-    batches: what the deployed unit does, as opposed to the soft rounding being trained."""
+    batches: what the deployed unit does, as opposed to the soft rounding being trained
+    (``weighted``: the cached targets are ``(target, output weights)``; the plain error)."""
     n = min(HARD_EVAL_BATCHES, len(batches.sizes))
     with hard_rounding([q for q, _ in weights]), torch.no_grad(), eval_mode(unit):
-        errors = [
-            reconstruction_loss(
-                unit(batches._move(batches.q[i]), *batches.args[i]), batches._move(batches.y[i])
-            ).item()
-            for i in range(n)
-        ]
+        errors = []
+        for i in range(n):
+            target = batches._move(batches.y[i])
+            out = unit(batches._move(batches.q[i]), *batches.args[i])
+            errors.append(reconstruction_loss(out, target[0] if weighted else target).item())
     return sum(errors) / n
 
 
@@ -478,6 +485,7 @@ def reconstruct_unit(
     settings: ReconSettings,
     recipe: UnitRecipe | None = None,
     progress: Callable[[int, float], None] | None = None,
+    output_weights: Sequence[torch.Tensor] | None = None,
 ) -> UnitRecord:
     """Learn the rounding and step sizes of ``unit`` so that it reproduces its FP targets.
 
@@ -492,6 +500,9 @@ def reconstruct_unit(
     recipe: iterations, temperature span and FP-activation stage of this unit, as POS decided
         (:mod:`pfcr_mm.recon.pos`); ``None``: ``settings.iters`` iterations, the whole decay.
     progress: called as ``progress(iteration, loss)`` every ``settings.log_every`` iterations.
+    output_weights: per batch, the weight of each element of the unit's output in the
+        detection-aware term (shaped like ``fp_targets``; ``settings.downstream_weight``);
+        ``None``: the plain loss only. The record's losses are the plain term.
 
     If the loss becomes NaN or infinite, everything the call changed (AdaRound variables,
     rounding modes, step sizes) is restored and ``FloatingPointError`` is raised, naming the
@@ -504,9 +515,13 @@ def reconstruct_unit(
         extra_args = [()] * len(fp_inputs)
     device = next(unit.parameters()).device
     batch_size = None if getattr(unit, "whole_batches", False) else settings.batch_size
+    weighted = output_weights is not None and settings.downstream_weight > 0
+    if weighted:  # drawn with the same rows as the targets
+        fp_targets = [(y, w) for y, w in zip(fp_targets, output_weights, strict=True)]
     batches = CacheSampler(
         q_inputs, fp_inputs, fp_targets, extra_args, batch_size, device, torch.float32
     )
+    balance = None  # plain / weighted term at the first iteration
     probe = map_tensors(lambda t: t[:1].to(device, torch.float32), q_inputs[0])
     weights, act_quantizers = _active_quantizers(unit, probe, tuple(extra_args[0]))
     # learned step sizes: the uniform quantizers (a log2 quantizer has no learned step)
@@ -518,7 +533,7 @@ def reconstruct_unit(
         )
     rollback = _Rollback(weights, act_quantizers, acts)
     saved_grad = [(p, p.requires_grad) for p in unit.parameters()]
-    hard_before = _hard_error(unit, batches, weights)
+    hard_before = _hard_error(unit, batches, weights, weighted)
     seed = unit_seed(name, settings.seed)
     sampler = torch.Generator().manual_seed(seed)
     masker = torch.Generator(device=device).manual_seed(seed)
@@ -540,11 +555,19 @@ def reconstruct_unit(
                         q.state = "quant"
                 q_in, fp_in, target, args = batches.draw(sampler)
                 x = qdrop_input(q_in, fp_in, settings.drop_prob, masker)
-                rec = reconstruction_loss(unit(x, *args), target)
-                beta = temperature(it, recipe, settings) if regularized else None
+                out = unit(x, *args)
+                if weighted:
+                    target, w = target
+                rec = reconstruction_loss(out, target)
                 loss = rec
+                if weighted:
+                    term = ((out - target).pow(2) * w).sum(-1).mean()
+                    if balance is None:
+                        balance = float(rec.detach()) / max(float(term.detach()), 1e-30)
+                    loss = rec + settings.downstream_weight * balance * term
+                beta = temperature(it, recipe, settings) if regularized else None
                 if beta is not None:
-                    loss = rec + settings.round_weight * sum(
+                    loss = loss + settings.round_weight * sum(
                         q.rounding_loss(beta) for q, _ in weights
                     )
                 check_finite(float(loss.detach()), name, level, it)
@@ -574,7 +597,7 @@ def reconstruct_unit(
         n_weight_quantizers=len(weights),
         n_act_quantizers=len(acts),
         hard_before=hard_before,
-        hard_after=_hard_error(unit, batches, weights),
+        hard_after=_hard_error(unit, batches, weights, weighted),
     )
 
 
