@@ -84,6 +84,7 @@ def test_subset_evaluation_uses_subset_annotations(ptq_tool, demo_setup, tmp_pat
         ptq_tool.main([str(cfg), "--work-dir", str(work), "--no-fp-eval", "--eval-images", "2"])
         == 0
     )
+    assert json.loads((work / "ptq_results.json").read_text())["eval_images"] == 2
     resolved = Config.fromfile(work / "ptq_config.py")
     subset = json.loads(Path(resolved.test_evaluator.ann_file).read_text())
     assert resolved.test_dataloader.dataset.ann_file == resolved.test_evaluator.ann_file

@@ -77,7 +77,8 @@ def state_dict_of(checkpoint: dict) -> dict:
 
 
 def load_weights_strict(model: torch.nn.Module, path: str | Path, prefix: str = "") -> None:
-    """Load a checkpoint into ``model``, failing with the differing keys if the sets differ."""
+    """Load a checkpoint into ``model``, failing with the differing keys if the sets differ, and
+    naming the parameters that hold NaN or Inf."""
     state = state_dict_of(load_checkpoint_file(path))
     if prefix:
         state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
@@ -88,5 +89,14 @@ def load_weights_strict(model: torch.nn.Module, path: str | Path, prefix: str = 
             f"checkpoint {path} does not match the model: {len(missing)} missing key(s) "
             f"{missing[:8]}, {len(unexpected)} unexpected key(s) {unexpected[:8]}. Check that the "
             "architecture and its kwargs are the ones the checkpoint was trained with."
+        )
+    non_finite = [
+        name for name, _ in model.named_parameters() if not torch.isfinite(state[name]).all()
+    ]
+    if non_finite:
+        raise ValueError(
+            f"checkpoint {path}: parameter {non_finite[0]} holds NaN or Inf values "
+            f"({len(non_finite)} parameter(s) do); the training diverged or the file is "
+            "damaged: use another checkpoint"
         )
     model.load_state_dict(state, strict=True)

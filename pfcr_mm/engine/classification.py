@@ -102,7 +102,10 @@ def create_timm_model(arch: str, model_kwargs: dict | None = None) -> torch.nn.M
             f"unknown timm architecture {arch!r}"
             f"{f'; did you mean {close}' if close else ''} (see timm.list_models())"
         )
-    return timm.create_model(arch, pretrained=False, **(model_kwargs or {}))
+    try:
+        return timm.create_model(arch, pretrained=False, **(model_kwargs or {}))
+    except TypeError as err:  # a keyword the architecture does not take
+        raise ValueError(f"model.model_kwargs do not fit timm {arch}: {err}") from None
 
 
 @MODELS.register_module()

@@ -133,10 +133,26 @@ def calibration_loader(
     return _loader(dataset, share, size, calib.num_workers, test_dataloader_cfg), indices
 
 
-def check_calibration_split(config: PTQConfig, test_dataloader_cfg: dict) -> None:
+def check_calibration_split(config: PTQConfig, test_dataloader_cfg: dict, eval_dataset) -> None:
     """Refuse, before any long work, a calibration split that is the evaluation split, is
-    empty, or has fewer than ``num_images`` images (builds the calibration dataset once)."""
-    _calibration_order(config, test_dataloader_cfg)
+    empty, has fewer than ``num_images`` images, or whose class list (``metainfo['classes']``:
+    a folder dataset's class folders) differs from that of ``eval_dataset`` (builds the
+    calibration dataset once)."""
+    dataset, _, _ = _calibration_order(config, test_dataloader_cfg)
+    calib = list(getattr(dataset, "metainfo", {}).get("classes") or [])
+    evaluation = list(getattr(eval_dataset, "metainfo", {}).get("classes") or [])
+    if calib != evaluation:
+        only_calib = [c for c in calib if c not in evaluation]
+        only_eval = [c for c in evaluation if c not in calib]
+        how = (
+            f"only in calibration: {only_calib[:5]}, only in evaluation: {only_eval[:5]}"
+            if only_calib or only_eval
+            else "the same classes in another order"
+        )
+        raise ValueError(
+            f"the calibration and evaluation splits have different class lists ({how}): the "
+            "labels would not match; give both splits the same classes (class folders)"
+        )
 
 
 def heldout_loader(config: PTQConfig, test_dataloader_cfg: dict) -> DataLoader | None:
@@ -354,10 +370,12 @@ def record_results(
     recon: dict,
     times: dict,
     quantized_model: str,
+    eval_images: int | None = None,
 ) -> tuple[dict, Path]:
     """Measure the output error on ``loader``'s first images and on the held-out calibration
     images (:func:`heldout_loader`), write ``ptq_results.json`` and the resolved config
-    ``ptq_config.py``; returns the results and the path."""
+    ``ptq_config.py``; returns the results and the path. ``eval_images``: the N of
+    ``--eval-images`` (``None``: every evaluation image)."""
     cfg = runner.cfg
     heldout = heldout_loader(config, cfg.test_dataloader)
     results = {
@@ -370,6 +388,7 @@ def record_results(
         "recon": recon,
         "fp": fp,
         "quant": quant,
+        "eval_images": eval_images,
         "output_error": output_error(unwrap_model(runner.model), loader),
         # where defaults are chosen: calibration-split images that calibration did not see
         "heldout_error": None

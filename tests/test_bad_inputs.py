@@ -1,0 +1,129 @@
+"""Bad inputs on the demo models: each ends tools/ptq.py with exit code 2 and a one-line
+message saying what is wrong, before the FP evaluation, and changes no earlier output.
+
+One good run of the demo ViT (its committed checkpoint, a few generated demo images) fills the
+work dir first; every case then runs into the same work dir."""
+
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from pfcr_mm.demo.shapes import generate_shapes_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO_VIT = ROOT / "configs/demo/demo_vit_shapes_w4a4.py"
+DEMO_CKPT = ROOT / "checkpoints/demo_vit_shapes.pth"
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """The demo data (2 train and 2 val images per class), a config of the demo ViT on it, and
+    a work dir holding one good run."""
+    tmp = tmp_path_factory.mktemp("bad_inputs")
+    generate_shapes_dataset(tmp / "data", train_per_class=2, val_per_class=2)
+    return tmp
+
+
+def _config(tmp: Path, extra: str = "", name: str = "cfg.py") -> Path:
+    cfg = tmp / name
+    cfg.write_text(f"""
+_base_ = [{str(DEMO_VIT)!r}]
+model = dict(checkpoint={str(DEMO_CKPT)!r})
+test_dataloader = dict(batch_size=20, dataset=dict(data_root={str(tmp / 'data')!r}))
+ptq = dict(calib=dict(num_images=4, batch_size=4, heldout_images=2))
+{extra}
+""")
+    return cfg
+
+
+def _nan_checkpoint(tmp: Path) -> str:
+    state = torch.load(DEMO_CKPT, weights_only=True)
+    state["blocks.3.mlp.fc1.weight"][0, 0] = math.nan
+    path = tmp / "nan.pth"
+    torch.save(state, path)
+    return str(path)
+
+
+def _other_classes(tmp: Path) -> str:
+    data = tmp / "other_classes"
+    if not data.exists():
+        shutil.copytree(tmp / "data", data)
+        (data / "train" / "circle").rename(data / "train" / "disc")
+    return str(data)
+
+
+# (case id, config lines or a function of the tmp folder giving them, extra arguments,
+#  message fragment)
+CASES = [
+    (
+        "top_level_typo",
+        "load_form = 'x.pth'",
+        [],
+        "unknown top-level config key 'load_form' " "(did you mean 'load_from'?)",
+    ),
+    (
+        "ptq_typo",
+        "ptq = dict(recon=dict(iter=3))",
+        [],
+        "unknown ptq.recon setting(s) 'iter' " "(did you mean 'iters'?)",
+    ),
+    (
+        "model_field_typo",
+        "model = dict(model_kwarg=dict())",
+        [],
+        "unknown model setting(s) 'model_kwarg' (did you mean 'model_kwargs'?)",
+    ),
+    (
+        "dataset_field_typo",
+        "test_dataloader = dict(dataset=dict(crop=32))",
+        [],
+        "unknown test_dataloader.dataset setting(s) 'crop' (did you mean 'crop_size'?)",
+    ),
+    (
+        "calib_dataset_typo",
+        "ptq = dict(calib=dict(dataset=dict(splt='train')))",
+        [],
+        "unknown ptq.calib.dataset setting(s) 'splt' (did you mean 'split'?)",
+    ),
+    (
+        "model_kwargs_typo",
+        "model = dict(model_kwargs=dict(embed_dims=96))",
+        [],
+        "model.model_kwargs do not fit timm vit_tiny_patch16_224",
+    ),
+    (
+        "recon_iters_type",
+        "",
+        ["--cfg-options", "ptq.recon.iters=abc"],
+        "ptq.recon.iters must be int, got 'abc'",
+    ),
+    ("no_checkpoint", "model = dict(checkpoint=None)", [], "no checkpoint: pass CHECKPOINT"),
+    (
+        "nan_weights",
+        lambda tmp: f"model = dict(checkpoint={_nan_checkpoint(tmp)!r})",
+        [],
+        "parameter blocks.3.mlp.fc1.weight holds NaN or Inf values",
+    ),
+    (
+        "class_lists_differ",
+        lambda tmp: f"test_dataloader = dict(dataset=dict(data_root={_other_classes(tmp)!r}))",
+        [],
+        "different class lists (only in calibration: ['disc'], only in evaluation: ['circle'])",
+    ),
+    ("eval_images_zero", "", ["--eval-images", "0"], "--eval-images must be >= 1, got 0"),
+]
+
+
+@pytest.mark.parametrize("extra, args, message", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_exits_2_with_one_line(ptq_tool, demo, capsys, extra, args, message):
+    extra = extra(demo) if callable(extra) else extra
+    cfg = _config(demo, extra, "bad.py")
+    work = demo / "work"
+    assert ptq_tool.main([str(cfg), "--work-dir", str(work), *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    # the last line of stderr, whole (MMEngine's log lines may come before it)
+    assert err[-1].startswith("error (") and message in err[-1], err[-3:]
+    assert sum(line.startswith("error (") for line in err) == 1
