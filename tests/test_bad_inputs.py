@@ -4,6 +4,7 @@ message saying what is wrong, before the FP evaluation, and changes no earlier o
 One good run of the demo ViT (its committed checkpoint, a few generated demo images) fills the
 work dir first; every case then runs into the same work dir."""
 
+import json
 import math
 import shutil
 from pathlib import Path
@@ -19,12 +20,21 @@ DEMO_CKPT = ROOT / "checkpoints/demo_vit_shapes.pth"
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
+def demo(tmp_path_factory, ptq_tool):
     """The demo data (2 train and 2 val images per class), a config of the demo ViT on it, and
-    a work dir holding one good run."""
+    a work dir holding one good run, given the demo ViT's checkpoint as CHECKPOINT."""
     tmp = tmp_path_factory.mktemp("bad_inputs")
     generate_shapes_dataset(tmp / "data", train_per_class=2, val_per_class=2)
+    cfg = _config(tmp, "model = dict(checkpoint=None)", "good.py")
+    assert ptq_tool.main([str(cfg), str(DEMO_CKPT), "--work-dir", str(tmp / "work")]) == 0
     return tmp
+
+
+def test_the_demo_checkpoint_as_checkpoint_argument(demo):
+    """The timm state dict given as CHECKPOINT loads into the classifier (the FP model is the
+    trained one: 20 val images, random weights would score about 10 %)."""
+    results = json.loads((demo / "work" / "ptq_results.json").read_text())
+    assert results["fp"]["accuracy/top1"] >= 80
 
 
 def _config(tmp: Path, extra: str = "", name: str = "cfg.py") -> Path:
@@ -37,6 +47,24 @@ ptq = dict(calib=dict(num_images=4, batch_size=4, heldout_images=2))
 {extra}
 """)
     return cfg
+
+
+def _damaged_checkpoint(tmp: Path, size: float) -> str:
+    """The demo checkpoint cut to ``size`` of its bytes."""
+    data = DEMO_CKPT.read_bytes()
+    path = tmp / f"cut_{size}.pth"
+    path.write_bytes(data[: int(len(data) * size)])
+    return str(path)
+
+
+def _corrupt_calibration_image(tmp: Path) -> str:
+    """A copy of the demo data whose train images are cut to 100 bytes."""
+    data = tmp / "corrupt"
+    if not data.exists():
+        shutil.copytree(tmp / "data", data)
+        for png in (data / "train").rglob("*.png"):
+            png.write_bytes(png.read_bytes()[:100])
+    return str(data)
 
 
 def _nan_checkpoint(tmp: Path) -> str:
@@ -114,6 +142,25 @@ CASES = [
         "different class lists (only in calibration: ['disc'], only in evaluation: ['circle'])",
     ),
     ("eval_images_zero", "", ["--eval-images", "0"], "--eval-images must be >= 1, got 0"),
+    (
+        "empty_checkpoint",
+        lambda tmp: f"model = dict(checkpoint={_damaged_checkpoint(tmp, 0)!r})",
+        [],
+        "cut_0.pth (0 bytes; EOFError): the file is empty, truncated or not a checkpoint",
+    ),
+    (
+        "truncated_checkpoint",
+        lambda tmp: f"model = dict(checkpoint={_damaged_checkpoint(tmp, 0.5)!r})",
+        [],
+        "failed reading zip archive: failed finding central directory): the file is empty",
+    ),
+    (
+        "corrupt_calibration_image",
+        lambda tmp: "ptq = dict(calib=dict(num_images=4, dataset=dict(split='train', "
+        f"data_root={_corrupt_calibration_image(tmp)!r})))",
+        [],
+        "cannot read image ",
+    ),
 ]
 
 

@@ -93,6 +93,10 @@ def build_cfg(args: argparse.Namespace) -> Config:
             f"checkpoint not found: {cfg.load_from} (the config's load_from; put the file there "
             "or pass another one as the CHECKPOINT argument)"
         )
+    if "checkpoint" in cfg.model and cfg.get("load_from"):
+        # a model that loads its own weights (pfcr.TimmClassifier: a timm state dict, or a
+        # training checkpoint of the wrapper) gets them as its checkpoint
+        cfg.model.checkpoint, cfg.load_from = cfg.load_from, None
     check_weights_given(cfg)
     if args.quantized and not Path(args.quantized).is_file():
         raise FileNotFoundError(f"quantized model not found: {args.quantized}")
@@ -153,8 +157,11 @@ def main(argv=None) -> int:
             torch.distributed.init_process_group("gloo", timeout=timeout)
         Runner.from_cfg(cfg).test()
     except (FileNotFoundError, KeyError, ValueError) as err:
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"error ({type(err).__name__}): {message}", file=sys.stderr)
+        message = str(err.args[0] if isinstance(err, KeyError) and err.args else err)
+        # raised in a DataLoader worker, the error comes with the worker's traceback: the cause
+        # is its last line
+        cause = message.strip().splitlines()[-1] if message.strip() else type(err).__name__
+        print(f"error ({type(err).__name__}): {cause}", file=sys.stderr)
         return 2
     return 0
 

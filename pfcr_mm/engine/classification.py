@@ -89,8 +89,11 @@ class ImageFolderDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         path, label = self.samples[index]
-        with Image.open(path) as img:
-            inputs = self.transform(img.convert("RGB"))
+        try:
+            with Image.open(path) as img:
+                inputs = self.transform(img.convert("RGB"))
+        except OSError as err:  # PIL: not an image, truncated
+            raise ValueError(f"cannot read image {path} ({err}): replace or remove it") from None
         return {"inputs": inputs, "data_samples": {"gt_label": label}}
 
 
@@ -110,7 +113,8 @@ def create_timm_model(arch: str, model_kwargs: dict | None = None) -> torch.nn.M
 
 @MODELS.register_module()
 class TimmClassifier(BaseModel):
-    """A timm classifier (``arch`` with ``model_kwargs``) loaded from ``checkpoint``.
+    """A timm classifier (``arch`` with ``model_kwargs``) loaded from ``checkpoint``: the timm
+    model's state dict, or a training checkpoint of this wrapper (keys ``net.*``).
 
     ``forward(inputs, data_samples, mode)``: ``"tensor"`` gives logits, ``"predict"`` a list of
     ``dict(scores, gt_label)``, ``"loss"`` ``dict(loss=cross_entropy)``.
@@ -131,7 +135,7 @@ class TimmClassifier(BaseModel):
                     f"checkpoint not found: {checkpoint} (the weights of timm {arch}: a state dict "
                     "saved with torch.save, or a .safetensors file; nothing is downloaded)"
                 )
-            load_weights_strict(self.net, checkpoint)
+            load_weights_strict(self.net, checkpoint, prefix="net.")
 
     def classifier_head(self) -> torch.nn.Module:
         return self.net.get_classifier()
