@@ -1,5 +1,6 @@
 """The classification path end to end through tools/ptq.py, and its error messages."""
 
+import hashlib
 import json
 import os
 import socket
@@ -205,7 +206,9 @@ def test_saved_quantized_model_reloads_with_identical_metrics(ptq_tool, tmp_path
     assert "--eval-images must be >= 1, got 0" in capsys.readouterr().err
     argv = argv[:-2] + ["--no-fp-eval", "--cfg-options", "ptq.method=pfcr"]
     assert ptq_tool.main(argv) == 2
-    assert "was quantized with method 'calib'" in capsys.readouterr().err
+    assert "was quantized with ptq.method='calib', but the config says 'pfcr'" in (
+        capsys.readouterr().err
+    )
     assert not (third / "ptq_results.json").exists()
     payload = torch.load(saved, weights_only=True)
     codes = payload["integer_weights"]["net.blocks.0.attn.qkv"]
@@ -243,6 +246,17 @@ def test_saved_quantized_model_reloads_with_identical_metrics(ptq_tool, tmp_path
         )
         == 2
     )
+    assert "was quantized with ptq.quant.w_bits=4, but the config says 3" in (
+        capsys.readouterr().err
+    )
+    # so is one made from other calibration images
+    argv = [str(cfg), "--work-dir", str(second), "--quantized", str(saved)]
+    assert ptq_tool.main([*argv, "--cfg-options", "ptq.calib.seed=1"]) == 2
+    assert "ptq.calib.seed=0, but the config says 1 (1 setting(s) differ)" in (
+        capsys.readouterr().err
+    )
+    assert payload["settings"]["calib"]["seed"] == 0 and "recon" not in payload["settings"]
+    assert payload["config_sha256"] == hashlib.sha256(payload["config"].encode()).hexdigest()
 
 
 @pytest.mark.parametrize("method", ["block", "pfcr"])

@@ -20,6 +20,7 @@ The ``ptq`` section of a config is a :class:`pfcr_mm.PTQConfig`::
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import platform
 import time
@@ -275,13 +276,36 @@ def quantize_runner_model(runner, config: PTQConfig) -> tuple[QuantResult, list[
     return result, indices
 
 
+def quantization_settings(config: PTQConfig) -> dict:
+    """The settings that decide what the quantized model is, as plain JSON values: all of
+    ``config`` except what only the run uses (``eval_fp``, ``calib.heldout_images``,
+    ``calib.num_workers``) and, for ``calib``, the unused ``recon``."""
+    settings = config.to_dict()
+    del settings["eval_fp"], settings["calib"]["heldout_images"], settings["calib"]["num_workers"]
+    if config.method == "calib":
+        del settings["recon"]
+    return json.loads(json.dumps(settings))
+
+
+def _flat(settings: dict, prefix: str = "ptq") -> dict:
+    """``{'ptq.recon.iters': 300, ...}``: the leaves of nested settings by their config key."""
+    out = {}
+    for key, value in settings.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}.{key}"))
+        else:
+            out[f"{prefix}.{key}"] = value
+    return out
+
+
 def save_quantized_model(
     runner, config: PTQConfig, indices: list[int], recon: dict, path: Path
 ) -> Path:
     """Write the quantized model: the full state (re-parameterized weights, every quantizer's
-    range and flags), the integer weight codes of every quantized layer, the settings, the
-    calibration indices and the resolved config. :func:`load_quantized_model` restores it.
-    Only the main process writes."""
+    range and flags), the integer weight codes of every quantized layer, the method and the
+    settings that made it (:func:`quantization_settings`), the calibration indices, the
+    resolved config and its SHA-256. :func:`load_quantized_model` restores it. Only the main
+    process writes."""
     if not is_main_process():
         return path
     model, _ = _model_and_head(runner)
@@ -296,11 +320,13 @@ def save_quantized_model(
             "method": config.method,
             "quant_config": config.quant.to_dict(),
             "scope": config.scope,
+            "settings": quantization_settings(config),
             "calib_indices": indices,
             "recon": recon,
             "state_dict": model.state_dict(),
             "integer_weights": integer,
             "config": runner.cfg.pretty_text,
+            "config_sha256": hashlib.sha256(runner.cfg.pretty_text.encode()).hexdigest(),
         },
         path,
     )
@@ -308,7 +334,9 @@ def save_quantized_model(
 
 
 def load_quantized_model(runner, config: PTQConfig, path: str | Path) -> tuple[QuantPlan, dict]:
-    """Rebuild the quantized structure on ``runner.model`` and load a saved quantized model."""
+    """Rebuild the quantized structure on ``runner.model`` and load a saved quantized model.
+    Refuses one whose settings (:func:`quantization_settings`) differ from ``config``'s,
+    naming the first differing key: the results would record settings it was not made with."""
     saved = load_checkpoint_file(path)
     if saved.get("format") == "pfcr_mm.quantized_model.v1":
         raise ValueError(
@@ -317,15 +345,22 @@ def load_quantized_model(runner, config: PTQConfig, path: str | Path) -> tuple[Q
         )
     if saved.get("format") != QUANTIZED_FORMAT:
         raise ValueError(f"{path} is not a quantized model written by tools/ptq.py")
-    if saved["quant_config"] != config.quant.to_dict() or saved["scope"] != config.scope:
+    wanted = _flat(quantization_settings(config))
+    # files written before the settings were saved hold method, scope and quant only
+    made = _flat(
+        saved.get("settings")
+        or {"method": saved["method"], "scope": saved["scope"], "quant": saved["quant_config"]}
+    )
+    keys = made.keys() | wanted.keys() if "settings" in saved else made.keys()
+    differ = sorted(
+        (k for k in keys if made.get(k) != wanted.get(k)), key=lambda k: (k != "ptq.method", k)
+    )
+    if differ:
+        key = differ[0]
         raise ValueError(
-            f"{path} was quantized with quant={saved['quant_config']} scope={saved['scope']}, "
-            f"but the config asks for quant={config.quant.to_dict()} scope={config.scope}"
-        )
-    if saved["method"] != config.method:  # the results would name the wrong method
-        raise ValueError(
-            f"{path} was quantized with method {saved['method']!r}, but the config asks for "
-            f"{config.method!r}: pass --cfg-options ptq.method={saved['method']}"
+            f"{path} was quantized with {key}={made.get(key)!r}, but the config says "
+            f"{wanted.get(key)!r} ({len(differ)} setting(s) differ): pass --cfg-options "
+            f"{key}={made.get(key)} to evaluate it, or quantize again"
         )
     model, head = _model_and_head(runner)
     plan = prepare(model, config.quant, config.scope_modules, head)
