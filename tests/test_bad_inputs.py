@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from pfcr_mm.demo.shapes import generate_shapes_dataset
+from pfcr_mm.engine.ptq import last_run_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_VIT = ROOT / "configs/demo/demo_vit_shapes_w4a4.py"
@@ -33,7 +34,7 @@ def demo(tmp_path_factory, ptq_tool):
 def test_the_demo_checkpoint_as_checkpoint_argument(demo):
     """The timm state dict given as CHECKPOINT loads into the classifier (the FP model is the
     trained one: 20 val images, random weights would score about 10 %)."""
-    results = json.loads((demo / "work" / "ptq_results.json").read_text())
+    results = json.loads((last_run_dir(demo / "work") / "ptq_results.json").read_text())
     assert results["fp"]["accuracy/top1"] >= 80
 
 

@@ -1,7 +1,8 @@
 """Post-training quantization of an MMEngine model: FP evaluation, quantization, quantized
 evaluation, in the shape of mmdet's ``tools/test.py``: the config's test loop becomes
-``pfcr.PTQLoop`` and the Runner runs it. Results in ``<work_dir>/ptq_results.json``, the
-quantized model in ``<work_dir>/quantized_model.pth``.
+``pfcr.PTQLoop`` and the Runner runs it. Each run writes into its own folder
+``<work_dir>/<YYYYmmdd_HHMMSS>/`` (results in ``ptq_results.json``, the quantized model in
+``quantized_model.pth``); ``<work_dir>/last_run`` names the last one that finished.
 
     python tools/ptq.py CONFIG [CHECKPOINT] [--work-dir DIR] [--cfg-options k=v ...]
                         [--no-fp-eval] [--quantized SAVED_QUANTIZED_MODEL] [--eval-images N]

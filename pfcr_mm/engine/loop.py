@@ -13,9 +13,12 @@ broadcast (see :func:`pfcr_mm.quantize`); the evaluations are split as MMEngine'
 splits them, and the main process writes the files. The model is wrapped in
 :class:`PTQModelWrapper`, not DistributedDataParallel: nothing is trained.
 
-Files in the work dir: ``ptq_results.json`` (an earlier one is kept under a timestamped name),
+Files, in the run's own folder ``<work_dir>/<YYYYmmdd_HHMMSS>/`` (MMEngine's log folder of the
+run), each written under a temporary name and renamed when complete: ``ptq_results.json``,
 ``quantized_model.pth``, ``quant_summary.{json,txt}``, ``calib_indices.json``,
 ``ptq_config.py`` and, for ``block``/``pfcr``, ``recon/recon_log.json`` and ``recon_loss.png``.
+``<work_dir>/last_run`` names the folder of the last run that wrote its results; an earlier
+run's files are never touched.
 """
 
 from __future__ import annotations

@@ -23,7 +23,6 @@ import copy
 import hashlib
 import json
 import platform
-import time
 from pathlib import Path
 
 import torch
@@ -34,6 +33,7 @@ from mmengine.registry import DATASETS, FUNCTIONS
 from torch.utils.data import DataLoader, Subset
 
 from ..adapters import QuantPlan, prepare
+from ..atomic import atomic_path
 from ..core import PTQConfig, QuantResult, quantize
 from ..quant.calibrate import quantizer_states, write_quant_summary
 from ..quant.modules import QuantConv2d, QuantLinear
@@ -42,6 +42,23 @@ from .checkpoint import load_checkpoint_file
 
 # v2: the post-softmax quantizer chosen per attention is part of the state
 QUANTIZED_FORMAT = "pfcr_mm.quantized_model.v2"
+# in the work dir: the name of the folder of the last run that wrote its results
+LAST_RUN = "last_run"
+
+
+def run_dir(runner) -> Path:
+    """The folder of this run's files: MMEngine's ``<work_dir>/<YYYYmmdd_HHMMSS>`` (the
+    Runner's ``log_dir``, which also holds its log), so a run never touches an earlier one's."""
+    return Path(runner.log_dir)
+
+
+def last_run_dir(work_dir: str | Path) -> Path:
+    """The folder of the last run in ``work_dir`` that wrote its results (named by the
+    ``last_run`` file)."""
+    pointer = Path(work_dir) / LAST_RUN
+    if not pointer.is_file():
+        raise FileNotFoundError(f"no finished run in {work_dir} (no {LAST_RUN} file)")
+    return Path(work_dir) / pointer.read_text().strip()
 
 
 def calib_dataset_cfg(config: PTQConfig, test_dataset_cfg: dict) -> dict:
@@ -106,7 +123,7 @@ def _loader(dataset, indices: list[int], batch_size: int, num_workers: int, cfg:
 
 
 def calibration_loader(
-    config: PTQConfig, test_dataloader_cfg: dict, work_dir: Path
+    config: PTQConfig, test_dataloader_cfg: dict, out_dir: Path
 ) -> tuple[DataLoader, list[int]]:
     """A loader over ``num_images`` seeded random images of the calibration dataset.
 
@@ -114,7 +131,7 @@ def calibration_loader(
     calibration images go through the test pipeline but come from another split: for example
     ``dict(split='train')`` for a folder dataset, or ``dict(ann_file=..., data_prefix=...)`` of
     COCO train2017. It is required: calibrating on the evaluation images would leak them. The
-    indices are written to ``work_dir/calib_indices.json``.
+    indices are written to ``out_dir/calib_indices.json``.
 
     In a distributed run the loader of process ``rank`` of W holds batches ``rank, rank + W,
     ...`` of the whole calibration list (the share :func:`pfcr_mm.quantize` expects); the
@@ -124,9 +141,10 @@ def calibration_loader(
     dataset, dataset_cfg, order = _calibration_order(config, test_dataloader_cfg)
     indices = sorted(order[: calib.num_images])
     if is_main_process():
-        (work_dir / "calib_indices.json").write_text(
-            json.dumps({"seed": calib.seed, "dataset": dataset_cfg, "indices": indices})
-        )
+        with atomic_path(out_dir / "calib_indices.json") as tmp:
+            tmp.write_text(
+                json.dumps({"seed": calib.seed, "dataset": dataset_cfg, "indices": indices})
+            )
     rank, world = get_dist_info()
     size = calib.batch_size
     batches = [indices[i : i + size] for i in range(0, len(indices), size)]
@@ -251,8 +269,8 @@ def quantize_runner_model(runner, config: PTQConfig) -> tuple[QuantResult, list[
     """Quantize ``runner.model`` in place with :func:`pfcr_mm.quantize` on the calibration
     images and write the summary; returns the result and the calibration indices."""
     model, head = _model_and_head(runner)
-    work_dir = Path(runner.work_dir)
-    loader, indices = calibration_loader(config, runner.cfg.test_dataloader, work_dir)
+    out_dir = run_dir(runner)
+    loader, indices = calibration_loader(config, runner.cfg.test_dataloader, out_dir)
     result = quantize(
         model,
         config,
@@ -260,17 +278,17 @@ def quantize_runner_model(runner, config: PTQConfig) -> tuple[QuantResult, list[
         run_batch,
         recon_batch=features,
         head=head,
-        log_dir=work_dir / "recon",
+        log_dir=out_dir / "recon",
         print_fn=lambda s: print_log(s, logger="current"),
     )
     fp_parts = list(result.plan.fp_parts)
     if runner.cfg.get("task") == "detection":  # functional ops, invisible as modules
         fp_parts += ["NMS", "box and mask post-processing"]
     if is_main_process():
-        write_quant_summary(model, work_dir / "quant_summary.json", fp_parts)
+        write_quant_summary(model, out_dir / "quant_summary.json", fp_parts)
     print_log(
         f"quantized {len(result.plan.quantized_modules)} modules, {len(result.plan.units)} "
-        f"units; summary in {work_dir / 'quant_summary.txt'}",
+        f"units; summary in {out_dir / 'quant_summary.txt'}",
         logger="current",
     )
     return result, indices
@@ -314,22 +332,21 @@ def save_quantized_model(
         for name, m in model.named_modules()
         if isinstance(m, (QuantLinear, QuantConv2d))
     }
-    torch.save(
-        {
-            "format": QUANTIZED_FORMAT,
-            "method": config.method,
-            "quant_config": config.quant.to_dict(),
-            "scope": config.scope,
-            "settings": quantization_settings(config),
-            "calib_indices": indices,
-            "recon": recon,
-            "state_dict": model.state_dict(),
-            "integer_weights": integer,
-            "config": runner.cfg.pretty_text,
-            "config_sha256": hashlib.sha256(runner.cfg.pretty_text.encode()).hexdigest(),
-        },
-        path,
-    )
+    payload = {
+        "format": QUANTIZED_FORMAT,
+        "method": config.method,
+        "quant_config": config.quant.to_dict(),
+        "scope": config.scope,
+        "settings": quantization_settings(config),
+        "calib_indices": indices,
+        "recon": recon,
+        "state_dict": model.state_dict(),
+        "integer_weights": integer,
+        "config": runner.cfg.pretty_text,
+        "config_sha256": hashlib.sha256(runner.cfg.pretty_text.encode()).hexdigest(),
+    }
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
     return path
 
 
@@ -390,7 +407,7 @@ def quantize_and_save(runner, config: PTQConfig) -> tuple[list[int], dict, Path]
     ``quantized_model.pth``; returns the calibration indices, the reconstruction summary and
     the path."""
     result, indices = quantize_runner_model(runner, config)
-    path = Path(runner.work_dir) / "quantized_model.pth"
+    path = run_dir(runner) / "quantized_model.pth"
     save_quantized_model(runner, config, indices, result.recon, path)
     return indices, result.recon, path
 
@@ -409,7 +426,8 @@ def record_results(
 ) -> tuple[dict, Path]:
     """Measure the output error on ``loader``'s first images and on the held-out calibration
     images (:func:`heldout_loader`), write ``ptq_results.json`` and the resolved config
-    ``ptq_config.py``; returns the results and the path. ``eval_images``: the N of
+    ``ptq_config.py`` into the run's folder (:func:`run_dir`), then point ``last_run`` in the
+    work dir at it; returns the results and the path. ``eval_images``: the N of
     ``--eval-images`` (``None``: every evaluation image)."""
     cfg = runner.cfg
     heldout = heldout_loader(config, cfg.test_dataloader)
@@ -439,21 +457,14 @@ def record_results(
         "config": cfg.filename,
         "quantized_model": quantized_model,
     }
-    path = write_results(Path(runner.work_dir) / "ptq_results.json", results)
+    out_dir = run_dir(runner)
+    path = out_dir / "ptq_results.json"
     if is_main_process():
-        cfg.dump(str(Path(runner.work_dir) / "ptq_config.py"))
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(results, indent=1))
+        with atomic_path(out_dir / "ptq_config.py") as tmp:
+            cfg.dump(str(tmp))
+        # the pointer moves only once the run's files are complete
+        with atomic_path(Path(runner.work_dir) / LAST_RUN) as tmp:
+            tmp.write_text(out_dir.name + "\n")
     return results, path
-
-
-def write_results(path: Path, results: dict) -> Path:
-    """Write ``results`` as JSON (the main process only); an existing file is kept under a
-    timestamped name."""
-    if not is_main_process():
-        return path
-    if path.exists():
-        stamp = time.strftime("%Y%m%d_%H%M%S", time.localtime(path.stat().st_mtime))
-        kept = path.with_name(f"{path.stem}.{stamp}{path.suffix}")
-        path.rename(kept)
-        print_log(f"kept the previous results as {kept}", logger="current")
-    path.write_text(json.dumps(results, indent=1))
-    return path
