@@ -31,6 +31,16 @@ def demo(tmp_path_factory, ptq_tool):
     return tmp
 
 
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def earlier_outputs(demo):
+    """Every file in the work dir after the good run: the files no bad run may change."""
+    return _files(demo / "work")
+
+
 def test_the_demo_checkpoint_as_checkpoint_argument(demo):
     """The timm state dict given as CHECKPOINT loads into the classifier (the FP model is the
     trained one: 20 val images, random weights would score about 10 %)."""
@@ -84,8 +94,8 @@ def _other_classes(tmp: Path) -> str:
     return str(data)
 
 
-# (case id, config lines or a function of the tmp folder giving them, extra arguments,
-#  message fragment)
+# (case id, config lines, command-line arguments, message fragment); the lines and the arguments
+# may be functions of the tmp folder that give them
 CASES = [
     (
         "top_level_typo",
@@ -143,6 +153,56 @@ CASES = [
         "different class lists (only in calibration: ['disc'], only in evaluation: ['circle'])",
     ),
     ("eval_images_zero", "", ["--eval-images", "0"], "--eval-images must be >= 1, got 0"),
+    ("eval_images_classifier", "", ["--eval-images", "5"], "applies to COCO detection configs"),
+    (
+        "missing_checkpoint_file",
+        "model = dict(checkpoint='/nonexistent/vit.pth')",
+        [],
+        "checkpoint not found: /nonexistent/vit.pth",
+    ),
+    ("missing_quantized_file", "", ["--quantized", "/nonexistent/q.pth"], "not found"),
+    (
+        "quantized_under_other_settings",
+        "",
+        lambda tmp: [
+            "--quantized",
+            str(last_run_dir(tmp / "work") / "quantized_model.pth"),
+            "--cfg-options",
+            "ptq.quant.a_bits=8",
+        ],
+        "was quantized with ptq.quant.a_bits=4, but the config says 8",
+    ),
+    (
+        "quantized_under_other_method",
+        "",
+        lambda tmp: [
+            "--quantized",
+            str(last_run_dir(tmp / "work") / "quantized_model.pth"),
+            "--cfg-options",
+            "ptq.method=pfcr",
+        ],
+        "was quantized with ptq.method='calib', but the config says 'pfcr'",
+    ),
+    ("bits_out_of_range", "", ["--cfg-options", "ptq.quant.w_bits=9"], "bits must be an integer"),
+    (
+        "num_images_above_split",
+        "",
+        ["--cfg-options", "ptq.calib.num_images=500"],
+        "ptq.calib.num_images=500, but the calibration split has 20 images",
+    ),
+    (
+        "calibration_on_evaluation_split",
+        "",
+        ["--cfg-options", "ptq.calib.dataset.split=val"],
+        "selects the evaluation images themselves",
+    ),
+    (
+        "max_level_above_top",
+        "",
+        ["--cfg-options", "ptq.method=pfcr", "ptq.recon.max_level=9"],
+        "max_level=9 is above this model's top level",
+    ),
+    ("missing_split", "", ["--cfg-options", "ptq.calib.dataset.split=training"], "split folder"),
     (
         "empty_checkpoint",
         lambda tmp: f"model = dict(checkpoint={_damaged_checkpoint(tmp, 0)!r})",
@@ -166,11 +226,16 @@ CASES = [
 
 
 @pytest.mark.parametrize("extra, args, message", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_bad_input_exits_2_with_one_line(ptq_tool, demo, capsys, extra, args, message):
+def test_bad_input_exits_2_with_one_line(
+    ptq_tool, demo, earlier_outputs, capsys, extra, args, message
+):
     extra = extra(demo) if callable(extra) else extra
+    args = args(demo) if callable(args) else args
     cfg = _config(demo, extra, "bad.py")
     work = demo / "work"
     assert ptq_tool.main([str(cfg), "--work-dir", str(work), *args]) == 2
+    now = _files(work)
+    assert {k: now.get(k) for k in earlier_outputs} == earlier_outputs  # nothing earlier changed
     err = capsys.readouterr().err.strip().splitlines()
     # the last line of stderr, whole (MMEngine's log lines may come before it)
     assert err[-1].startswith("error (") and message in err[-1], err[-3:]
