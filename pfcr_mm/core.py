@@ -35,7 +35,7 @@ from torch import nn
 
 from .adapters import QuantPlan, prepare_calibrated
 from .quant.calibrate import distributed_world, raise_if_any_failed
-from .quant.config import QuantConfig, check_keys, dataclass_from_dict
+from .quant.config import QuantConfig, check_keys, check_types, dataclass_from_dict
 from .recon import (
     ChainDataSource,
     FineToCoarseSchedule,
@@ -131,6 +131,7 @@ class PTQConfig:
             value = kwargs.get(key)
             if key in kwargs and not isinstance(value, sub):
                 kwargs[key] = dataclass_from_dict(sub, {} if value is None else value, f"ptq.{key}")
+        check_types(cls, kwargs, "ptq")
         return cls(**kwargs)
 
     def to_dict(self) -> dict:

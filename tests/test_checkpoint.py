@@ -1,10 +1,13 @@
-"""Checkpoints load on torch 2.14 with weights_only=True: numpy meta allowed, code refused."""
+"""Checkpoints load on torch 2.14 with weights_only=True: numpy meta and MMEngine training
+state allowed, code refused, unreadable files named."""
 
 import os
 
 import numpy as np
 import pytest
 import torch
+from mmengine.model import BaseModel
+from mmengine.runner import Runner
 
 from pfcr_mm.engine.checkpoint import load_checkpoint_file, load_weights_strict
 
@@ -12,6 +15,13 @@ from pfcr_mm.engine.checkpoint import load_checkpoint_file, load_weights_strict
 class _RunsCode:
     def __reduce__(self):
         return (os.system, ("echo should-not-run",))
+
+
+class _ReachesBeyondHistoryBuffer:
+    def __reduce__(self):
+        from mmengine.logging import HistoryBuffer
+
+        return (getattr, (HistoryBuffer, "register_statistics"))
 
 
 def test_numpy_meta_loads(tmp_path):
@@ -36,8 +46,64 @@ def test_numpy_meta_loads(tmp_path):
 def test_code_in_checkpoint_refused(tmp_path):
     path = tmp_path / "evil.pth"
     torch.save({"x": _RunsCode()}, path)
-    with pytest.raises(Exception, match="Weights only load failed"):
+    with pytest.raises(ValueError, match=r"evil.pth refused: it holds the global posix.system"):
         load_checkpoint_file(path)
+    # the getattr that MMEngine's HistoryBuffer needs reaches nothing else
+    torch.save({"x": _ReachesBeyondHistoryBuffer()}, path)
+    with pytest.raises(ValueError, match="evil.pth refused"):
+        load_checkpoint_file(path)
+
+
+class _Toy(BaseModel):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(2, 1)
+
+    def forward(self, inputs, labels=None, mode="tensor"):
+        out = self.lin(inputs).squeeze(1)
+        return {"loss": ((out - labels) ** 2).mean()} if mode == "loss" else out
+
+
+def test_mmengine_training_checkpoint_loads(tmp_path):
+    """What MMEngine's CheckpointHook saves after an epoch (meta, state_dict, message_hub with
+    HistoryBuffer logs, optimizer and scheduler state) loads, and its weights go into a model."""
+    data = [dict(inputs=torch.randn(2), labels=torch.tensor(1.0)) for _ in range(8)]
+    runner = Runner(
+        model=_Toy(),
+        work_dir=str(tmp_path),
+        train_dataloader=dict(
+            dataset=data,
+            batch_size=4,
+            sampler=dict(type="DefaultSampler", shuffle=True),
+            collate_fn=dict(type="default_collate"),
+        ),
+        optim_wrapper=dict(optimizer=dict(type="AdamW", lr=0.01)),
+        param_scheduler=dict(type="LinearLR", start_factor=0.5, by_epoch=False, end=2),
+        train_cfg=dict(by_epoch=True, max_epochs=1),
+        default_hooks=dict(checkpoint=dict(type="CheckpointHook", interval=1)),
+        randomness=dict(seed=0),
+    )
+    runner.train()
+    path = tmp_path / "epoch_1.pth"
+    ckpt = load_checkpoint_file(path)
+    assert {"meta", "state_dict", "message_hub", "optimizer", "param_schedulers"} <= set(ckpt)
+    loss = ckpt["message_hub"]["log_scalars"]["train/loss"]
+    assert type(loss).__name__ == "HistoryBuffer" and np.isfinite(loss.mean())
+    fresh = torch.nn.Linear(2, 1)
+    load_weights_strict(fresh, path, prefix="lin.")
+    assert torch.equal(fresh.weight, runner.model.lin.weight)
+
+
+@pytest.mark.parametrize("cut", [0, 0.5])
+def test_empty_or_truncated_file_is_named(tmp_path, cut):
+    whole = tmp_path / "whole.pth"
+    torch.save({"state_dict": {"w": torch.ones(1000)}}, whole)
+    data = whole.read_bytes()
+    path = tmp_path / "cut.pth"
+    path.write_bytes(data[: int(len(data) * cut)])
+    with pytest.raises(ValueError, match=f"cannot read checkpoint {path} .*truncated") as info:
+        load_checkpoint_file(path)
+    assert "\n" not in str(info.value) and "weights_only=False" not in str(info.value)
 
 
 def test_missing_file_and_key_mismatch(tmp_path):
@@ -68,5 +134,5 @@ def test_mmengine_load_checkpoint_uses_the_safe_loader(tmp_path):
     ckpt = load_checkpoint(model, str(path), map_location="cpu")
     assert ckpt["meta"]["epoch"] == 12 and torch.equal(model.weight, torch.ones(2, 2))
     torch.save({"state_dict": {}, "x": _RunsCode()}, tmp_path / "evil.pth")
-    with pytest.raises(Exception, match="Weights only load failed"):
+    with pytest.raises(ValueError, match="evil.pth refused"):
         load_checkpoint(model, str(tmp_path / "evil.pth"))

@@ -1,5 +1,6 @@
 """The classification path end to end through tools/ptq.py, and its error messages."""
 
+import hashlib
 import json
 import os
 import socket
@@ -11,6 +12,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+from pfcr_mm.engine.ptq import last_run_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,7 +64,7 @@ def test_ptq_tool_writes_results(ptq_tool, tmp_path):
     cfg = _write_config(tmp_path)
     work = tmp_path / "work"
     assert ptq_tool.main([str(cfg), "--work-dir", str(work)]) == 0
-    res = json.loads((work / "ptq_results.json").read_text())
+    res = json.loads((last_run_dir(work) / "ptq_results.json").read_text())
     for key in (
         "task",
         "method",
@@ -94,15 +97,31 @@ def test_ptq_tool_writes_results(ptq_tool, tmp_path):
     w8 = tmp_path / "w8"
     opts = ["--cfg-options", "ptq.quant.w_bits=8", "ptq.quant.a_bits=8"]
     assert ptq_tool.main([str(cfg), "--work-dir", str(w8), "--no-fp-eval", *opts]) == 0
-    w8_error = json.loads((w8 / "ptq_results.json").read_text())["output_error"]["relative_mse"]
+    w8_error = json.loads((last_run_dir(w8) / "ptq_results.json").read_text())["output_error"][
+        "relative_mse"
+    ]
     assert w8_error < 0.2 * error["relative_mse"]
-    summary = json.loads((work / "quant_summary.json").read_text())
+    summary = json.loads((last_run_dir(work) / "quant_summary.json").read_text())
     assert any(r["module"].endswith("attn.matmul_quant.probs") for r in summary["quantizers"])
     assert "LayerNorm" in summary["floating_point"]
-    # a second run keeps the first results file
+    # a second run writes into a folder of its own; last_run moves to it; the first run's
+    # files stay as they were
+    first_run = last_run_dir(work)
+    before = {p: p.read_bytes() for p in first_run.rglob("*") if p.is_file()}
     assert ptq_tool.main([str(cfg), "--work-dir", str(work), "--no-fp-eval"]) == 0
-    assert len(list(work.glob("ptq_results*.json"))) == 2
-    assert json.loads((work / "ptq_results.json").read_text())["fp"] is None
+    assert last_run_dir(work) != first_run and last_run_dir(work).parent == work
+    assert json.loads((last_run_dir(work) / "ptq_results.json").read_text())["fp"] is None
+    assert {p: p.read_bytes() for p in first_run.rglob("*") if p.is_file()} == before
+    names = {p.name for p in last_run_dir(work).iterdir() if p.is_file()}
+    assert {
+        "calib_indices.json",
+        "ptq_config.py",
+        "ptq_results.json",
+        "quant_summary.json",
+        "quant_summary.txt",
+        "quantized_model.pth",
+    } <= names
+    assert not [n for n in names if n.startswith(".")]  # no temporary file left
 
 
 @pytest.mark.parametrize(
@@ -147,7 +166,7 @@ def test_bad_configs_fail_clearly(ptq_tool, tmp_path, capsys, over, message):
     work = tmp_path / "work"
     assert ptq_tool.main([str(cfg), "--work-dir", str(work)]) == 2
     assert message in capsys.readouterr().err
-    assert not (work / "ptq_results.json").exists()
+    assert not (work / "last_run").exists()  # no run finished
 
 
 def test_empty_dataset_folder_fails_clearly(ptq_tool, tmp_path, capsys):
@@ -174,10 +193,12 @@ def test_hook_quantizes_before_a_stock_test_run(tmp_path):
     n_quant = sum(isinstance(m, QuantLinear) for m in runner.model.modules())
     assert n_quant == 2 * 4 + 1  # qkv, proj, fc1, fc2 per block and the head
     work = tmp_path / "work"
-    assert (work / "quant_summary.json").exists() and (work / "quantized_model.pth").exists()
-    assert (work / "ptq_config.py").exists()
+    assert (last_run_dir(work) / "quant_summary.json").exists() and (
+        last_run_dir(work) / "quantized_model.pth"
+    ).exists()
+    assert (last_run_dir(work) / "ptq_config.py").exists()
     # the hook writes the results a tools/ptq.py run writes, without the FP evaluation
-    res = json.loads((work / "ptq_results.json").read_text())
+    res = json.loads((last_run_dir(work) / "ptq_results.json").read_text())
     assert res["fp"] is None and res["quant"] == metrics and res["method"] == "calib"
     assert res["output_error"]["outputs"] == "logits" and 0 < res["output_error"]["relative_mse"]
     assert len(res["calib_indices"]) == 5
@@ -188,15 +209,15 @@ def test_saved_quantized_model_reloads_with_identical_metrics(ptq_tool, tmp_path
     cfg = _write_config(tmp_path)
     first, second = tmp_path / "first", tmp_path / "second"
     assert ptq_tool.main([str(cfg), "--work-dir", str(first), "--no-fp-eval"]) == 0
-    saved = first / "quantized_model.pth"
+    saved = last_run_dir(first) / "quantized_model.pth"
     assert (
         ptq_tool.main(
             [str(cfg), "--work-dir", str(second), "--no-fp-eval", "--quantized", str(saved)]
         )
         == 0
     )
-    a = json.loads((first / "ptq_results.json").read_text())
-    b = json.loads((second / "ptq_results.json").read_text())
+    a = json.loads((last_run_dir(first) / "ptq_results.json").read_text())
+    b = json.loads((last_run_dir(second) / "ptq_results.json").read_text())
     assert a["quant"] == b["quant"] and a["calib_indices"] == b["calib_indices"]
     # the saved model is a calib one: evaluating it as pfcr would record the wrong method
     third = tmp_path / "third"
@@ -205,8 +226,10 @@ def test_saved_quantized_model_reloads_with_identical_metrics(ptq_tool, tmp_path
     assert "--eval-images must be >= 1, got 0" in capsys.readouterr().err
     argv = argv[:-2] + ["--no-fp-eval", "--cfg-options", "ptq.method=pfcr"]
     assert ptq_tool.main(argv) == 2
-    assert "was quantized with method 'calib'" in capsys.readouterr().err
-    assert not (third / "ptq_results.json").exists()
+    assert "was quantized with ptq.method='calib', but the config says 'pfcr'" in (
+        capsys.readouterr().err
+    )
+    assert not (third / "last_run").exists()  # no run finished
     payload = torch.load(saved, weights_only=True)
     codes = payload["integer_weights"]["net.blocks.0.attn.qkv"]
     assert codes.dtype == torch.uint8 and int(codes.max()) <= 15
@@ -243,6 +266,17 @@ def test_saved_quantized_model_reloads_with_identical_metrics(ptq_tool, tmp_path
         )
         == 2
     )
+    assert "was quantized with ptq.quant.w_bits=4, but the config says 3" in (
+        capsys.readouterr().err
+    )
+    # so is one made from other calibration images
+    argv = [str(cfg), "--work-dir", str(second), "--quantized", str(saved)]
+    assert ptq_tool.main([*argv, "--cfg-options", "ptq.calib.seed=1"]) == 2
+    assert "ptq.calib.seed=0, but the config says 1 (1 setting(s) differ)" in (
+        capsys.readouterr().err
+    )
+    assert payload["settings"]["calib"]["seed"] == 0 and "recon" not in payload["settings"]
+    assert payload["config_sha256"] == hashlib.sha256(payload["config"].encode()).hexdigest()
 
 
 @pytest.mark.parametrize("method", ["block", "pfcr"])
@@ -255,9 +289,9 @@ def test_reconstruction_methods_through_the_tool(ptq_tool, tmp_path, method):
         ptq_tool.main([str(cfg), "--work-dir", str(work), "--no-fp-eval", "--cfg-options", *opts])
         == 0
     )
-    res = json.loads((work / "ptq_results.json").read_text())
+    res = json.loads((last_run_dir(work) / "ptq_results.json").read_text())
     assert res["method"] == method
-    log = json.loads((work / "recon" / "recon_log.json").read_text())
+    log = json.loads((last_run_dir(work) / "recon" / "recon_log.json").read_text())
     records = log["units"]
     iters = [r["iters"] for r in records]
     # the same budget (4 iterations x 2 blocks) however it is spread
@@ -266,7 +300,7 @@ def test_reconstruction_methods_through_the_tool(ptq_tool, tmp_path, method):
     else:
         assert sorted({r["level"] for r in records}) == [0, 1, 2]
         assert sum(iters) == pytest.approx(8, abs=3)
-    assert (work / "recon" / "recon_loss.png").stat().st_size > 0
+    assert (last_run_dir(work) / "recon" / "recon_loss.png").stat().st_size > 0
     # a saved reconstructed model reloads with the same metrics
     again = tmp_path / f"{method}_again"
     assert (
@@ -279,12 +313,14 @@ def test_reconstruction_methods_through_the_tool(ptq_tool, tmp_path, method):
                 "--cfg-options",
                 *opts,
                 "--quantized",
-                str(work / "quantized_model.pth"),
+                str(last_run_dir(work) / "quantized_model.pth"),
             ]
         )
         == 0
     )
-    assert json.loads((again / "ptq_results.json").read_text())["quant"] == res["quant"]
+    assert (
+        json.loads((last_run_dir(again) / "ptq_results.json").read_text())["quant"] == res["quant"]
+    )
     assert res["recon"]["non_block"] == "calib" and res["recon"]["layer_units"] == {}
     assert res["recon"]["calib_only_layers"] == {
         "net.patch_embed.proj": "non_block='calib'",
@@ -302,13 +338,13 @@ def test_layerwise_non_block_layers(ptq_tool, tmp_path):
         ptq_tool.main([str(cfg), "--work-dir", str(work), "--no-fp-eval", "--cfg-options", *opts])
         == 0
     )
-    res = json.loads((work / "ptq_results.json").read_text())
+    res = json.loads((last_run_dir(work) / "ptq_results.json").read_text())
     assert res["recon"]["layer_units"] == {
         "net.patch_embed.proj": ["net.patch_embed.proj"],
         "net.head": ["net.head"],
     }
     assert res["recon"]["calib_only_layers"] == {}
-    log = json.loads((work / "recon" / "recon_log.json").read_text())
+    log = json.loads((last_run_dir(work) / "recon" / "recon_log.json").read_text())
     # the patch embedding before the blocks, the head after them, each with `iters` iterations
     assert [(u["name"], u["level"], u["iters"]) for u in log["units"]] == [
         ("net.patch_embed.proj", -1, 4),
@@ -355,14 +391,14 @@ def test_two_gloo_processes_give_the_quantizers_and_metrics_of_one(ptq_tool, tmp
     assert ptq_tool.main([str(cfg), "--work-dir", str(single), *opts]) == 0
     proc = _torchrun(cfg, multi, *opts)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    a = json.loads((single / "ptq_results.json").read_text())
-    b = json.loads((multi / "ptq_results.json").read_text())
+    a = json.loads((last_run_dir(single) / "ptq_results.json").read_text())
+    b = json.loads((last_run_dir(multi) / "ptq_results.json").read_text())
     assert b["fp"] == a["fp"] and b["quant"] == a["quant"]
     assert b["output_error"] == a["output_error"]
     assert b["calib_indices"] == a["calib_indices"] and len(a["calib_indices"]) == 5
     assert b["recon"]["units"] == a["recon"]["units"] == 7
-    sa = torch.load(single / "quantized_model.pth", weights_only=True)["state_dict"]
-    sb = torch.load(multi / "quantized_model.pth", weights_only=True)["state_dict"]
+    sa = torch.load(last_run_dir(single) / "quantized_model.pth", weights_only=True)["state_dict"]
+    sb = torch.load(last_run_dir(multi) / "quantized_model.pth", weights_only=True)["state_dict"]
     assert sa.keys() == sb.keys()
     tensors = [k for k in sa if isinstance(sa[k], torch.Tensor)]
     assert any(k.endswith("input_quantizer.scale") for k in tensors)
@@ -380,4 +416,4 @@ def test_a_failure_on_rank_0_stops_every_process(tmp_path):
     assert proc.returncode != 0
     assert "reconstruction on rank 0 failed in process 0" in proc.stderr
     assert "Invalid learning rate" in proc.stderr
-    assert not (tmp_path / "fail" / "ptq_results.json").exists()
+    assert not (tmp_path / "fail" / "last_run").exists()

@@ -40,3 +40,30 @@ def test_config_ptq_section_matches_its_name(path):
             assert recon.iters == 300  # the quick preset of tools/benchmark_recon.py
         else:
             assert recon.iters == 20000 and recon.cache_dtype == "float16"  # paper-grade
+
+
+@pytest.mark.parametrize("path", CONFIGS)
+def test_config_keys_pass_the_typo_checks(path):
+    """No shipped config trips the checks of tools/ptq.py (its own variables, such as data_root
+    or train_pipeline, are not near misses of a key MMEngine reads; every model and dataset
+    field is one its class takes)."""
+    from pfcr_mm.engine.config_check import check_config_keys
+    from pfcr_mm.engine.ptq import calib_dataset_cfg
+
+    cfg = Config.fromfile(ROOT / path)
+    dataset = cfg.test_dataloader.dataset
+    calib = calib_dataset_cfg(PTQConfig.from_dict(cfg.ptq), dataset)
+    check_config_keys(cfg, {"test_dataloader.dataset": dataset, "ptq.calib.dataset": calib})
+
+
+def test_typo_checks_name_the_key():
+    from pfcr_mm.engine.config_check import check_config_keys
+
+    cfg = Config.fromfile(ROOT / "configs/demo/demo_mask_rcnn_swin_shapes_w4a4.py")
+    cfg.model.backbone.embed_dim = 32  # the mmdet Swin takes embed_dims
+    with pytest.raises(KeyError, match=r"model.backbone setting\(s\) 'embed_dim' \(did you mean "):
+        check_config_keys(cfg, {})
+    del cfg.model.backbone.embed_dim
+    cfg.model.roi_head.bbox_head.num_clases = 4
+    with pytest.raises(KeyError, match="'num_clases' \\(did you mean 'num_classes'"):
+        check_config_keys(cfg, {})

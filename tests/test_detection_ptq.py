@@ -12,6 +12,7 @@ from mmdet.utils import register_all_modules
 from mmengine.config import Config
 
 from pfcr_mm.demo.coco_shapes import generate_coco_shapes
+from pfcr_mm.engine.ptq import last_run_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,14 +49,14 @@ def test_ptq_end_to_end_and_reload(ptq_tool, demo_setup, tmp_path):
     cfg = _config(demo_setup)
     work = tmp_path / "run"
     assert ptq_tool.main([str(cfg), "--work-dir", str(work)]) == 0
-    res = json.loads((work / "ptq_results.json").read_text())
+    res = json.loads((last_run_dir(work) / "ptq_results.json").read_text())
     assert res["task"] == "detection" and res["scope"] == "all"
     for part in ("fp", "quant"):
         assert {"coco/bbox_mAP", "coco/segm_mAP"} <= set(res[part])
     assert len(res["calib_indices"]) == 3 and all(0 <= i < 6 for i in res["calib_indices"])
-    calib = json.loads((work / "calib_indices.json").read_text())
+    calib = json.loads((last_run_dir(work) / "calib_indices.json").read_text())
     assert calib["dataset"]["ann_file"] == "annotations/instances_train.json"
-    summary = (work / "quant_summary.txt").read_text()
+    summary = (last_run_dir(work) / "quant_summary.txt").read_text()
     for part in ("RoIAlign", "NMS", "LayerNorm", "Softmax", "GELU"):
         assert part in summary
     # a fresh detector loads the saved quantized model and scores the same
@@ -68,12 +69,12 @@ def test_ptq_end_to_end_and_reload(ptq_tool, demo_setup, tmp_path):
                 str(again),
                 "--no-fp-eval",
                 "--quantized",
-                str(work / "quantized_model.pth"),
+                str(last_run_dir(work) / "quantized_model.pth"),
             ]
         )
         == 0
     )
-    res2 = json.loads((again / "ptq_results.json").read_text())
+    res2 = json.loads((last_run_dir(again) / "ptq_results.json").read_text())
     assert res2["quant"] == res["quant"]
 
 
@@ -84,7 +85,8 @@ def test_subset_evaluation_uses_subset_annotations(ptq_tool, demo_setup, tmp_pat
         ptq_tool.main([str(cfg), "--work-dir", str(work), "--no-fp-eval", "--eval-images", "2"])
         == 0
     )
-    resolved = Config.fromfile(work / "ptq_config.py")
+    assert json.loads((last_run_dir(work) / "ptq_results.json").read_text())["eval_images"] == 2
+    resolved = Config.fromfile(last_run_dir(work) / "ptq_config.py")
     subset = json.loads(Path(resolved.test_evaluator.ann_file).read_text())
     assert resolved.test_dataloader.dataset.ann_file == resolved.test_evaluator.ann_file
     assert len(subset["images"]) == 2
@@ -108,8 +110,7 @@ def test_bad_detection_inputs_fail_clearly(ptq_tool, demo_setup, tmp_path, capsy
     work = tmp_path / "bad"
     assert ptq_tool.main([str(cfg), "--work-dir", str(work)]) == 2
     assert message in capsys.readouterr().err
-    assert not (work / "ptq_results.json").exists()
-    assert not (work / "quantized_model.pth").exists()
+    assert not (work / "last_run").exists()  # no run finished
 
 
 def test_whole_detector_reconstructed_in_forward_order(ptq_tool, demo_setup, tmp_path):
@@ -121,8 +122,9 @@ def test_whole_detector_reconstructed_in_forward_order(ptq_tool, demo_setup, tmp
     opts = ["ptq.method=pfcr", "ptq.recon.iters=2", "ptq.recon.batch_size=1"]
     argv = [str(cfg), "--work-dir", str(work), "--no-fp-eval", "--eval-images", "2"]
     assert ptq_tool.main([*argv, "--cfg-options", *opts]) == 0
-    recon = json.loads((work / "ptq_results.json").read_text())["recon"]
-    log = json.loads((work / "recon" / "recon_log.json").read_text())
+    run = last_run_dir(work)
+    recon = json.loads((run / "ptq_results.json").read_text())["recon"]
+    log = json.loads((run / "recon" / "recon_log.json").read_text())
     order = [(u["name"].removeprefix("backbone."), u["level"]) for u in log["units"]]
     stage = [
         (f"stages.{s}.blocks.{b}.{part}", 0)
@@ -144,7 +146,7 @@ def test_whole_detector_reconstructed_in_forward_order(ptq_tool, demo_setup, tmp
         ("roi_head.bbox_head", -1),
         ("roi_head.mask_head", -1),
     ]
-    summary = json.loads((work / "quant_summary.json").read_text())
+    summary = json.loads((run / "quant_summary.json").read_text())
     quantized = {
         r["module"].removesuffix(".weight_quantizer")
         for r in summary["quantizers"]

@@ -27,6 +27,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from pfcr_mm.engine.ptq import last_run_dir
+
 ROOT = Path(__file__).resolve().parents[1]
 # model -> (config, metrics, factor to percent: mmpretrain-style accuracy is already in %)
 MODELS = {
@@ -52,6 +54,9 @@ METHODS = {
     "pfcr_steps": ["ptq.method=pfcr", "ptq.recon.pos=anneal", "ptq.recon.budget_unit=steps"],
     # fewer coarse levels (MHSA/MLP, blocks, pairs), the same compute over 3 levels
     "pfcr_level2": ["ptq.method=pfcr", "ptq.recon.max_level=2"],
+    # the detection-aware objective: block units' errors weighted by the downstream outputs'
+    # sensitivity (a detector's FPN, a classifier's logits), half and half with the plain one
+    "pfcr_downstream": ["ptq.method=pfcr", "ptq.recon.downstream_weight=1"],
 }
 # iterations per block and calibration images; "paper" follows method.md (20k iterations)
 PRESETS = {
@@ -86,8 +91,9 @@ def run_one(model: str, bits: int, method: str, seed: int, preset: dict, out: Pa
         rc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
     if rc != 0:
         return {**row, "error": f"exit {rc}, see {log}"}
-    res = json.loads((work / "ptq_results.json").read_text())
-    recon_log = work / "recon" / "recon_log.json"
+    run = last_run_dir(work)
+    res = json.loads((run / "ptq_results.json").read_text())
+    recon_log = run / "recon" / "recon_log.json"
     recon_s = json.loads(recon_log.read_text())["seconds"] if recon_log.exists() else 0.0
     return {
         **row,
@@ -125,13 +131,14 @@ def rescore(path: Path) -> list[dict]:
         if "error" in r or r.get("output_rel_mse") is not None:
             continue
         name = f"{r['model']}_w{r['bits']}a{r['bits']}_{r['method']}_seed{r['seed']}"
-        saved, work = path.parent / name / "quantized_model.pth", path.parent / f"{name}_rescore"
+        saved = last_run_dir(path.parent / name) / "quantized_model.pth"
+        work = path.parent / f"{name}_rescore"
         cmd = [sys.executable, str(ROOT / "tools/ptq.py"), MODELS[r["model"]][0]]
         cmd += ["--work-dir", str(work), "--no-fp-eval", "--quantized", str(saved)]
         cmd += ["--cfg-options", *_options(r["model"], r["bits"], r["method"], r["seed"], preset)]
         print(f"rescoring {name} ...", flush=True)
         subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
-        res = json.loads((work / "ptq_results.json").read_text())
+        res = json.loads((last_run_dir(work) / "ptq_results.json").read_text())
         if res["quant"] != r["quant"]:
             raise SystemExit(f"error: {saved} does not reproduce the metrics of its row")
         r["output_rel_mse"] = res["output_error"]["relative_mse"]

@@ -4,7 +4,8 @@ default both demo models at W4A4, each calibration-only and with PFCR reconstruc
 
     python tools/demo.py [--configs CONFIG ...] [--work-dir work_dirs/demo]
 
-Writes ``<work-dir>/summary.json`` next to each run's own ``ptq_results.json``.
+Writes ``<work-dir>/summary.json``; each run's own files are in
+``<work-dir>/<config>/<YYYYmmdd_HHMMSS>/`` (``<work-dir>/<config>/last_run`` names the last).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from pfcr_mm.engine.ptq import last_run_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIGS = [
@@ -40,7 +43,7 @@ def main(argv=None) -> int:
         if subprocess.run(cmd, cwd=ROOT).returncode != 0:
             print(f"error: {config} failed (see above)", file=sys.stderr)
             return 1
-        res = json.loads((ROOT / work_dir / "ptq_results.json").read_text())
+        res = json.loads((last_run_dir(ROOT / work_dir) / "ptq_results.json").read_text())
         rows.append(
             {
                 "config": config,

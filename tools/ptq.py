@@ -1,7 +1,8 @@
 """Post-training quantization of an MMEngine model: FP evaluation, quantization, quantized
 evaluation, in the shape of mmdet's ``tools/test.py``: the config's test loop becomes
-``pfcr.PTQLoop`` and the Runner runs it. Results in ``<work_dir>/ptq_results.json``, the
-quantized model in ``<work_dir>/quantized_model.pth``.
+``pfcr.PTQLoop`` and the Runner runs it. Each run writes into its own folder
+``<work_dir>/<YYYYmmdd_HHMMSS>/`` (results in ``ptq_results.json``, the quantized model in
+``quantized_model.pth``); ``<work_dir>/last_run`` names the last one that finished.
 
     python tools/ptq.py CONFIG [CHECKPOINT] [--work-dir DIR] [--cfg-options k=v ...]
                         [--no-fp-eval] [--quantized SAVED_QUANTIZED_MODEL] [--eval-images N]
@@ -20,6 +21,7 @@ from mmengine.config import Config, DictAction
 from mmengine.runner import Runner
 
 from pfcr_mm.core import PTQConfig
+from pfcr_mm.engine.config_check import check_config_keys
 from pfcr_mm.engine.detection import check_coco_dataset, coco_paths, write_subset_annotations
 from pfcr_mm.engine.ptq import calib_dataset_cfg
 
@@ -53,13 +55,22 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def build_cfg(args: argparse.Namespace) -> Config:
     """The config with the command line applied and its test loop set to ``pfcr.PTQLoop``;
-    missing files and bad ``ptq`` settings fail here, before anything is built."""
+    missing files, unknown keys, bad ``ptq`` settings and a missing checkpoint fail here, before
+    anything is built."""
     if not Path(args.config).is_file():
         raise FileNotFoundError(f"config file not found: {args.config}")
     cfg = Config.fromfile(args.config)
     cfg.merge_from_dict(args.cfg_options)
     if "ptq" not in cfg:
         raise KeyError(f"{args.config} has no 'ptq' section; see configs/ for examples")
+    config = PTQConfig.from_dict(cfg.ptq)
+    check_config_keys(
+        cfg,
+        {
+            "test_dataloader.dataset": cfg.test_dataloader.dataset,
+            "ptq.calib.dataset": calib_dataset_cfg(config, cfg.test_dataloader.dataset),
+        },
+    )
     cfg.work_dir = (
         args.work_dir or cfg.get("work_dir") or str(Path("work_dirs") / Path(args.config).stem)
     )
@@ -83,9 +94,13 @@ def build_cfg(args: argparse.Namespace) -> Config:
             f"checkpoint not found: {cfg.load_from} (the config's load_from; put the file there "
             "or pass another one as the CHECKPOINT argument)"
         )
+    if "checkpoint" in cfg.model and cfg.get("load_from"):
+        # a model that loads its own weights (pfcr.TimmClassifier: a timm state dict, or a
+        # training checkpoint of the wrapper) gets them as its checkpoint
+        cfg.model.checkpoint, cfg.load_from = cfg.load_from, None
+    check_weights_given(cfg)
     if args.quantized and not Path(args.quantized).is_file():
         raise FileNotFoundError(f"quantized model not found: {args.quantized}")
-    config = PTQConfig.from_dict(cfg.ptq)
     if args.eval_images is not None and args.eval_images < 1:
         raise ValueError(f"--eval-images must be >= 1, got {args.eval_images}")
     if cfg.get("task") == "detection":
@@ -97,10 +112,28 @@ def build_cfg(args: argparse.Namespace) -> Config:
         raise ValueError("--eval-images applies to COCO detection configs only")
     # The loop loads the checkpoint strictly (mmengine's load_from would not), then runs.
     cfg.test_cfg = dict(
-        type="pfcr.PTQLoop", checkpoint=cfg.get("load_from"), quantized=args.quantized
+        type="pfcr.PTQLoop",
+        checkpoint=cfg.get("load_from"),
+        quantized=args.quantized,
+        eval_images=args.eval_images,
     )
     cfg.load_from = None
     return cfg
+
+
+def check_weights_given(cfg: Config) -> None:
+    """Refuse a run without weights (no CHECKPOINT, ``load_from`` or ``model.checkpoint``): it
+    would quantize and report a randomly initialised model, unless the config says
+    ``allow_random_init=True``."""
+    allow = cfg.get("allow_random_init", False)
+    if not isinstance(allow, bool):
+        raise ValueError(f"allow_random_init must be True or False, got {allow!r}")
+    if not (cfg.get("load_from") or cfg.model.get("checkpoint") or allow):
+        raise ValueError(
+            "no checkpoint: pass CHECKPOINT or set load_from (model.checkpoint for a timm "
+            "classifier) in the config; to quantize randomly initialised weights on purpose, "
+            "set allow_random_init=True"
+        )
 
 
 def restrict_evaluation(cfg: Config, num_images: int) -> None:
@@ -125,8 +158,11 @@ def main(argv=None) -> int:
             torch.distributed.init_process_group("gloo", timeout=timeout)
         Runner.from_cfg(cfg).test()
     except (FileNotFoundError, KeyError, ValueError) as err:
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"error ({type(err).__name__}): {message}", file=sys.stderr)
+        message = str(err.args[0] if isinstance(err, KeyError) and err.args else err)
+        # raised in a DataLoader worker, the error comes with the worker's traceback: the cause
+        # is its last line
+        cause = message.strip().splitlines()[-1] if message.strip() else type(err).__name__
+        print(f"error ({type(err).__name__}): {cause}", file=sys.stderr)
         return 2
     return 0
 

@@ -89,8 +89,11 @@ class ImageFolderDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         path, label = self.samples[index]
-        with Image.open(path) as img:
-            inputs = self.transform(img.convert("RGB"))
+        try:
+            with Image.open(path) as img:
+                inputs = self.transform(img.convert("RGB"))
+        except OSError as err:  # PIL: not an image, truncated
+            raise ValueError(f"cannot read image {path} ({err}): replace or remove it") from None
         return {"inputs": inputs, "data_samples": {"gt_label": label}}
 
 
@@ -102,12 +105,16 @@ def create_timm_model(arch: str, model_kwargs: dict | None = None) -> torch.nn.M
             f"unknown timm architecture {arch!r}"
             f"{f'; did you mean {close}' if close else ''} (see timm.list_models())"
         )
-    return timm.create_model(arch, pretrained=False, **(model_kwargs or {}))
+    try:
+        return timm.create_model(arch, pretrained=False, **(model_kwargs or {}))
+    except TypeError as err:  # a keyword the architecture does not take
+        raise ValueError(f"model.model_kwargs do not fit timm {arch}: {err}") from None
 
 
 @MODELS.register_module()
 class TimmClassifier(BaseModel):
-    """A timm classifier (``arch`` with ``model_kwargs``) loaded from ``checkpoint``.
+    """A timm classifier (``arch`` with ``model_kwargs``) loaded from ``checkpoint``: the timm
+    model's state dict, or a training checkpoint of this wrapper (keys ``net.*``).
 
     ``forward(inputs, data_samples, mode)``: ``"tensor"`` gives logits, ``"predict"`` a list of
     ``dict(scores, gt_label)``, ``"loss"`` ``dict(loss=cross_entropy)``.
@@ -128,7 +135,7 @@ class TimmClassifier(BaseModel):
                     f"checkpoint not found: {checkpoint} (the weights of timm {arch}: a state dict "
                     "saved with torch.save, or a .safetensors file; nothing is downloaded)"
                 )
-            load_weights_strict(self.net, checkpoint)
+            load_weights_strict(self.net, checkpoint, prefix="net.")
 
     def classifier_head(self) -> torch.nn.Module:
         return self.net.get_classifier()

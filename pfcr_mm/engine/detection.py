@@ -11,6 +11,8 @@ import json
 import os
 from pathlib import Path
 
+from ..atomic import atomic_path
+
 COCO_LAYOUT = (
     "expected COCO layout: <data_root>/annotations/instances_{train,val}2017.json and "
     "<data_root>/{train,val}2017/<image files> (set data_root, ann_file and data_prefix in the "
@@ -48,9 +50,7 @@ def write_subset_annotations(ann_file: Path, num_images: int, out: Path) -> list
         "images": images,
         "annotations": [a for a in coco["annotations"] if a["image_id"] in ids],
     }
-    # every process of a distributed run writes the same file: each writes its own temporary
-    # file and renames it, so none reads a half-written one
-    tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(subset))
-    os.replace(tmp, out)
+    # every process of a distributed run writes the same file: none reads a half-written one
+    with atomic_path(out) as tmp:
+        tmp.write_text(json.dumps(subset))
     return sorted(ids)

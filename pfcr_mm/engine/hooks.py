@@ -6,9 +6,9 @@ For users of ``mmdet``'s ``tools/test.py`` or ``mim test``::
 
 The model is quantized once, on the first test run, by the same code as ``pfcr.PTQLoop``
 (:func:`pfcr_mm.engine.ptq.quantize_and_save`, :func:`~pfcr_mm.engine.ptq.record_results`),
-and the same files are written: the quantized model and summary before the evaluation,
-``ptq_results.json`` and ``ptq_config.py`` after every test run (without an FP evaluation:
-``fp`` is ``null``; ``tools/ptq.py`` adds it; an earlier results file is kept).
+and the same files are written into the run's folder: the quantized model and summary before
+the evaluation, ``ptq_results.json`` and ``ptq_config.py`` after every test run (without an FP
+evaluation: ``fp`` is ``null``; ``tools/ptq.py`` adds it).
 """
 
 from __future__ import annotations

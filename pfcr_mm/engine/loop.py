@@ -13,9 +13,12 @@ broadcast (see :func:`pfcr_mm.quantize`); the evaluations are split as MMEngine'
 splits them, and the main process writes the files. The model is wrapped in
 :class:`PTQModelWrapper`, not DistributedDataParallel: nothing is trained.
 
-Files in the work dir: ``ptq_results.json`` (an earlier one is kept under a timestamped name),
+Files, in the run's own folder ``<work_dir>/<YYYYmmdd_HHMMSS>/`` (MMEngine's log folder of the
+run), each written under a temporary name and renamed when complete: ``ptq_results.json``,
 ``quantized_model.pth``, ``quant_summary.{json,txt}``, ``calib_indices.json``,
 ``ptq_config.py`` and, for ``block``/``pfcr``, ``recon/recon_log.json`` and ``recon_loss.png``.
+``<work_dir>/last_run`` names the folder of the last run that wrote its results; an earlier
+run's files are never touched.
 """
 
 from __future__ import annotations
@@ -48,6 +51,8 @@ class PTQLoop(TestLoop):
     checkpoint: weights loaded strictly into the model before anything runs (a checkpoint of
         another model fails with the differing keys).
     quantized: a ``quantized_model.pth`` of an earlier run, evaluated instead of quantizing.
+    eval_images: the N of ``tools/ptq.py --eval-images`` (the dataloader already holds only
+        those images), recorded in the results.
 
     ``run()`` returns the quantized model's metrics, as a test loop does.
     """
@@ -60,6 +65,7 @@ class PTQLoop(TestLoop):
         ptq: dict | None = None,
         checkpoint: str | None = None,
         quantized: str | None = None,
+        eval_images: int | None = None,
         fp16: bool = False,
     ):
         if ptq is None and "ptq" not in runner.cfg:
@@ -70,10 +76,12 @@ class PTQLoop(TestLoop):
         for path in (checkpoint, quantized):
             if path is not None and not Path(path).is_file():
                 raise FileNotFoundError(f"file not found: {path}")
-        if quantized is None:  # before the FP evaluation, which takes hours on COCO
-            check_calibration_split(self.config, runner.cfg.test_dataloader)
         super().__init__(runner, dataloader, evaluator, fp16)
-        self.checkpoint, self.quantized = checkpoint, quantized
+        if quantized is None:  # before the FP evaluation, which takes hours on COCO
+            check_calibration_split(
+                self.config, runner.cfg.test_dataloader, self.dataloader.dataset
+            )
+        self.checkpoint, self.quantized, self.eval_images = checkpoint, quantized, eval_images
 
     def run(self) -> dict:
         runner, config = self.runner, self.config
@@ -104,6 +112,7 @@ class PTQLoop(TestLoop):
             recon=recon,
             times=times,
             quantized_model=str(self.quantized or model_path),
+            eval_images=self.eval_images,
         )
         if is_main_process():
             print(format_results(results))

@@ -20,9 +20,9 @@ The ``ptq`` section of a config is a :class:`pfcr_mm.PTQConfig`::
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import platform
-import time
 from pathlib import Path
 
 import torch
@@ -33,6 +33,7 @@ from mmengine.registry import DATASETS, FUNCTIONS
 from torch.utils.data import DataLoader, Subset
 
 from ..adapters import QuantPlan, prepare
+from ..atomic import atomic_path
 from ..core import PTQConfig, QuantResult, quantize
 from ..quant.calibrate import quantizer_states, write_quant_summary
 from ..quant.modules import QuantConv2d, QuantLinear
@@ -41,6 +42,23 @@ from .checkpoint import load_checkpoint_file
 
 # v2: the post-softmax quantizer chosen per attention is part of the state
 QUANTIZED_FORMAT = "pfcr_mm.quantized_model.v2"
+# in the work dir: the name of the folder of the last run that wrote its results
+LAST_RUN = "last_run"
+
+
+def run_dir(runner) -> Path:
+    """The folder of this run's files: MMEngine's ``<work_dir>/<YYYYmmdd_HHMMSS>`` (the
+    Runner's ``log_dir``, which also holds its log), so a run never touches an earlier one's."""
+    return Path(runner.log_dir)
+
+
+def last_run_dir(work_dir: str | Path) -> Path:
+    """The folder of the last run in ``work_dir`` that wrote its results (named by the
+    ``last_run`` file)."""
+    pointer = Path(work_dir) / LAST_RUN
+    if not pointer.is_file():
+        raise FileNotFoundError(f"no finished run in {work_dir} (no {LAST_RUN} file)")
+    return Path(work_dir) / pointer.read_text().strip()
 
 
 def calib_dataset_cfg(config: PTQConfig, test_dataset_cfg: dict) -> dict:
@@ -105,7 +123,7 @@ def _loader(dataset, indices: list[int], batch_size: int, num_workers: int, cfg:
 
 
 def calibration_loader(
-    config: PTQConfig, test_dataloader_cfg: dict, work_dir: Path
+    config: PTQConfig, test_dataloader_cfg: dict, out_dir: Path
 ) -> tuple[DataLoader, list[int]]:
     """A loader over ``num_images`` seeded random images of the calibration dataset.
 
@@ -113,7 +131,7 @@ def calibration_loader(
     calibration images go through the test pipeline but come from another split: for example
     ``dict(split='train')`` for a folder dataset, or ``dict(ann_file=..., data_prefix=...)`` of
     COCO train2017. It is required: calibrating on the evaluation images would leak them. The
-    indices are written to ``work_dir/calib_indices.json``.
+    indices are written to ``out_dir/calib_indices.json``.
 
     In a distributed run the loader of process ``rank`` of W holds batches ``rank, rank + W,
     ...`` of the whole calibration list (the share :func:`pfcr_mm.quantize` expects); the
@@ -123,9 +141,10 @@ def calibration_loader(
     dataset, dataset_cfg, order = _calibration_order(config, test_dataloader_cfg)
     indices = sorted(order[: calib.num_images])
     if is_main_process():
-        (work_dir / "calib_indices.json").write_text(
-            json.dumps({"seed": calib.seed, "dataset": dataset_cfg, "indices": indices})
-        )
+        with atomic_path(out_dir / "calib_indices.json") as tmp:
+            tmp.write_text(
+                json.dumps({"seed": calib.seed, "dataset": dataset_cfg, "indices": indices})
+            )
     rank, world = get_dist_info()
     size = calib.batch_size
     batches = [indices[i : i + size] for i in range(0, len(indices), size)]
@@ -133,10 +152,26 @@ def calibration_loader(
     return _loader(dataset, share, size, calib.num_workers, test_dataloader_cfg), indices
 
 
-def check_calibration_split(config: PTQConfig, test_dataloader_cfg: dict) -> None:
+def check_calibration_split(config: PTQConfig, test_dataloader_cfg: dict, eval_dataset) -> None:
     """Refuse, before any long work, a calibration split that is the evaluation split, is
-    empty, or has fewer than ``num_images`` images (builds the calibration dataset once)."""
-    _calibration_order(config, test_dataloader_cfg)
+    empty, has fewer than ``num_images`` images, or whose class list (``metainfo['classes']``:
+    a folder dataset's class folders) differs from that of ``eval_dataset`` (builds the
+    calibration dataset once)."""
+    dataset, _, _ = _calibration_order(config, test_dataloader_cfg)
+    calib = list(getattr(dataset, "metainfo", {}).get("classes") or [])
+    evaluation = list(getattr(eval_dataset, "metainfo", {}).get("classes") or [])
+    if calib != evaluation:
+        only_calib = [c for c in calib if c not in evaluation]
+        only_eval = [c for c in evaluation if c not in calib]
+        how = (
+            f"only in calibration: {only_calib[:5]}, only in evaluation: {only_eval[:5]}"
+            if only_calib or only_eval
+            else "the same classes in another order"
+        )
+        raise ValueError(
+            f"the calibration and evaluation splits have different class lists ({how}): the "
+            "labels would not match; give both splits the same classes (class folders)"
+        )
 
 
 def heldout_loader(config: PTQConfig, test_dataloader_cfg: dict) -> DataLoader | None:
@@ -235,8 +270,8 @@ def quantize_runner_model(runner, config: PTQConfig) -> tuple[QuantResult, list[
     """Quantize ``runner.model`` in place with :func:`pfcr_mm.quantize` on the calibration
     images and write the summary; returns the result and the calibration indices."""
     model, head = _model_and_head(runner)
-    work_dir = Path(runner.work_dir)
-    loader, indices = calibration_loader(config, runner.cfg.test_dataloader, work_dir)
+    out_dir = run_dir(runner)
+    loader, indices = calibration_loader(config, runner.cfg.test_dataloader, out_dir)
     result = quantize(
         model,
         config,
@@ -244,7 +279,7 @@ def quantize_runner_model(runner, config: PTQConfig) -> tuple[QuantResult, list[
         run_batch,
         downstream=features,
         head=head,
-        log_dir=work_dir / "recon",
+        log_dir=out_dir / "recon",
         print_fn=lambda s: print_log(s, logger="current"),
     )
     if result.plan.folded:
@@ -257,22 +292,45 @@ def quantize_runner_model(runner, config: PTQConfig) -> tuple[QuantResult, list[
     if runner.cfg.get("task") == "detection":  # functional ops, invisible as modules
         fp_parts += ["NMS", "box and mask post-processing"]
     if is_main_process():
-        write_quant_summary(model, work_dir / "quant_summary.json", fp_parts)
+        write_quant_summary(model, out_dir / "quant_summary.json", fp_parts)
     print_log(
         f"quantized {len(result.plan.quantized_modules)} modules, {len(result.plan.units)} "
-        f"units; summary in {work_dir / 'quant_summary.txt'}",
+        f"units; summary in {out_dir / 'quant_summary.txt'}",
         logger="current",
     )
     return result, indices
+
+
+def quantization_settings(config: PTQConfig) -> dict:
+    """The settings that decide what the quantized model is, as plain JSON values: all of
+    ``config`` except what only the run uses (``eval_fp``, ``calib.heldout_images``,
+    ``calib.num_workers``) and, for ``calib``, the unused ``recon``."""
+    settings = config.to_dict()
+    del settings["eval_fp"], settings["calib"]["heldout_images"], settings["calib"]["num_workers"]
+    if config.method == "calib":
+        del settings["recon"]
+    return json.loads(json.dumps(settings))
+
+
+def _flat(settings: dict, prefix: str = "ptq") -> dict:
+    """``{'ptq.recon.iters': 300, ...}``: the leaves of nested settings by their config key."""
+    out = {}
+    for key, value in settings.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}.{key}"))
+        else:
+            out[f"{prefix}.{key}"] = value
+    return out
 
 
 def save_quantized_model(
     runner, config: PTQConfig, indices: list[int], recon: dict, path: Path
 ) -> Path:
     """Write the quantized model: the full state (re-parameterized weights, every quantizer's
-    range and flags), the integer weight codes of every quantized layer, the settings, the
-    calibration indices and the resolved config. :func:`load_quantized_model` restores it.
-    Only the main process writes."""
+    range and flags), the integer weight codes of every quantized layer, the method and the
+    settings that made it (:func:`quantization_settings`), the calibration indices, the
+    resolved config and its SHA-256. :func:`load_quantized_model` restores it. Only the main
+    process writes."""
     if not is_main_process():
         return path
     model, _ = _model_and_head(runner)
@@ -281,25 +339,28 @@ def save_quantized_model(
         for name, m in model.named_modules()
         if isinstance(m, (QuantLinear, QuantConv2d))
     }
-    torch.save(
-        {
-            "format": QUANTIZED_FORMAT,
-            "method": config.method,
-            "quant_config": config.quant.to_dict(),
-            "scope": config.scope,
-            "calib_indices": indices,
-            "recon": recon,
-            "state_dict": model.state_dict(),
-            "integer_weights": integer,
-            "config": runner.cfg.pretty_text,
-        },
-        path,
-    )
+    payload = {
+        "format": QUANTIZED_FORMAT,
+        "method": config.method,
+        "quant_config": config.quant.to_dict(),
+        "scope": config.scope,
+        "settings": quantization_settings(config),
+        "calib_indices": indices,
+        "recon": recon,
+        "state_dict": model.state_dict(),
+        "integer_weights": integer,
+        "config": runner.cfg.pretty_text,
+        "config_sha256": hashlib.sha256(runner.cfg.pretty_text.encode()).hexdigest(),
+    }
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
     return path
 
 
 def load_quantized_model(runner, config: PTQConfig, path: str | Path) -> tuple[QuantPlan, dict]:
-    """Rebuild the quantized structure on ``runner.model`` and load a saved quantized model."""
+    """Rebuild the quantized structure on ``runner.model`` and load a saved quantized model.
+    Refuses one whose settings (:func:`quantization_settings`) differ from ``config``'s,
+    naming the first differing key: the results would record settings it was not made with."""
     saved = load_checkpoint_file(path)
     if saved.get("format") == "pfcr_mm.quantized_model.v1":
         raise ValueError(
@@ -308,15 +369,22 @@ def load_quantized_model(runner, config: PTQConfig, path: str | Path) -> tuple[Q
         )
     if saved.get("format") != QUANTIZED_FORMAT:
         raise ValueError(f"{path} is not a quantized model written by tools/ptq.py")
-    if saved["quant_config"] != config.quant.to_dict() or saved["scope"] != config.scope:
+    wanted = _flat(quantization_settings(config))
+    # files written before the settings were saved hold method, scope and quant only
+    made = _flat(
+        saved.get("settings")
+        or {"method": saved["method"], "scope": saved["scope"], "quant": saved["quant_config"]}
+    )
+    keys = made.keys() | wanted.keys() if "settings" in saved else made.keys()
+    differ = sorted(
+        (k for k in keys if made.get(k) != wanted.get(k)), key=lambda k: (k != "ptq.method", k)
+    )
+    if differ:
+        key = differ[0]
         raise ValueError(
-            f"{path} was quantized with quant={saved['quant_config']} scope={saved['scope']}, "
-            f"but the config asks for quant={config.quant.to_dict()} scope={config.scope}"
-        )
-    if saved["method"] != config.method:  # the results would name the wrong method
-        raise ValueError(
-            f"{path} was quantized with method {saved['method']!r}, but the config asks for "
-            f"{config.method!r}: pass --cfg-options ptq.method={saved['method']}"
+            f"{path} was quantized with {key}={made.get(key)!r}, but the config says "
+            f"{wanted.get(key)!r} ({len(differ)} setting(s) differ): pass --cfg-options "
+            f"{key}={made.get(key)} to evaluate it, or quantize again"
         )
     model, head = _model_and_head(runner)
     plan = prepare(model, config.quant, config.scope_modules, head)
@@ -346,7 +414,7 @@ def quantize_and_save(runner, config: PTQConfig) -> tuple[list[int], dict, Path]
     ``quantized_model.pth``; returns the calibration indices, the reconstruction summary and
     the path."""
     result, indices = quantize_runner_model(runner, config)
-    path = Path(runner.work_dir) / "quantized_model.pth"
+    path = run_dir(runner) / "quantized_model.pth"
     save_quantized_model(runner, config, indices, result.recon, path)
     return indices, result.recon, path
 
@@ -361,10 +429,13 @@ def record_results(
     recon: dict,
     times: dict,
     quantized_model: str,
+    eval_images: int | None = None,
 ) -> tuple[dict, Path]:
     """Measure the output error on ``loader``'s first images and on the held-out calibration
     images (:func:`heldout_loader`), write ``ptq_results.json`` and the resolved config
-    ``ptq_config.py``; returns the results and the path."""
+    ``ptq_config.py`` into the run's folder (:func:`run_dir`), then point ``last_run`` in the
+    work dir at it; returns the results and the path. ``eval_images``: the N of
+    ``--eval-images`` (``None``: every evaluation image)."""
     cfg = runner.cfg
     heldout = heldout_loader(config, cfg.test_dataloader)
     results = {
@@ -377,6 +448,7 @@ def record_results(
         "recon": recon,
         "fp": fp,
         "quant": quant,
+        "eval_images": eval_images,
         "output_error": output_error(unwrap_model(runner.model), loader),
         # where defaults are chosen: calibration-split images that calibration did not see
         "heldout_error": None
@@ -392,21 +464,14 @@ def record_results(
         "config": cfg.filename,
         "quantized_model": quantized_model,
     }
-    path = write_results(Path(runner.work_dir) / "ptq_results.json", results)
+    out_dir = run_dir(runner)
+    path = out_dir / "ptq_results.json"
     if is_main_process():
-        cfg.dump(str(Path(runner.work_dir) / "ptq_config.py"))
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(results, indent=1))
+        with atomic_path(out_dir / "ptq_config.py") as tmp:
+            cfg.dump(str(tmp))
+        # the pointer moves only once the run's files are complete
+        with atomic_path(Path(runner.work_dir) / LAST_RUN) as tmp:
+            tmp.write_text(out_dir.name + "\n")
     return results, path
-
-
-def write_results(path: Path, results: dict) -> Path:
-    """Write ``results`` as JSON (the main process only); an existing file is kept under a
-    timestamped name."""
-    if not is_main_process():
-        return path
-    if path.exists():
-        stamp = time.strftime("%Y%m%d_%H%M%S", time.localtime(path.stat().st_mtime))
-        kept = path.with_name(f"{path.stem}.{stamp}{path.suffix}")
-        path.rename(kept)
-        print_log(f"kept the previous results as {kept}", logger="current")
-    path.write_text(json.dumps(results, indent=1))
-    return path

@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..atomic import atomic_path
 from .attention import AttentionQuantizers
 from .quantizers import AdaRoundWeightQuantizer, BaseQuantizer
 
@@ -187,7 +188,8 @@ def write_quant_summary(model: nn.Module, path: str | Path, fp_parts: list[str])
     """Write the summary as JSON (``path``) and as an aligned table (``path`` with .txt)."""
     path = Path(path)
     rows = quant_summary(model)
-    path.write_text(json.dumps({"quantizers": rows, "floating_point": fp_parts}, indent=1))
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps({"quantizers": rows, "floating_point": fp_parts}, indent=1))
     head = (
         f"{'module':60s} {'kind':6s} {'quantizer':10s} {'bits':>4s} {'granularity':12s} "
         f"{'scale_min':>10s} {'scale_max':>10s} {'range':>24s}"
@@ -200,5 +202,6 @@ def write_quant_summary(model: nn.Module, path: str | Path, fp_parts: list[str])
             f"[{r['range_min']:10.3g}, {r['range_max']:10.3g}]"
         )
     lines += ["", "Kept in floating point: " + ", ".join(fp_parts)]
-    path.with_suffix(".txt").write_text("\n".join(lines) + "\n")
+    with atomic_path(path.with_suffix(".txt")) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
     return path

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import difflib
+import types
+import typing
 from dataclasses import asdict, dataclass, fields
 
 from .quantizers import check_bits
@@ -23,11 +25,42 @@ def check_keys(d: dict, known, what: str) -> None:
         raise KeyError(f"unknown {what} setting(s) {', '.join(hints)}; known: {sorted(known)}")
 
 
+def _fits(value, annotation) -> bool:
+    """Whether ``value`` has the type a settings field is annotated with (``int``, ``float``,
+    ``str``, ``bool``, ``dict``, ``None`` and unions of them; an int is a float, a bool is no
+    int)."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in typing.get_args(annotation))
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is type(None):
+        return value is None
+    annotation = typing.get_origin(annotation) or annotation
+    return isinstance(value, annotation) if isinstance(annotation, type) else True
+
+
+def check_types(cls: type, d: dict, what: str) -> None:
+    """Raise ValueError on a value of ``d`` whose type is not the one its field of the
+    dataclass ``cls`` is annotated with (``recon.iters=abc`` from the command line)."""
+    hints = typing.get_type_hints(cls)
+    for key, value in d.items():
+        if not _fits(value, hints[key]):
+            expected = " or ".join(
+                "None" if a is type(None) else getattr(a, "__name__", str(a))
+                for a in typing.get_args(hints[key]) or [hints[key]]
+            )
+            raise ValueError(f"{what}.{key} must be {expected}, got {value!r}")
+
+
 def dataclass_from_dict(cls: type, d: dict, what: str):
-    """``cls(**d)``, failing with the unknown key, its closest match and the known keys."""
+    """``cls(**d)``, failing with the unknown key, its closest match and the known keys, or with
+    the key whose value has the wrong type."""
     if not isinstance(d, dict):
         raise ValueError(f"the {what} settings must be a dict, got {type(d).__name__}")
     check_keys(d, {f.name for f in fields(cls)}, what)
+    check_types(cls, d, what)
     return cls(**d)
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from ..atomic import atomic_path
 from .engine import UnitRecord
 
 # Points kept per unit curve in the JSON log: 20k iterations x ~50 units stays a small file.
@@ -58,9 +59,8 @@ def write_loss_log(path: str | Path, records: Sequence[UnitRecord], meta: dict) 
         }
         for r in records
     ]
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({**meta, "units": units}, indent=1))
-    tmp.replace(path)  # a reader never sees a half-written log
+    with atomic_path(path) as tmp:  # a reader never sees a half-written log
+        tmp.write_text(json.dumps({**meta, "units": units}, indent=1))
     return path
 
 
@@ -104,5 +104,6 @@ def plot_losses(records: Sequence[UnitRecord], path: str | Path) -> Path:
     unit_ax.set_ylabel("loss")
     unit_ax.set_title("first and last loss per unit and level")
     unit_ax.legend(fontsize=8)
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     return path

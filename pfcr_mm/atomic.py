@@ -1,0 +1,37 @@
+"""Files written whole or not at all: :func:`atomic_path`.
+
+A file is written under a temporary name in its own folder and renamed over the final name
+once complete (``os.replace``, atomic on POSIX and Windows within one file system): a reader,
+or a run killed mid-write, never sees or leaves a half-written file, and an earlier file of the
+same name stays intact until the new one is complete. Pure Python, below every layer: the
+quantizers, the reconstruction logs and the MMEngine side all write through it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary path next to ``path`` (same suffix, so writers that read the format off it
+    work) to write to; renamed to ``path`` when the block ends, removed if it raises.
+
+    ::
+
+        with atomic_path(out / "results.json") as tmp:
+            tmp.write_text(text)
+    """
+    path = Path(path)
+    # the process id keeps processes that write the same file from sharing a temporary one
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:  # on disk before the rename makes it visible
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
