@@ -33,6 +33,7 @@ from ..quant.quantizers import LogQuantizer, UniformQuantizer, quant_dequant
 ONNX_TYPES = {4: 21, 8: 2}  # UINT4, UINT8
 OPSET = 21  # QuantizeLinear/DequantizeLinear with 4-bit types
 BITS_KEY = "pfcr_bits"  # node metadata: the quantizer's own bit width
+CONTAINER_KEY = "pfcr_container"  # node metadata: the bits of its code container
 
 
 def container_bits(bits: int, int8: bool) -> int:
@@ -64,7 +65,7 @@ def dequantize(
             dtype=scale.dtype,
             shape=codes.shape,
             version=OPSET,
-            metadata_props={BITS_KEY: str(bits), "container": str(container)},
+            metadata_props={BITS_KEY: str(bits), CONTAINER_KEY: str(container)},
         )
     shape = [1] * codes.dim()
     if axis is not None:
@@ -96,7 +97,7 @@ class QuantDequant(nn.Module):
         if self.bits < self.container:  # clip to this quantizer's own codes [0, qmax]
             zp = self.zero_point.float()
             x = torch.clamp(x, -zp * self.scale, (qmax - zp) * self.scale)
-        meta = {BITS_KEY: str(self.bits), "container": str(self.container)}
+        meta = {BITS_KEY: str(self.bits), CONTAINER_KEY: str(self.container)}
         codes = torch.onnx.ops.symbolic(
             "QuantizeLinear",
             (x, self.scale, self.zero_point),
