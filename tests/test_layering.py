@@ -1,5 +1,5 @@
-"""The core (pfcr_mm, quant/, adapters/, recon/) imports neither mmdet nor mmcv nor mmengine;
-recon/ imports no matplotlib either (only when a plot is written)."""
+"""The core (pfcr_mm, quant/, adapters/, recon/, export/) imports neither mmdet nor mmcv nor
+mmengine; recon/ imports no matplotlib either (only when a plot is written)."""
 
 import subprocess
 import sys
@@ -21,8 +21,9 @@ OPENMMLAB = ("mmdet", "mmcv", "mmengine")
         # the top-level API: the whole method in one call
         ("import pfcr_mm; pfcr_mm.quantize; pfcr_mm.PTQConfig", OPENMMLAB),
         ("import pfcr_mm.recon", (*OPENMMLAB, "matplotlib")),
+        ("import pfcr_mm.export, pfcr_mm.export.runtime", OPENMMLAB),
     ],
-    ids=["adapters", "top_level_api", "recon"],
+    ids=["adapters", "top_level_api", "recon", "export"],
 )
 def test_core_imports_no_openmmlab(imports, banned):
     code = (

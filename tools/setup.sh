@@ -65,5 +65,5 @@ fi
 
 say "installing pfcr_mm and its pinned dependencies"
 "${pip[@]}" install -e "$root[dev]"
-"$venv/bin/python" -c "import mmcv.ops, mmdet, timm, pfcr_mm; from mmcv.ops import RoIAlign, nms"
+"$venv/bin/python" -c "import mmcv.ops, mmdet, timm, onnx, onnxruntime, onnxscript, pfcr_mm; from mmcv.ops import RoIAlign, nms"
 say "ready in $(( $(date +%s) - start )) s: $venv"

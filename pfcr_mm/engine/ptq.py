@@ -44,6 +44,7 @@ from .checkpoint import load_checkpoint_file
 QUANTIZED_FORMAT = "pfcr_mm.quantized_model.v2"
 # in the work dir: the name of the folder of the last run that wrote its results
 LAST_RUN = "last_run"
+QUANTIZED_NAME = "quantized_model.pth"
 
 
 def run_dir(runner) -> Path:
@@ -59,6 +60,12 @@ def last_run_dir(work_dir: str | Path) -> Path:
     if not pointer.is_file():
         raise FileNotFoundError(f"no finished run in {work_dir} (no {LAST_RUN} file)")
     return Path(work_dir) / pointer.read_text().strip()
+
+
+def saved_model_path(path: str | Path) -> Path:
+    """``path`` itself, or for a work dir the quantized model of its last run."""
+    path = Path(path)
+    return last_run_dir(path) / QUANTIZED_NAME if path.is_dir() else path
 
 
 def calib_dataset_cfg(config: PTQConfig, test_dataset_cfg: dict) -> dict:
@@ -414,7 +421,7 @@ def quantize_and_save(runner, config: PTQConfig) -> tuple[list[int], dict, Path]
     ``quantized_model.pth``; returns the calibration indices, the reconstruction summary and
     the path."""
     result, indices = quantize_runner_model(runner, config)
-    path = run_dir(runner) / "quantized_model.pth"
+    path = run_dir(runner) / QUANTIZED_NAME
     save_quantized_model(runner, config, indices, result.recon, path)
     return indices, result.recon, path
 

@@ -171,9 +171,11 @@ def _uniform_params(
     return scale, zero_point
 
 
-def _quant_dequant(
+def quant_dequant(
     x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmax: int
 ) -> torch.Tensor:
+    """``(clamp(round(x / scale) + zero_point, 0, qmax) - zero_point) * scale`` (no gradient
+    path): the uniform quantizer's value, shared by the range search and the exported model."""
     q = torch.clamp(torch.round(x / scale) + zero_point, 0, qmax)
     return (q - zero_point) * scale
 
@@ -206,7 +208,7 @@ def search_uniform_range(
     best_err = best_scale = best_zp = None
     for lo, hi in candidates:
         scale, zp = _uniform_params(lo, hi, qmax)
-        err = stats.squared_error(_quant_dequant(stats.values, scale, zp, qmax))
+        err = stats.squared_error(quant_dequant(stats.values, scale, zp, qmax))
         if best_err is None:
             best_err, best_scale, best_zp = err, scale, zp
         else:
@@ -395,13 +397,16 @@ class LogQuantizer(BaseQuantizer):
         best = None
         for p in RANGE_PERCENTILES:
             delta = stats.quantile(p).reshape(()).clamp(min=1e-8)
-            err = float(stats.squared_error(self._quant(stats.values, delta)).sum())
+            err = float(stats.squared_error(self.quant_dequant(stats.values, delta)).sum())
             if best is None or err < best[0]:
                 best = (err, delta)
         self.delta = best[1].to(self.delta.device)
         self.calibrated = True
 
-    def _quant(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    def quant_dequant(self, x: torch.Tensor, delta: torch.Tensor | None = None) -> torch.Tensor:
+        """The quantized value of ``x`` (no gradient path) with ``delta`` (default: the
+        calibrated one); the exported model computes exactly this."""
+        delta = self.delta if delta is None else delta
         levels = 2**self.bits - 1
         code = -self.k * torch.log2(torch.clamp(x / delta, min=1e-30))
         # the 2^b levels and 0 (codes that round beyond the last level) as a table: one gather
@@ -413,7 +418,7 @@ class LogQuantizer(BaseQuantizer):
 
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
         # The gradient passes straight through to x: the probabilities come from the quantized qk.
-        return (self._quant(x, self.delta) - x).detach() + x
+        return (self.quant_dequant(x) - x).detach() + x
 
     def get_extra_state(self) -> dict:
         return {**super().get_extra_state(), "k": self.k}

@@ -1,0 +1,202 @@
+"""The integer form of a quantized model: what an ONNX graph with ``QuantizeLinear`` /
+``DequantizeLinear`` computes, as PyTorch modules.
+
+Each module runs in PyTorch (the reference the exported graph is checked against) and, inside
+``torch.onnx.export(..., dynamo=True)``, emits the ONNX quantization operators themselves through
+``torch.onnx.ops.symbolic``:
+
+* :class:`QuantDequant`: an activation quantizer point, ``DequantizeLinear(QuantizeLinear(x))``
+  with the calibrated scale and zero point (per tensor, or per channel along ``axis``);
+* :class:`IntegerLinear` / :class:`IntegerConv2d`: the weights as integer codes (the hardened
+  AdaRound rounding, :meth:`~pfcr_mm.quant.AdaRoundWeightQuantizer.integer_weight`) with
+  per-output-channel scales and zero points, dequantized by ``DequantizeLinear``, after a
+  :class:`QuantDequant` of the input;
+* :class:`LogQuantDequant`: the log post-softmax quantizer, which has no linear Q/DQ form, in
+  elementary operators (``Div``, ``Log``, ``Round``, ``Clip``, ``Gather``).
+
+Codes are stored in a container of ``container`` bits: ``uint8``, or ``uint4`` (ONNX opset 21,
+two codes per byte in the file) for 4 bits and fewer. A quantizer of fewer bits than its
+container clips its input to its own range first, so the container never holds a code the fake
+quantizer could not produce.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..quant.modules import QuantConv2d, QuantLinear
+from ..quant.quantizers import LogQuantizer, UniformQuantizer, quant_dequant
+
+# ONNX TensorProto data types of the code containers
+ONNX_TYPES = {4: 21, 8: 2}  # UINT4, UINT8
+OPSET = 21  # QuantizeLinear/DequantizeLinear with 4-bit types
+BITS_KEY = "pfcr_bits"  # node metadata: the quantizer's own bit width
+CONTAINER_KEY = "pfcr_container"  # node metadata: the bits of its code container
+
+
+def container_bits(bits: int, int8: bool) -> int:
+    """The code container of a ``bits``-bit quantizer: 4 for 4 bits and fewer, unless every
+    point is to be 8 bits wide (``int8``: what onnxruntime's integer kernels take), else 8."""
+    return 4 if bits <= 4 and not int8 else 8
+
+
+def _q_dq_attrs(axis: int | None) -> dict:
+    return {} if axis is None else {"axis": axis}
+
+
+def dequantize(
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    axis: int | None,
+    bits: int,
+    container: int,
+) -> torch.Tensor:
+    """``(codes - zero_point) * scale``, per channel along ``axis`` (``None``: per tensor);
+    ``DequantizeLinear`` in an ONNX export. ``codes``/``zero_point``: uint8 tensors of
+    ``bits``-bit values, ``scale``: float of the shape of ``zero_point``."""
+    if torch.onnx.is_in_onnx_export():
+        return torch.onnx.ops.symbolic(
+            "DequantizeLinear",
+            (codes, scale, zero_point),
+            _q_dq_attrs(axis),
+            dtype=scale.dtype,
+            shape=codes.shape,
+            version=OPSET,
+            metadata_props={BITS_KEY: str(bits), CONTAINER_KEY: str(container)},
+        )
+    shape = [1] * codes.dim()
+    if axis is not None:
+        shape[axis] = -1
+    return (codes.float() - zero_point.reshape(shape).float()) * scale.reshape(shape)
+
+
+class QuantDequant(nn.Module):
+    """An activation quantizer point: ``x_hat = (clamp(round(x / s) + z, 0, 2^b - 1) - z) * s``
+    with the calibrated ``s`` and ``z`` of a :class:`~pfcr_mm.quant.UniformQuantizer`, per
+    tensor or per channel along ``axis``; any input shape."""
+
+    def __init__(self, quantizer: UniformQuantizer, int8: bool):
+        super().__init__()
+        self.bits = quantizer.bits
+        self.container = container_bits(self.bits, int8)
+        self.axis = quantizer.ch_axis
+        self.register_buffer("scale", quantizer.scale.detach().float().clone())
+        self.register_buffer("zero_point", quantizer.zero_point.detach().to(torch.uint8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        qmax = 2**self.bits - 1
+        if not torch.onnx.is_in_onnx_export():
+            shape = [1] * x.dim()
+            if self.axis is not None:
+                shape[self.axis] = -1
+            zp = self.zero_point.reshape(shape).float()
+            return quant_dequant(x, self.scale.reshape(shape), zp, qmax)
+        if self.bits < self.container:  # clip to this quantizer's own codes [0, qmax]
+            zp = self.zero_point.float()
+            x = torch.clamp(x, -zp * self.scale, (qmax - zp) * self.scale)
+        meta = {BITS_KEY: str(self.bits), CONTAINER_KEY: str(self.container)}
+        codes = torch.onnx.ops.symbolic(
+            "QuantizeLinear",
+            (x, self.scale, self.zero_point),
+            _q_dq_attrs(self.axis),
+            dtype=ONNX_TYPES[self.container],
+            shape=x.shape,
+            version=OPSET,
+            metadata_props=meta,
+        )
+        return dequantize(codes, self.scale, self.zero_point, self.axis, self.bits, self.container)
+
+    def extra_repr(self) -> str:
+        where = "per tensor" if self.axis is None else f"per channel (axis {self.axis})"
+        return f"bits={self.bits}, container={self.container}, {where}"
+
+
+class _IntegerWeights(nn.Module):
+    """Integer weight codes with per-output-channel scales and zero points, and the input
+    quantizer point of a :class:`~pfcr_mm.quant.QuantLinear` / ``QuantConv2d``."""
+
+    def __init__(self, layer: QuantLinear | QuantConv2d, int8: bool, channel_axis: int):
+        super().__init__()
+        wq = layer.weight_quantizer
+        self.bits = wq.bits
+        self.container = container_bits(self.bits, int8)
+        self.channel_axis = channel_axis
+        codes = wq.integer_weight(layer.weight.detach()).to(torch.uint8)
+        self.register_buffer("codes", codes if channel_axis == 0 else codes.t().contiguous())
+        self.register_buffer("weight_scale", wq.scale.detach().float().reshape(-1).clone())
+        self.register_buffer("weight_zero_point", wq.zero_point.detach().to(torch.uint8))
+        bias = None if layer.bias is None else layer.bias.detach().clone()
+        self.register_buffer("bias", bias)
+        self.input_quantizer = QuantDequant(layer.input_quantizer, int8)
+
+    def weight(self) -> torch.Tensor:
+        return dequantize(
+            self.codes,
+            self.weight_scale,
+            self.weight_zero_point.reshape(-1),
+            self.channel_axis,
+            self.bits,
+            self.container,
+        )
+
+
+class IntegerLinear(_IntegerWeights):
+    """``y = Q(x + shift) @ W_hat^T + b``: the codes are stored transposed, ``(in, out)``,
+    per output channel along axis 1, so the exported ``MatMul`` reads the dequantized codes
+    directly (onnxruntime fuses ``DequantizeLinear -> MatMul`` into an integer matmul).
+    ``x``: ``(..., in)``, ``y``: ``(..., out)``."""
+
+    def __init__(self, layer: QuantLinear, int8: bool):
+        super().__init__(layer, int8, channel_axis=1)
+        shift = layer.input_shift
+        self.register_buffer("input_shift", None if shift is None else shift.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_shift is not None:
+            x = x + self.input_shift
+        x = self.input_quantizer(x)
+        if not torch.onnx.is_in_onnx_export():
+            # the fake-quant layer's own call (F.linear on the (out, in) weight): the PyTorch
+            # integer model then equals the fake-quant model bit for bit
+            return F.linear(x, self.weight().t().contiguous(), self.bias)
+        y = torch.matmul(x, self.weight())
+        return y if self.bias is None else y + self.bias
+
+
+class IntegerConv2d(_IntegerWeights):
+    """``y = conv2d(Q(x), W_hat) + b`` with the convolution's geometry; codes
+    ``(out, in / groups, kh, kw)`` per output channel along axis 0. ``x``: ``(B, C, H, W)``."""
+
+    def __init__(self, layer: QuantConv2d, int8: bool):
+        super().__init__(layer, int8, channel_axis=0)
+        if layer.padding_mode != "zeros":
+            raise ValueError(f"padding_mode={layer.padding_mode!r} is not exported")
+        self.stride, self.padding = layer.stride, layer.padding
+        self.dilation, self.groups = layer.dilation, layer.groups
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(
+            self.input_quantizer(x),
+            self.weight(),
+            self.bias,
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups,
+        )
+
+
+class LogQuantDequant(nn.Module):
+    """The log post-softmax quantizer's value (:meth:`~pfcr_mm.quant.LogQuantizer.quant_dequant`),
+    which the exporter writes as elementary ONNX operators: the log-domain code, rounded and
+    clipped, indexes a table of the ``2^b`` levels and 0."""
+
+    def __init__(self, quantizer: LogQuantizer):
+        super().__init__()
+        self.log = quantizer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.log.quant_dequant(x)

@@ -1,0 +1,89 @@
+"""Running an exported model in onnxruntime (CPU), and seeing which kernels it runs.
+
+onnxruntime rewrites a Q/DQ graph at session creation: ``DequantizeLinear -> MatMul`` becomes
+``MatMulIntegerToFloat`` (uint8 x uint8 -> int32 accumulation, then one float scale),
+``DequantizeLinear -> MatMul -> QuantizeLinear`` becomes ``QLinearMatMul``, and so on. The node
+types of the optimized graph (:func:`optimized_op_counts`) show what ran as integers.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+
+# onnxruntime kernels that multiply integer codes (int32 accumulation)
+INTEGER_KERNELS = (
+    "MatMulIntegerToFloat",
+    "QLinearMatMul",
+    "MatMulInteger",
+    "QGemm",
+    "QLinearConv",
+    "ConvInteger",
+    "DynamicQuantizeMatMul",
+    "QAttention",
+)
+
+
+def session_options(
+    threads: int = 1, optimized_path: str | Path | None = None
+) -> ort.SessionOptions:
+    """CPU session options: ``threads`` intra-op threads, one inter-op thread (sequential
+    execution), every graph optimization; the optimized graph is written to
+    ``optimized_path`` if given."""
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3  # no warning about the hardware-specific optimized file
+    if optimized_path is not None:
+        so.optimized_model_filepath = str(optimized_path)
+    return so
+
+
+def describe_options(so: ort.SessionOptions) -> dict:
+    """The session options that decide speed, for a results file."""
+    return {
+        "intra_op_num_threads": so.intra_op_num_threads,
+        "inter_op_num_threads": so.inter_op_num_threads,
+        "execution_mode": str(so.execution_mode),
+        "graph_optimization_level": str(so.graph_optimization_level),
+        "providers": ["CPUExecutionProvider"],
+        "onnxruntime": ort.__version__,
+    }
+
+
+def cpu_session(path: str | Path, threads: int = 1) -> ort.InferenceSession:
+    return ort.InferenceSession(
+        str(path), session_options(threads), providers=["CPUExecutionProvider"]
+    )
+
+
+def run_session(session: ort.InferenceSession, x: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """The model's single output for the batch ``x`` (its single input)."""
+    x = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x
+    (out,) = session.run(None, {session.get_inputs()[0].name: x.astype(np.float32)})
+    return torch.from_numpy(out)
+
+
+def optimized_op_counts(path: str | Path, threads: int = 1) -> dict[str, int]:
+    """Node types of the graph onnxruntime runs for ``path`` (after its optimizations), with
+    their counts."""
+    with tempfile.TemporaryDirectory() as tmp:
+        optimized = Path(tmp) / "optimized.onnx"
+        ort.InferenceSession(
+            str(path), session_options(threads, optimized), providers=["CPUExecutionProvider"]
+        )
+        counts = Counter(n.op_type for n in onnx.load(str(optimized)).graph.node)
+    return dict(sorted(counts.items()))
+
+
+def integer_kernel_counts(op_counts: dict[str, int]) -> dict[str, int]:
+    """The integer kernels among ``op_counts``."""
+    return {op: n for op, n in op_counts.items() if op in INTEGER_KERNELS}
