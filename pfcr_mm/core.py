@@ -331,7 +331,7 @@ def _outside_units(
     reached = _layers_reached(model, plan, run_batch, batches[0])
     part_of = {}
     if recon.non_block == "parts":
-        part_of = {id(m): (name, part) for name, part in plan.parts for m in part.modules()}
+        part_of = {id(m): part for part in plan.parts for m in part[1].modules()}
     blocks = list(dict.fromkeys(u.block for u in plan.units))  # in forward order
     before, between, after, calib_only, seen = [], [], [], {}, set()
     for name, layer, next_block in plan.layers:
@@ -339,11 +339,12 @@ def _outside_units(
             calib_only[name] = "the reconstruction forward does not reach it"
             continue
         if id(layer) in part_of:
-            name, part = part_of[id(layer)]
+            name, part, per_roi = part_of[id(layer)]
             if name in seen:
                 continue
             seen.add(name)
-            unit = LayerUnit(name, part, channels_first=True, whole_batches=True)
+            rows = recon.roi_batch_size if per_roi else None
+            unit = LayerUnit(name, part, channels_first=True, rows_per_step=rows)
         else:
             unit = LayerUnit(name, layer)
         if next_block is None:

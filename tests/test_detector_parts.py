@@ -85,10 +85,11 @@ def _rois_seen(model, source, unit, fp: bool):
 
 def test_heads_see_the_fp_rois_and_reconstruct_without_labels(quantized_detector):
     model, plan, batches, run_batch = quantized_detector
-    parts = dict(plan.parts)
+    parts = {name: part for name, part, _ in plan.parts}
     assert list(parts) == ["neck", "rpn_head", "roi_head.bbox_head", "roi_head.mask_head"]
+    assert [per_roi for _, _, per_roi in plan.parts] == [False, False, True, True]
     assert [type(m).__name__ for m, _ in plan.pinned] == ["SingleRoIExtractor"] * 2
-    bbox = LayerUnit("roi_head.bbox_head", parts["roi_head.bbox_head"], True, True)
+    bbox = LayerUnit("roi_head.bbox_head", parts["roi_head.bbox_head"], True, 64)
 
     pinned = ChainDataSource(model, plan.units, batches, run_batch, pinned=plan.pinned)
     fp_rois, fp_in = _rois_seen(model, pinned, bbox, fp=True)
@@ -101,7 +102,7 @@ def test_heads_see_the_fp_rois_and_reconstruct_without_labels(quantized_detector
     assert any(a.shape != b.shape or not torch.equal(a, b) for a, b in zip(fp_rois, free_rois))
 
     # the heads reconstructed from these caches: no labels anywhere, the error goes down
-    units = [LayerUnit(name, m, True, True) for name, m in plan.parts]
+    units = [LayerUnit(name, m, True, 64 if per_roi else None) for name, m, per_roi in plan.parts]
     settings = ReconSettings(iters=30, log_every=0)
     records = run_reconstruction(
         [], pinned, settings, None, print_fn=lambda s: None, layers_after=units

@@ -86,7 +86,8 @@ class QuantPlan:
         block; ``None``: after the last one, as a detector's neck and heads).
     parts: the modules of the scope that a :class:`~pfcr_mm.adapters.base.PartsAdapter`
         declares as parts (a detector's neck, RPN head, RoI box and mask heads) and that hold
-        quantized layers, as ``(name, module)`` in forward order.
+        quantized layers, as ``(name, module, per_roi)`` in forward order; ``per_roi``: its
+        inputs hold one row per RoI (a RoI box or mask head).
     pinned: ``(module, argument index)`` pairs a reconstruction takes from the FP run (RoIs).
     folded: the modules whose normalization was folded into the layer before it.
     """
@@ -97,7 +98,7 @@ class QuantPlan:
     quantized_modules: list[str]
     fp_parts: list[str] = field(default_factory=list)
     layers: list[tuple[str, nn.Module, int | None]] = field(default_factory=list)
-    parts: list[tuple[str, nn.Module]] = field(default_factory=list)
+    parts: list[tuple[str, nn.Module, bool]] = field(default_factory=list)
     pinned: list[tuple[nn.Module, int]] = field(default_factory=list)
     folded: list[str] = field(default_factory=list)
 
@@ -217,7 +218,8 @@ def prepare(
     block_index = {id(b): i for i, (_, _, b, _) in enumerate(blocks)}
     layers: list[tuple[str, nn.Module, int | None]] = []
     part_classes = tuple(c for pa in parts_adapters for c in pa.parts)
-    parts: list[tuple[str, nn.Module]] = []
+    roi_classes = tuple(c for pa in parts_adapters for c in pa.roi_parts)
+    parts: list[tuple[str, nn.Module, bool]] = []
     next_block: int | None = 0  # module order is forward order for the supported families
     for root, root_name in zip(roots, scope or [""]):
         for name, m in root.named_modules():
@@ -232,7 +234,7 @@ def prepare(
                 and isinstance(m, part_classes)
                 and any(id(c) in new_ids for c in m.modules())
             ):
-                parts.append((full, m))
+                parts.append((full, m, isinstance(m, roi_classes)))
     pinned = [
         (m, index)
         for root in roots

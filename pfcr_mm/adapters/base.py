@@ -47,6 +47,7 @@ class PartsAdapter:
     parts: module classes whose quantized layers are reconstructed together, as one unit per
         instance (``ReconSettings.non_block="parts"``); their inputs and outputs may be tuples
         of maps, 4-D ones ``(B, C, H, W)``.
+    roi_parts: the parts whose inputs hold one row per RoI (a RoI box or mask head).
     pinned: ``{class: index}``: positional argument ``index`` of these modules is taken from
         the FP run when a quantized run captures a part's input (a detector's RoIs).
     fold_norms: ``f(root) -> names``, folds normalizations into the layers before them in
@@ -55,6 +56,7 @@ class PartsAdapter:
 
     name: str
     parts: tuple[type, ...]
+    roi_parts: tuple[type, ...] = ()
     pinned: dict[type, int] = field(default_factory=dict)
     fold_norms: Callable[[nn.Module], list[str]] | None = None
 

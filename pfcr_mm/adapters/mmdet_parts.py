@@ -50,6 +50,7 @@ def fold_batchnorm(model: nn.Module) -> list[str]:
 PARTS = PartsAdapter(
     name="mmdet neck and heads",
     parts=(FPN, RPNHead, BBoxHead, FCNMaskHead),
+    roi_parts=(BBoxHead, FCNMaskHead),
     pinned={BaseRoIExtractor: 1},  # forward(feats, rois): the RoIs
     fold_norms=fold_batchnorm,
 )

@@ -42,6 +42,9 @@ class ReconSettings:
 
     iters: optimizer steps per unit (peers: 20k for paper-grade runs).
     batch_size: samples per step, drawn from the cached calibration batches.
+    roi_batch_size: RoIs per step of a detector's RoI box or mask head unit (its cached rows
+        are RoIs: the FP model's proposals of the calibration images; mmdet's box-head sampler
+        draws 512 per image in training).
     w_lr: Adam learning rate of the AdaRound variables.
     a_lr: Adam learning rate of the activation step sizes, cosine-annealed to 0 over a unit.
     round_weight: weight of the AdaRound regularizer.
@@ -101,10 +104,11 @@ class ReconSettings:
     log_every: int = 1000
     downstream_weight: float = 0.0
     downstream_probes: int = 8
+    roi_batch_size: int = 512
 
     def __post_init__(self) -> None:
-        if self.iters < 1 or self.batch_size < 1:
-            raise ValueError("ReconSettings.iters and batch_size must be >= 1")
+        if self.iters < 1 or self.batch_size < 1 or self.roi_batch_size < 1:
+            raise ValueError("ReconSettings.iters, batch_size and roi_batch_size must be >= 1")
         if not 0.0 <= self.warmup < 1.0:
             raise ValueError(f"ReconSettings.warmup must be in [0, 1), got {self.warmup}")
         if not 0.0 <= self.drop_prob <= 1.0:
@@ -258,8 +262,8 @@ class CacheSampler:
     When all cached batches have the same per-sample shapes and the same extra arguments (a
     classifier at one resolution), samples are drawn from the pooled cache, as BRECQ/QDrop do;
     otherwise (detection images of different sizes) one cached batch is drawn, then
-    ``batch_size`` rows within it (``batch_size=None``: all of them, and never pooled). Extra
-    arguments are shared by a whole batch (``hw_shape``), never per sample.
+    ``batch_size`` rows within it. Extra arguments are shared by a whole batch (``hw_shape``),
+    never per sample.
     """
 
     def __init__(
@@ -268,7 +272,7 @@ class CacheSampler:
         fp_inputs: Sequence,
         fp_targets: Sequence,
         extra_args: Sequence[tuple],
-        batch_size: int | None,
+        batch_size: int,
         device: torch.device,
         dtype: torch.dtype,
     ):
@@ -294,7 +298,7 @@ class CacheSampler:
         def sample_shapes(i: int) -> list:
             return [t.shape[1:] for t in flat_tensors(fp_inputs[i]) + flat_tensors(fp_targets[i])]
 
-        self.pooled = batch_size is not None and all(
+        self.pooled = all(
             sample_shapes(i) == sample_shapes(0) and _args_equal(extra_args[i], extra_args[0])
             for i in range(n)
         )
@@ -319,7 +323,7 @@ class CacheSampler:
             q, x, y = (map_tensors(lambda *ts: torch.cat(ts), *p) for p in zip(*parts))
             return q, x, y, self.args[0]
         b = int(torch.randint(len(self.sizes), (1,), generator=generator))
-        if self.batch_size is not None and self.sizes[b] > self.batch_size:
+        if self.sizes[b] > self.batch_size:
             rows = torch.randperm(self.sizes[b], generator=generator)[: self.batch_size]
             return (*(self._rows(c[b], rows) for c in (self.q, self.x, self.y)), self.args[b])
         return (*(self._move(c[b]) for c in (self.q, self.x, self.y)), self.args[b])
@@ -514,7 +518,7 @@ def reconstruct_unit(
     if extra_args is None:
         extra_args = [()] * len(fp_inputs)
     device = next(unit.parameters()).device
-    batch_size = None if getattr(unit, "whole_batches", False) else settings.batch_size
+    batch_size = getattr(unit, "rows_per_step", None) or settings.batch_size
     weighted = output_weights is not None and settings.downstream_weight > 0
     if weighted:  # drawn with the same rows as the targets
         fp_targets = [(y, w) for y, w in zip(fp_targets, output_weights, strict=True)]

@@ -62,8 +62,9 @@ class LayerUnit(nn.Module):
     and the output may be tensors or (nested) tuples and lists of them (a neck takes and gives
     one map per level). channels_first: the 4-D outputs are ``(B, C, H, W)`` (a conv, the
     detector parts) and are returned as ``(B, H, W, C)``; default: whether ``layer`` is a conv.
-    whole_batches: a step trains on one whole cached batch instead of ``batch_size`` rows (the
-    rows of a RoI head's input are the RoIs of a few images, not images).
+    rows_per_step: how many rows of the cached inputs an optimizer step draws; ``None``:
+    ``ReconSettings.batch_size`` (images or samples). A RoI head's rows are RoIs
+    (``ReconSettings.roi_batch_size`` of them).
     """
 
     level = -1
@@ -73,7 +74,7 @@ class LayerUnit(nn.Module):
         name: str,
         layer: nn.Module,
         channels_first: bool | None = None,
-        whole_batches: bool = False,
+        rows_per_step: int | None = None,
     ):
         super().__init__()
         self.name = name
@@ -81,7 +82,7 @@ class LayerUnit(nn.Module):
         self.channels_first = (
             isinstance(layer, nn.Conv2d) if channels_first is None else channels_first
         )
-        self.whole_batches = whole_batches
+        self.rows_per_step = rows_per_step
 
     def forward(self, x):
         y = self.layer(x)
