@@ -1,5 +1,5 @@
 # Cascade Mask R-CNN Swin-T (FP box/mask AP 50.4/43.7 with the Swin-Transformer-Object-Detection
-# 3x checkpoint), backbone at W4A4. mmdet 3.x ships no Cascade + Swin config: this one is mmdet's
+# 3x checkpoint), the whole detector at W4A4. mmdet 3.x ships no Cascade + Swin config: this one is mmdet's
 # cascade-mask-rcnn 3x config with the Swin-T backbone and the 4conv1fc GIoU box heads of the
 # original Swin release. Needs COCO in data/coco (see _base_/ptq_coco.py) and the original
 # checkpoint cascade_mask_rcnn_swin_tiny_patch4_window7.pth converted to mmdet 3.x keys by

@@ -1,4 +1,4 @@
-# Mask R-CNN Swin-S (mmdet model zoo, 3x ms-crop; FP box/mask AP 48.2/43.2), backbone at W4A4.
+# Mask R-CNN Swin-S (mmdet model zoo, 3x ms-crop; FP box/mask AP 48.2/43.2), the whole detector at W4A4.
 # Needs COCO in data/coco (see _base_/ptq_coco.py) and the mmdet checkpoint
 # checkpoints/mask_rcnn_swin-s-p4-w7_fpn_fp16_ms-crop-3x_coco_20210903_104808-b92c91f1.pth
 _base_ = [

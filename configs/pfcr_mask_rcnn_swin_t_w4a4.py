@@ -1,4 +1,4 @@
-# Mask R-CNN Swin-T (mmdet model zoo, 3x ms-crop; FP box/mask AP 46.0/41.6), backbone at W4A4.
+# Mask R-CNN Swin-T (mmdet model zoo, 3x ms-crop; FP box/mask AP 46.0/41.6), the whole detector at W4A4.
 # Needs COCO in data/coco (see _base_/ptq_coco.py) and the mmdet checkpoint
 # checkpoints/mask_rcnn_swin-t-p4-w7_fpn_ms-crop-3x_coco_20210906_131725-bacf6f7b.pth
 # (from the mmdet Swin model zoo; pass another one as the CHECKPOINT argument of tools/ptq.py).

@@ -1,5 +1,5 @@
 # The embedded detection demo: the tiny Swin Mask R-CNN of demo_mask_rcnn_swin_shapes.py
-# (checkpoint committed), backbone at W4A4, calibration only (ranges, no reconstruction) on 64
+# (checkpoint committed), the whole detector at W4A4, calibration only (ranges, no reconstruction) on 64
 # seeded demo train images through the test pipeline, evaluated on the 100 val images.
 _base_ = ["./demo_mask_rcnn_swin_shapes.py", "../_base_/ptq_coco.py"]
 
