@@ -1,6 +1,7 @@
 """``tools/ptq.py --resume``: a run stopped during reconstruction continues from its last finished
 unit and ends exactly where an uninterrupted run ends; a changed config is refused."""
 
+import copy
 import json
 
 import pytest
@@ -8,6 +9,7 @@ import torch
 from test_classification_ptq import _make_folder, _write_config
 
 import pfcr_mm.recon.driver as driver_module
+from pfcr_mm import PTQConfig, QuantConfig, ReconSettings, ResumeState, quantize
 from pfcr_mm.engine.ptq import last_run_dir
 from pfcr_mm.engine.resume import RESUME_FILE
 
@@ -119,3 +121,42 @@ def test_a_stopped_run_resumes_to_the_result_of_an_uninterrupted_one(
     assert "nothing to resume in" in capsys.readouterr().err
     assert _run(ptq_tool, cfg, stopped, "--resume", str(run)) == 2
     assert "finished (ptq_results.json)" in capsys.readouterr().err
+
+
+def test_quantize_continues_from_a_resume_state(tiny_timm_vit):
+    """The core alone: a run given the state saved after unit k reconstructs only the units
+    after it and ends with the model of the whole run, tensor for tensor."""
+
+    def model():
+        torch.manual_seed(0)
+        return tiny_timm_vit()
+
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randn(4, 3, 32, 32, generator=gen) for _ in range(2)]
+    config = PTQConfig(
+        method="pfcr",
+        quant=QuantConfig(w_bits=4, a_bits=4),
+        recon=ReconSettings(iters=2, batch_size=4, log_every=0, downstream_weight=1),
+    )
+    whole, states = model(), []
+
+    def keep(state: ResumeState) -> None:  # its tensors are the model's own: copy them
+        states.append(copy.deepcopy(state))
+
+    records = quantize(whole, config, batches, print_fn=print, on_unit_done=keep).records
+    assert [len(s.records) for s in states] == list(range(1, len(records) + 1))
+    done = len(records) // 2 + 1  # within the second level
+    state = states[done - 1]
+    assert any("alpha" in q for q in state.quantizers.values())
+
+    again = model()
+    result = quantize(again, config, batches, print_fn=print, resume=state)
+    assert [r.losses for r in result.records] == [r.losses for r in records]
+    a, b = whole.state_dict(), again.state_dict()
+    assert a.keys() == b.keys()
+    for key, value in a.items():
+        assert torch.equal(value, b[key]) if isinstance(value, torch.Tensor) else value == b[key]
+
+    wrong = ResumeState(state.records[1:], state.quantizers)
+    with pytest.raises(ValueError, match="are not the first units of this run's plan"):
+        quantize(model(), config, batches, print_fn=print, resume=wrong)
