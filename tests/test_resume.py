@@ -3,6 +3,12 @@ unit and ends exactly where an uninterrupted run ends; a changed config is refus
 
 import copy
 import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,29 +30,48 @@ OPTIONS = [
 ]
 UNITS = 9
 STOP_AFTER = 6  # the patch embedding, level 0 and the first block: mid-level
+ROOT = Path(__file__).resolve().parents[1]
+
+# tools/ptq.py in a process of its own that SIGKILLs itself as unit `stop` starts
+KILLED_RUN = textwrap.dedent(
+    """
+    import os, signal, sys
+    import pfcr_mm.recon.driver as driver
+
+    stop, tool = int(sys.argv[1]), sys.argv[2]
+    real, started = driver.reconstruct_unit, []
+
+    def reconstruct(unit, *args, **kwargs):
+        started.append(unit.name)
+        if len(started) == stop:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(unit, *args, **kwargs)
+
+    driver.reconstruct_unit = reconstruct
+    sys.argv = sys.argv[2:]  # tools/ptq.py CONFIG ...
+    exec(open(tool).read(), {"__name__": "__main__", "__file__": tool})
+    """
+)
 
 
-class _Killed(Exception):
-    pass
+def _argv(cfg, work, options=OPTIONS) -> list[str]:
+    return [str(cfg), "--work-dir", str(work), "--no-fp-eval", "--cfg-options", *options]
 
 
-def _count_units(monkeypatch, stop_at: int | None = None) -> list[str]:
-    """Record the units reconstructed from now on; raise inside unit ``stop_at`` (1-based)."""
+def _run(ptq_tool, cfg, work, *extra: str, options=OPTIONS) -> int:
+    return ptq_tool.main([*_argv(cfg, work, options), *extra])
+
+
+def _count_units(monkeypatch) -> list[str]:
+    """The names of the units reconstructed from now on, in this process."""
     started, real = [], driver_module.reconstruct_unit
 
     def reconstruct(unit, *args, **kwargs):
         started.append(unit.name)
-        if len(started) == stop_at:
-            raise _Killed(unit.name)
         return real(unit, *args, **kwargs)
 
     monkeypatch.setattr(driver_module, "reconstruct_unit", reconstruct)
     return started
-
-
-def _run(ptq_tool, cfg, work, *extra: str, options=OPTIONS) -> int:
-    argv = [str(cfg), "--work-dir", str(work), "--no-fp-eval", "--cfg-options", *options]
-    return ptq_tool.main([*argv, *extra])
 
 
 def test_a_stopped_run_resumes_to_the_result_of_an_uninterrupted_one(
@@ -57,9 +82,16 @@ def test_a_stopped_run_resumes_to_the_result_of_an_uninterrupted_one(
     whole, stopped = tmp_path / "whole", tmp_path / "stopped"
     assert _run(ptq_tool, cfg, whole) == 0
 
-    started = _count_units(monkeypatch, stop_at=STOP_AFTER + 1)
-    with pytest.raises(_Killed):
-        _run(ptq_tool, cfg, stopped)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_RUN, str(STOP_AFTER + 1), str(ROOT / "tools/ptq.py")]
+        + _argv(cfg, stopped),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     (run,) = [p for p in stopped.iterdir() if (p / RESUME_FILE).is_file()]
     saved = torch.load(run / RESUME_FILE, weights_only=True)
     assert len(saved["records"]) == STOP_AFTER and not (stopped / "last_run").exists()
@@ -89,16 +121,7 @@ def test_a_stopped_run_resumes_to_the_result_of_an_uninterrupted_one(
     log_a = json.loads((last_run_dir(whole) / "recon" / "recon_log.json").read_text())
     log_b = json.loads((run / "recon" / "recon_log.json").read_text())
     assert log_b["resumed_after"] == STOP_AFTER and len(log_b["units"]) == UNITS
-    keys = (
-        "name",
-        "level",
-        "iters",
-        "first_loss",
-        "last_loss",
-        "hard_before",
-        "hard_after",
-        "curve",
-    )
+    keys = "name level iters first_loss last_loss hard_before hard_after curve".split()
     assert [[u[k] for k in keys] for u in log_b["units"]] == [
         [u[k] for k in keys] for u in log_a["units"]
     ]
