@@ -85,6 +85,12 @@ def build_cfg(args: argparse.Namespace) -> Config:
     cfg.work_dir = (
         args.work_dir or cfg.get("work_dir") or str(Path("work_dirs") / Path(args.config).stem)
     )
+    resume = None
+    if args.resume is not None:
+        if args.quantized:
+            raise ValueError("--resume continues a quantization: it does not take --quantized")
+        resume = resumable_run(cfg.work_dir, args.resume or None)
+        cfg.work_dir = str(resume.parent)  # where last_run points at it when it finishes
     cfg.launcher = args.launcher
     if args.launcher != "none":
         # Evaluation only: no DDP (it refuses CPU models); gloo where there is no GPU; rank 0
@@ -121,12 +127,6 @@ def build_cfg(args: argparse.Namespace) -> Config:
             restrict_evaluation(cfg, args.eval_images)
     elif args.eval_images is not None:
         raise ValueError("--eval-images applies to COCO detection configs only")
-    resume = None
-    if args.resume is not None:
-        if args.quantized:
-            raise ValueError("--resume continues a quantization: it does not take --quantized")
-        resume = resumable_run(cfg.work_dir, args.resume or None)
-        cfg.work_dir = str(resume.parent)  # where last_run points at it when it finishes
     # The loop loads the checkpoint strictly (mmengine's load_from would not), then runs.
     cfg.test_cfg = dict(
         type="pfcr.PTQLoop",
