@@ -4,7 +4,7 @@ The core is pure torch (no OpenMMLab import): ``pfcr_mm.quantize(model, PTQConfi
 runs the whole method (:mod:`pfcr_mm.core`); :mod:`pfcr_mm.engine` runs it inside MMEngine.
 """
 
-from .core import METHODS, CalibSettings, PTQConfig, QuantResult, quantize
+from .core import METHODS, CalibSettings, PTQConfig, QuantResult, ResumeState, quantize
 from .quant.config import QuantConfig
 from .recon import ReconSettings
 
@@ -17,5 +17,6 @@ __all__ = [
     "QuantConfig",
     "QuantResult",
     "ReconSettings",
+    "ResumeState",
     "quantize",
 ]

@@ -34,7 +34,12 @@ import torch.distributed as dist
 from torch import nn
 
 from .adapters import QuantPlan, prepare_calibrated
-from .quant.calibrate import distributed_world, raise_if_any_failed
+from .quant.calibrate import (
+    distributed_world,
+    load_quantizer_state,
+    quantizer_state,
+    raise_if_any_failed,
+)
 from .quant.config import QuantConfig, check_keys, check_types, dataclass_from_dict
 from .recon import (
     ChainDataSource,
@@ -155,6 +160,30 @@ class QuantResult:
     recon: dict = field(default_factory=dict)
 
 
+@dataclass
+class ResumeState:
+    """A reconstruction after its first ``len(records)`` units: enough to continue it exactly.
+
+    records: the records of the finished units.
+    quantizers: every quantizer's state (``pfcr_mm.quant.calibrate.quantizer_state``: the
+        AdaRound variables and rounding modes, step sizes, zero points and flags).
+
+    Nothing else is needed: the seeds of a unit are its own (``recon.engine.unit_seed``), and
+    a unit's caches are recomputed from the model and the calibration batches.
+    ``to_dict()`` holds tensors and plain values only (``torch.load(weights_only=True)``).
+    """
+
+    records: list[UnitRecord]
+    quantizers: dict[str, dict]
+
+    def to_dict(self) -> dict:
+        return {"records": [asdict(r) for r in self.records], "quantizers": self.quantizers}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ResumeState:
+        return cls([UnitRecord(**r) for r in d["records"]], d["quantizers"])
+
+
 def quantize(
     model: nn.Module,
     config: PTQConfig | dict,
@@ -166,6 +195,8 @@ def quantize(
     head: nn.Module | None = None,
     log_dir: str | Path | None = None,
     print_fn: Callable[[str], None] = print,
+    resume: ResumeState | None = None,
+    on_unit_done: Callable[[ResumeState], None] | None = None,
 ) -> QuantResult:
     """Quantize ``model`` in place: prepare, calibrate, re-parameterize, reconstruct, harden.
 
@@ -185,6 +216,11 @@ def quantize(
     head: a classification head, quantized with ``config.quant.head_bits`` if set.
     log_dir: where ``recon_log.json`` and ``recon_loss.png`` go (``None``: nowhere).
     print_fn: progress lines.
+    resume: continue a reconstruction that stopped (the same config, model and calibration
+        batches): after calibration, its quantizer state is loaded and its finished units are
+        skipped; the result equals that of a run never stopped.
+    on_unit_done: called after each reconstructed unit with the :class:`ResumeState` of the
+        run so far (its tensors are the model's own: save them before returning).
 
     Under ``torch.distributed`` (an initialized default group of W processes), each process
     passes its share of the calibration batches: batches ``rank, rank + W, rank + 2W, ...`` of
@@ -217,7 +253,16 @@ def quantize(
     batches, recon_batch = list(calib_data), recon_batch or run_batch
     if world == 1:
         records, recon = _reconstruct(
-            model, plan, batches, config, recon_batch, downstream, log_dir, print_fn
+            model,
+            plan,
+            batches,
+            config,
+            recon_batch,
+            downstream,
+            log_dir,
+            print_fn,
+            resume,
+            on_unit_done,
         )
         return QuantResult(plan, records, {**recon, "calibration_seconds": calibration_seconds})
     # Collectives carry CPU objects: a CUDA tensor would come back on the sender's device.
@@ -232,7 +277,16 @@ def quantize(
         try:
             batches = _to_device(batches, device)
             records, recon = _reconstruct(
-                model, plan, batches, config, recon_batch, downstream, log_dir, print_fn
+                model,
+                plan,
+                batches,
+                config,
+                recon_batch,
+                downstream,
+                log_dir,
+                print_fn,
+                resume,
+                on_unit_done,
             )
             done = [_to_device(model.state_dict(), "cpu"), records, recon]
         except Exception as err:
@@ -264,6 +318,8 @@ def _reconstruct(
     downstream: Callable[[nn.Module, Any], Any] | None,
     log_dir: str | Path | None,
     print_fn: Callable[[str], None],
+    resume: ResumeState | None,
+    on_unit_done: Callable[[ResumeState], None] | None,
 ) -> tuple[list[UnitRecord], dict]:
     """``block`` or ``pfcr`` on the calibrated model; the records and the summary."""
     recon = config.recon
@@ -285,6 +341,12 @@ def _reconstruct(
         pinned=plan.pinned,
         downstream=downstream or run_batch,
     )
+    if resume is not None:
+        load_quantizer_state(model, resume.quantizers)
+
+    def unit_done(records: list[UnitRecord]) -> None:
+        on_unit_done(ResumeState(list(records), quantizer_state(model)))
+
     records = run_reconstruction(
         schedule,
         source,
@@ -295,6 +357,8 @@ def _reconstruct(
         layers_before=before,
         layers_after=after,
         layers_between=between,
+        done=resume.records if resume is not None else (),
+        on_unit_done=unit_done if on_unit_done is not None else None,
     )
     summary = {
         "settings": recon.to_dict(),

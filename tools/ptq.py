@@ -3,10 +3,12 @@ evaluation, in the shape of mmdet's ``tools/test.py``: the config's test loop be
 ``pfcr.PTQLoop`` and the Runner runs it. Each run writes into its own folder
 ``<work_dir>/<YYYYmmdd_HHMMSS>/`` (results in ``ptq_results.json``, the quantized model in
 ``quantized_model.pth``); ``<work_dir>/last_run`` names the last one that finished.
+``--resume`` continues a ``block``/``pfcr`` run that stopped, in its own folder, from its last
+reconstructed unit (the same command line, plus ``--resume`` or ``--resume RUN_DIR``).
 
     python tools/ptq.py CONFIG [CHECKPOINT] [--work-dir DIR] [--cfg-options k=v ...]
                         [--no-fp-eval] [--quantized SAVED_QUANTIZED_MODEL] [--eval-images N]
-                        [--launcher {none,pytorch,slurm,mpi}]
+                        [--resume [RUN_DIR]] [--launcher {none,pytorch,slurm,mpi}]
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pfcr_mm.core import PTQConfig
 from pfcr_mm.engine.config_check import check_config_keys
 from pfcr_mm.engine.detection import check_coco_dataset, coco_paths, write_subset_annotations
 from pfcr_mm.engine.ptq import calib_dataset_cfg
+from pfcr_mm.engine.resume import resumable_run
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -47,6 +50,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--eval-images",
         type=int,
         help="COCO: evaluate on the first N images only, against their own annotations",
+    )
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="",
+        metavar="RUN_DIR",
+        help="continue the last run of the work dir that stopped during reconstruction (or the "
+        "run folder RUN_DIR) from its last finished unit; the config must be the run's own",
     )
     p.add_argument("--launcher", choices=["none", "pytorch", "slurm", "mpi"], default="none")
     p.add_argument("--local_rank", "--local-rank", type=int, default=0, help=argparse.SUPPRESS)
@@ -74,6 +85,12 @@ def build_cfg(args: argparse.Namespace) -> Config:
     cfg.work_dir = (
         args.work_dir or cfg.get("work_dir") or str(Path("work_dirs") / Path(args.config).stem)
     )
+    resume = None
+    if args.resume is not None:
+        if args.quantized:
+            raise ValueError("--resume continues a quantization: it does not take --quantized")
+        resume = resumable_run(cfg.work_dir, args.resume or None)
+        cfg.work_dir = str(resume.parent)  # where last_run points at it when it finishes
     cfg.launcher = args.launcher
     if args.launcher != "none":
         # Evaluation only: no DDP (it refuses CPU models); gloo where there is no GPU; rank 0
@@ -116,6 +133,7 @@ def build_cfg(args: argparse.Namespace) -> Config:
         checkpoint=cfg.get("load_from"),
         quantized=args.quantized,
         eval_images=args.eval_images,
+        resume=None if resume is None else str(resume),
     )
     cfg.load_from = None
     return cfg

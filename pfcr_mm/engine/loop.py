@@ -18,7 +18,9 @@ run), each written under a temporary name and renamed when complete: ``ptq_resul
 ``quantized_model.pth``, ``quant_summary.{json,txt}``, ``calib_indices.json``,
 ``ptq_config.py`` and, for ``block``/``pfcr``, ``recon/recon_log.json`` and ``recon_loss.png``.
 ``<work_dir>/last_run`` names the folder of the last run that wrote its results; an earlier
-run's files are never touched.
+run's files are never touched, except by ``tools/ptq.py --resume``, which continues a run that
+stopped in its own folder: a ``block``/``pfcr`` run rewrites ``recon/resume.pth`` after every
+unit (:mod:`pfcr_mm.engine.resume`).
 """
 
 from __future__ import annotations
@@ -38,9 +40,11 @@ from .ptq import (
     load_quantized_model,
     quantize_and_save,
     record_results,
+    run_dir,
     unwrap_model,
 )
 from .registry import LOOPS, MODEL_WRAPPERS
+from .resume import load_resume_state, run_fingerprint, save_resume_state
 
 
 @LOOPS.register_module()
@@ -53,6 +57,9 @@ class PTQLoop(TestLoop):
     quantized: a ``quantized_model.pth`` of an earlier run, evaluated instead of quantizing.
     eval_images: the N of ``tools/ptq.py --eval-images`` (the dataloader already holds only
         those images), recorded in the results.
+    resume: the folder of a run that stopped, continued from its ``recon/resume.pth``
+        (``tools/ptq.py --resume``); refused, before the FP evaluation, when the run's
+        fingerprint (:func:`~pfcr_mm.engine.resume.run_fingerprint`) differs.
 
     ``run()`` returns the quantized model's metrics, as a test loop does.
     """
@@ -66,6 +73,7 @@ class PTQLoop(TestLoop):
         checkpoint: str | None = None,
         quantized: str | None = None,
         eval_images: int | None = None,
+        resume: str | None = None,
         fp16: bool = False,
     ):
         if ptq is None and "ptq" not in runner.cfg:
@@ -82,6 +90,13 @@ class PTQLoop(TestLoop):
                 self.config, runner.cfg.test_dataloader, self.dataloader.dataset
             )
         self.checkpoint, self.quantized, self.eval_images = checkpoint, quantized, eval_images
+        # a reconstruction run checkpoints after every unit, under its fingerprint
+        self.fingerprint = self.resumed = None
+        if resume is not None or (quantized is None and self.config.method != "calib"):
+            weights = checkpoint or runner.cfg.model.get("checkpoint")
+            self.fingerprint = run_fingerprint(runner.cfg, self.config, weights)
+        if resume is not None:
+            self.resumed = load_resume_state(Path(resume), self.fingerprint)
 
     def run(self) -> dict:
         runner, config = self.runner, self.config
@@ -97,7 +112,13 @@ class PTQLoop(TestLoop):
             _, saved = load_quantized_model(runner, config, self.quantized)
             indices, recon, model_path = saved["calib_indices"], saved.get("recon", {}), None
         else:
-            indices, recon, model_path = quantize_and_save(runner, config)
+            out, fingerprint = run_dir(runner), self.fingerprint
+            indices, recon, model_path = quantize_and_save(
+                runner,
+                config,
+                self.resumed,
+                lambda state: save_resume_state(out, fingerprint, state),
+            )
         times["quantize"] = time.time() - t
         t = time.time()
         quant = super().run()

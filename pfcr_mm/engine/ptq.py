@@ -23,6 +23,7 @@ import copy
 import hashlib
 import json
 import platform
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -34,7 +35,7 @@ from torch.utils.data import DataLoader, Subset
 
 from ..adapters import QuantPlan, prepare
 from ..atomic import atomic_path
-from ..core import PTQConfig, QuantResult, quantize
+from ..core import PTQConfig, QuantResult, ResumeState, quantize
 from ..quant.calibrate import quantizer_states, write_quant_summary
 from ..quant.modules import QuantConv2d, QuantLinear
 from ..recon import peak_memory_mb
@@ -45,12 +46,14 @@ QUANTIZED_FORMAT = "pfcr_mm.quantized_model.v2"
 # in the work dir: the name of the folder of the last run that wrote its results
 LAST_RUN = "last_run"
 QUANTIZED_NAME = "quantized_model.pth"
+RESULTS_NAME = "ptq_results.json"
 
 
 def run_dir(runner) -> Path:
     """The folder of this run's files: MMEngine's ``<work_dir>/<YYYYmmdd_HHMMSS>`` (the
-    Runner's ``log_dir``, which also holds its log), so a run never touches an earlier one's."""
-    return Path(runner.log_dir)
+    Runner's ``log_dir``, which also holds its log), so a run never touches an earlier one's;
+    for ``tools/ptq.py --resume``, the folder of the run it continues (``test_cfg.resume``)."""
+    return Path(runner.cfg.get("test_cfg", {}).get("resume") or runner.log_dir)
 
 
 def last_run_dir(work_dir: str | Path) -> Path:
@@ -129,6 +132,12 @@ def _loader(dataset, indices: list[int], batch_size: int, num_workers: int, cfg:
     )
 
 
+def calibration_indices(config: PTQConfig, test_dataloader_cfg: dict) -> list[int]:
+    """The indices of the calibration images in the calibration dataset, sorted."""
+    _, _, order = _calibration_order(config, test_dataloader_cfg)
+    return sorted(order[: config.calib.num_images])
+
+
 def calibration_loader(
     config: PTQConfig, test_dataloader_cfg: dict, out_dir: Path
 ) -> tuple[DataLoader, list[int]]:
@@ -145,8 +154,8 @@ def calibration_loader(
     returned indices are always those of the whole list.
     """
     calib = config.calib
-    dataset, dataset_cfg, order = _calibration_order(config, test_dataloader_cfg)
-    indices = sorted(order[: calib.num_images])
+    dataset, dataset_cfg, _ = _calibration_order(config, test_dataloader_cfg)
+    indices = calibration_indices(config, test_dataloader_cfg)
     if is_main_process():
         with atomic_path(out_dir / "calib_indices.json") as tmp:
             tmp.write_text(
@@ -273,9 +282,15 @@ def _model_and_head(runner):
     return model, head
 
 
-def quantize_runner_model(runner, config: PTQConfig) -> tuple[QuantResult, list[int]]:
+def quantize_runner_model(
+    runner,
+    config: PTQConfig,
+    resume: ResumeState | None = None,
+    on_unit_done: Callable[[ResumeState], None] | None = None,
+) -> tuple[QuantResult, list[int]]:
     """Quantize ``runner.model`` in place with :func:`pfcr_mm.quantize` on the calibration
-    images and write the summary; returns the result and the calibration indices."""
+    images and write the summary; returns the result and the calibration indices.
+    ``resume`` / ``on_unit_done``: those of :func:`pfcr_mm.quantize`."""
     model, head = _model_and_head(runner)
     out_dir = run_dir(runner)
     loader, indices = calibration_loader(config, runner.cfg.test_dataloader, out_dir)
@@ -288,6 +303,8 @@ def quantize_runner_model(runner, config: PTQConfig) -> tuple[QuantResult, list[
         head=head,
         log_dir=out_dir / "recon",
         print_fn=lambda s: print_log(s, logger="current"),
+        resume=resume,
+        on_unit_done=on_unit_done,
     )
     if result.plan.folded:
         print_log(
@@ -319,12 +336,12 @@ def quantization_settings(config: PTQConfig) -> dict:
     return json.loads(json.dumps(settings))
 
 
-def _flat(settings: dict, prefix: str = "ptq") -> dict:
+def flat_settings(settings: dict, prefix: str = "ptq") -> dict:
     """``{'ptq.recon.iters': 300, ...}``: the leaves of nested settings by their config key."""
     out = {}
     for key, value in settings.items():
         if isinstance(value, dict) and value:
-            out.update(_flat(value, f"{prefix}.{key}"))
+            out.update(flat_settings(value, f"{prefix}.{key}"))
         else:
             out[f"{prefix}.{key}"] = value
     return out
@@ -376,9 +393,9 @@ def load_quantized_model(runner, config: PTQConfig, path: str | Path) -> tuple[Q
         )
     if saved.get("format") != QUANTIZED_FORMAT:
         raise ValueError(f"{path} is not a quantized model written by tools/ptq.py")
-    wanted = _flat(quantization_settings(config))
+    wanted = flat_settings(quantization_settings(config))
     # files written before the settings were saved hold method, scope and quant only
-    made = _flat(
+    made = flat_settings(
         saved.get("settings")
         or {"method": saved["method"], "scope": saved["scope"], "quant": saved["quant_config"]}
     )
@@ -416,11 +433,16 @@ def package_versions() -> dict:
     return out
 
 
-def quantize_and_save(runner, config: PTQConfig) -> tuple[list[int], dict, Path]:
+def quantize_and_save(
+    runner,
+    config: PTQConfig,
+    resume: ResumeState | None = None,
+    on_unit_done: Callable[[ResumeState], None] | None = None,
+) -> tuple[list[int], dict, Path]:
     """Quantize ``runner.model`` (:func:`quantize_runner_model`) and save it to
     ``quantized_model.pth``; returns the calibration indices, the reconstruction summary and
     the path."""
-    result, indices = quantize_runner_model(runner, config)
+    result, indices = quantize_runner_model(runner, config, resume, on_unit_done)
     path = run_dir(runner) / QUANTIZED_NAME
     save_quantized_model(runner, config, indices, result.recon, path)
     return indices, result.recon, path
@@ -472,7 +494,7 @@ def record_results(
         "quantized_model": quantized_model,
     }
     out_dir = run_dir(runner)
-    path = out_dir / "ptq_results.json"
+    path = out_dir / RESULTS_NAME
     if is_main_process():
         with atomic_path(path) as tmp:
             tmp.write_text(json.dumps(results, indent=1))

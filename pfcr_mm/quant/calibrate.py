@@ -22,6 +22,27 @@ def named_quantizers(model: nn.Module) -> Iterator[tuple[str, BaseQuantizer]]:
             yield name, m
 
 
+def quantizer_state(model: nn.Module) -> dict[str, dict]:
+    """Every quantizer's state dict by module name: ranges and step sizes, zero points,
+    AdaRound variables, rounding modes and flags (all that reconstruction learns). The tensors
+    are the quantizers' own: save or copy them before the model changes."""
+    return {name: q.state_dict() for name, q in named_quantizers(model)}
+
+
+def load_quantizer_state(model: nn.Module, state: dict[str, dict]) -> None:
+    """Load :func:`quantizer_state` of a model of the same structure (AdaRound variables are
+    created where ``state`` has them)."""
+    found = dict(named_quantizers(model))
+    if found.keys() != state.keys():
+        raise ValueError(
+            "the saved quantizer state does not match the model: missing "
+            f"{sorted(found.keys() - state.keys())[:4]}, unexpected "
+            f"{sorted(state.keys() - found.keys())[:4]}"
+        )
+    for name, q in found.items():
+        q.load_state_dict(state[name])
+
+
 def is_weight_quantizer(q: BaseQuantizer) -> bool:
     return isinstance(q, AdaRoundWeightQuantizer)
 

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..adapters.base import ReconUnit
 from ..quant.calibrate import hard_rounding, quantizer_states
-from .engine import CACHE_DTYPES, eval_mode
+from .engine import CACHE_DTYPES, eval_mode, unit_seed
 from .units import LayerUnit, flat_tensors, leaves, map_tensors
 
 
@@ -41,7 +41,8 @@ class UnitDataSource(Protocol):
     ) -> list[torch.Tensor] | None:
         """Per batch, how much the model's downstream outputs move with each element of the
         unit's output (shaped like ``fp_targets``), or ``None`` where the source has none (see
-        ``ReconSettings.downstream_weight``)."""
+        ``ReconSettings.downstream_weight``). ``seed``: the run's; the random projections
+        depend on it and on the unit's last finest unit only, not on which units ran before."""
         ...
 
 
@@ -308,7 +309,10 @@ class ChainDataSource:
         random projections, per batch. A unit that ends with a block (an MLP unit, a block, a
         group) takes the block's output weights (computed once per block and kept for the next
         levels); an MHSA unit pulls each projection back through its block's FP MLP unit, from
-        its FP targets. ``None`` for a layer outside the blocks, or without ``downstream``."""
+        its FP targets. ``None`` for a layer outside the blocks, or without ``downstream``.
+
+        The projections are seeded with the name of the unit's last finest unit, so a block's
+        weights are the same whichever unit asks first (a resumed run asks at a later level)."""
         if self.downstream is None or isinstance(unit, LayerUnit):
             return None
         last = leaves(unit)[-1]
@@ -317,7 +321,7 @@ class ChainDataSource:
         ends_block = position + 1 == len(self.units) or self.units[position + 1].block is not block
         if ends_block and id(block) in self._block_weights:
             return self._block_weights[id(block)]
-        grads = self._block_grads(block, probes, seed)
+        grads = self._block_grads(block, probes, unit_seed(last.name, seed))
         if ends_block:
             weights = [self._store(torch.stack(g).pow(2).mean(0)) for g in grads]
             self._block_weights[id(block)] = weights

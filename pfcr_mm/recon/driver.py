@@ -10,6 +10,10 @@ For each level (finest first) and each of its units in forward order:
 
 At the end every learned rounding is hardened. The same driver runs the baselines: a
 ``FineToCoarseSchedule.block`` schedule is the single-granularity (QDrop/BRECQ-like) one.
+
+A run continues where an earlier one stopped given the records of its finished units (``done``)
+and a model holding their learned state: every unit's seeds are its own (``unit_seed``) and the
+data source recomputes the caches from the model, so the rest of the run is the same.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from pathlib import Path
 from torch import nn
 
 from .data import UnitDataSource
-from .engine import ReconSettings, UnitRecord, harden, reconstruct_unit, unit_seed
+from .engine import ReconSettings, UnitRecord, harden, reconstruct_unit
 from .pos import block_passes, layer_recipe, level_recipes
 from .report import peak_memory_mb, plot_losses, write_loss_log
 from .units import FineToCoarseSchedule, leaves
@@ -42,6 +46,8 @@ def run_reconstruction(
     layers_before: Sequence[nn.Module] = (),
     layers_after: Sequence[nn.Module] = (),
     layers_between: Sequence[tuple[nn.Module, nn.Module]] = (),
+    done: Sequence[UnitRecord] = (),
+    on_unit_done: Callable[[list[UnitRecord]], None] | None = None,
 ) -> list[UnitRecord]:
     """Reconstruct the units of ``schedule`` level by level; returns one record per unit.
 
@@ -65,6 +71,9 @@ def run_reconstruction(
         forward order within the first level, just before the first unit holding that block
         (the next stage then learns from the reconstructed layer); ``settings.iters``
         iterations each, outside the budget.
+    done: the records of the first units of the run, reconstructed in an earlier session whose
+        learned state the model holds: those units are skipped (their names must match).
+    on_unit_done: called with the records so far after each unit (a resume checkpoint).
     """
     levels = [(k, list(units)) for k, units in schedule]
     steps = settings.budget_unit == "steps"
@@ -98,19 +107,26 @@ def run_reconstruction(
         "layer_units": [u.name for level, u, _ in plan if level == -1],
         "schedule": schedule.describe() if isinstance(schedule, FineToCoarseSchedule) else None,
     }
-    records: list[UnitRecord] = []
+    records = list(done)
+    finished = [_name(u) for _, u, _ in plan[: len(records)]]
+    if [r.name for r in records] != finished:
+        raise ValueError(
+            f"the {len(records)} finished unit(s) {[r.name for r in records][:4]} are not the "
+            f"first units of this run's plan {[_name(u) for _, u, _ in plan][:4]}"
+        )
+    if records:
+        meta["resumed_after"] = len(records)
+        print_fn(f"resuming after unit {len(records)}/{total} {records[-1].name}")
     start = time.perf_counter()
-    k = 0
-    for level, unit, recipe in plan:
-        k += 1
-        name = getattr(unit, "name", type(unit).__name__)
+    for k, (level, unit, recipe) in enumerate(plan[len(records) :], start=len(records) + 1):
+        name = _name(unit)
         cache_start = time.perf_counter()
         fp_inputs, fp_targets, extra_args = source.fp_io(unit)
         q_inputs = source.quant_input(unit)
         weights = None
         if settings.downstream_weight > 0:
-            seed = unit_seed(name, settings.seed)
-            weights = source.output_weights(unit, fp_targets, settings.downstream_probes, seed)
+            probes, seed = settings.downstream_probes, settings.seed
+            weights = source.output_weights(unit, fp_targets, probes, seed)
         cache_seconds = time.perf_counter() - cache_start
 
         def progress(it: int, loss: float, k=k, name=name, n=recipe.iters) -> None:
@@ -153,6 +169,8 @@ def run_reconstruction(
             write_loss_log(
                 log_dir / LOG_NAME, records, {**meta, "seconds": time.perf_counter() - start}
             )
+        if on_unit_done is not None:
+            on_unit_done(records)
     if harden_at_end:
         n = harden(u for _, u, _ in plan)
         print_fn(f"hardened the rounding of {n} weight quantizer(s)")
@@ -165,6 +183,10 @@ def run_reconstruction(
         if records:
             plot_losses(records, log_dir / PLOT_NAME)
     return records
+
+
+def _name(unit: nn.Module) -> str:
+    return getattr(unit, "name", type(unit).__name__)
 
 
 def load_loss_log(path: str | Path) -> dict:

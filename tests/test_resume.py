@@ -1,0 +1,185 @@
+"""``tools/ptq.py --resume``: a run stopped during reconstruction continues from its last finished
+unit and ends exactly where an uninterrupted run ends; a changed config is refused."""
+
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from test_classification_ptq import _make_folder, _write_config
+
+import pfcr_mm.recon.driver as driver_module
+from pfcr_mm import PTQConfig, QuantConfig, ReconSettings, ResumeState, quantize
+from pfcr_mm.engine.ptq import last_run_dir
+from pfcr_mm.engine.resume import RESUME_FILE
+
+# pfcr on the tiny ViT (2 blocks), every layer outside the blocks reconstructed, the
+# detection-aware term on: 9 units (patch embedding, 4 MHSA/MLP, 2 blocks, the encoder, head)
+OPTIONS = [
+    "ptq.method=pfcr",
+    "ptq.recon.iters=4",
+    "ptq.recon.batch_size=2",
+    "ptq.recon.non_block=layerwise",
+    "ptq.recon.downstream_weight=1",
+]
+UNITS = 9
+STOP_AFTER = 6  # the patch embedding, level 0 and the first block: mid-level
+ROOT = Path(__file__).resolve().parents[1]
+
+# tools/ptq.py in a process of its own that SIGKILLs itself as unit `stop` starts
+KILLED_RUN = textwrap.dedent(
+    """
+    import os, signal, sys
+    import pfcr_mm.recon.driver as driver
+
+    stop, tool = int(sys.argv[1]), sys.argv[2]
+    real, started = driver.reconstruct_unit, []
+
+    def reconstruct(unit, *args, **kwargs):
+        started.append(unit.name)
+        if len(started) == stop:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(unit, *args, **kwargs)
+
+    driver.reconstruct_unit = reconstruct
+    sys.argv = sys.argv[2:]  # tools/ptq.py CONFIG ...
+    exec(open(tool).read(), {"__name__": "__main__", "__file__": tool})
+    """
+)
+
+
+def _argv(cfg, work, options=OPTIONS) -> list[str]:
+    return [str(cfg), "--work-dir", str(work), "--no-fp-eval", "--cfg-options", *options]
+
+
+def _run(ptq_tool, cfg, work, *extra: str, options=OPTIONS) -> int:
+    return ptq_tool.main([*_argv(cfg, work, options), *extra])
+
+
+def _count_units(monkeypatch) -> list[str]:
+    """The names of the units reconstructed from now on, in this process."""
+    started, real = [], driver_module.reconstruct_unit
+
+    def reconstruct(unit, *args, **kwargs):
+        started.append(unit.name)
+        return real(unit, *args, **kwargs)
+
+    monkeypatch.setattr(driver_module, "reconstruct_unit", reconstruct)
+    return started
+
+
+def test_a_stopped_run_resumes_to_the_result_of_an_uninterrupted_one(
+    ptq_tool, tmp_path, monkeypatch, capsys
+):
+    _make_folder(tmp_path / "data")
+    cfg = _write_config(tmp_path)
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    assert _run(ptq_tool, cfg, whole) == 0
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_RUN, str(STOP_AFTER + 1), str(ROOT / "tools/ptq.py")]
+        + _argv(cfg, stopped),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    (run,) = [p for p in stopped.iterdir() if (p / RESUME_FILE).is_file()]
+    saved = torch.load(run / RESUME_FILE, weights_only=True)
+    assert len(saved["records"]) == STOP_AFTER and not (stopped / "last_run").exists()
+
+    # nothing to resume without a stopped run; a changed setting is refused, naming its key
+    assert _run(ptq_tool, cfg, tmp_path / "empty", "--resume") == 2
+    assert "nothing to resume in" in capsys.readouterr().err
+    changed = [*OPTIONS[:1], "ptq.recon.iters=5", *OPTIONS[2:]]
+    assert _run(ptq_tool, cfg, stopped, "--resume", options=changed) == 2
+    err = capsys.readouterr().err.strip()
+    assert "ptq.recon.iters=4, now 5" in err and len(err.splitlines()) == 1
+    assert torch.load(run / RESUME_FILE, weights_only=True)["records"] == saved["records"]
+
+    started = _count_units(monkeypatch)
+    assert _run(ptq_tool, cfg, stopped, "--resume") == 0
+    assert len(started) == UNITS - STOP_AFTER  # the finished units were skipped
+    assert last_run_dir(stopped) == run  # the stopped run's own folder holds the results
+    out = capsys.readouterr().out
+    assert f"resuming after unit {STOP_AFTER}/{UNITS}" in out
+
+    a = json.loads((last_run_dir(whole) / "ptq_results.json").read_text())
+    b = json.loads((run / "ptq_results.json").read_text())
+    for key in ("quant", "output_error", "heldout_error", "calib_indices"):
+        assert b[key] == a[key], key
+    for key in ("units", "iterations", "block_passes", "levels_run", "layer_units"):
+        assert b["recon"][key] == a["recon"][key], key
+    log_a = json.loads((last_run_dir(whole) / "recon" / "recon_log.json").read_text())
+    log_b = json.loads((run / "recon" / "recon_log.json").read_text())
+    assert log_b["resumed_after"] == STOP_AFTER and len(log_b["units"]) == UNITS
+    keys = "name level iters first_loss last_loss hard_before hard_after curve".split()
+    assert [[u[k] for k in keys] for u in log_b["units"]] == [
+        [u[k] for k in keys] for u in log_a["units"]
+    ]
+
+    sa = torch.load(last_run_dir(whole) / "quantized_model.pth", weights_only=True)
+    sb = torch.load(run / "quantized_model.pth", weights_only=True)
+    assert sa["integer_weights"].keys() == sb["integer_weights"].keys()
+    assert all(torch.equal(v, sb["integer_weights"][k]) for k, v in sa["integer_weights"].items())
+    sa, sb = sa["state_dict"], sb["state_dict"]
+    assert sa.keys() == sb.keys()
+    assert sum(k.endswith("weight_quantizer.alpha") for k in sa) > 0
+    for key, value in sa.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, sb[key]), key
+        else:  # a quantizer's flags and rounding mode
+            assert value == sb[key], key
+
+    # the run finished: nothing left to resume, in the work dir or by its folder
+    assert _run(ptq_tool, cfg, stopped, "--resume") == 2
+    assert "nothing to resume in" in capsys.readouterr().err
+    assert _run(ptq_tool, cfg, stopped, "--resume", str(run)) == 2
+    assert "finished (ptq_results.json)" in capsys.readouterr().err
+
+
+def test_quantize_continues_from_a_resume_state(tiny_timm_vit):
+    """The core alone: a run given the state saved after unit k reconstructs only the units
+    after it and ends with the model of the whole run, tensor for tensor."""
+
+    def model():
+        torch.manual_seed(0)
+        return tiny_timm_vit()
+
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randn(4, 3, 32, 32, generator=gen) for _ in range(2)]
+    config = PTQConfig(
+        method="pfcr",
+        quant=QuantConfig(w_bits=4, a_bits=4),
+        recon=ReconSettings(iters=2, batch_size=4, log_every=0, downstream_weight=1),
+    )
+    whole, states = model(), []
+
+    def keep(state: ResumeState) -> None:  # its tensors are the model's own: copy them
+        states.append(copy.deepcopy(state))
+
+    records = quantize(whole, config, batches, print_fn=print, on_unit_done=keep).records
+    assert [len(s.records) for s in states] == list(range(1, len(records) + 1))
+    done = len(records) // 2 + 1  # within the second level
+    state = states[done - 1]
+    assert any("alpha" in q for q in state.quantizers.values())
+
+    again = model()
+    result = quantize(again, config, batches, print_fn=print, resume=state)
+    assert [r.losses for r in result.records] == [r.losses for r in records]
+    a, b = whole.state_dict(), again.state_dict()
+    assert a.keys() == b.keys()
+    for key, value in a.items():
+        assert torch.equal(value, b[key]) if isinstance(value, torch.Tensor) else value == b[key]
+
+    wrong = ResumeState(state.records[1:], state.quantizers)
+    with pytest.raises(ValueError, match="are not the first units of this run's plan"):
+        quantize(model(), config, batches, print_fn=print, resume=wrong)
