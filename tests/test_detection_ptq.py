@@ -3,6 +3,7 @@ evaluation, results file, saved model), reload with identical metrics, subset ev
 clear failures that write nothing misleading."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -159,3 +160,23 @@ def test_whole_detector_reconstructed_in_forward_order(ptq_tool, demo_setup, tmp
     # the heads' units learned from their cached inputs (no labels): their error went down
     heads = [u for u in log["units"] if u["name"].startswith(("rpn_head", "roi_head"))]
     assert sum(u["hard_after"] for u in heads) < sum(u["hard_before"] for u in heads)
+
+
+def test_corrupt_calibration_image_is_named_before_the_fp_evaluation(
+    ptq_tool, demo_setup, tmp_path, capsys
+):
+    data = tmp_path / "data"
+    shutil.copytree(demo_setup / "data", data)
+    image = sorted((data / "train").iterdir())[0]
+    image.write_bytes(image.read_bytes()[:100])
+    root = str(data) + "/"
+    extra = f"ptq = dict(calib=dict(num_images=3, batch_size=1, dataset=dict(data_root={root!r})))"
+    cfg = _config(demo_setup, "corrupt.py", extra)
+    work = tmp_path / "work"
+    assert ptq_tool.main([str(cfg), "--work-dir", str(work)]) == 2
+    captured = capsys.readouterr()
+    last = captured.err.strip().splitlines()[-1]
+    assert last.startswith("error (ValueError): cannot read calibration image ")
+    assert str(image) in last and last.endswith("replace or remove it")
+    assert "coco/bbox_mAP" not in captured.out  # no evaluation ran
+    assert not (work / "last_run").exists()

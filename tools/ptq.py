@@ -175,7 +175,8 @@ def main(argv=None) -> int:
             timeout = datetime.timedelta(seconds=cfg.env_cfg.dist_cfg.timeout)
             torch.distributed.init_process_group("gloo", timeout=timeout)
         Runner.from_cfg(cfg).test()
-    except (FileNotFoundError, KeyError, ValueError) as err:
+    # FloatingPointError: reconstruction stopped on a non-finite loss (the model left unsaved)
+    except (FileNotFoundError, KeyError, ValueError, FloatingPointError) as err:
         message = str(err.args[0] if isinstance(err, KeyError) and err.args else err)
         # raised in a DataLoader worker, the error comes with the worker's traceback: the cause
         # is its last line

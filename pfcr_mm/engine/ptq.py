@@ -171,9 +171,13 @@ def calibration_loader(
 def check_calibration_split(config: PTQConfig, test_dataloader_cfg: dict, eval_dataset) -> None:
     """Refuse, before any long work, a calibration split that is the evaluation split, is
     empty, has fewer than ``num_images`` images, or whose class list (``metainfo['classes']``:
-    a folder dataset's class folders) differs from that of ``eval_dataset`` (builds the
-    calibration dataset once)."""
-    dataset, _, _ = _calibration_order(config, test_dataloader_cfg)
+    a folder dataset's class folders) differs from that of ``eval_dataset``, or with a
+    calibration or held-out image that does not load (builds the calibration dataset once, and
+    reads those images through its pipeline: seconds for a few hundred COCO images)."""
+    dataset, _, order = _calibration_order(config, test_dataloader_cfg)
+    calib_cfg = config.calib
+    for index in order[: calib_cfg.num_images + calib_cfg.heldout_images]:
+        _check_loads(dataset, index)
     calib = list(getattr(dataset, "metainfo", {}).get("classes") or [])
     evaluation = list(getattr(eval_dataset, "metainfo", {}).get("classes") or [])
     if calib != evaluation:
@@ -188,6 +192,20 @@ def check_calibration_split(config: PTQConfig, test_dataloader_cfg: dict, eval_d
             f"the calibration and evaluation splits have different class lists ({how}): the "
             "labels would not match; give both splits the same classes (class folders)"
         )
+
+
+def _check_loads(dataset, index: int) -> None:
+    """Load one item of ``dataset``; a failure becomes one line naming its file."""
+    try:
+        dataset[index]
+    except Exception as err:
+        info = dataset.get_data_info(index) if hasattr(dataset, "get_data_info") else {}
+        if "img_path" not in info:
+            raise
+        cause = f"{type(err).__name__}: {err}".strip().splitlines()[-1]
+        raise ValueError(
+            f"cannot read calibration image {info['img_path']} ({cause}): replace or remove it"
+        ) from None
 
 
 def heldout_loader(config: PTQConfig, test_dataloader_cfg: dict) -> DataLoader | None:
