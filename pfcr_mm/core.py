@@ -251,8 +251,9 @@ def quantize(
     if config.method == "calib":
         return QuantResult(plan)
     batches, recon_batch = list(calib_data), recon_batch or run_batch
-    if world == 1:
-        records, recon = _reconstruct(
+
+    def reconstruct(batches: list) -> tuple[list[UnitRecord], dict]:
+        return _reconstruct(
             model,
             plan,
             batches,
@@ -264,6 +265,9 @@ def quantize(
             resume,
             on_unit_done,
         )
+
+    if world == 1:
+        records, recon = reconstruct(batches)
         return QuantResult(plan, records, {**recon, "calibration_seconds": calibration_seconds})
     # Collectives carry CPU objects: a CUDA tensor would come back on the sender's device.
     shares = [None] * world if rank == 0 else None
@@ -276,18 +280,7 @@ def quantize(
         device = next(model.parameters()).device
         try:
             batches = _to_device(batches, device)
-            records, recon = _reconstruct(
-                model,
-                plan,
-                batches,
-                config,
-                recon_batch,
-                downstream,
-                log_dir,
-                print_fn,
-                resume,
-                on_unit_done,
-            )
+            records, recon = reconstruct(batches)
             done = [_to_device(model.state_dict(), "cpu"), records, recon]
         except Exception as err:
             failure = err
