@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -212,7 +213,8 @@ def quantize(
         (``QuantPlan.pinned``), so the quantized heads see the FP model's boxes.
     downstream: ``f(model, batch)``: the outputs the detection-aware objective measures a
         block unit's error at (``recon.downstream_weight``; a detector's FPN outputs);
-        default: the outputs of ``recon_batch``.
+        default: the outputs of ``recon_batch``, which must then be float tensors (a
+        classifier's logits; a detector's tensor-mode outputs, not its predictions).
     head: a classification head, quantized with ``config.quant.head_bits`` if set.
     log_dir: where ``recon_log.json`` and ``recon_loss.png`` go (``None``: nowhere).
     print_fn: progress lines.
@@ -395,6 +397,13 @@ def _outside_units(
         if id(layer) not in reached:
             calib_only[name] = "the reconstruction forward does not reach it"
             continue
+        if id(layer) not in part_of and reached[id(layer)] > 1:
+            calib_only[name] = (
+                f"called {reached[id(layer)]} times per forward (shared, e.g. across FPN levels): "
+                "a unit of its own would see the first call only; non_block='parts' "
+                "reconstructs it within its part"
+            )
+            continue
         if id(layer) in part_of:
             name, part, per_roi = part_of[id(layer)]
             if name in seen:
@@ -419,13 +428,15 @@ def _quantized_layers(module: nn.Module, plan: QuantPlan) -> list[str]:
     return [name for name, layer, _ in plan.layers if id(layer) in inside]
 
 
-def _layers_reached(model: nn.Module, plan: QuantPlan, run_batch, batch) -> set[int]:
-    """Which of the plan's layers outside the blocks one reconstruction forward calls."""
-    called: set[int] = set()
-    hooks = [
-        layer.register_forward_pre_hook(lambda m, a: called.add(id(m)))
-        for _, layer, _ in plan.layers
-    ]
+def _layers_reached(model: nn.Module, plan: QuantPlan, run_batch, batch) -> Counter:
+    """How many times one reconstruction forward calls each of the plan's layers outside the
+    blocks, by ``id``."""
+    called: Counter = Counter()
+
+    def count(module: nn.Module, args: tuple) -> None:
+        called[id(module)] += 1
+
+    hooks = [layer.register_forward_pre_hook(count) for _, layer, _ in plan.layers]
     try:
         with torch.no_grad():
             run_batch(model, batch)

@@ -11,6 +11,7 @@ import torch
 from mmcv.cnn import ConvModule
 from mmdet.models.dense_heads import RPNHead
 from mmdet.models.necks import FPN
+from mmdet.models.roi_heads import BaseRoIHead
 from mmdet.models.roi_heads.bbox_heads import BBoxHead
 from mmdet.models.roi_heads.mask_heads import FCNMaskHead
 from mmdet.models.roi_heads.roi_extractors import BaseRoIExtractor
@@ -36,10 +37,11 @@ def fold_batchnorm(model: nn.Module) -> list[str]:
             continue  # a norm before the conv does not fold into it
         conv = m.conv
         with torch.no_grad():
-            gain = norm.weight / torch.sqrt(norm.running_var + norm.eps)
+            scale = norm.weight if norm.affine else 1.0
+            gain = scale / torch.sqrt(norm.running_var + norm.eps)
             conv.weight.mul_(gain.view(-1, 1, 1, 1))
             bias = conv.bias if conv.bias is not None else torch.zeros_like(norm.running_mean)
-            new_bias = (bias - norm.running_mean) * gain + norm.bias
+            new_bias = (bias - norm.running_mean) * gain + (norm.bias if norm.affine else 0.0)
             conv.bias = nn.Parameter(new_bias)
         delattr(m, m.norm_name)
         m.norm_name, m.with_norm = None, False
@@ -51,6 +53,9 @@ PARTS = PartsAdapter(
     name="mmdet neck and heads",
     parts=(FPN, RPNHead, BBoxHead, FCNMaskHead),
     roi_parts=(BBoxHead, FCNMaskHead),
-    pinned={BaseRoIExtractor: 1},  # forward(feats, rois): the RoIs
+    # forward(x, rpn_results_list, ...): the proposals, so the per-image RoI counts that the
+    # heads split their outputs by are the FP run's; forward(feats, rois): the RoIs of each
+    # stage (Cascade's later stages regress them from the quantized heads' outputs)
+    pinned={BaseRoIHead: 1, BaseRoIExtractor: 1},
     fold_norms=fold_batchnorm,
 )

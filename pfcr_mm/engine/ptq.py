@@ -65,6 +65,13 @@ def last_run_dir(work_dir: str | Path) -> Path:
     return Path(work_dir) / pointer.read_text().strip()
 
 
+def differing_keys(was: dict, now: dict, keys, first: str) -> list[str]:
+    """The ``keys`` whose values differ between two flat settings dicts: those starting with
+    ``first`` first, then by name."""
+    differ = (k for k in keys if was.get(k) != now.get(k))
+    return sorted(differ, key=lambda k: (not k.startswith(first), k))
+
+
 def saved_model_path(path: str | Path) -> Path:
     """``path`` itself, or for a work dir the quantized model of its last run."""
     path = Path(path)
@@ -418,9 +425,7 @@ def load_quantized_model(runner, config: PTQConfig, path: str | Path) -> tuple[Q
         or {"method": saved["method"], "scope": saved["scope"], "quant": saved["quant_config"]}
     )
     keys = made.keys() | wanted.keys() if "settings" in saved else made.keys()
-    differ = sorted(
-        (k for k in keys if made.get(k) != wanted.get(k)), key=lambda k: (k != "ptq.method", k)
-    )
+    differ = differing_keys(made, wanted, keys, first="ptq.method")
     if differ:
         key = differ[0]
         raise ValueError(

@@ -24,6 +24,7 @@ from .ptq import (
     RESULTS_NAME,
     calib_dataset_cfg,
     calibration_indices,
+    differing_keys,
     flat_settings,
     package_versions,
     quantization_settings,
@@ -86,10 +87,7 @@ def load_resume_state(run: Path, fingerprint: dict) -> ResumeState:
     if saved.get("format") != RESUME_FORMAT:
         raise ValueError(f"{path} is not a resume checkpoint written by tools/ptq.py")
     was = saved["fingerprint"]
-    differ = sorted(
-        (k for k in was.keys() | fingerprint.keys() if was.get(k) != fingerprint.get(k)),
-        key=lambda k: (not k.startswith("ptq."), k),
-    )
+    differ = differing_keys(was, fingerprint, was.keys() | fingerprint.keys(), first="ptq.")
     if differ:
         key = differ[0]
         raise ValueError(

@@ -280,17 +280,30 @@ class ChainDataSource:
         leaf: list[torch.Tensor] = []  # the block's output of the current batch, as a leaf
 
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-            leaf[:] = [output.detach().requires_grad_(True)]
+            if leaf:
+                raise RuntimeError(
+                    "a block ran twice in one downstream forward: its output weights would "
+                    "miss one of the calls"
+                )
+            leaf.append(output.detach().requires_grad_(True))
             return leaf[0]
 
         off = quantizer_states(self.model, weights=False, activations=False)
         with eval_mode(self.model), torch.enable_grad(), off:
             for i, batch in enumerate(self.batches):
+                leaf.clear()
                 handle = block.register_forward_hook(hook)
                 try:
                     outputs = flat_tensors(self.downstream(self.model, batch))
                 finally:
                     handle.remove()
+                if not leaf:
+                    raise UnreachedError("the downstream forward did not reach the block")
+                if not all(isinstance(o, torch.Tensor) and o.is_floating_point() for o in outputs):
+                    raise ValueError(
+                        "the downstream outputs must be float tensors (or tuples of them): pass "
+                        "quantize(downstream=...) returning them, e.g. a detector's features"
+                    )
                 gen = torch.Generator().manual_seed(seed * 1_000_003 + i)
                 grads = []
                 for p in range(probes):
