@@ -14,6 +14,7 @@ import torch
 from mmengine.config import Config
 from mmengine.runner import Runner
 
+from ..atomic import atomic_path
 from ..core import PTQConfig
 from ..export import export_onnx, uniform_post_softmax
 from ..export.runtime import cpu_session, run_session
@@ -94,5 +95,6 @@ def export_quantized(runner: Runner, ptq: PTQConfig, out: str | Path, int8: bool
             "top1_agreement": float((logits.argmax(1) == before.argmax(1)).float().mean()),
         }
     report.update(config=runner.cfg.filename, method=ptq.method, quant_config=ptq.quant.to_dict())
-    Path(out).with_suffix(".json").write_text(json.dumps(report, indent=1))
+    with atomic_path(Path(out).with_suffix(".json")) as tmp:
+        tmp.write_text(json.dumps(report, indent=1))
     return report

@@ -27,6 +27,7 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
+from ..atomic import atomic_path
 from ..quant.attention import AttentionQuantizers
 from ..quant.calibrate import quantizer_states
 from ..quant.modules import QuantConv2d, QuantLinear
@@ -220,7 +221,8 @@ def export_onnx(
     retyped = _store_low_bit_codes(proto.graph)
     _drop_trace_metadata(proto.graph)
     onnx.checker.check_model(proto)
-    onnx.save(proto, path)
+    with atomic_path(path) as tmp:
+        onnx.save(proto, tmp)
     by_type: dict[str, int] = {}
     for t in proto.graph.initializer:
         kind = onnx.TensorProto.DataType.Name(t.data_type).lower()
