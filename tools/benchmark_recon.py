@@ -52,15 +52,38 @@ METHODS = {
     "pfcr_anneal": ["ptq.method=pfcr", "ptq.recon.pos=anneal"],
     # the equal-steps budget of earlier versions: coarse steps cost more, 2.7x block's compute
     "pfcr_steps": ["ptq.method=pfcr", "ptq.recon.pos=anneal", "ptq.recon.budget_unit=steps"],
+    # the quick PFCR run as it was when issue 9 was filed, whatever the preset: 300 optimizer
+    # steps per unit at every level (4860 block-passes on the demo ViT), the peers' learning rates
+    "pfcr_before": [
+        "ptq.method=pfcr",
+        "ptq.recon.budget_unit=steps",
+        "ptq.recon.iters=300",
+        "ptq.recon.w_lr=0.001",
+        "ptq.recon.a_lr=4e-05",
+        "ptq.recon.max_level=top",
+    ],
     # fewer coarse levels (MHSA/MLP, blocks, pairs), the same compute over 3 levels
     "pfcr_level2": ["ptq.method=pfcr", "ptq.recon.max_level=2"],
+    # every level up to the whole encoder (ReconSettings' default), whatever the preset
+    "pfcr_top": ["ptq.method=pfcr", "ptq.recon.max_level=top"],
     # the detection-aware objective: block units' errors weighted by the downstream outputs'
     # sensitivity (a detector's FPN, a classifier's logits), half and half with the plain one
     "pfcr_downstream": ["ptq.method=pfcr", "ptq.recon.downstream_weight=1"],
 }
-# iterations per block and calibration images; "paper" follows method.md (20k iterations)
+# iterations per block, calibration images, held-out calibration-split images (where defaults
+# are chosen; 32 when unset) and learning rates (ReconSettings' when unset); "paper" follows
+# method.md (20k iterations). "fast" is the budget of configs/demo/demo_vit_shapes_pfcr_w4a4.py.
 PRESETS = {
     "quick": {"iters": 300, "cls_images": 128, "det_images": 32},
+    "fast": {
+        "iters": 100,
+        "cls_images": 128,
+        "det_images": 32,
+        "cls_heldout": 512,
+        "w_lr": 0.01,
+        "a_lr": 0.0004,
+        "max_level": 1,
+    },
     "paper": {"iters": 20000, "cls_images": 1024, "det_images": 256},
 }
 
@@ -74,6 +97,8 @@ def _options(model: str, bits: int, method: str, seed: int, preset: dict) -> lis
         f"ptq.calib.seed={seed}",
         f"ptq.recon.seed={seed}",
         f"ptq.recon.iters={preset['iters']}",
+        f"ptq.calib.heldout_images={preset.get(model + '_heldout', 32)}",
+        *(f"ptq.recon.{k}={preset[k]}" for k in ("w_lr", "a_lr", "max_level") if k in preset),
         # detection: a batch is a few whole images (peers use 1-2), classification 32 images
         f"ptq.recon.batch_size={4 if model == 'det' else 32}",
         *METHODS[method],
