@@ -36,7 +36,10 @@ def test_config_ptq_section_matches_its_name(path):
     else:  # pfcr_* detection configs, *_pfcr_* classification and demo configs
         assert "pfcr" in name and settings.method == "pfcr"
         recon = settings.recon
-        if name.startswith("demo_"):
+        if name.startswith("demo_vit"):  # the "fast" preset of tools/benchmark_recon.py
+            fast = (recon.iters, recon.w_lr, recon.a_lr, recon.max_level)
+            assert fast == (100, 1e-2, 4e-4, 1)
+        elif name.startswith("demo_"):
             assert recon.iters == 300  # the quick preset of tools/benchmark_recon.py
         else:
             assert recon.iters == 20000 and recon.cache_dtype == "float16"  # paper-grade

@@ -49,6 +49,9 @@ class ReconSettings:
         third of a ``block`` run's reconstruction time; at 512 it took 13 of 20 minutes.
     w_lr: Adam learning rate of the AdaRound variables.
     a_lr: Adam learning rate of the activation step sizes, cosine-annealed to 0 over a unit.
+        The defaults are the peers' for 20k steps per unit; Adam moves a variable by about the
+        learning rate per step, so at tens of steps they barely move. The demo's fast config
+        uses 1e-2 / 4e-4 (chosen on held-out calibration images, ``benchmarks/demo_recon_fast``).
     round_weight: weight of the AdaRound regularizer.
     beta_start / beta_end / warmup: the regularizer temperature decays linearly from beta_start
         to beta_end after the first ``warmup`` fraction of a unit's iterations (regularizer off).
@@ -66,7 +69,9 @@ class ReconSettings:
         ``"two_stage"`` is the cheapest per block-pass. With the block method (one level)
         ``"anneal"`` equals ``"none"``.
     max_level: the coarsest level of a ``pfcr`` run: ``"top"`` (one group per stage, or the
-        whole ViT encoder) or an integer (0: MHSA and MLP only, 1: up to blocks, ...).
+        whole ViT encoder) or an integer (0: MHSA and MLP only, 1: up to blocks, ...). At a
+        short budget the coarse levels' units get too few steps to help: on the demo ViT at
+        100 block-passes per block, ``"top"`` had a higher held-out error than ``1``.
     non_block: layers outside the blocks (patch embedding, PatchMerging reductions, head, neck):
         ``"calib"`` keeps them calibrated only, ``"layerwise"`` reconstructs each on its own,
         ``"parts"`` reconstructs each part a model adapter declares (a detector's neck, RPN
