@@ -65,11 +65,18 @@ def cpu_session(path: str | Path, threads: int = 1) -> ort.InferenceSession:
     )
 
 
+def run_outputs(session: ort.InferenceSession, x: torch.Tensor | np.ndarray) -> list[torch.Tensor]:
+    """Every output of the model, in the graph's order, for the batch ``x`` (its single
+    input)."""
+    x = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x
+    outs = session.run(None, {session.get_inputs()[0].name: x.astype(np.float32)})
+    return [torch.from_numpy(out) for out in outs]
+
+
 def run_session(session: ort.InferenceSession, x: torch.Tensor | np.ndarray) -> torch.Tensor:
     """The model's single output for the batch ``x`` (its single input)."""
-    x = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x
-    (out,) = session.run(None, {session.get_inputs()[0].name: x.astype(np.float32)})
-    return torch.from_numpy(out)
+    (out,) = run_outputs(session, x)
+    return out
 
 
 def optimized_op_counts(path: str | Path, threads: int = 1) -> dict[str, int]:
@@ -87,3 +94,34 @@ def optimized_op_counts(path: str | Path, threads: int = 1) -> dict[str, int]:
 def integer_kernel_counts(op_counts: dict[str, int]) -> dict[str, int]:
     """The integer kernels among ``op_counts``."""
     return {op: n for op, n in op_counts.items() if op in INTEGER_KERNELS}
+
+
+def pad_images(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``images`` ``(B, C, h, w)`` zero-padded at the bottom and right to ``size`` ``(H, W)``
+    (where MMDetection's data preprocessor pads a batch, with its zero ``pad_value``).
+
+    Raises ValueError for an image larger than ``size``."""
+    h, w = images.shape[-2:]
+    if h > size[0] or w > size[1]:
+        raise ValueError(
+            f"a {h}x{w} input does not fit the exported input size {size[0]}x{size[1]}: "
+            "export at a larger size (tools/export.py --input-size H W)"
+        )
+    return torch.nn.functional.pad(images, (0, size[1] - w, 0, size[0] - h))
+
+
+class FixedSizeRunner:
+    """A graph exported at one input shape ``(1, C, H, W)``, run on a batch of images of at
+    most ``H x W``: each image padded by :func:`pad_images` and run alone; returns each
+    output of the graph with the images stacked along the batch dimension."""
+
+    def __init__(self, session: ort.InferenceSession):
+        shape = session.get_inputs()[0].shape
+        if len(shape) != 4 or shape[0] != 1 or not all(isinstance(d, int) for d in shape):
+            raise ValueError(f"not a graph of one fixed-size image (input shape {shape})")
+        self.session, self.size = session, (shape[2], shape[3])
+
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        padded = pad_images(images, self.size)
+        per_image = [run_outputs(self.session, padded[i : i + 1]) for i in range(len(padded))]
+        return tuple(torch.cat(level) for level in zip(*per_image))
