@@ -201,13 +201,13 @@ def export_detector(
     parity: dict = {"images": len(runner.test_loop.dataloader.dataset), "input_size": list(size)}
     switch = []
     if int8:
-        parity["before_switch"] = _maps(evaluate_detector(runner))
+        parity["before_switch"] = mean_average_precisions(evaluate_detector(runner))
         switch = switch_post_softmax(runner, ptq)
-    pytorch = _maps(evaluate_detector(runner))
+    pytorch = mean_average_precisions(evaluate_detector(runner))
     report = export_onnx(dense, padded[:1], out, int8=int8, dynamic_batch=False)
     onnx_features = FixedSizeRunner(cpu_session(out))
     with features_from(model, onnx_features):
-        onnxruntime = _maps(evaluate_detector(runner))
+        onnxruntime = mean_average_precisions(evaluate_detector(runner))
     with torch.no_grad():
         ref = dense(padded)
     got = onnx_features(images)
@@ -240,6 +240,6 @@ def export_detector(
     return report
 
 
-def _maps(metrics: dict) -> dict:
+def mean_average_precisions(metrics: dict) -> dict:
     """The box and (for a detector with masks) mask mAP of a detector's metrics."""
     return {k: float(metrics[k]) for k in MAP_KEYS if k in metrics}
