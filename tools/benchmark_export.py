@@ -236,25 +236,28 @@ def main(argv=None) -> int:
     results = {
         "model": {"config": args.w8[0], "arch": cfg.model.arch, **cfg.model.model_kwargs},
         "val_images": sum(len(labels) for _, labels in batches),
-        "variants": {
-            name: {k: (str(v) if isinstance(v, Path) else v) for k, v in row.items()}
-            for name, row in variants.items()
-        },
         "int8_vs_fp32_onnxruntime_speedup": speedup,
         "int8_top1_minus_fake_quant_top1": variants[int8]["top1"]
         - variants["W8A8 fake-quant PyTorch, 8-bit uniform post-softmax"]["top1"],
-        "exports": {k: {**r, "path": str(files[k])} for k, r in reports.items()},
-        "session_options": {t: describe_options(session_options(t)) for t in args.threads},
-        "torch_threads": args.threads,
-        "latency_method": f"median of {args.rounds} rounds x {args.iters} calls, interleaved",
-        **_machine(),
+        **_run_record(args, variants, reports, files),
     }
     _write(out, results, markdown(results, args.threads))
     return 0
 
 
-def _machine() -> dict:
+def _run_record(args, variants: dict, reports: dict, files: dict) -> dict:
+    """What every benchmark JSON holds besides its own results: the variants' rows, the
+    export reports, the session options and threads, the latency method, machine and
+    versions."""
     return {
+        "variants": {
+            name: {k: (str(v) if isinstance(v, Path) else v) for k, v in row.items()}
+            for name, row in variants.items()
+        },
+        "exports": {k: {**r, "path": str(files[k])} for k, r in reports.items()},
+        "session_options": {t: describe_options(session_options(t)) for t in args.threads},
+        "torch_threads": args.threads,
+        "latency_method": f"median of {args.rounds} rounds x {args.iters} calls, interleaved",
         "machine": {
             "processor": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(),
@@ -409,15 +412,7 @@ def main_det(args) -> int:
         "input_size": size,
         "val_images": reports["w8a8"]["parity"]["images"],
         "rounding_floor_method": f"PyTorch fake-quant, input x (1 + {NOISE:g} N(0,1)), 2 seeds",
-        "variants": {
-            name: {k: (str(v) if isinstance(v, Path) else v) for k, v in row.items()}
-            for name, row in variants.items()
-        },
-        "exports": {k: {**r, "path": str(files[k])} for k, r in reports.items()},
-        "session_options": {t: describe_options(session_options(t)) for t in args.threads},
-        "torch_threads": args.threads,
-        "latency_method": f"median of {args.rounds} rounds x {args.iters} calls, interleaved",
-        **_machine(),
+        **_run_record(args, variants, reports, files),
     }
     _write(out, results, markdown_det(results, args.threads))
     return 0
