@@ -1,10 +1,14 @@
-"""Export a saved quantized timm classifier to ONNX with QuantizeLinear/DequantizeLinear at every
-quantizer point and integer weight codes (:mod:`pfcr_mm.export`); the report (which post-softmax
-quantizer each attention has and how it is written, parity against the PyTorch fake-quant model
-on the first test batch) goes next to the file as ``<out>.json``.
+"""Export a saved quantized model to ONNX with QuantizeLinear/DequantizeLinear at every
+quantizer point and integer weight codes (:mod:`pfcr_mm.export`): a timm classifier whole
+(dynamic batch), an MMDetection detector's backbone and neck at one input size (batch 1; by
+default the padded size of the test pipeline's first batch, or --input-size H W), its RPN and
+RoI heads staying the PyTorch quantized modules. The report (which post-softmax quantizer each
+attention has and how it is written, parity against the PyTorch fake-quant model: logits on the
+first test batch for a classifier, box/mask mAP on every test image with the features from
+onnxruntime for a detector) goes next to the file as ``<out>.json``.
 
     python tools/export.py CONFIG --quantized WORK/quantized_model.pth --out FILE.onnx [--int8]
-                           [--work-dir DIR] [--cfg-options k=v ...]
+                           [--input-size H W] [--work-dir DIR] [--cfg-options k=v ...]
 
 --int8: log post-softmax quantizers become 8-bit uniform ones (calibrated on the run's
 calibration images) and every point is written in 8-bit containers, so that onnxruntime runs
@@ -34,6 +38,13 @@ def main(argv=None) -> int:
     )
     p.add_argument("--out", required=True, help="the ONNX file to write")
     p.add_argument("--int8", action="store_true", help="8-bit uniform post-softmax, 8-bit codes")
+    p.add_argument(
+        "--input-size",
+        nargs=2,
+        type=int,
+        metavar=("H", "W"),
+        help="detectors: the exported input size (default: the first test batch's padded size)",
+    )
     p.add_argument("--work-dir", help="the Runner's work dir (default: the quantized model's)")
     p.add_argument("--cfg-options", nargs="+", action=DictAction, default={})
     args = p.parse_args(argv)
@@ -41,17 +52,27 @@ def main(argv=None) -> int:
         quantized = saved_model_path(args.quantized)
         work_dir = args.work_dir or str(quantized.parent)
         runner, ptq = build_quantized(args.config, quantized, work_dir, args.cfg_options)
-        report = export_quantized(runner, ptq, args.out, args.int8)
+        report = export_quantized(runner, ptq, args.out, args.int8, args.input_size)
     except (FileNotFoundError, KeyError, ValueError) as err:
         print(f"error ({type(err).__name__}): {err}", file=sys.stderr)
         return 2
     parity = report["parity"]
+    if "logit_range" in parity:
+        check = (
+            f"max logit diff {parity['max_abs_logit_diff']:.3g}, top-1 agreement "
+            f"{parity['top1_agreement']:.3f}"
+        )
+    else:
+        check = ", ".join(
+            f"{k.split('/')[-1]} {parity['pytorch'][k]:.4f} (PyTorch) vs "
+            f"{parity['onnxruntime'][k]:.4f} (onnxruntime features)"
+            for k in parity["pytorch"]
+        )
     print(
         f"wrote {args.out} ({report['bytes'] / 1e6:.2f} MB, {report['quantizer_points']} Q/DQ "
         f"points, {report['integer_weight_layers']} integer-weight layers); onnxruntime vs "
-        f"fake-quant on {parity['images']} images: max logit diff "
-        f"{parity['max_abs_logit_diff']:.3g}, top-1 agreement {parity['top1_agreement']:.3f}; "
-        f"report {Path(args.out).with_suffix('.json')}"
+        f"fake-quant on {parity['images']} images: {check}; report "
+        f"{Path(args.out).with_suffix('.json')}"
     )
     return 0
 

@@ -188,32 +188,48 @@ def _store_low_bit_codes(graph: onnx.GraphProto) -> int:
 
 
 def export_onnx(
-    model: nn.Module, example: torch.Tensor, path: str | Path, int8: bool = False
+    model: nn.Module,
+    example: torch.Tensor,
+    path: str | Path,
+    int8: bool = False,
+    dynamic_batch: bool = True,
 ) -> dict:
-    """Export the quantized ``model`` (input like ``example``, ``(B, ...)``; the batch size is
-    dynamic) to ``path``; returns the export report: opset, how many quantizer points and
-    integer-weight layers, per attention how its post-softmax quantizer is written, and the
-    initializer bytes by data type.
+    """Export the quantized ``model`` (input like ``example``, ``(B, ...)``) to ``path``;
+    returns the export report: opset, how many quantizer points and integer-weight layers,
+    per attention how its post-softmax quantizer is written, and the initializer bytes by
+    data type.
+
+    The graph has one input, ``input``, and one output per output tensor of the model:
+    ``output`` for a tensor, ``output_0``, ``output_1``, ... for a tuple or list of tensors
+    (a detector's feature levels).
 
     int8: every point in 8-bit containers (4-bit codes stay 4-bit values, clipped to their
     range), the form onnxruntime runs with integer kernels; the default stores 4-bit codes
     as uint4. Log post-softmax quantizers stay exact either way; to run them as integers,
     call :func:`uniform_post_softmax` first.
+    dynamic_batch: the batch size is a dynamic dimension (else every shape is ``example``'s:
+    a model whose graph depends on the input size, such as Swin's shifted-window masks, is
+    exported at one size).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     net = integer_model(model, int8)
     points = sum(isinstance(m, QuantDequant) for m in net.modules())
     layers = sum(isinstance(m, (IntegerLinear, IntegerConv2d)) for m in net.modules())
-    batch = torch.export.Dim("batch", min=1)
+    with torch.no_grad():
+        outputs = net(example)
+    if isinstance(outputs, torch.Tensor):
+        output_names = ["output"]
+    else:
+        output_names = [f"output_{i}" for i in range(len(outputs))]
     program = torch.onnx.export(
         net,
         (example,),
         dynamo=True,
         opset_version=OPSET,
         input_names=["input"],
-        output_names=["output"],
-        dynamic_shapes=({0: batch},),
+        output_names=output_names,
+        dynamic_shapes=({0: torch.export.Dim("batch", min=1)},) if dynamic_batch else None,
         external_data=False,
         verbose=False,
     )
@@ -235,6 +251,8 @@ def export_onnx(
         "bytes": path.stat().st_size,
         "opset": OPSET,
         "int8": int8,
+        "input_shape": ["batch", *example.shape[1:]] if dynamic_batch else list(example.shape),
+        "outputs": output_names,
         "quantizer_points": points,
         "integer_weight_layers": layers,
         "uint4_initializers": retyped,

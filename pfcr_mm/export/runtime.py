@@ -17,6 +17,13 @@ import onnx
 import onnxruntime as ort
 import torch
 
+# onnxruntime graph rewrites left off: with static shapes (a detector exported at one input
+# size) MatMulAddFusion turns every linear's ``MatMul`` + bias ``Add`` into a float ``Gemm``
+# before the Q/DQ fusions run, so ``DequantizeLinear -> MatMul`` never becomes the integer
+# ``MatMulIntegerToFloat`` (measured on the demo detector: 26 float Gemm instead of 26 integer
+# matmuls). With a dynamic batch the fusion does not apply anyway.
+DISABLED_OPTIMIZERS = ["MatMulAddFusion"]
+
 # onnxruntime kernels that multiply integer codes (int32 accumulation)
 INTEGER_KERNELS = (
     "MatMulIntegerToFloat",
@@ -55,21 +62,36 @@ def describe_options(so: ort.SessionOptions) -> dict:
         "execution_mode": str(so.execution_mode),
         "graph_optimization_level": str(so.graph_optimization_level),
         "providers": ["CPUExecutionProvider"],
+        "disabled_optimizers": DISABLED_OPTIMIZERS,
         "onnxruntime": ort.__version__,
     }
 
 
-def cpu_session(path: str | Path, threads: int = 1) -> ort.InferenceSession:
+def cpu_session(
+    path: str | Path, threads: int = 1, optimized_path: str | Path | None = None
+) -> ort.InferenceSession:
+    """An onnxruntime CPU session of :func:`session_options` without
+    :data:`DISABLED_OPTIMIZERS`."""
     return ort.InferenceSession(
-        str(path), session_options(threads), providers=["CPUExecutionProvider"]
+        str(path),
+        session_options(threads, optimized_path),
+        providers=["CPUExecutionProvider"],
+        disabled_optimizers=DISABLED_OPTIMIZERS,
     )
+
+
+def run_outputs(session: ort.InferenceSession, x: torch.Tensor | np.ndarray) -> list[torch.Tensor]:
+    """Every output of the model, in the graph's order, for the batch ``x`` (its single
+    input)."""
+    x = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x
+    outs = session.run(None, {session.get_inputs()[0].name: x.astype(np.float32)})
+    return [torch.from_numpy(out) for out in outs]
 
 
 def run_session(session: ort.InferenceSession, x: torch.Tensor | np.ndarray) -> torch.Tensor:
     """The model's single output for the batch ``x`` (its single input)."""
-    x = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x
-    (out,) = session.run(None, {session.get_inputs()[0].name: x.astype(np.float32)})
-    return torch.from_numpy(out)
+    (out,) = run_outputs(session, x)
+    return out
 
 
 def optimized_op_counts(path: str | Path, threads: int = 1) -> dict[str, int]:
@@ -77,9 +99,7 @@ def optimized_op_counts(path: str | Path, threads: int = 1) -> dict[str, int]:
     their counts."""
     with tempfile.TemporaryDirectory() as tmp:
         optimized = Path(tmp) / "optimized.onnx"
-        ort.InferenceSession(
-            str(path), session_options(threads, optimized), providers=["CPUExecutionProvider"]
-        )
+        cpu_session(path, threads, optimized)
         counts = Counter(n.op_type for n in onnx.load(str(optimized)).graph.node)
     return dict(sorted(counts.items()))
 
@@ -87,3 +107,34 @@ def optimized_op_counts(path: str | Path, threads: int = 1) -> dict[str, int]:
 def integer_kernel_counts(op_counts: dict[str, int]) -> dict[str, int]:
     """The integer kernels among ``op_counts``."""
     return {op: n for op, n in op_counts.items() if op in INTEGER_KERNELS}
+
+
+def pad_images(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``images`` ``(B, C, h, w)`` zero-padded at the bottom and right to ``size`` ``(H, W)``
+    (where MMDetection's data preprocessor pads a batch, with its zero ``pad_value``).
+
+    Raises ValueError for an image larger than ``size``."""
+    h, w = images.shape[-2:]
+    if h > size[0] or w > size[1]:
+        raise ValueError(
+            f"a {h}x{w} input does not fit the exported input size {size[0]}x{size[1]}: "
+            "export at a larger size (tools/export.py --input-size H W)"
+        )
+    return torch.nn.functional.pad(images, (0, size[1] - w, 0, size[0] - h))
+
+
+class FixedSizeRunner:
+    """A graph exported at one input shape ``(1, C, H, W)``, run on a batch of images of at
+    most ``H x W``: each image padded by :func:`pad_images` and run alone; returns each
+    output of the graph with the images stacked along the batch dimension."""
+
+    def __init__(self, session: ort.InferenceSession):
+        shape = session.get_inputs()[0].shape
+        if len(shape) != 4 or shape[0] != 1 or not all(isinstance(d, int) for d in shape):
+            raise ValueError(f"not a graph of one fixed-size image (input shape {shape})")
+        self.session, self.size = session, (shape[2], shape[3])
+
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        padded = pad_images(images, self.size)
+        per_image = [run_outputs(self.session, padded[i : i + 1]) for i in range(len(padded))]
+        return tuple(torch.cat(level) for level in zip(*per_image))

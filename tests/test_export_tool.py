@@ -1,0 +1,76 @@
+"""tools/export.py from the command line on a tiny quantized timm classifier (quantized by
+tools/ptq.py in the test): the ONNX file and its report, with parity numbers; bad input is one
+line on stderr and exit code 2."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_classification_ptq import _make_folder, _write_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory, ptq_tool):
+    """``(config, work dir)`` of a tiny ViT quantized at W4A4 by tools/ptq.py."""
+    tmp = tmp_path_factory.mktemp("export_tool")
+    _make_folder(tmp / "data")
+    cfg = _write_config(tmp)
+    work = tmp / "work"
+    assert ptq_tool.main([str(cfg), "--work-dir", str(work), "--no-fp-eval"]) == 0
+    return cfg, work
+
+
+@pytest.fixture(scope="module")
+def export_tool():
+    from conftest import _load_tool
+
+    return _load_tool("export")
+
+
+def test_export_from_the_command_line(quantized, tmp_path):
+    cfg, work = quantized
+    out = tmp_path / "vit.onnx"
+    cmd = [sys.executable, "tools/export.py", str(cfg), "--quantized", str(work)]
+    proc = subprocess.run(
+        [*cmd, "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert out.is_file() and out.stat().st_size > 0
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert f"wrote {out}" in proc.stdout
+    parity = report["parity"]
+    assert parity["images"] == 4  # the first test batch
+    assert parity["top1_agreement"] == 1.0
+    assert 0 <= parity["max_abs_logit_diff"] <= 0.02 * parity["logit_range"]
+    assert report["quant_config"]["w_bits"] == 4 and report["method"] == "calib"
+    assert report["quantizer_points"] > 0 and report["uint4_initializers"] > 0
+
+
+BAD = [
+    # the config says W8A8, the model was quantized at W4A4
+    (
+        ["--cfg-options", "ptq.quant.w_bits=8"],
+        "was quantized with ptq.quant.w_bits=4, but the config says 8",
+    ),
+    # the FP checkpoint instead of a quantized model
+    (["--quantized", "{fp}"], "tiny.pth is not a quantized model written by tools/ptq.py"),
+    (["--input-size", "32", "32"], "--input-size is for detectors"),
+]
+
+
+def test_bad_input_is_one_line_and_exit_code_2(quantized, export_tool, tmp_path, capsys):
+    # one test for all cases: MMEngine keeps the loggers of the Runners it builds, and a
+    # Runner built in the same second as an earlier one logs to that test's closed capture
+    cfg, work = quantized
+    out = tmp_path / "x.onnx"
+    for args, says in BAD:
+        args = [a.format(fp=cfg.parent / "tiny.pth") for a in args]
+        argv = [str(cfg), "--quantized", str(work), "--out", str(out), *args]
+        assert export_tool.main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and says in err[0], err
+        assert not out.exists()
