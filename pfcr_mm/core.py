@@ -335,6 +335,8 @@ def _reconstruct(
         cache_dtype=recon.cache_dtype,
         pinned=plan.pinned,
         downstream=downstream or run_batch,
+        cache_limit_gb=recon.cache_limit_gb,
+        cache_dir=recon.cache_dir or log_dir,
     )
     if resume is not None:
         load_quantizer_state(model, resume.quantizers)
@@ -342,19 +344,22 @@ def _reconstruct(
     def unit_done(records: list[UnitRecord]) -> None:
         on_unit_done(ResumeState(list(records), quantizer_state(model)))
 
-    records = run_reconstruction(
-        schedule,
-        source,
-        recon,
-        log_dir=log_dir,
-        print_fn=print_fn,
-        budget=budget,
-        layers_before=before,
-        layers_after=after,
-        layers_between=between,
-        done=resume.records if resume is not None else (),
-        on_unit_done=unit_done if on_unit_done is not None else None,
-    )
+    try:
+        records = run_reconstruction(
+            schedule,
+            source,
+            recon,
+            log_dir=log_dir,
+            print_fn=print_fn,
+            budget=budget,
+            layers_before=before,
+            layers_after=after,
+            layers_between=between,
+            done=resume.records if resume is not None else (),
+            on_unit_done=unit_done if on_unit_done is not None else None,
+        )
+    finally:
+        source.close()  # the caches the source still holds, and the spill folder
     summary = {
         "settings": recon.to_dict(),
         "max_level": recon.max_level,
@@ -364,6 +369,8 @@ def _reconstruct(
         "block_passes": sum(r.block_passes for r in records),
         "seconds": sum(r.seconds for r in records),
         "cache_seconds": sum(r.cache_seconds for r in records),
+        # the most bytes of unit caches in memory and on disk at once (cache_limit_gb)
+        "cache": source.cache.stats(),
         "non_block": recon.non_block,
         # every quantized layer outside the blocks is in one of these two
         "layer_units": {

@@ -202,6 +202,12 @@ CASES = [
         ["--cfg-options", "ptq.method=pfcr", "ptq.recon.max_level=9"],
         "max_level=9 is above this model's top level",
     ),
+    (
+        "negative_cache_limit",
+        "",
+        ["--cfg-options", "ptq.method=pfcr", "ptq.recon.cache_limit_gb=-1"],
+        "ReconSettings.cache_limit_gb must be a number >= 0 or None, got -1",
+    ),
     ("missing_split", "", ["--cfg-options", "ptq.calib.dataset.split=training"], "split folder"),
     (
         "empty_checkpoint",

@@ -1,11 +1,13 @@
 # The PTQ part of a COCO detection config, to list after an mmdet config in _base_.
 # PFCR at the paper-grade budget of method.md: 20k iterations per backbone block spread over the
 # fine-to-coarse levels. Calibration: 256 seeded COCO train2017 images through the test pipeline
-# (batch 1: images differ in size); the reconstruction caches hold, per image, three fp16
-# tensors of a unit's input size (about 40 MB at 800x1333 for Swin-T's first stage, so ~10 GB
-# for 256 images); the RoI box head's caches, 1000 RoIs x 256 x 7 x 7 per image FP and quantized,
-# about 50 MB per image (~13 GB for 256 images; computed, not measured: lower num_images or
-# model.test_cfg.rpn.max_per_img if memory is short). Baselines: --cfg-options ptq.method=calib (ranges only) or ptq.method=block.
+# (batch 1: images differ in size). The reconstruction caches hold, per unit and image, its FP
+# input, quantized-path input and FP target in fp16: measured at 800x1333 and Swin-T's widths and
+# extrapolated to 256 images (README "Memory on COCO", benchmarks/cache), 25.8 GB for the RPN
+# head unit, 24.9 GB the neck, 14.5 GB the RoI box head, 9.9 GB a stage-1 block unit, plus about
+# 6 GB for the rest of the process: ~32 GB of host memory. recon.cache_limit_gb caps the caches
+# in memory and writes the rest to memory-mapped files in recon.cache_dir (default: the run's
+# recon/ folder). Baselines: --cfg-options ptq.method=calib (ranges only) or ptq.method=block.
 # Expected layout: data/coco/annotations/instances_{train,val}2017.json,
 # data/coco/{train,val}2017/*.jpg.
 custom_imports = dict(imports=["pfcr_mm.engine"], allow_failed_imports=False)
@@ -28,5 +30,8 @@ ptq = dict(
     ),
     # neck, RPN head, RoI box and mask heads reconstructed as one unit each after the backbone
     # blocks (the heads on the FP model's RoIs), PatchMerging within its stage's order
-    recon=dict(iters=20000, batch_size=1, cache_dtype="float16", non_block="parts"),
+    # cache_limit_gb=None: every cache in memory; e.g. 8 keeps at most 8 GB there, the rest on disk
+    recon=dict(
+        iters=20000, batch_size=1, cache_dtype="float16", non_block="parts", cache_limit_gb=None
+    ),
 )

@@ -353,9 +353,11 @@ def quantize_runner_model(
 def quantization_settings(config: PTQConfig) -> dict:
     """The settings that decide what the quantized model is, as plain JSON values: all of
     ``config`` except what only the run uses (``eval_fp``, ``calib.heldout_images``,
-    ``calib.num_workers``) and, for ``calib``, the unused ``recon``."""
+    ``calib.num_workers``, where the reconstruction caches live: ``recon.cache_limit_gb`` and
+    ``recon.cache_dir``) and, for ``calib``, the unused ``recon``."""
     settings = config.to_dict()
     del settings["eval_fp"], settings["calib"]["heldout_images"], settings["calib"]["num_workers"]
+    del settings["recon"]["cache_limit_gb"], settings["recon"]["cache_dir"]
     if config.method == "calib":
         del settings["recon"]
     return json.loads(json.dumps(settings))

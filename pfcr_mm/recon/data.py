@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -19,6 +20,7 @@ from torch import nn
 
 from ..adapters.base import ReconUnit
 from ..quant.calibrate import hard_rounding, quantizer_states
+from .cache import GB, CacheStore
 from .engine import CACHE_DTYPES, eval_mode, unit_seed
 from .units import LayerUnit, flat_tensors, leaves, map_tensors
 
@@ -79,6 +81,10 @@ class ChainDataSource:
         handed out (``ReconSettings.cache_dtype``). Each step computes in float32 on the model's
         device. A unit's FP and quantized-path inputs are the fronts themselves, so per image
         the source holds three tensors of a unit's input size (two fronts and the targets).
+    cache_limit_gb / cache_dir: the most GB (10^9 bytes) of cached tensors held in memory, and
+        where the tensors beyond go, as memory-mapped files (``ReconSettings.cache_limit_gb``,
+        ``cache_dir``; :class:`~pfcr_mm.recon.cache.CacheStore`, ``self.cache``, counts them).
+        :meth:`close` drops what the source still holds and removes the spill folder.
 
     Only the input of the first block is obtained by running the model: a forward pre-hook
     records it and its positional arguments and stops the forward there (for a detector, the
@@ -105,6 +111,8 @@ class ChainDataSource:
         cache_device: str | torch.device = "cpu",
         pinned: Sequence[tuple[nn.Module, int]] = (),
         downstream: Callable[[nn.Module, Any], Any] | None = None,
+        cache_limit_gb: float | None = None,
+        cache_dir: str | Path | None = None,
     ):
         self.model = model
         self.downstream = downstream
@@ -118,6 +126,8 @@ class ChainDataSource:
             cache_dtype = CACHE_DTYPES[cache_dtype]
         self.cache_dtype = cache_dtype
         self.cache_device = torch.device(cache_device)
+        limit = None if cache_limit_gb is None else int(cache_limit_gb * GB)
+        self.cache = CacheStore(limit, cache_dir, self.cache_device, cache_dtype)
         self._index = {id(u): i for i, u in enumerate(self.units)}
         self._pos: int | None = None  # the fronts hold the inputs of units[_pos]
         self._fp: list[torch.Tensor] = []
@@ -125,7 +135,15 @@ class ChainDataSource:
         self._args: list[tuple] = []
 
     def _store(self, t):
-        return map_tensors(lambda u: u.detach().to(self.cache_device, self.cache_dtype), t)
+        return map_tensors(self.cache.store, t)
+
+    def close(self) -> None:
+        """Drop the fronts, the kept output weights and the pinned RoIs, and remove the spill
+        folder; the source can be used again afterwards (the fronts restart)."""
+        self._fp, self._q, self._args, self._pos = [], [], [], None
+        self._block_weights.clear()
+        self._pins.clear()
+        self.cache.close()
 
     @contextmanager
     def _pinning(self, batch_index: int, record: bool) -> Iterator[None]:

@@ -117,9 +117,12 @@ def run_reconstruction(
     if records:
         meta["resumed_after"] = len(records)
         print_fn(f"resuming after unit {len(records)}/{total} {records[-1].name}")
+    cache = getattr(source, "cache", None)  # a CacheStore counting the cached bytes, if any
     start = time.perf_counter()
     for k, (level, unit, recipe) in enumerate(plan[len(records) :], start=len(records) + 1):
         name = _name(unit)
+        if cache is not None:
+            cache.reset_peaks()
         cache_start = time.perf_counter()
         fp_inputs, fp_targets, extra_args = source.fp_io(unit)
         q_inputs = source.quant_input(unit)
@@ -128,6 +131,7 @@ def run_reconstruction(
             probes, seed = settings.downstream_probes, settings.seed
             weights = source.output_weights(unit, fp_targets, probes, seed)
         cache_seconds = time.perf_counter() - cache_start
+        held = None if cache is None else {"memory": cache.memory, "disk": cache.disk}
 
         def progress(it: int, loss: float, k=k, name=name, n=recipe.iters) -> None:
             print_fn(f"  ({k}/{total}) {name} iter {it}/{n} loss {loss:.4g}")
@@ -158,6 +162,10 @@ def run_reconstruction(
         record.level = level
         record.peak_mem_mb = peak_memory_mb()
         record.cache_seconds = cache_seconds
+        if cache is not None:  # held: the unit's caches; peak: also the fronts moving to them
+            peak = {"peak_memory": cache.peak_memory, "peak_disk": cache.peak_disk}
+            record.cache_bytes = {**held, **peak}
+            meta["cache"] = cache.stats()
         record.block_passes = record.iters * block_passes(unit)
         records.append(record)
         print_fn(

@@ -81,6 +81,13 @@ class ReconSettings:
     drop_prob: probability that an input element comes from the FP input instead of the
         quantized path (QDrop); 0 uses the quantized-path input only.
     cache_dtype: dtype of the cached inputs and targets (``float32`` or ``float16``).
+    cache_limit_gb: the most GB (10^9 bytes) the unit caches hold in host memory; cached tensors
+        beyond it are written to memory-mapped files (bit-identical steps; on COCO, 256 images
+        at 800x1333, the caches of one unit reach tens of GB: README "Memory on COCO").
+        ``None``: no limit, all in memory. Neither it nor ``cache_dir`` changes the quantized
+        model: a run may be resumed with another limit.
+    cache_dir: the folder the spill files go in (a temporary folder inside it, removed at the
+        end); ``None``: the run's reconstruction log folder, or the system's temporary folder.
     seed: seeds the sampling of batches and QDrop masks (per unit, combined with its name).
     log_every: report progress every this many iterations (0: only at the end of a unit).
     downstream_weight: the detection-aware objective (0: off). A block unit's loss adds this
@@ -107,6 +114,8 @@ class ReconSettings:
     non_block: str = "calib"
     drop_prob: float = 0.5
     cache_dtype: str = "float32"
+    cache_limit_gb: float | None = None
+    cache_dir: str | None = None
     seed: int = 0
     log_every: int = 1000
     downstream_weight: float = 0.0
@@ -141,6 +150,17 @@ class ReconSettings:
             raise ValueError(
                 f"ReconSettings.cache_dtype must be one of {tuple(CACHE_DTYPES)}, "
                 f"got {self.cache_dtype!r}"
+            )
+        limit = self.cache_limit_gb
+        if limit is not None and (
+            isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit >= 0
+        ):
+            raise ValueError(
+                f"ReconSettings.cache_limit_gb must be a number >= 0 or None, got {limit!r}"
+            )
+        if self.cache_dir is not None and not isinstance(self.cache_dir, str):
+            raise ValueError(
+                f"ReconSettings.cache_dir must be a path or None, got {self.cache_dir!r}"
             )
 
     @property
@@ -178,6 +198,8 @@ class UnitRecord:
     # the seconds spent getting its caches (``seconds`` is its optimization)
     block_passes: float = 0.0
     cache_seconds: float = 0.0
+    # the bytes of the unit's caches in memory and on disk (pfcr_mm.recon.cache.CacheStore)
+    cache_bytes: dict | None = None
 
 
 def beta_at(progress: float, settings: ReconSettings) -> float:

@@ -53,6 +53,7 @@ def write_loss_log(path: str | Path, records: Sequence[UnitRecord], meta: dict) 
             "hard_after": r.hard_after,
             "seconds": round(r.seconds, 3),
             "peak_mem_mb": r.peak_mem_mb,
+            "cache_bytes": r.cache_bytes,
             "weight_quantizers": r.n_weight_quantizers,
             "act_quantizers": r.n_act_quantizers,
             "curve": loss_curve(r.losses),
