@@ -36,6 +36,7 @@ from torch import nn
 
 from .adapters import QuantPlan, prepare_calibrated
 from .quant.calibrate import (
+    DownstreamOutputs,
     distributed_world,
     load_quantizer_state,
     quantizer_state,
@@ -211,10 +212,12 @@ def quantize(
         reach stay calibrated only. A detector's heads pair up between the FP and the quantized
         model although their proposals differ: the model's adapters pin the RoIs
         (``QuantPlan.pinned``), so the quantized heads see the FP model's boxes.
-    downstream: ``f(model, batch)``: the outputs the detection-aware objective measures a
-        block unit's error at (``recon.downstream_weight``; a detector's FPN outputs);
-        default: the outputs of ``recon_batch``, which must then be float tensors (a
-        classifier's logits; a detector's tensor-mode outputs, not its predictions).
+    downstream: ``f(model, batch)``: the outputs by which close post-softmax choices are made
+        (``quant.post_softmax="auto"``) and at which the detection-aware objective measures a
+        block unit's error (``recon.downstream_weight``); a detector's FPN outputs. Default:
+        the outputs of ``run_batch`` (calibration) and ``recon_batch`` (reconstruction), which
+        must then be float tensors (a classifier's logits; a detector's tensor-mode outputs,
+        not its predictions).
     head: a classification head, quantized with ``config.quant.head_bits`` if set.
     log_dir: where ``recon_log.json`` and ``recon_loss.png`` go (``None``: nowhere).
     print_fn: progress lines.
@@ -248,7 +251,10 @@ def quantize(
             print_fn(f"calibration: batch {i + 1}/{total}")
 
     start = time.perf_counter()
-    plan = prepare_calibrated(model, config.quant, forward_loop, config.scope_modules, head)
+    outputs = DownstreamOutputs(calib_data, downstream or run_batch, print_fn)
+    plan = prepare_calibrated(
+        model, config.quant, forward_loop, config.scope_modules, head, outputs
+    )
     calibration_seconds = time.perf_counter() - start
     if config.method == "calib":
         return QuantResult(plan)

@@ -4,8 +4,15 @@ import pytest
 import torch
 
 from pfcr_mm.adapters import prepare, prepare_calibrated
+from pfcr_mm.quant import attention
 from pfcr_mm.quant.attention import POST_SOFTMAX_CANDIDATES, AttentionQuantizers
-from pfcr_mm.quant.calibrate import quant_summary, set_quant_state
+from pfcr_mm.quant.calibrate import (
+    DownstreamOutputs,
+    calibrate_activations,
+    quant_summary,
+    quantizer_states,
+    set_quant_state,
+)
 from pfcr_mm.quant.config import QuantConfig
 from pfcr_mm.quant.quantizers import LogQuantizer
 
@@ -16,6 +23,7 @@ def _attentions(model):
 
 @pytest.mark.parametrize("bits", [3, 8])
 def test_each_attention_keeps_the_candidate_of_least_output_error(tiny_timm_vit, monkeypatch, bits):
+    """Without the model's outputs the choice is the least ``probs @ v`` error."""
     x = torch.randn(8, 3, 32, 32)
     model = tiny_timm_vit()
     scored = {}
@@ -23,7 +31,10 @@ def test_each_attention_keeps_the_candidate_of_least_output_error(tiny_timm_vit,
     monkeypatch.setattr(
         AttentionQuantizers,
         "choose",
-        lambda self, scores: (scored.__setitem__(id(self), list(scores)), choose(self, scores)),
+        lambda self, scores, downstream=None: (
+            scored.__setitem__(id(self), list(scores)),
+            choose(self, scores, downstream),
+        ),
     )
     cfg = QuantConfig(w_bits=bits, a_bits=bits, post_softmax="auto")
     prepare_calibrated(model, cfg, lambda m: m(x))
@@ -83,3 +94,74 @@ def test_a_model_used_before_the_choice_is_refused(tiny_timm_vit):
     first.probs.calibrated = True
     with pytest.raises(RuntimeError, match="choice was not made"):
         first.probs.fake_quant(torch.rand(2, 2))
+
+
+def _logit_error(model, att, index, x):
+    """The squared logit error when only candidate ``index`` of ``att`` quantizes."""
+    with torch.no_grad(), quantizer_states(model, weights=False, activations=False):
+        ref = model(x)
+        with att.trying(index):
+            return float((model(x) - ref).pow(2).sum())
+
+
+@pytest.mark.parametrize("ratio", [attention.SHORTLIST_RATIO, float("inf")])
+def test_close_calls_are_decided_by_the_error_at_the_outputs(tiny_timm_vit, monkeypatch, ratio):
+    """Candidates within SHORTLIST_RATIO of the best probs @ v error are each tried alone, and the
+    one of least logit error is kept; the summary records both errors and how it was chosen."""
+    monkeypatch.setattr(attention, "SHORTLIST_RATIO", ratio)
+    batches = [
+        torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in (0, 1)
+    ]
+    model = tiny_timm_vit()
+    prepare(model, QuantConfig(w_bits=4, a_bits=4, post_softmax="auto"))
+    pending = {}
+    start = AttentionQuantizers.start_scoring
+    monkeypatch.setattr(
+        AttentionQuantizers,
+        "start_scoring",
+        lambda self: (pending.__setitem__(id(self), self.probs), start(self))[1],
+    )
+    lines = []
+
+    def loop(m):
+        for b in batches:
+            m(b)
+
+    outputs = DownstreamOutputs(batches, lambda m, b: m(b), lines.append)
+    calibrate_activations(model, loop, outputs)
+    rows = {r["module"]: r for r in quant_summary(model)}
+    decided = 0
+    for name, att in _attentions(model).items():
+        record = rows[f"{name}.probs"]["choice"]
+        pv, down = record["probs_v_error"], record["downstream_error"]
+        short = [i for i, s in enumerate(pv) if s <= ratio * min(pv)]
+        if len(short) == 1:
+            assert record["chosen_by"] == "probs @ v" and down is None
+            continue
+        decided += 1
+        assert record["chosen_by"] == "downstream outputs"
+        # every shortlisted candidate was tried and scored by its own logit error, no other
+        assert [i for i, d in enumerate(down) if d == d] == short
+        chosen = att.probs
+        att.probs = pending[id(att)]  # the candidates again, to measure them independently
+        for i in short:
+            expected = sum(_logit_error(model, att, i, b) for b in batches)
+            assert down[i] == pytest.approx(expected, rel=1e-5)
+        best = min(short, key=down.__getitem__)
+        assert chosen is pending[id(att)].candidates[best]
+        att.probs = chosen
+    if ratio == float("inf"):
+        assert decided == 4
+    assert decided == 0 or lines[-1].startswith("post-softmax choice: batch 2/2")
+
+
+def test_outputs_that_are_not_tensors_are_refused(tiny_timm_vit):
+    x = torch.randn(4, 3, 32, 32)
+    model = tiny_timm_vit()
+    prepare(model, QuantConfig(w_bits=4, a_bits=4, post_softmax="auto"))
+    outputs = DownstreamOutputs([x], lambda m, b: [{"scores": m(b)}])
+    with pytest.raises(TypeError, match="pass quantize\\(downstream=f\\)"):
+        # every candidate tried, so the outputs are compared whatever the scores
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(attention, "SHORTLIST_RATIO", float("inf"))
+            calibrate_activations(model, lambda m: m(x), outputs)

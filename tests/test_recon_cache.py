@@ -116,7 +116,7 @@ def test_sampler_draws_the_same_rows_from_spilled_nested_caches(tmp_path):
             assert sampler.pooled == pooled
             gen = torch.Generator().manual_seed(1)
             draws.append([sampler.draw(gen)[:3] for _ in range(5)])
-        flat = [pfcr_mm.recon.units.flat_tensors(d) for d in draws]
+        flat = [pfcr_mm.quant.calibrate.flat_tensors(d) for d in draws]
         assert all(torch.equal(u, v) for u, v in zip(*flat, strict=True))
         store.close()
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from ..quant.calibrate import calibrate_activations, set_quant_state
+from ..quant.calibrate import DownstreamOutputs, calibrate_activations, set_quant_state
 from ..quant.config import QuantConfig
 from ..quant.modules import QuantConv2d, QuantLinear
 from ..quant.reparam import reparameterize_post_ln
@@ -273,10 +273,13 @@ def prepare_calibrated(
     forward_loop: Callable[[nn.Module], None],
     scope: list[str] | None = None,
     head: nn.Module | None = None,
+    downstream: DownstreamOutputs | None = None,
 ) -> QuantPlan:
-    """Prepare, calibrate on ``forward_loop(model)``, re-parameterize, and switch to quantized."""
+    """Prepare, calibrate on ``forward_loop(model)`` (``downstream``: the outputs that decide
+    close post-softmax choices, :func:`~pfcr_mm.quant.calibrate.calibrate_activations`),
+    re-parameterize, and switch to quantized."""
     plan = prepare(model, cfg, scope, head)
-    calibrate_activations(model, forward_loop)
+    calibrate_activations(model, forward_loop, downstream)
     for norm, linear in plan.post_ln_pairs:
         reparameterize_post_ln(norm, linear)
     set_quant_state(model, weights=True, activations=True)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -114,13 +116,41 @@ def raise_if_any_failed(failure: BaseException | None, what: str) -> None:
         raise RuntimeError(f"{what} failed in process {rank}: {message}")
 
 
+def flat_tensors(obj) -> list[torch.Tensor]:
+    """The tensors of a (nested) tuple or list, in order."""
+    if isinstance(obj, (tuple, list)):
+        return [t for part in obj for t in flat_tensors(part)]
+    return [obj]
+
+
+@dataclass
+class DownstreamOutputs:
+    """The model's outputs on the calibration batches, by which the post-softmax choice is made
+    where the ``probs @ v`` scores leave it close (:mod:`pfcr_mm.quant.attention`).
+
+    batches: the calibration batches (this process's share), re-iterable.
+    outputs: ``f(model, batch)``: a tensor or (nested) tuple of tensors, e.g. a classifier's
+        logits or a detector's backbone and neck features.
+    progress: called with a line after each batch.
+    """
+
+    batches: Iterable[Any]
+    outputs: Callable[[nn.Module, Any], Any]
+    progress: Callable[[str], None] = lambda line: None
+
+
 @torch.no_grad()
-def calibrate_activations(model: nn.Module, forward_loop: Callable[[nn.Module], None]) -> None:
+def calibrate_activations(
+    model: nn.Module,
+    forward_loop: Callable[[nn.Module], None],
+    downstream: DownstreamOutputs | None = None,
+) -> None:
     """Run ``forward_loop(model)`` in floating point while every activation quantizer counts its
     inputs (:mod:`pfcr_mm.quant.histogram`), then choose every range. Where an attention's
     post-softmax quantizer is ``"auto"``, a second pass of ``forward_loop`` scores the
-    candidates by the error of that attention's output and keeps the best
-    (:mod:`pfcr_mm.quant.attention`).
+    candidates by the error of that attention's output ``probs @ v``; where more than one come
+    close and ``downstream`` is given, a third pass tries each of those alone and keeps the one
+    of least error at ``downstream``'s outputs (:mod:`pfcr_mm.quant.attention`).
 
     Under ``torch.distributed`` each process runs its own share of the calibration batches; the
     histograms and scores are summed across processes (exact integer counts), so every process
@@ -143,9 +173,7 @@ def calibrate_activations(model: nn.Module, forward_loop: Callable[[nn.Module], 
     _run_everywhere(model, observe, "calibration")
     if world > 1:
         for _, q in quantizers:  # the same order in every process
-            parts = [None] * world
-            dist.all_gather_object(parts, q.observed)
-            q.pool_observed(parts)
+            q.pool_observed(_gathered(q.observed))
     unseen = [n for n, q in quantizers if q.enabled and q.observed_count == 0]
     if unseen:
         raise RuntimeError(
@@ -162,12 +190,57 @@ def calibrate_activations(model: nn.Module, forward_loop: Callable[[nn.Module], 
     for m in choosing:
         m.start_scoring()
     _run_everywhere(model, forward_loop, "post-softmax scoring")
+    scores = {m: [sum(s) for s in zip(*_gathered(m.scores))] for m in choosing}
     for m in choosing:
-        scores = [m.scores]
-        if world > 1:
-            scores = [None] * world
-            dist.all_gather_object(scores, m.scores)
-        m.choose([sum(s) for s in zip(*scores)])
+        m.scores = None  # the scoring pass is over
+    trials = (
+        []
+        if downstream is None
+        else [(m, i) for m in choosing if len(short := m.shortlist(scores[m])) > 1 for i in short]
+    )
+    errors = _gathered(_downstream_errors(model, trials, downstream)) if trials else []
+    for m in choosing:
+        tried = {i: sum(e[t] for e in errors) for t, (n, i) in enumerate(trials) if n is m}
+        m.choose(scores[m], tried or None)
+
+
+def _gathered(obj: Any) -> list:
+    """``[obj]`` of every process (``[obj]`` alone outside ``torch.distributed``)."""
+    _, world = distributed_world()
+    if world == 1:
+        return [obj]
+    parts = [None] * world
+    dist.all_gather_object(parts, obj)
+    return parts
+
+
+def _downstream_errors(
+    model: nn.Module, trials: list[tuple[AttentionQuantizers, int]], downstream: DownstreamOutputs
+) -> list[float]:
+    """For each ``(attention, candidate)`` of ``trials``, the squared error at ``downstream``'s
+    outputs over this process's batches when only that candidate quantizes (all else FP)."""
+    errors = [0.0] * len(trials)
+
+    def loop(m: nn.Module) -> None:
+        total = len(downstream.batches) if hasattr(downstream.batches, "__len__") else "?"
+        for b, batch in enumerate(downstream.batches):
+            ref = flat_tensors(downstream.outputs(m, batch))
+            if not all(isinstance(r, torch.Tensor) and r.is_floating_point() for r in ref):
+                raise TypeError(
+                    "post_softmax='auto' compares the model's outputs, but they are not float "
+                    f"tensors ({type(ref[0]).__name__}): pass quantize(downstream=f) with "
+                    "f(model, batch) returning tensors, or fix QuantConfig.post_softmax"
+                )
+            for t, (attention, index) in enumerate(trials):
+                with attention.trying(index):
+                    out = flat_tensors(downstream.outputs(m, batch))
+                errors[t] += sum(float((o - r).pow(2).sum()) for o, r in zip(out, ref))
+            downstream.progress(
+                f"post-softmax choice: batch {b + 1}/{total}, {len(trials)} candidates tried"
+            )
+
+    _run_everywhere(model, loop, "post-softmax choice")
+    return errors
 
 
 def _run_everywhere(model: nn.Module, forward_loop: Callable[[nn.Module], None], what: str) -> None:
@@ -192,6 +265,11 @@ def _run_everywhere(model: nn.Module, forward_loop: Callable[[nn.Module], None],
 
 def quant_summary(model: nn.Module) -> list[dict]:
     """One row per enabled quantizer: module, bits, granularity, scale and range."""
+    choices = {
+        f"{name}.probs": m.choice_record
+        for name, m in model.named_modules()
+        if isinstance(m, AttentionQuantizers) and m.choice_record is not None
+    }
     rows = []
     for name, q in named_quantizers(model):
         if q.enabled and q.calibrated:
@@ -200,6 +278,7 @@ def quant_summary(model: nn.Module) -> list[dict]:
                     "module": name,
                     "kind": "weight" if is_weight_quantizer(q) else "input",
                     **q.describe(),
+                    **({"choice": choices[name]} if name in choices else {}),
                 }
             )
     return rows

@@ -384,6 +384,11 @@ class LogQuantizer(BaseQuantizer):
             raise ValueError(f"the log base exponent k must be positive, got {k!r}")
         self.k = float(k)
         self.register_buffer("delta", torch.ones(()))
+        # 2^(-q/k) of the 2^b codes, and 0 (codes that round beyond the last level), from
+        # Python floats: an exporter folds them into the graph as these same float32 values
+        # (a pow in torch and one in the exporter's constant folding differ in the last bit)
+        powers = [2.0 ** (-q / self.k) for q in range(2**bits)] + [0.0]
+        self.register_buffer("powers", torch.tensor(powers), persistent=False)
 
     @property
     def name(self) -> str:
@@ -409,11 +414,9 @@ class LogQuantizer(BaseQuantizer):
         delta = self.delta if delta is None else delta
         levels = 2**self.bits - 1
         code = -self.k * torch.log2(torch.clamp(x / delta, min=1e-30))
-        # the 2^b levels and 0 (codes that round beyond the last level) as a table: one gather
-        # instead of a pow and a where over every probability (the costliest elementwise work
-        # of an MHSA unit's reconstruction step), with the same values
-        steps = torch.arange(levels + 1, device=x.device, dtype=x.dtype)
-        table = torch.cat([delta * torch.pow(2.0, -steps / self.k), steps.new_zeros(1)])
+        # the 2^b levels and 0 as a table: one gather instead of a pow and a where over every
+        # probability (the costliest elementwise work of an MHSA unit's reconstruction step)
+        table = delta * self.powers.to(x.dtype)
         return table[torch.clamp(torch.round(code), 0, levels + 1).long()]
 
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:

@@ -19,10 +19,10 @@ import torch
 from torch import nn
 
 from ..adapters.base import ReconUnit
-from ..quant.calibrate import hard_rounding, quantizer_states
+from ..quant.calibrate import flat_tensors, hard_rounding, quantizer_states
 from .cache import GB, CacheStore
 from .engine import CACHE_DTYPES, eval_mode, unit_seed
-from .units import LayerUnit, flat_tensors, leaves, map_tensors
+from .units import LayerUnit, leaves, map_tensors
 
 
 class UnitDataSource(Protocol):

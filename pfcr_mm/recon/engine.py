@@ -26,11 +26,11 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from ..quant.calibrate import hard_rounding, is_weight_quantizer, learned_rounding
+from ..quant.calibrate import flat_tensors, hard_rounding, is_weight_quantizer, learned_rounding
 from ..quant.config import dataclass_from_dict
 from ..quant.quantizers import AdaRoundWeightQuantizer, BaseQuantizer, UniformQuantizer
 from .pos import BUDGET_UNITS, POS_STRATEGIES, UnitRecipe
-from .units import TOP, check_max_level, flat_tensors, map_tensors, unit_level
+from .units import TOP, check_max_level, map_tensors, unit_level
 
 NON_BLOCK = ("calib", "layerwise", "parts")
 CACHE_DTYPES = {"float32": torch.float32, "float16": torch.float16}

@@ -106,13 +106,6 @@ def map_tensors(fn: Callable, *objs):
     return fn(*objs)
 
 
-def flat_tensors(obj) -> list[torch.Tensor]:
-    """The tensors of a (nested) tuple or list, in order."""
-    if isinstance(obj, (tuple, list)):
-        return [t for part in obj for t in flat_tensors(part)]
-    return [obj]
-
-
 def unit_level(unit: nn.Module) -> int:
     """The level of a unit: a finest :class:`ReconUnit` is level 0, a :class:`LayerUnit` -1."""
     return getattr(unit, "level", 0)
