@@ -120,10 +120,9 @@ class AttentionQuantizers(nn.Module):
     @staticmethod
     def shortlist(scores: list[float]) -> list[int]:
         """The candidates whose ``probs @ v`` error is within :data:`SHORTLIST_RATIO` of the
-        best, best first."""
+        best."""
         best = min(scores)
-        close = [i for i, s in enumerate(scores) if s <= SHORTLIST_RATIO * best]
-        return sorted(close, key=scores.__getitem__)
+        return [i for i, s in enumerate(scores) if s <= SHORTLIST_RATIO * best]
 
     @contextmanager
     def trying(self, index: int) -> Iterator[None]:
@@ -139,18 +138,18 @@ class AttentionQuantizers(nn.Module):
             self.probs = pending
 
     def choose(self, scores: list[float], downstream: dict[int, float] | None = None) -> None:
-        """Keep a candidate. ``scores``: every candidate's ``probs @ v``
-        error; ``downstream``: the error at the model's outputs of the shortlisted ones, which
-        then decides (both summed over all processes)."""
+        """Keep a candidate. ``scores``: every candidate's ``probs @ v`` error; ``downstream``:
+        the error at the model's outputs of the shortlisted ones, which then decides (both
+        summed over all processes)."""
         by = downstream or dict(enumerate(scores))
         best = min(by, key=by.__getitem__)
         self.choice_record = {
             "candidates": [c.describe()["quantizer"] for c in self.probs.candidates],
             "probs_v_error": list(scores),
-            "downstream_error": [(downstream or {}).get(i, math.nan) for i in range(len(scores))]
-            if downstream
-            else None,
-            "chosen_by": "downstream outputs" if downstream else "probs @ v",
+            "downstream_error": None
+            if downstream is None
+            else [downstream.get(i, math.nan) for i in range(len(scores))],
+            "chosen_by": "probs @ v" if downstream is None else "downstream outputs",
         }
         self.probs = self.probs.candidates[best].train(self.training)
 
