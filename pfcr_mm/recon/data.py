@@ -48,6 +48,9 @@ class UnitDataSource(Protocol):
         ...
 
 
+_UNSET = object()  # a module without a ``forward`` of its own (the class's)
+
+
 class _ReachedBlock(Exception):
     """Raised by the capture hook to stop a forward once a module's input is recorded."""
 
@@ -165,15 +168,44 @@ class ChainDataSource:
                 )
             return (*args[:index], recorded[1], *args[index + 1 :])
 
-        handles = [
-            m.register_forward_pre_hook(lambda mod, args, i=i: hook(mod, args, i))
-            for m, i in self.pinned
-        ]
+        # A call through ``module(...)`` is pinned by a forward pre-hook (the module's other
+        # hooks see the pinned arguments); ``forward`` is wrapped too, for the calls made to it
+        # directly, which skip the hooks: mmdet's ``TwoStageDetector._forward`` calls
+        # ``roi_head.forward`` (Cascade splits each stage's outputs by the proposal counts)
+        hooked: set[int] = set()  # the modules whose next forward the pre-hook has pinned
+
+        def pre_hook(module: nn.Module, args: tuple, index: int):
+            hooked.add(id(module))
+            return hook(module, args, index)
+
+        def wrap(module: nn.Module, forward: Callable, index: int) -> Callable:
+            def pinned_forward(*args: Any, **kwargs: Any) -> Any:
+                if id(module) in hooked:
+                    hooked.discard(id(module))
+                else:
+                    new = hook(module, args, index)
+                    args = args if new is None else new
+                return forward(*args, **kwargs)
+
+            return pinned_forward
+
+        handles, saved = [], []
+        for m, i in self.pinned:
+            handles.append(
+                m.register_forward_pre_hook(lambda mod, args, i=i: pre_hook(mod, args, i))
+            )
+            saved.append((m, m.__dict__.get("forward", _UNSET)))
+            m.forward = wrap(m, m.forward, i)
         try:
             yield
         finally:
             for h in handles:
                 h.remove()
+            for m, forward in reversed(saved):
+                if forward is _UNSET:
+                    del m.forward
+                else:
+                    m.forward = forward
 
     def _capture(self, module: nn.Module, batch: Any, name: str) -> tuple[torch.Tensor, tuple]:
         """Run one batch up to ``module``; its input and extra positional arguments."""
