@@ -45,18 +45,14 @@ def test_batchnorm_folding_is_exact_in_fp():
     torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
 
 
-@pytest.fixture(scope="module")
-def quantized_detector():
-    """The demo detector (random weights) at W4A4 over the whole model, calibrated on 2 batches
-    of 2 random 160x160 images, and a ``run_batch`` in tensor mode."""
-    register_all_modules()
-    torch.manual_seed(0)
-    model = MODELS.build(Config.fromfile(DEMO).model).eval()
-    meta = dict(img_shape=(160, 160), ori_shape=(160, 160), scale_factor=(1.0, 1.0))
-    meta["batch_input_shape"] = (160, 160)
+def _calibrated_w4a4(model, size: int):
+    """``model`` quantized whole at W4A4, calibrated on 2 batches of 2 random ``size`` x
+    ``size`` images; its plan, the batches and a ``run_batch`` in tensor mode."""
+    meta = dict(img_shape=(size, size), ori_shape=(size, size), scale_factor=(1.0, 1.0))
+    meta["batch_input_shape"] = (size, size)
     batches = [
         {
-            "inputs": torch.randn(2, 3, 160, 160),
+            "inputs": torch.randn(2, 3, size, size),
             "data_samples": [DetDataSample(metainfo=meta) for _ in range(2)],
         }
         for _ in range(2)
@@ -68,7 +64,31 @@ def quantized_detector():
     plan = prepare_calibrated(
         model, QuantConfig(w_bits=4, a_bits=4), lambda m: [run_batch(m, b) for b in batches]
     )
+    return plan, batches, run_batch
+
+
+@pytest.fixture(scope="module")
+def quantized_detector():
+    """The demo detector (random weights) at W4A4 over the whole model, calibrated on 2 batches
+    of 2 random 160x160 images, and a ``run_batch`` in tensor mode."""
+    register_all_modules()
+    torch.manual_seed(0)
+    model = MODELS.build(Config.fromfile(DEMO).model).eval()
+    plan, batches, run_batch = _calibrated_w4a4(model, 160)
     return model, plan, batches, run_batch
+
+
+def _assert_parts_reconstruct(plan, source, names: list[str]):
+    """Every part of ``plan`` reconstructed from ``source``'s caches (no labels), in the order
+    ``names``, each with its integer-weight error down."""
+    units = [LayerUnit(name, m, True, 64 if per_roi else None) for name, m, per_roi in plan.parts]
+    settings = ReconSettings(iters=30, log_every=0)
+    records = run_reconstruction(
+        [], source, settings, None, print_fn=lambda s: None, layers_after=units
+    )
+    assert [r.name for r in records] == names
+    for r in records:
+        assert r.hard_after < r.hard_before, r.name
 
 
 def _rois_seen(extractor, source, unit, fp: bool):
@@ -103,14 +123,7 @@ def test_heads_see_the_fp_rois_and_reconstruct_without_labels(quantized_detector
     assert any(a.shape != b.shape or not torch.equal(a, b) for a, b in zip(fp_rois, free_rois))
 
     # the heads reconstructed from these caches: no labels anywhere, the error goes down
-    units = [LayerUnit(name, m, True, 64 if per_roi else None) for name, m, per_roi in plan.parts]
-    settings = ReconSettings(iters=30, log_every=0)
-    records = run_reconstruction(
-        [], pinned, settings, None, print_fn=lambda s: None, layers_after=units
-    )
-    assert [r.name for r in records] == list(parts)
-    for r in records:
-        assert r.hard_after < r.hard_before, r.name
+    _assert_parts_reconstruct(plan, pinned, list(parts))
 
 
 def test_pinned_arguments_reach_a_forward_called_directly():
@@ -168,22 +181,7 @@ def quantized_cascade():
     cfg.test_cfg.rcnn.max_per_img = 10
     model = MODELS.build(cfg).eval()
     norms = sum(isinstance(m, nn.BatchNorm2d) for m in model.roi_head.modules())
-    meta = dict(img_shape=(128, 128), ori_shape=(128, 128), scale_factor=(1.0, 1.0))
-    meta["batch_input_shape"] = (128, 128)
-    batches = [
-        {
-            "inputs": torch.randn(2, 3, 128, 128),
-            "data_samples": [DetDataSample(metainfo=meta) for _ in range(2)],
-        }
-        for _ in range(2)
-    ]
-
-    def run_batch(m, batch):
-        return m(batch["inputs"], batch["data_samples"], mode="tensor")
-
-    plan = prepare_calibrated(
-        model, QuantConfig(w_bits=4, a_bits=4), lambda m: [run_batch(m, b) for b in batches]
-    )
+    plan, batches, run_batch = _calibrated_w4a4(model, 128)
     return model, plan, norms, batches, run_batch
 
 
@@ -237,11 +235,4 @@ def test_cascade_heads_see_the_fp_refined_rois_and_reconstruct(quantized_cascade
     assert any(_per_image(a) != _per_image(b) for a, b in zip(fp_rois, free_rois))
 
     # every part reconstructed from these caches: the error goes down
-    units = [LayerUnit(name, m, True, 64 if per_roi else None) for name, m, per_roi in plan.parts]
-    settings = ReconSettings(iters=30, log_every=0)
-    records = run_reconstruction(
-        [], pinned, settings, None, print_fn=lambda s: None, layers_after=units
-    )
-    assert [r.name for r in records] == list(parts)
-    for r in records:
-        assert r.hard_after < r.hard_before, r.name
+    _assert_parts_reconstruct(plan, pinned, list(parts))
