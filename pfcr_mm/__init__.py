@@ -4,14 +4,21 @@ The core is pure torch (no OpenMMLab import): ``pfcr_mm.quantize(model, PTQConfi
 runs the whole method (:mod:`pfcr_mm.core`); :mod:`pfcr_mm.engine` runs it inside MMEngine.
 """
 
-from .core import METHODS, CalibSettings, PTQConfig, QuantResult, ResumeState, quantize
-from .quant.config import QuantConfig
-from .recon import ReconSettings
+from .core import QuantResult, ResumeState, quantize
+from .settings import (
+    METHODS,
+    CacheSettings,
+    CalibSettings,
+    PTQConfig,
+    QuantConfig,
+    ReconSettings,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "METHODS",
+    "CacheSettings",
     "CalibSettings",
     "PTQConfig",
     "QuantConfig",

@@ -77,7 +77,7 @@ def tiny_mmdet_swin():
 def quantized_vit(tiny_timm_vit):
     """Factory: ``quantized_vit()`` returns ``(model, plan, batches)``."""
     from pfcr_mm.adapters import prepare_calibrated
-    from pfcr_mm.quant.config import QuantConfig
+    from pfcr_mm.settings import QuantConfig
 
     def build():
         """A tiny ViT (4 blocks, 17 tokens of 48 channels) quantized at W4A4, two calib
@@ -163,8 +163,8 @@ def fp_outputs_around_reparam():
     """``fp_outputs_around_reparam(model, x)``: see its docstring."""
     from pfcr_mm.adapters import prepare
     from pfcr_mm.quant.calibrate import calibrate_activations, set_quant_state
-    from pfcr_mm.quant.config import QuantConfig
     from pfcr_mm.quant.reparam import reparameterize_post_ln
+    from pfcr_mm.settings import QuantConfig
 
     def run(model, x):
         """Prepare ``model`` at W4A4, calibrate on ``x``, and return the plan and the FP

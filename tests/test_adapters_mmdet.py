@@ -9,8 +9,8 @@ from mmdet.models.backbones.swin import WindowMSA
 from torch import nn
 
 from pfcr_mm.adapters import prepare, prepare_calibrated
-from pfcr_mm.quant.config import QuantConfig
 from pfcr_mm.quant.modules import QuantLinear
+from pfcr_mm.settings import QuantConfig
 
 # 60x76 pixels -> 15x19 tokens at stage 1 and 8x10 at stage 2: neither is a multiple of 7
 PADDED_INPUT = (2, 3, 60, 76)

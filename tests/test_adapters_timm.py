@@ -8,8 +8,8 @@ from torch import nn
 
 from pfcr_mm.adapters import UnsupportedModelError, prepare, prepare_calibrated
 from pfcr_mm.quant.calibrate import calibrate_activations
-from pfcr_mm.quant.config import QuantConfig
 from pfcr_mm.quant.modules import QuantLinear
+from pfcr_mm.settings import QuantConfig
 
 INPUT_SHAPES = {"vit": (4, 3, 32, 32), "swin": (2, 3, 56, 56)}
 

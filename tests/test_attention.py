@@ -13,8 +13,8 @@ from pfcr_mm.quant.calibrate import (
     quantizer_states,
     set_quant_state,
 )
-from pfcr_mm.quant.config import QuantConfig
 from pfcr_mm.quant.quantizers import LogQuantizer
+from pfcr_mm.settings import QuantConfig
 
 
 def _attentions(model):

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from pfcr_mm.demo.shapes import generate_shapes_dataset
-from pfcr_mm.engine.ptq import last_run_dir
+from pfcr_mm.engine.run_dir import last_run_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_VIT = ROOT / "configs/demo/demo_vit_shapes_w4a4.py"
@@ -206,7 +206,7 @@ CASES = [
         "negative_cache_limit",
         "",
         ["--cfg-options", "ptq.method=pfcr", "ptq.recon.cache_limit_gb=-1"],
-        "ReconSettings.cache_limit_gb must be a number >= 0 or None, got -1",
+        "ptq.recon.cache.limit_gb must be a number >= 0 or None, got -1",
     ),
     ("missing_split", "", ["--cfg-options", "ptq.calib.dataset.split=training"], "split folder"),
     (

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pfcr_mm.engine.ptq import last_run_dir
+from pfcr_mm.engine.run_dir import last_run_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -238,7 +238,7 @@ def test_saved_quantized_model_reloads_with_identical_metrics(ptq_tool, tmp_path
     from mmengine.runner import Runner
 
     from pfcr_mm import PTQConfig
-    from pfcr_mm.engine.ptq import load_quantized_model
+    from pfcr_mm.engine.saved_model import load_quantized_model
 
     outs = []
     for _ in range(2):

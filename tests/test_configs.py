@@ -50,8 +50,8 @@ def test_config_keys_pass_the_typo_checks(path):
     """No shipped config trips the checks of tools/ptq.py (its own variables, such as data_root
     or train_pipeline, are not near misses of a key MMEngine reads; every model and dataset
     field is one its class takes)."""
+    from pfcr_mm.engine.calib_split import calib_dataset_cfg
     from pfcr_mm.engine.config_check import check_config_keys
-    from pfcr_mm.engine.ptq import calib_dataset_cfg
 
     cfg = Config.fromfile(ROOT / path)
     dataset = cfg.test_dataloader.dataset

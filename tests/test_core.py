@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pfcr_mm import PTQConfig, QuantConfig, ReconSettings
-from pfcr_mm.core import CalibSettings
+from pfcr_mm.settings import CalibSettings
 
 # The README's pure-torch example on the demo ViT (6 blocks, committed checkpoint) and demo
 # images drawn in memory, in a fresh interpreter so that nothing the other tests imported

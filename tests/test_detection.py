@@ -12,8 +12,8 @@ from mmengine.config import Config
 from torch import nn
 
 from pfcr_mm.adapters import UnsupportedModelError, prepare, prepare_calibrated
-from pfcr_mm.quant.config import QuantConfig
 from pfcr_mm.quant.modules import QuantConv2d, QuantLinear
+from pfcr_mm.settings import QuantConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ["pfcr_mask_rcnn_swin_t_w4a4.py", "pfcr_cascade_mask_rcnn_swin_t_w4a4.py"]

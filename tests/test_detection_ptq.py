@@ -13,7 +13,7 @@ from mmdet.utils import register_all_modules
 from mmengine.config import Config
 
 from pfcr_mm.demo.coco_shapes import generate_coco_shapes
-from pfcr_mm.engine.ptq import last_run_dir
+from pfcr_mm.engine.run_dir import last_run_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 

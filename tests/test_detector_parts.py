@@ -15,8 +15,8 @@ from torch import nn
 
 from pfcr_mm.adapters import prepare_calibrated
 from pfcr_mm.adapters.mmdet_parts import fold_batchnorm
-from pfcr_mm.quant.config import QuantConfig
 from pfcr_mm.recon import ChainDataSource, LayerUnit, ReconSettings, run_reconstruction
+from pfcr_mm.settings import QuantConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs/demo/demo_mask_rcnn_swin_shapes.py"

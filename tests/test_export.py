@@ -27,9 +27,9 @@ from pfcr_mm.export.runtime import (
     run_session,
 )
 from pfcr_mm.quant.calibrate import named_quantizers
-from pfcr_mm.quant.config import QuantConfig
 from pfcr_mm.quant.modules import QuantConv2d, QuantLinear
 from pfcr_mm.quant.quantizers import AdaRoundWeightQuantizer, LogQuantizer
+from pfcr_mm.settings import QuantConfig
 
 DEPTH = 4  # tiny_timm_vit: 4 blocks, 17 tokens of 48 channels, 5 classes
 

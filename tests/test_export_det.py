@@ -1,4 +1,4 @@
-"""Detector export (pfcr_mm.engine.export): the backbone and neck of an mmdet Swin detector,
+"""Detector export (pfcr_mm.engine.deploy): the backbone and neck of an mmdet Swin detector,
 quantized, exported at one input size; onnxruntime's FPN levels against PyTorch's.
 
 The detector is the demo Mask R-CNN shrunk to one Swin stage of two blocks (window 7 on a
@@ -22,11 +22,11 @@ from mmdet.utils import register_all_modules
 from mmengine.config import Config
 
 from pfcr_mm.adapters import prepare_calibrated
-from pfcr_mm.engine.export import DetectorFeatures, features_from
+from pfcr_mm.engine.deploy import DetectorFeatures, features_from
 from pfcr_mm.export import export_onnx
 from pfcr_mm.export.runtime import FixedSizeRunner, cpu_session, pad_images
-from pfcr_mm.quant.config import QuantConfig
 from pfcr_mm.quant.modules import QuantConv2d, QuantLinear
+from pfcr_mm.settings import QuantConfig
 
 DEMO = "configs/demo/demo_mask_rcnn_swin_shapes.py"
 SIZE = (64, 64)

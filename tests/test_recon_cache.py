@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import pfcr_mm
-from pfcr_mm.recon import ReconSettings
 from pfcr_mm.recon.cache import GB, CacheStore
-from pfcr_mm.recon.engine import CacheSampler
+from pfcr_mm.recon.sampling import UnitCaches
+from pfcr_mm.settings import CacheSettings, ReconSettings
 
 
 def _same(a, b) -> bool:
@@ -30,7 +30,7 @@ def _quantize(model, batches, limit_gb, tmp_path, name):
         method="pfcr",
         quant=pfcr_mm.QuantConfig(w_bits=4, a_bits=4),
         recon=ReconSettings(
-            iters=6, batch_size=8, max_level=1, log_every=0, cache_limit_gb=limit_gb
+            iters=6, batch_size=8, max_level=1, log_every=0, cache=CacheSettings(limit_gb=limit_gb)
         ),
     )
     log_dir = tmp_path / name
@@ -107,22 +107,27 @@ def test_sampler_draws_the_same_rows_from_spilled_nested_caches(tmp_path):
         widths = (5, 5) if pooled else (5, 7)
         q, x, y = (entries(gen, widths) for _ in range(3))
         store = CacheStore(limit_bytes=0, folder=tmp_path)  # everything on disk
-        on_disk = [[pfcr_mm.recon.units.map_tensors(store.store, e) for e in c] for c in (q, x, y)]
+        on_disk = [[pfcr_mm.tree.map_tensors(store.store, e) for e in c] for c in (q, x, y)]
         assert store.memory == 0 and store.spilled == 3 * 2 * 2
         args = [()] * 2
         draws = []
         for caches in ((q, x, y), on_disk):
-            sampler = CacheSampler(*caches, args, 4, torch.device("cpu"), torch.float32)
+            sampler = UnitCaches(*caches, args)
             assert sampler.pooled == pooled
             gen = torch.Generator().manual_seed(1)
-            draws.append([sampler.draw(gen)[:3] for _ in range(5)])
-        flat = [pfcr_mm.quant.calibrate.flat_tensors(d) for d in draws]
+            draws.append([sampler.draw(gen, 4, torch.device("cpu"))[:3] for _ in range(5)])
+        flat = [pfcr_mm.tree.flat_tensors(d) for d in draws]
         assert all(torch.equal(u, v) for u, v in zip(*flat, strict=True))
         store.close()
 
 
 @pytest.mark.parametrize("bad", [-1, -0.5, float("nan"), "2GB", True])
 def test_bad_cache_limit_refused(bad):
-    with pytest.raises(ValueError, match="cache_limit_gb must be a number >= 0 or None"):
-        ReconSettings(cache_limit_gb=bad)
-    assert ReconSettings(cache_limit_gb=0).cache_limit_gb == 0  # 0: every cached tensor on disk
+    with pytest.raises(ValueError, match="cache.limit_gb must be a number >= 0 or None"):
+        CacheSettings(limit_gb=bad)
+    assert CacheSettings(limit_gb=0).limit_gb == 0  # 0: every cached tensor on disk
+
+
+def test_flat_cache_keys_of_earlier_versions_still_read():
+    settings = ReconSettings.from_dict({"iters": 3, "cache_limit_gb": 2, "cache_dir": "/tmp/c"})
+    assert settings.cache == CacheSettings(limit_gb=2, dir="/tmp/c") and settings.iters == 3

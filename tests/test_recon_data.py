@@ -7,7 +7,6 @@ import torch
 
 from pfcr_mm.adapters import UnsupportedModelError, prepare, prepare_calibrated
 from pfcr_mm.quant.calibrate import quantizer_states
-from pfcr_mm.quant.config import QuantConfig
 from pfcr_mm.recon import (
     ChainDataSource,
     ComposedUnit,
@@ -15,6 +14,7 @@ from pfcr_mm.recon import (
     LayerUnit,
     leaves,
 )
+from pfcr_mm.settings import QuantConfig
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from pfcr_mm.recon import (
     UnitRecord,
     run_reconstruction,
 )
-from pfcr_mm.recon.engine import reconstruction_loss
+from pfcr_mm.recon.loss import reconstruction_loss
 
 
 class _FakeSource:
@@ -48,7 +48,7 @@ def test_driver_walks_fine_to_coarse_frees_caches_and_spans_beta(monkeypatch, tm
     schedule = FineToCoarseSchedule(units)
     spans = []
 
-    def fake_reconstruct(unit, q, x, y, args, settings, recipe, progress=None, output_weights=None):
+    def fake_reconstruct(unit, caches, settings, recipe, progress=None):
         spans.append(recipe.beta_span)
         return UnitRecord(unit.name, 0, recipe.iters, 1.0, 0.5, 0.0, [1.0, 0.5])
 

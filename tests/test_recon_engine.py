@@ -1,4 +1,4 @@
-"""One unit's reconstruction (pfcr_mm/recon/engine.py) on a tiny timm ViT at W4A4: the loss
+"""One unit's reconstruction (pfcr_mm/recon/unit.py) on a tiny timm ViT at W4A4: the loss
 goes down, POS recipes, cache sampling, hardening, reproducibility, failure handling and the
 settings."""
 
@@ -19,7 +19,8 @@ from pfcr_mm.recon import (
     layer_recipe,
     reconstruct_unit,
 )
-from pfcr_mm.recon.engine import CacheSampler, reconstruction_loss
+from pfcr_mm.recon.loss import reconstruction_loss
+from pfcr_mm.recon.sampling import UnitCaches
 
 
 def unit_caches(model, plan, batches, unit, **kw):
@@ -52,7 +53,7 @@ def test_unit_loss_goes_down(quantized_vit):
     q, x, y, args = unit_caches(model, plan, batches, unit)
     before = mean_error(unit, q, y)  # rounding to nearest, calibrated step sizes
     settings = ReconSettings(iters=50, batch_size=8, w_lr=1e-2, a_lr=1e-3, drop_prob=0.0)
-    record = reconstruct_unit(unit, q, x, y, args, settings)
+    record = reconstruct_unit(unit, UnitCaches(q, x, y, args), settings)
     assert isinstance(record, UnitRecord) and record.name == "blocks.0.mlp" and record.level == 0
     assert len(record.losses) == 50 and record.iters == 50
     assert (record.n_weight_quantizers, record.n_act_quantizers) == (2, 2)  # fc1, fc2
@@ -82,7 +83,9 @@ def test_pos_two_stage_learns_rounding_with_fp_activations_first(quantized_vit):
     # was learned and by the activations' state, not by which samples a step drew
     settings = ReconSettings(iters=20, batch_size=32, w_lr=1e-2, a_lr=1e-3, drop_prob=0.0)
     # what POS "two_stage" gives a unit of 20 iterations (the settings' pos is not read here)
-    record = reconstruct_unit(unit, q, x, y, args, settings, layer_recipe("two_stage", 20))
+    record = reconstruct_unit(
+        unit, UnitCaches(q, x, y, args), settings, layer_recipe("two_stage", 20)
+    )
     hook.remove()
     # a probe forward and the integer-weight error on the 2 batches (quantized), then 10
     # iterations in FP, 10 quantized, and the integer-weight error again
@@ -97,19 +100,17 @@ def test_pos_two_stage_learns_rounding_with_fp_activations_first(quantized_vit):
 def test_batches_of_different_sizes_and_fp16_caches(quantized_vit):
     # pooled: same per-sample shape and extra args -> rows drawn across the cached batches
     same = [torch.arange(4.0).reshape(4, 1) + 10 * i for i in range(3)]
-    pooled = CacheSampler(same, same, same, [(7,)] * 3, 5, torch.device("cpu"), torch.float32)
-    q, x, y, args = pooled.draw(torch.Generator().manual_seed(0))
+    pooled = UnitCaches(same, same, same, [(7,)] * 3)
+    q, x, y, args, _ = pooled.draw(torch.Generator().manual_seed(0), 5, torch.device("cpu"))
     assert pooled.pooled and q.shape == (5, 1) and args == (7,)
     assert torch.equal(q, x) and len(set(q.flatten().tolist())) == 5  # no row twice
     # detection-like: sizes differ -> one cached batch at a time, with its own extra args
     sizes = [torch.zeros(2, 3, 1), torch.ones(3, 5, 1)]
-    per_batch = CacheSampler(
-        sizes, sizes, sizes, [((3,),), ((5,),)], 8, torch.device("cpu"), torch.float32
-    )
+    per_batch = UnitCaches(sizes, sizes, sizes, [((3,),), ((5,),)])
     seen = set()
     g = torch.Generator().manual_seed(0)
     for _ in range(10):
-        q, _, _, (hw,) = per_batch.draw(g)
+        q, _, _, (hw,), _ = per_batch.draw(g, 8, torch.device("cpu"))
         assert q.shape[1] == hw[0]
         seen.add(hw[0])
     assert not per_batch.pooled and seen == {3, 5}
@@ -121,7 +122,9 @@ def test_batches_of_different_sizes_and_fp16_caches(quantized_vit):
     assert q[0].dtype == torch.float16
     with quantizer_states(model, weights=False, activations=False), torch.no_grad():
         y = [unit(t.float()).half() for t in x]
-    record = reconstruct_unit(unit, q, x, y, args, ReconSettings(iters=10, batch_size=8))
+    record = reconstruct_unit(
+        unit, UnitCaches(q, x, y, args), ReconSettings(iters=10, batch_size=8)
+    )
     assert len(record.losses) == 10 and all(math.isfinite(v) for v in record.losses)
 
 
@@ -129,7 +132,7 @@ def test_harden_gives_integer_codes_and_soft_equals_hard_once_converged(quantize
     model, plan, batches = quantized_vit()
     unit = plan.units[1]
     q, x, y, args = unit_caches(model, plan, batches, unit)
-    reconstruct_unit(unit, q, x, y, args, ReconSettings(iters=5, batch_size=8))
+    reconstruct_unit(unit, UnitCaches(q, x, y, args), ReconSettings(iters=5, batch_size=8))
     pairs = [(wq, layer) for wq, layer in weight_quantizers(unit) if wq.alpha is not None]
     assert len(pairs) == 2
     # converged rounding variables: h(V) is exactly 0 or 1 at |V| = 50
@@ -158,7 +161,7 @@ def test_strong_regularizer_drives_rounding_to_integers(quantized_vit):
     unit = plan.units[1]
     q, x, y, args = unit_caches(model, plan, batches, unit)
     settings = ReconSettings(iters=100, batch_size=8, w_lr=0.1, a_lr=1e-3, round_weight=1.0)
-    record = reconstruct_unit(unit, q, x, y, args, settings)
+    record = reconstruct_unit(unit, UnitCaches(q, x, y, args), settings)
     learned = [wq for wq, _ in weight_quantizers(unit) if wq.alpha is not None]
     h = torch.cat([wq.soft_rounding().flatten() for wq in learned])
     assert ((h == 0) | (h == 1)).float().mean() > 0.99
@@ -180,7 +183,7 @@ def test_same_seed_same_parameters(quantized_vit):
         q = source.quant_input(unit)
         seed = 0 if i < 2 else 1
         settings = ReconSettings(iters=15, batch_size=8, w_lr=1e-2, a_lr=1e-3, seed=seed)
-        reconstruct_unit(unit, q, x, y, args, settings)
+        reconstruct_unit(unit, UnitCaches(q, x, y, args), settings)
         learned.append(
             {n: p.detach().clone() for n, p in unit.named_parameters() if n.endswith("alpha")}
             | {n: p.detach().clone() for n, p in unit.named_parameters() if n.endswith("scale")}
@@ -201,18 +204,18 @@ def test_nan_loss_raises_and_leaves_the_unit_untouched(quantized_vit):
     bad[1][0, 0, 0] = float("nan")
     settings = ReconSettings(iters=20, batch_size=8, drop_prob=0.0)
     with pytest.raises(FloatingPointError, match=r"blocks\.1\.mlp"):
-        reconstruct_unit(unit, bad, x, y, args, settings)
+        reconstruct_unit(unit, UnitCaches(bad, x, y, args), settings)
     assert same_state(model.state_dict(), before)  # no AdaRound variables added, nothing changed
     assert all(wq.alpha is None and wq.rounding == "nearest" for wq, _ in weight_quantizers(unit))
     assert {n: p.requires_grad for n, p in model.named_parameters()} == grads
     with quantizer_states(model, weights=False, activations=False):
         with pytest.raises(RuntimeError, match="nothing to learn"):
-            reconstruct_unit(unit, q, x, y, args, settings)
+            reconstruct_unit(unit, UnitCaches(q, x, y, args), settings)
     # a unit with learned variables keeps them when a later reconstruction fails
-    reconstruct_unit(unit, q, x, y, args, settings)
+    reconstruct_unit(unit, UnitCaches(q, x, y, args), settings)
     learned = copy.deepcopy(model.state_dict())
     with pytest.raises(FloatingPointError, match=r"blocks\.1\.mlp"):
-        reconstruct_unit(unit, bad, x, y, args, settings)
+        reconstruct_unit(unit, UnitCaches(bad, x, y, args), settings)
     assert same_state(model.state_dict(), learned)
     assert [wq.rounding for wq, _ in weight_quantizers(unit) if wq.alpha is not None] == [
         "soft"
@@ -246,7 +249,7 @@ def test_downstream_weights_steer_the_reconstruction(quantized_vit):
         settings = ReconSettings(
             iters=60, batch_size=8, w_lr=1e-2, a_lr=1e-3, drop_prob=0.0, downstream_weight=weight
         )
-        records.append(reconstruct_unit(unit, q, x, y, args, settings, output_weights=weights))
+        records.append(reconstruct_unit(unit, UnitCaches(q, x, y, args, weights), settings))
         harden(unit)
         with torch.no_grad():
             errors.append(sum((unit(a) - b)[..., :8].pow(2).sum().item() for a, b in zip(q, y)))

@@ -6,13 +6,13 @@ import torch
 
 from pfcr_mm.adapters import prepare_calibrated
 from pfcr_mm.quant.calibrate import quantizer_states
-from pfcr_mm.quant.config import QuantConfig
 from pfcr_mm.recon import (
     ChainDataSource,
     FineToCoarseSchedule,
     ReconSettings,
     run_reconstruction,
 )
+from pfcr_mm.settings import QuantConfig
 
 
 @pytest.fixture

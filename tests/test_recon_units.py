@@ -6,8 +6,8 @@ import torch
 
 from pfcr_mm.adapters import prepare
 from pfcr_mm.quant.calibrate import quantizer_states
-from pfcr_mm.quant.config import QuantConfig
 from pfcr_mm.recon import FineToCoarseSchedule, leaves
+from pfcr_mm.settings import QuantConfig
 
 
 def test_composed_units_reproduce_blocks_exactly_in_fp(quantized_vit):

@@ -16,8 +16,8 @@ from test_classification_ptq import _make_folder, _write_config
 
 import pfcr_mm.recon.driver as driver_module
 from pfcr_mm import PTQConfig, QuantConfig, ReconSettings, ResumeState, quantize
-from pfcr_mm.engine.ptq import last_run_dir
 from pfcr_mm.engine.resume import RESUME_FILE
+from pfcr_mm.engine.run_dir import last_run_dir
 
 # pfcr on the tiny ViT (2 blocks), every layer outside the blocks reconstructed, the
 # detection-aware term on: 9 units (patch embedding, 4 MHSA/MLP, 2 blocks, the encoder, head)

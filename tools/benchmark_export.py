@@ -43,7 +43,7 @@ from mmengine.config import Config
 
 from pfcr_mm.engine.checkpoint import load_weights_strict
 from pfcr_mm.engine.classification import create_timm_model
-from pfcr_mm.engine.export import (
+from pfcr_mm.engine.deploy import (
     DetectorFeatures,
     build_quantized,
     evaluate_detector,
@@ -51,7 +51,8 @@ from pfcr_mm.engine.export import (
     features_from,
     mean_average_precisions,
 )
-from pfcr_mm.engine.ptq import package_versions, saved_model_path
+from pfcr_mm.engine.results import package_versions
+from pfcr_mm.engine.run_dir import saved_model_path
 from pfcr_mm.export import export_onnx
 from pfcr_mm.export.runtime import (
     FixedSizeRunner,

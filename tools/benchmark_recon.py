@@ -27,7 +27,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pfcr_mm.engine.ptq import last_run_dir
+from pfcr_mm.engine.run_dir import last_run_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 # model -> (config, metrics, factor to percent: mmpretrain-style accuracy is already in %)

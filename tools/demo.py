@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from pfcr_mm.engine.ptq import last_run_dir
+from pfcr_mm.engine.run_dir import last_run_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIGS = [

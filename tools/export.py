@@ -24,8 +24,9 @@ from pathlib import Path
 
 from mmengine.config import DictAction
 
-from pfcr_mm.engine.export import build_quantized, export_quantized
-from pfcr_mm.engine.ptq import saved_model_path
+from pfcr_mm.engine.command import USER_ERRORS, error_line
+from pfcr_mm.engine.deploy import build_quantized, export_quantized
+from pfcr_mm.engine.run_dir import saved_model_path
 
 
 def main(argv=None) -> int:
@@ -53,8 +54,8 @@ def main(argv=None) -> int:
         work_dir = args.work_dir or str(quantized.parent)
         runner, ptq = build_quantized(args.config, quantized, work_dir, args.cfg_options)
         report = export_quantized(runner, ptq, args.out, args.int8, args.input_size)
-    except (FileNotFoundError, KeyError, ValueError) as err:
-        print(f"error ({type(err).__name__}): {err}", file=sys.stderr)
+    except USER_ERRORS as err:
+        print(error_line(err), file=sys.stderr)
         return 2
     parity = report["parity"]
     if "logit_range" in parity:

@@ -5,8 +5,8 @@
 # input, quantized-path input and FP target in fp16: measured at 800x1333 and Swin-T's widths and
 # extrapolated to 256 images (README "Memory on COCO", benchmarks/cache), 25.8 GB for the RPN
 # head unit, 24.9 GB the neck, 14.5 GB the RoI box head, 9.9 GB a stage-1 block unit, plus about
-# 6 GB for the rest of the process: ~32 GB of host memory. recon.cache_limit_gb caps the caches
-# in memory and writes the rest to memory-mapped files in recon.cache_dir (default: the run's
+# 6 GB for the rest of the process: ~32 GB of host memory. recon.cache.limit_gb caps the caches
+# in memory and writes the rest to memory-mapped files in recon.cache.dir (default: the run's
 # recon/ folder). Baselines: --cfg-options ptq.method=calib (ranges only) or ptq.method=block.
 # Expected layout: data/coco/annotations/instances_{train,val}2017.json,
 # data/coco/{train,val}2017/*.jpg.
@@ -30,8 +30,12 @@ ptq = dict(
     ),
     # neck, RPN head, RoI box and mask heads reconstructed as one unit each after the backbone
     # blocks (the heads on the FP model's RoIs), PatchMerging within its stage's order
-    # cache_limit_gb=None: every cache in memory; e.g. 8 keeps at most 8 GB there, the rest on disk
+    # cache limit_gb=None: every cache in memory; e.g. 8 keeps at most 8 GB there, the rest on disk
     recon=dict(
-        iters=20000, batch_size=1, cache_dtype="float16", non_block="parts", cache_limit_gb=None
+        iters=20000,
+        batch_size=1,
+        cache_dtype="float16",
+        non_block="parts",
+        cache=dict(limit_gb=None),
     ),
 )

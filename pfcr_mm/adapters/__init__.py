@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from ..quant.calibrate import DownstreamOutputs, calibrate_activations, set_quant_state
-from ..quant.config import QuantConfig
 from ..quant.modules import QuantConv2d, QuantLinear
 from ..quant.reparam import reparameterize_post_ln
+from ..settings import QuantConfig
 from .base import ArchAdapter, PartsAdapter, ReconUnit, swap_attention
 
 # adapter module -> the module that must already be loaded for it to apply
@@ -157,22 +157,45 @@ def prepare(
     if cfg.head_bits is not None and head is None:
         raise ValueError("quant.head_bits is set but the model has no classification head")
     roots, blocks = find_blocks(model, scope)
+    named_roots = list(zip(roots, scope or [""]))
     units = []  # built first: an unsupported chain fails before the model is changed
     for i, (_, name, block, ad) in enumerate(blocks):
         enter = _stage_link(blocks[i - 1], blocks[i], scope) if i else None
         units.append(ReconUnit(f"{name}.attn", "attn", block, ad.attn_unit, enter))
         units.append(ReconUnit(f"{name}.mlp", "mlp", block, ad.mlp_unit))
-    adapters = available_adapters()
-    parts_adapters = available_parts()
     folded = [
         ".".join(p for p in (root_name, name) if p)
-        for root, root_name in zip(roots, scope or [""])
-        for pa in parts_adapters
+        for root, root_name in named_roots
+        for pa in available_parts()
         if pa.fold_norms is not None
         for name in pa.fold_norms(root)
     ]
+    post_ln, first_convs = _swap_attention_and_find_inputs(roots, cfg)
+    per_channel = {id(lin) for _, lin in post_ln} if cfg.post_ln != "per_tensor" else set()
+    replaced, quantized = {}, []
+    for root, root_name in named_roots:
+        for name, parent in list(root.named_modules()):
+            for attr, child in list(parent.named_children()):
+                new = _quantized_layer(child, cfg, head, per_channel, first_convs)
+                if new is not None:
+                    setattr(parent, attr, new)
+                    replaced[id(child)] = new
+                    quantized.append(".".join(p for p in (root_name, name, attr) if p))
+    layers, parts = _outside_layers_and_parts(named_roots, blocks, replaced)
+    pairs = [(norm, replaced[id(lin)]) for norm, lin in post_ln] if cfg.post_ln == "reparam" else []
+    return QuantPlan(
+        cfg, units, pairs, quantized, _fp_parts(model, scope), layers, parts, _pinned(roots), folded
+    )
+
+
+def _swap_attention_and_find_inputs(
+    roots: list[nn.Module], cfg: QuantConfig
+) -> tuple[list[tuple[nn.Module, nn.Linear]], set[int]]:
+    """Swap every supported attention for its quantized form; return the (LayerNorm, linear)
+    pairs whose linear takes the LayerNorm's output, and the ids of the patch-embedding convs."""
     post_ln: list[tuple[nn.Module, nn.Linear]] = []
     first_convs: set[int] = set()
+    adapters = available_adapters()
     for root in roots:
         for m in root.modules():
             for ad in adapters:
@@ -187,41 +210,38 @@ def prepare(
                 for cls, qcls in ad.attention_swaps.items():
                     if type(m) is cls:
                         swap_attention(m, qcls, cfg)
-    per_channel = {id(lin) for _, lin in post_ln} if cfg.post_ln != "per_tensor" else set()
-    replaced: dict[int, nn.Module] = {}
-    quantized: list[str] = []
+    return post_ln, first_convs
 
-    def make(child: nn.Module) -> nn.Module | None:
-        w, a = cfg.w_bits, cfg.a_bits
-        if child is head and cfg.head_bits is not None:
-            w = a = cfg.head_bits
-        if isinstance(child, nn.Linear) and not isinstance(child, QuantLinear):
-            return QuantLinear(
-                child, w, a, id(child) in per_channel, cfg.act_range, cfg.weight_range
-            )
-        if isinstance(child, nn.Conv2d) and not isinstance(child, QuantConv2d):
-            if id(child) in first_convs:
-                a = cfg.first_layer_a_bits
-            return QuantConv2d(child, w, a, cfg.act_range, cfg.weight_range)
-        return None
 
-    for root, root_name in zip(roots, scope or [""]):
-        for name, parent in list(root.named_modules()):
-            for attr, child in list(parent.named_children()):
-                new = make(child)
-                if new is not None:
-                    setattr(parent, attr, new)
-                    replaced[id(child)] = new
-                    quantized.append(".".join(p for p in (root_name, name, attr) if p))
+def _quantized_layer(
+    child: nn.Module, cfg: QuantConfig, head, per_channel: set[int], first_convs: set[int]
+) -> nn.Module | None:
+    """The quantized replacement of a linear or conv (``None``: not one, or already quantized):
+    a head at ``head_bits``, a patch-embedding conv's input at ``first_layer_a_bits``."""
+    w, a = cfg.w_bits, cfg.a_bits
+    if child is head and cfg.head_bits is not None:
+        w = a = cfg.head_bits
+    if isinstance(child, nn.Linear) and not isinstance(child, QuantLinear):
+        return QuantLinear(child, w, a, id(child) in per_channel, cfg.act_range, cfg.weight_range)
+    if isinstance(child, nn.Conv2d) and not isinstance(child, QuantConv2d):
+        if id(child) in first_convs:
+            a = cfg.first_layer_a_bits
+        return QuantConv2d(child, w, a, cfg.act_range, cfg.weight_range)
+    return None
+
+
+def _outside_layers_and_parts(named_roots: list, blocks: list, replaced: dict) -> tuple[list, list]:
+    """The quantized layers outside the blocks as ``(name, layer, index of the next block or
+    None)`` and the parts holding quantized layers as ``(name, part, per RoI)``, in module order
+    (forward order for the supported families)."""
     new_ids = {id(m) for m in replaced.values()}
     in_blocks = {id(m) for _, _, b, _ in blocks for m in b.modules()}
     block_index = {id(b): i for i, (_, _, b, _) in enumerate(blocks)}
-    layers: list[tuple[str, nn.Module, int | None]] = []
-    part_classes = tuple(c for pa in parts_adapters for c in pa.parts)
-    roi_classes = tuple(c for pa in parts_adapters for c in pa.roi_parts)
-    parts: list[tuple[str, nn.Module, bool]] = []
-    next_block: int | None = 0  # module order is forward order for the supported families
-    for root, root_name in zip(roots, scope or [""]):
+    part_classes = tuple(c for pa in available_parts() for c in pa.parts)
+    roi_classes = tuple(c for pa in available_parts() for c in pa.roi_parts)
+    layers, parts = [], []
+    next_block: int | None = 0
+    for root, root_name in named_roots:
         for name, m in root.named_modules():
             full = ".".join(p for p in (root_name, name) if p)
             if id(m) in block_index:
@@ -229,27 +249,32 @@ def prepare(
                 next_block = i if i < len(blocks) else None
             if id(m) in new_ids and id(m) not in in_blocks:
                 layers.append((full, m, next_block))
-            if (
-                part_classes
-                and isinstance(m, part_classes)
-                and any(id(c) in new_ids for c in m.modules())
-            ):
+            is_part = bool(part_classes) and isinstance(m, part_classes)
+            if is_part and any(id(c) in new_ids for c in m.modules()):
                 parts.append((full, m, isinstance(m, roi_classes)))
-    pinned = [
+    return layers, parts
+
+
+def _pinned(roots: list[nn.Module]) -> list[tuple[nn.Module, int]]:
+    """The modules whose argument ``index`` the parts adapters pin (a detector's RoIs)."""
+    return [
         (m, index)
         for root in roots
         for m in root.modules()
-        for pa in parts_adapters
+        for pa in available_parts()
         for cls, index in pa.pinned.items()
         if isinstance(m, cls)
     ]
-    pairs = [(norm, replaced[id(lin)]) for norm, lin in post_ln] if cfg.post_ln == "reparam" else []
+
+
+def _fp_parts(model: nn.Module, scope: list[str] | None) -> list[str]:
+    """What stays in floating point, for the quantization summary."""
     present = {type(m).__name__ for m in model.modules()}
     fp_parts = [n for n in _FP_CLASS_NAMES if n in present]
     fp_parts += ["attention softmax", "residual additions"]
     if scope is not None:
         fp_parts.append(f"everything outside the scope {scope}")
-    return QuantPlan(cfg, units, pairs, quantized, fp_parts, layers, parts, pinned, folded)
+    return fp_parts
 
 
 def _stage_link(last: tuple, this: tuple, scope: list[str] | None):

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from ..quant.attention import AttentionQuantizers
-from ..quant.config import QuantConfig
+from ..settings import QuantConfig
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import re
 from mmengine.registry import DATASETS, MODELS
 from mmengine.runner import Runner
 
-from ..quant.config import check_keys
+from ..settings import check_keys
 
 # What tools/ptq.py reads from a config besides what MMEngine's Runner reads (and what
 # mmengine's Config itself consumes: custom_imports).

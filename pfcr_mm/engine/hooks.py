@@ -5,7 +5,7 @@ For users of ``mmdet``'s ``tools/test.py`` or ``mim test``::
     custom_hooks = [dict(type="pfcr.PFCRHook", ptq=dict(quant=dict(w_bits=4, a_bits=4), ...))]
 
 The model is quantized once, on the first test run, by the same code as ``pfcr.PTQLoop``
-(:func:`pfcr_mm.engine.ptq.quantize_and_save`, :func:`~pfcr_mm.engine.ptq.record_results`),
+(:func:`pfcr_mm.engine.results.quantize_and_save`, :func:`~pfcr_mm.engine.results.record_results`),
 and the same files are written into the run's folder: the quantized model and summary before
 the evaluation, ``ptq_results.json`` and ``ptq_config.py`` after every test run (without an FP
 evaluation: ``fp`` is ``null``; ``tools/ptq.py`` adds it).
@@ -17,9 +17,9 @@ import time
 
 from mmengine.hooks import Hook
 
-from ..core import PTQConfig
-from .ptq import quantize_and_save, record_results
+from ..settings import PTQConfig
 from .registry import HOOKS
+from .results import quantize_and_save, record_results
 
 
 @HOOKS.register_module()

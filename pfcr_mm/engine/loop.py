@@ -33,18 +33,15 @@ from mmengine.runner import TestLoop
 from torch import nn
 
 from ..adapters import find_blocks
-from ..core import PTQConfig
+from ..settings import PTQConfig
+from .calib_split import check_calibration_split
 from .checkpoint import load_weights_strict
-from .ptq import (
-    check_calibration_split,
-    load_quantized_model,
-    quantize_and_save,
-    record_results,
-    run_dir,
-    unwrap_model,
-)
 from .registry import LOOPS, MODEL_WRAPPERS
+from .results import quantize_and_save, record_results
 from .resume import load_resume_state, run_fingerprint, save_resume_state
+from .run_dir import run_dir
+from .runner_io import unwrap_model
+from .saved_model import load_quantized_model
 
 
 @LOOPS.register_module()

@@ -18,17 +18,13 @@ from pathlib import Path
 import torch
 
 from ..atomic import atomic_path
-from ..core import PTQConfig, ResumeState
+from ..core import ResumeState
+from ..settings import PTQConfig
+from .calib_split import calib_dataset_cfg, calibration_indices
 from .checkpoint import load_checkpoint_file
-from .ptq import (
-    RESULTS_NAME,
-    calib_dataset_cfg,
-    calibration_indices,
-    differing_keys,
-    flat_settings,
-    package_versions,
-    quantization_settings,
-)
+from .results import package_versions
+from .run_dir import RESULTS_NAME
+from .saved_model import differing_keys, flat_settings, quantization_settings
 
 RESUME_FILE = Path("recon") / "resume.pth"
 RESUME_FORMAT = "pfcr_mm.resume.v1"

@@ -17,6 +17,7 @@ point in 8-bit containers for the same reason).
 from __future__ import annotations
 
 import copy
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -187,6 +188,24 @@ def _store_low_bit_codes(graph: onnx.GraphProto) -> int:
     return len(converted)
 
 
+def _traced(
+    net: nn.Module, example: torch.Tensor, output_names: list[str], dynamic_batch: bool
+) -> onnx.ModelProto:
+    """The ONNX graph of ``net`` traced on ``example`` with the dynamo exporter."""
+    program = torch.onnx.export(
+        net,
+        (example,),
+        dynamo=True,
+        opset_version=OPSET,
+        input_names=["input"],
+        output_names=output_names,
+        dynamic_shapes=({0: torch.export.Dim("batch", min=1)},) if dynamic_batch else None,
+        external_data=False,
+        verbose=False,
+    )
+    return program.model_proto
+
+
 def export_onnx(
     model: nn.Module,
     example: torch.Tensor,
@@ -222,30 +241,16 @@ def export_onnx(
         output_names = ["output"]
     else:
         output_names = [f"output_{i}" for i in range(len(outputs))]
-    program = torch.onnx.export(
-        net,
-        (example,),
-        dynamo=True,
-        opset_version=OPSET,
-        input_names=["input"],
-        output_names=output_names,
-        dynamic_shapes=({0: torch.export.Dim("batch", min=1)},) if dynamic_batch else None,
-        external_data=False,
-        verbose=False,
-    )
-    proto = program.model_proto
+    proto = _traced(net, example, output_names, dynamic_batch)
     retyped = _store_low_bit_codes(proto.graph)
     _drop_trace_metadata(proto.graph)
     onnx.checker.check_model(proto)
     with atomic_path(path) as tmp:
         onnx.save(proto, tmp)
-    by_type: dict[str, int] = {}
+    by_type = Counter()
     for t in proto.graph.initializer:
-        kind = onnx.TensorProto.DataType.Name(t.data_type).lower()
-        by_type[kind] = by_type.get(kind, 0) + _stored_bytes(t)
-    ops: dict[str, int] = {}
-    for node in proto.graph.node:
-        ops[node.op_type] = ops.get(node.op_type, 0) + 1
+        by_type[onnx.TensorProto.DataType.Name(t.data_type).lower()] += _stored_bytes(t)
+    ops = Counter(node.op_type for node in proto.graph.node)
     return {
         "path": str(path),
         "bytes": path.stat().st_size,

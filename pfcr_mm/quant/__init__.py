@@ -8,14 +8,12 @@ from .calibrate import (
     quantizer_states,
     set_quant_state,
 )
-from .config import QuantConfig
 from .modules import QuantConv2d, QuantLinear
 from .quantizers import AdaRoundWeightQuantizer, LogQuantizer, UniformQuantizer
 
 __all__ = [
     "AdaRoundWeightQuantizer",
     "LogQuantizer",
-    "QuantConfig",
     "QuantConv2d",
     "QuantLinear",
     "UniformQuantizer",

@@ -38,7 +38,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .config import QuantConfig
+from ..settings import QuantConfig
 from .quantizers import LOG_QUANTIZER_NAMES, BaseQuantizer, LogQuantizer, UniformQuantizer
 
 # The bases 2^(1/k) of the log candidates: k = 1 is log2, k = 2 log-sqrt2, larger k finer

@@ -10,10 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from ..atomic import atomic_path
+from ..distributed import distributed_world, gathered, raise_if_any_failed
+from ..tree import flat_tensors
 from .attention import AttentionQuantizers
 from .quantizers import AdaRoundWeightQuantizer, BaseQuantizer
 
@@ -96,33 +97,6 @@ def hard_rounding(modules: nn.Module | Iterable[nn.Module]) -> Iterator[None]:
             m.rounding = rounding
 
 
-def distributed_world() -> tuple[int, int]:
-    """``(rank, world size)`` of the initialized default process group, ``(0, 1)`` without."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def raise_if_any_failed(failure: BaseException | None, what: str) -> None:
-    """Collective over all processes: raise in every one of them if ``failure`` is set in any,
-    so that no process waits for one that stopped."""
-    statuses = [None] * distributed_world()[1]
-    dist.all_gather_object(statuses, None if failure is None else repr(failure))
-    failed = [(rank, s) for rank, s in enumerate(statuses) if s is not None]
-    if failure is not None:
-        raise failure
-    if failed:
-        rank, message = failed[0]
-        raise RuntimeError(f"{what} failed in process {rank}: {message}")
-
-
-def flat_tensors(obj) -> list[torch.Tensor]:
-    """The tensors of a (nested) tuple or list, in order."""
-    if isinstance(obj, (tuple, list)):
-        return [t for part in obj for t in flat_tensors(part)]
-    return [obj]
-
-
 @dataclass
 class DownstreamOutputs:
     """The model's outputs on the calibration batches, by which the post-softmax choice is made
@@ -173,7 +147,7 @@ def calibrate_activations(
     _run_everywhere(model, observe, "calibration")
     if world > 1:
         for _, q in quantizers:  # the same order in every process
-            q.pool_observed(_gathered(q.observed))
+            q.pool_observed(gathered(q.observed))
     unseen = [n for n, q in quantizers if q.enabled and q.observed_count == 0]
     if unseen:
         raise RuntimeError(
@@ -184,13 +158,23 @@ def calibrate_activations(
         )
     for _, q in quantizers:
         q.finish_calibration()
+    _choose_post_softmax(model, forward_loop, downstream)
+
+
+def _choose_post_softmax(
+    model: nn.Module,
+    forward_loop: Callable[[nn.Module], None],
+    downstream: DownstreamOutputs | None,
+) -> None:
+    """Every ``"auto"`` post-softmax quantizer chosen: scored by ``probs @ v`` on a pass of
+    ``forward_loop``, the close candidates then tried alone at ``downstream``'s outputs."""
     choosing = [m for m in model.modules() if isinstance(m, AttentionQuantizers) and m.choosing]
     if not choosing:
         return
     for m in choosing:
         m.start_scoring()
     _run_everywhere(model, forward_loop, "post-softmax scoring")
-    scores = {m: [sum(s) for s in zip(*_gathered(m.scores))] for m in choosing}
+    scores = {m: [sum(s) for s in zip(*gathered(m.scores))] for m in choosing}
     for m in choosing:
         m.scores = None  # the scoring pass is over
     trials = (
@@ -198,20 +182,10 @@ def calibrate_activations(
         if downstream is None
         else [(m, i) for m in choosing if len(short := m.shortlist(scores[m])) > 1 for i in short]
     )
-    errors = _gathered(_downstream_errors(model, trials, downstream)) if trials else []
+    errors = gathered(_downstream_errors(model, trials, downstream)) if trials else []
     for m in choosing:
         tried = {i: sum(e[t] for e in errors) for t, (n, i) in enumerate(trials) if n is m}
         m.choose(scores[m], tried or None)
-
-
-def _gathered(obj: Any) -> list:
-    """``[obj]`` of every process (``[obj]`` alone outside ``torch.distributed``)."""
-    _, world = distributed_world()
-    if world == 1:
-        return [obj]
-    parts = [None] * world
-    dist.all_gather_object(parts, obj)
-    return parts
 
 
 def _downstream_errors(

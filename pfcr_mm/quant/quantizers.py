@@ -20,6 +20,7 @@ import math
 import torch
 from torch import nn
 
+from ..settings import check_bits
 from .histogram import (
     MANTISSA_BITS_PER_CHANNEL,
     MANTISSA_BITS_PER_TENSOR,
@@ -40,12 +41,6 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
 def grad_scale(x: torch.Tensor, scale: float) -> torch.Tensor:
     """Identity whose gradient is multiplied by ``scale`` (LSQ step-size gradient scaling)."""
     return (x - x * scale).detach() + x * scale
-
-
-def check_bits(bits: int) -> int:
-    if not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= 8:
-        raise ValueError(f"bits must be an integer from 2 to 8, got {bits!r}")
-    return bits
 
 
 class BaseQuantizer(nn.Module):

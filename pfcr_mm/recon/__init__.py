@@ -1,19 +1,24 @@
-"""Reconstruction: units and levels, unit caches, the per-unit optimization, the PFCR driver.
+"""Reconstruction: units and levels, the plan, unit caches, one unit's optimization, the run.
 
 Pure torch (matplotlib is imported only when a plot is written)::
 
-    plan = prepare_calibrated(model, QuantConfig(w_bits=4, a_bits=4), forward_loop)
-    schedule = FineToCoarseSchedule(plan.units)            # or FineToCoarseSchedule.block(...)
+    quant_plan = prepare_calibrated(model, QuantConfig(w_bits=4, a_bits=4), forward_loop)
     settings = ReconSettings(iters=2000, cache_dtype="float16")
-    source = ChainDataSource(model, plan.units, calib_batches, cache_dtype=settings.cache_dtype)
-    run_reconstruction(schedule, source, settings, log_dir="work/recon")
+    plan = build_plan(model, quant_plan, "pfcr", settings, run_batch, calib_batches[0])
+    source = ChainDataSource(model, quant_plan.units, calib_batches)
+    run_plan(plan, source, default_listeners(source, log_dir="work/recon"))
 """
 
+from ..settings import POS_STRATEGIES, ReconSettings
 from .data import ChainDataSource, UnitDataSource
-from .driver import load_loss_log, run_reconstruction
-from .engine import ReconSettings, UnitRecord, beta_at, harden, reconstruct_unit
-from .pos import POS_STRATEGIES, UnitRecipe, layer_recipe, level_recipes
+from .driver import default_listeners, load_loss_log, run_plan, run_reconstruction, unit_caches
+from .listeners import LossLog, MemoryRecorder, ProgressPrinter, ReconListener, ResumeCheckpoint
+from .loss import ReconLoss, beta_at, reconstruction_loss
+from .plan import OUTSIDE, ReconPlan, ReconStep, build_plan, order_steps
+from .pos import UnitRecipe, layer_recipe, level_recipes
 from .report import peak_memory_mb
+from .sampling import UnitCaches
+from .unit import UnitRecord, harden, reconstruct_unit
 from .units import (
     ComposedUnit,
     FineToCoarseSchedule,
@@ -24,24 +29,40 @@ from .units import (
 )
 
 __all__ = [
+    "OUTSIDE",
+    "POS_STRATEGIES",
     "ChainDataSource",
     "ComposedUnit",
     "FineToCoarseSchedule",
     "LayerUnit",
-    "POS_STRATEGIES",
+    "LossLog",
+    "MemoryRecorder",
+    "ProgressPrinter",
+    "ReconListener",
+    "ReconLoss",
+    "ReconPlan",
     "ReconSettings",
+    "ReconStep",
+    "ResumeCheckpoint",
+    "UnitCaches",
     "UnitDataSource",
     "UnitRecipe",
     "UnitRecord",
     "beta_at",
+    "build_plan",
+    "default_listeners",
     "harden",
     "layer_recipe",
-    "level_recipes",
     "leaves",
+    "level_recipes",
     "load_loss_log",
+    "order_steps",
     "peak_memory_mb",
     "reconstruct_unit",
+    "reconstruction_loss",
+    "run_plan",
     "run_reconstruction",
     "stage_of_container",
+    "unit_caches",
     "unit_level",
 ]

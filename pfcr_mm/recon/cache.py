@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-GB = 10**9  # ReconSettings.cache_limit_gb counts decimal gigabytes
+GB = 10**9  # CacheSettings.limit_gb counts decimal gigabytes
 
 
 class CacheStore:

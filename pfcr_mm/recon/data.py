@@ -19,10 +19,12 @@ import torch
 from torch import nn
 
 from ..adapters.base import ReconUnit
-from ..quant.calibrate import flat_tensors, hard_rounding, quantizer_states
+from ..quant.calibrate import hard_rounding, quantizer_states
+from ..settings import CACHE_DTYPES
+from ..tree import flat_tensors, map_tensors
 from .cache import GB, CacheStore
-from .engine import CACHE_DTYPES, eval_mode, unit_seed
-from .units import LayerUnit, leaves, map_tensors
+from .unit import eval_mode, unit_seed
+from .units import LayerUnit, leaves
 
 
 class UnitDataSource(Protocol):
@@ -85,8 +87,8 @@ class ChainDataSource:
         device. A unit's FP and quantized-path inputs are the fronts themselves, so per image
         the source holds three tensors of a unit's input size (two fronts and the targets).
     cache_limit_gb / cache_dir: the most GB (10^9 bytes) of cached tensors held in memory, and
-        where the tensors beyond go, as memory-mapped files (``ReconSettings.cache_limit_gb``,
-        ``cache_dir``; :class:`~pfcr_mm.recon.cache.CacheStore`, ``self.cache``, counts them).
+        where the tensors beyond go, as memory-mapped files (``CacheSettings.limit_gb``,
+        ``dir``; :class:`~pfcr_mm.recon.cache.CacheStore`, ``self.cache``, counts them).
         :meth:`close` drops what the source still holds and removes the spill folder.
 
     Only the input of the first block is obtained by running the model: a forward pre-hook

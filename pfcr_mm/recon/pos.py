@@ -31,10 +31,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from ..settings import POS_STRATEGIES
 from .units import LayerUnit, leaves
-
-POS_STRATEGIES = ("none", "two_stage", "shrink", "anneal")
-BUDGET_UNITS = ("block_passes", "steps")
 
 
 def block_passes(unit: nn.Module) -> float:

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from ..atomic import atomic_path
-from .engine import UnitRecord
+from .unit import UnitRecord
 
 # Points kept per unit curve in the JSON log: 20k iterations x ~50 units stays a small file.
 CURVE_POINTS = 200

@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from ..adapters.base import ReconUnit
-
-TOP = "top"
+from ..settings import TOP, check_max_level
+from ..tree import map_tensors
 
 
 class ComposedUnit(nn.Module):
@@ -94,18 +94,6 @@ class LayerUnit(nn.Module):
         return f"name={self.name!r}"
 
 
-def map_tensors(fn: Callable, *objs):
-    """``fn`` applied to the tensors at the same place of ``objs`` (tensors, or tuples and lists
-    of them nested alike), in the structure of ``objs[0]``: the inputs and outputs of a
-    :class:`LayerUnit` holding a detector part."""
-    first = objs[0]
-    if isinstance(first, (tuple, list)):
-        if any(not isinstance(o, (tuple, list)) or len(o) != len(first) for o in objs[1:]):
-            raise ValueError("map_tensors: the nested structures differ")
-        return type(first)(map_tensors(fn, *parts) for parts in zip(*objs))
-    return fn(*objs)
-
-
 def unit_level(unit: nn.Module) -> int:
     """The level of a unit: a finest :class:`ReconUnit` is level 0, a :class:`LayerUnit` -1."""
     return getattr(unit, "level", 0)
@@ -136,15 +124,6 @@ def stage_of_container(unit: ReconUnit) -> str:
 
 def _group_name(blocks: Sequence[ComposedUnit]) -> str:
     return blocks[0].name if len(blocks) == 1 else f"{blocks[0].name}..{blocks[-1].name}"
-
-
-def check_max_level(max_level: int | str) -> int | str:
-    """``max_level`` itself if it is ``"top"`` or a level >= 0; raises ValueError otherwise."""
-    if max_level != TOP and (
-        not isinstance(max_level, int) or isinstance(max_level, bool) or max_level < 0
-    ):
-        raise ValueError(f"max_level must be a level >= 0 or {TOP!r}, got {max_level!r}")
-    return max_level
 
 
 def top_level(stage_sizes: Sequence[int]) -> int:

@@ -26,17 +26,13 @@ from mmengine.runner import Runner
 from torch import nn
 
 from ..atomic import atomic_path
-from ..core import PTQConfig
 from ..export import export_onnx, uniform_post_softmax
 from ..export.runtime import FixedSizeRunner, cpu_session, pad_images, run_session
 from ..quant.modules import QuantConv2d, QuantLinear
-from .ptq import (
-    PreprocessedBatches,
-    calibration_loader,
-    load_quantized_model,
-    run_batch,
-    unwrap_model,
-)
+from ..settings import PTQConfig
+from .calib_split import calibration_loader
+from .runner_io import PreprocessedBatches, run_batch, unwrap_model
+from .saved_model import load_quantized_model
 
 
 def build_quantized(

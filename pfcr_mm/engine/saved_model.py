@@ -1,0 +1,124 @@
+"""The saved quantized model (``quantized_model.pth``): the state, the integer weight codes, and
+the settings that made it, which a later evaluation must match."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from mmengine.dist import is_main_process
+
+from ..adapters import QuantPlan, prepare
+from ..atomic import atomic_path
+from ..quant.modules import QuantConv2d, QuantLinear
+from ..settings import PTQConfig
+from .checkpoint import load_checkpoint_file
+from .runner_io import model_and_head
+
+# v2: the post-softmax quantizer chosen per attention is part of the state
+QUANTIZED_FORMAT = "pfcr_mm.quantized_model.v2"
+
+
+def quantization_settings(config: PTQConfig) -> dict:
+    """The settings that decide what the quantized model is, as plain JSON values: all of
+    ``config`` except what only the run uses (``eval_fp``, ``calib.heldout_images``,
+    ``calib.num_workers``, where the reconstruction caches live: ``recon.cache``) and, for
+    ``calib``, the unused ``recon``."""
+    settings = config.to_dict()
+    del settings["eval_fp"], settings["calib"]["heldout_images"], settings["calib"]["num_workers"]
+    del settings["recon"]["cache"]
+    if config.method == "calib":
+        del settings["recon"]
+    return json.loads(json.dumps(settings))
+
+
+def flat_settings(settings: dict, prefix: str = "ptq") -> dict:
+    """``{'ptq.recon.iters': 300, ...}``: the leaves of nested settings by their config key."""
+    out = {}
+    for key, value in settings.items():
+        if isinstance(value, dict) and value:
+            out.update(flat_settings(value, f"{prefix}.{key}"))
+        else:
+            out[f"{prefix}.{key}"] = value
+    return out
+
+
+def differing_keys(was: dict, now: dict, keys, first: str) -> list[str]:
+    """The ``keys`` whose values differ between two flat settings dicts: those starting with
+    ``first`` first, then by name."""
+    differ = (k for k in keys if was.get(k) != now.get(k))
+    return sorted(differ, key=lambda k: (not k.startswith(first), k))
+
+
+def save_quantized_model(
+    runner, config: PTQConfig, indices: list[int], recon: dict, path: Path
+) -> Path:
+    """Write the quantized model: the full state (re-parameterized weights, every quantizer's
+    range and flags), the integer weight codes of every quantized layer, the method and the
+    settings that made it (:func:`quantization_settings`), the calibration indices, the
+    resolved config and its SHA-256. :func:`load_quantized_model` restores it. Only the main
+    process writes."""
+    if not is_main_process():
+        return path
+    model, _ = model_and_head(runner)
+    integer = {
+        name: m.weight_quantizer.integer_weight(m.weight.detach()).to(torch.uint8)
+        for name, m in model.named_modules()
+        if isinstance(m, (QuantLinear, QuantConv2d))
+    }
+    payload = {
+        "format": QUANTIZED_FORMAT,
+        "method": config.method,
+        "quant_config": config.quant.to_dict(),
+        "scope": config.scope,
+        "settings": quantization_settings(config),
+        "calib_indices": indices,
+        "recon": recon,
+        "state_dict": model.state_dict(),
+        "integer_weights": integer,
+        "config": runner.cfg.pretty_text,
+        "config_sha256": hashlib.sha256(runner.cfg.pretty_text.encode()).hexdigest(),
+    }
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+    return path
+
+
+def load_quantized_model(runner, config: PTQConfig, path: str | Path) -> tuple[QuantPlan, dict]:
+    """Rebuild the quantized structure on ``runner.model`` and load a saved quantized model.
+    Refuses one whose settings (:func:`quantization_settings`) differ from ``config``'s,
+    naming the first differing key: the results would record settings it was not made with."""
+    saved = load_checkpoint_file(path)
+    if saved.get("format") == "pfcr_mm.quantized_model.v1":
+        raise ValueError(
+            f"{path} was written by an earlier pfcr_mm (format v1, before the post-softmax "
+            "quantizer was saved with the model): quantize again with tools/ptq.py"
+        )
+    if saved.get("format") != QUANTIZED_FORMAT:
+        raise ValueError(f"{path} is not a quantized model written by tools/ptq.py")
+    wanted = flat_settings(quantization_settings(config))
+    # files written before the settings were saved hold method, scope and quant only
+    made = flat_settings(
+        saved.get("settings")
+        or {"method": saved["method"], "scope": saved["scope"], "quant": saved["quant_config"]}
+    )
+    keys = made.keys() | wanted.keys() if "settings" in saved else made.keys()
+    differ = differing_keys(made, wanted, keys, first="ptq.method")
+    if differ:
+        key = differ[0]
+        raise ValueError(
+            f"{path} was quantized with {key}={made.get(key)!r}, but the config says "
+            f"{wanted.get(key)!r} ({len(differ)} setting(s) differ): pass --cfg-options "
+            f"{key}={made.get(key)} to evaluate it, or quantize again"
+        )
+    model, head = model_and_head(runner)
+    plan = prepare(model, config.quant, config.scope_modules, head)
+    result = model.load_state_dict(saved["state_dict"], strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise KeyError(
+            f"{path} does not match the model: missing {result.missing_keys[:8]}, "
+            f"unexpected {result.unexpected_keys[:8]}"
+        )
+    return plan, saved

@@ -1,0 +1,357 @@
+"""Every setting of a run, as small serializable dataclasses, and the one place they are checked.
+
+``PTQConfig`` is the ``ptq`` section of a config file::
+
+    PTQConfig(method="pfcr",
+              quant=QuantConfig(w_bits=4, a_bits=4),            # what is quantized, and how
+              calib=CalibSettings(num_images=128),              # which calibration images
+              recon=ReconSettings(iters=300,                    # how units are reconstructed
+                                  cache=CacheSettings(limit_gb=8)))  # where their caches live
+
+``from_dict`` refuses an unknown key naming the closest known one, and a value of the wrong type
+naming its key; ``to_dict`` gives plain values. Why each default is what it is:
+``docs/method.md``. This module imports nothing else of the package.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+
+METHODS = ("calib", "block", "pfcr")
+POST_SOFTMAX_CHOICES = ("auto", "log2", "log_sqrt2", "uniform")
+POST_LN_CHOICES = ("reparam", "per_channel", "per_tensor")
+RANGE_CHOICES = ("mse", "percentile", "minmax")
+POS_STRATEGIES = ("none", "two_stage", "shrink", "anneal")
+BUDGET_UNITS = ("block_passes", "steps")
+NON_BLOCK = ("calib", "layerwise", "parts")
+CACHE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+TOP = "top"  # max_level: one group per stage (the whole encoder of a ViT)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking
+
+
+def check_bits(bits: int) -> int:
+    """``bits`` if it is an integer from 2 to 8; raises ValueError otherwise."""
+    if not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= 8:
+        raise ValueError(f"bits must be an integer from 2 to 8, got {bits!r}")
+    return bits
+
+
+def check_max_level(max_level: int | str) -> int | str:
+    """``max_level`` itself if it is ``"top"`` or a level >= 0; raises ValueError otherwise."""
+    if max_level != TOP and (
+        not isinstance(max_level, int) or isinstance(max_level, bool) or max_level < 0
+    ):
+        raise ValueError(f"max_level must be a level >= 0 or {TOP!r}, got {max_level!r}")
+    return max_level
+
+
+def check_choice(value, choices, what: str) -> None:
+    if value not in choices:
+        raise ValueError(f"{what} must be one of {tuple(choices)}, got {value!r}")
+
+
+def check_keys(d: dict, known, what: str) -> None:
+    """Raise KeyError on a key of ``d`` that is not in ``known``, naming the closest known key."""
+    unknown = sorted(set(d) - set(known))
+    if unknown:
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(str(key), sorted(known), n=1)
+            hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise KeyError(f"unknown {what} setting(s) {', '.join(hints)}; known: {sorted(known)}")
+
+
+def _fits(value, annotation) -> bool:
+    """Whether ``value`` has the type a settings field is annotated with (``int``, ``float``,
+    ``str``, ``bool``, ``dict``, ``None``, a settings dataclass and unions of them; an int is a
+    float, a bool is no int)."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in typing.get_args(annotation))
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is type(None):
+        return value is None
+    annotation = typing.get_origin(annotation) or annotation
+    return isinstance(value, annotation) if isinstance(annotation, type) else True
+
+
+def check_types(cls: type, d: dict, what: str) -> None:
+    """Raise ValueError on a value of ``d`` whose type is not the one its field of the
+    dataclass ``cls`` is annotated with (``recon.iters=abc`` from the command line)."""
+    hints = typing.get_type_hints(cls)
+    for key, value in d.items():
+        if not _fits(value, hints[key]):
+            expected = " or ".join(
+                "None" if a is type(None) else getattr(a, "__name__", str(a))
+                for a in typing.get_args(hints[key]) or [hints[key]]
+            )
+            raise ValueError(f"{what}.{key} must be {expected}, got {value!r}")
+
+
+def dataclass_from_dict(cls: type, d, what: str):
+    """``cls(**d)`` with nested settings built from their dicts (``None``: the defaults),
+    failing with the unknown key, its closest match and the known keys, or with the key whose
+    value has the wrong type. ``d`` may already be a ``cls``."""
+    if isinstance(d, cls):
+        return d
+    if not isinstance(d, dict):
+        raise ValueError(f"the {what} settings must be a dict, got {type(d).__name__}")
+    d = dict(d)
+    renamed = getattr(cls, "RENAMED", {})
+    for old in set(d) & set(renamed):  # keys of earlier versions, still accepted
+        part, key = renamed[old]
+        d[part] = {**(d.get(part) or {}), key: d.pop(old)}
+    check_keys(d, {f.name for f in fields(cls)}, what)
+    hints = typing.get_type_hints(cls)
+    for key, value in d.items():
+        if dataclasses.is_dataclass(hints[key]) and not isinstance(value, hints[key]):
+            d[key] = dataclass_from_dict(hints[key], value or {}, f"{what}.{key}")
+    check_types(cls, d, what)
+    return cls(**d)
+
+
+class _Settings:
+    """``from_dict`` / ``to_dict`` of a settings dataclass."""
+
+    WHAT = "settings"
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        return dataclass_from_dict(cls, d, cls.WHAT)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# The settings
+
+
+@dataclass
+class QuantConfig(_Settings):
+    """What to quantize and how (``docs/method.md`` section 2).
+
+    w_bits / a_bits: weight and activation bits (2-8).
+    post_softmax: quantizer of the attention probabilities: ``auto`` (each attention chooses
+        among log quantizers of several bases and a uniform one, :mod:`pfcr_mm.quant.attention`),
+        or one fixed for all: ``log2``, ``log_sqrt2``, ``uniform``.
+    post_ln: inputs of the linears after a LayerNorm (qkv, fc1, PatchMerging reduction):
+        ``reparam`` calibrates them per channel and folds the channel scales into the LayerNorm
+        and the linear (per tensor at inference, RepQ-ViT); ``per_channel`` keeps them per
+        channel; ``per_tensor`` calibrates them per tensor.
+    first_layer_a_bits: input bits of the patch-embedding conv (the image).
+    head_bits: weight/input bits of a classification head; ``None`` uses w_bits/a_bits.
+    act_range / weight_range: range search (``mse``, ``percentile``, ``minmax``).
+    """
+
+    WHAT = "quantization"
+
+    w_bits: int = 4
+    a_bits: int = 4
+    post_softmax: str = "auto"
+    post_ln: str = "reparam"
+    first_layer_a_bits: int = 8
+    head_bits: int | None = None
+    act_range: str = "percentile"
+    weight_range: str = "mse"
+
+    def __post_init__(self) -> None:
+        for name in ("w_bits", "a_bits", "first_layer_a_bits"):
+            try:
+                check_bits(getattr(self, name))
+            except ValueError as err:
+                raise ValueError(f"QuantConfig.{name}: {err}") from None
+        if self.head_bits is not None:
+            check_bits(self.head_bits)
+        check_choice(self.post_softmax, POST_SOFTMAX_CHOICES, "QuantConfig.post_softmax")
+        check_choice(self.post_ln, POST_LN_CHOICES, "QuantConfig.post_ln")
+        check_choice(self.act_range, RANGE_CHOICES, "QuantConfig.act_range")
+        check_choice(self.weight_range, RANGE_CHOICES, "QuantConfig.weight_range")
+
+
+@dataclass
+class CalibSettings(_Settings):
+    """Which calibration images a run takes (the engine picks them; ``pfcr_mm.quantize`` takes
+    ``calib_data`` as given).
+
+    num_images: how many images, drawn at random with ``seed`` from the calibration split.
+    heldout_images: the engine measures the output error on this many further images of the
+        calibration split, which calibration does not see (``ptq_results.json``
+        ``heldout_error``): where settings are chosen without the evaluation images; 0: none.
+    batch_size / num_workers: of the calibration loader.
+    dataset: MMEngine only: overrides of the test dataset config that select the calibration
+        split, e.g. ``dict(split='train')`` or COCO train2017's ``ann_file``/``data_prefix``.
+    """
+
+    WHAT = "ptq.calib"
+
+    num_images: int = 256
+    seed: int = 0
+    heldout_images: int = 32
+    batch_size: int = 32
+    num_workers: int = 0
+    dataset: dict | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("num_images", "batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"ptq.calib.{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.heldout_images, int) or self.heldout_images < 0:
+            raise ValueError(f"ptq.calib.heldout_images must be >= 0, got {self.heldout_images!r}")
+        if not isinstance(self.num_workers, int) or self.num_workers < 0:
+            raise ValueError(f"ptq.calib.num_workers must be >= 0, got {self.num_workers!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ValueError(f"ptq.calib.seed must be an integer, got {self.seed!r}")
+
+
+@dataclass
+class CacheSettings(_Settings):
+    """Where the reconstruction caches live: run infrastructure, which never changes the
+    quantized model (a run may be resumed with other values).
+
+    limit_gb: the most GB (10^9 bytes) the unit caches hold in host memory; cached tensors
+        beyond it are written to memory-mapped files (bit-identical steps). ``None``: no limit.
+    dir: the folder the spill files go in (a temporary folder inside it, removed at the end);
+        ``None``: the run's reconstruction log folder, or the system's temporary folder.
+    """
+
+    WHAT = "ptq.recon.cache"
+
+    limit_gb: float | None = None
+    dir: str | None = None
+
+    def __post_init__(self) -> None:
+        limit = self.limit_gb
+        if limit is not None and (
+            isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit >= 0
+        ):
+            raise ValueError(
+                f"ptq.recon.cache.limit_gb must be a number >= 0 or None, got {limit!r}"
+            )
+        if self.dir is not None and not isinstance(self.dir, str):
+            raise ValueError(f"ptq.recon.cache.dir must be a path or None, got {self.dir!r}")
+
+
+@dataclass
+class ReconSettings(_Settings):
+    """How each unit is reconstructed (the loss and its schedule: ``docs/method.md`` section 4).
+
+    iters: the budget per block: optimizer steps of a ``block`` run's unit; a ``pfcr`` run
+        spreads ``iters`` x blocks block-passes over its levels (``budget_unit``).
+    batch_size: samples per step, drawn from the cached calibration batches.
+    roi_batch_size: RoIs per step of a detector's RoI box or mask head unit.
+    w_lr / a_lr: Adam learning rates of the AdaRound variables and of the activation step sizes
+        (cosine-annealed to 0 over a unit). The defaults are the peers' for 20k steps per unit;
+        short runs need larger ones (the demo's fast budget: 1e-2 / 4e-4).
+    round_weight: weight of the AdaRound regularizer.
+    beta_start / beta_end / warmup: the regularizer temperature decays linearly from beta_start
+        to beta_end after the first ``warmup`` fraction of a unit's iterations (regularizer off).
+    budget_unit: ``"block_passes"`` (a step costs the blocks its unit holds) or ``"steps"``.
+    pos: the progressive optimization strategy (``none``, ``two_stage``, ``shrink``,
+        ``anneal``: :mod:`pfcr_mm.recon.pos`).
+    max_level: the coarsest level of a ``pfcr`` run: ``"top"`` or an integer (0: MHSA and MLP
+        only, 1: up to blocks, ...).
+    non_block: layers outside the blocks: ``"calib"`` (calibrated only), ``"layerwise"`` (a
+        unit each) or ``"parts"`` (a unit per part an adapter declares: a detector's neck, RPN
+        head, RoI heads); ``iters`` iterations per unit, outside the block budget.
+    drop_prob: probability that an input element comes from the FP input (QDrop); 0: off.
+    cache_dtype: dtype of the cached inputs and targets (``float32`` or ``float16``).
+    seed: seeds the sampling of batches and QDrop masks (per unit, combined with its name).
+    log_every: report progress every this many iterations (0: only at the end of a unit).
+    downstream_weight / downstream_probes: the detection-aware term (0: off): a block unit's
+        squared error weighted by the diagonal of ``J^T J`` from its output to the model's
+        downstream outputs, estimated with ``downstream_probes`` random projections.
+    cache: where the caches live (:class:`CacheSettings`).
+    """
+
+    WHAT = "reconstruction"
+    # earlier flat keys -> (nested settings, key)
+    RENAMED = {"cache_limit_gb": ("cache", "limit_gb"), "cache_dir": ("cache", "dir")}
+
+    iters: int = 20000
+    batch_size: int = 32
+    w_lr: float = 1e-3
+    a_lr: float = 4e-5
+    round_weight: float = 0.01
+    beta_start: float = 20.0
+    beta_end: float = 2.0
+    warmup: float = 0.2
+    budget_unit: str = "block_passes"
+    pos: str = "anneal"
+    max_level: int | str = TOP
+    non_block: str = "calib"
+    drop_prob: float = 0.5
+    cache_dtype: str = "float32"
+    seed: int = 0
+    log_every: int = 1000
+    downstream_weight: float = 0.0
+    downstream_probes: int = 8
+    roi_batch_size: int = 128
+    cache: CacheSettings = field(default_factory=CacheSettings)
+
+    def __post_init__(self) -> None:
+        if self.iters < 1 or self.batch_size < 1 or self.roi_batch_size < 1:
+            raise ValueError("ReconSettings.iters, batch_size and roi_batch_size must be >= 1")
+        if not 0.0 <= self.warmup < 1.0:
+            raise ValueError(f"ReconSettings.warmup must be in [0, 1), got {self.warmup}")
+        if not 0.0 <= self.drop_prob <= 1.0:
+            raise ValueError(f"ReconSettings.drop_prob must be in [0, 1], got {self.drop_prob}")
+        check_choice(self.pos, POS_STRATEGIES, "ReconSettings.pos")
+        check_choice(self.budget_unit, BUDGET_UNITS, "ReconSettings.budget_unit")
+        check_choice(self.non_block, NON_BLOCK, "ReconSettings.non_block")
+        check_choice(self.cache_dtype, CACHE_DTYPES, "ReconSettings.cache_dtype")
+        check_max_level(self.max_level)
+        if not self.downstream_weight >= 0 or not self.downstream_probes >= 1:
+            raise ValueError(
+                "ReconSettings.downstream_weight must be >= 0 and downstream_probes >= 1, got "
+                f"{self.downstream_weight!r} and {self.downstream_probes!r}"
+            )
+
+    @property
+    def torch_cache_dtype(self) -> torch.dtype:
+        return CACHE_DTYPES[self.cache_dtype]
+
+
+@dataclass
+class PTQConfig(_Settings):
+    """Everything a post-training quantization run is given.
+
+    method: ``calib`` (ranges only, RepQ-ViT-like), ``block`` (every transformer block
+        reconstructed once, QDrop/BRECQ-like) or ``pfcr`` (fine to coarse).
+    scope: the sub-modules to quantize, joined by ``+`` (``"backbone+neck"``), or ``"all"``.
+    quant / calib / recon: :class:`QuantConfig`, :class:`CalibSettings`, :class:`ReconSettings`.
+    eval_fp: the engine evaluates the FP model before quantizing it.
+    """
+
+    WHAT = "ptq"
+
+    method: str = "calib"
+    scope: str = "all"
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    calib: CalibSettings = field(default_factory=CalibSettings)
+    recon: ReconSettings = field(default_factory=ReconSettings)
+    eval_fp: bool = True
+
+    def __post_init__(self) -> None:
+        check_choice(self.method, METHODS, "ptq.method")
+        if not isinstance(self.scope, str) or not self.scope:
+            raise ValueError(
+                f"ptq.scope must be a string like 'backbone+neck' or 'all', got {self.scope!r}"
+            )
+
+    @property
+    def scope_modules(self) -> list[str] | None:
+        """The sub-module names of ``scope`` (``None``: the whole model)."""
+        return None if self.scope == "all" else self.scope.split("+")
