@@ -1,13 +1,14 @@
 # The PTQ part of a COCO detection config, to list after an mmdet config in _base_.
-# PFCR at the paper-grade budget of method.md: 20k iterations per backbone block spread over the
-# fine-to-coarse levels. Calibration: 256 seeded COCO train2017 images through the test pipeline
-# (batch 1: images differ in size). The reconstruction caches hold, per unit and image, its FP
-# input, quantized-path input and FP target in fp16: measured at 800x1333 and Swin-T's widths and
-# extrapolated to 256 images (README "Memory on COCO", benchmarks/cache), 25.8 GB for the RPN
-# head unit, 24.9 GB the neck, 14.5 GB the RoI box head, 9.9 GB a stage-1 block unit, plus about
-# 6 GB for the rest of the process: ~32 GB of host memory. recon.cache.limit_gb caps the caches
-# in memory and writes the rest to memory-mapped files in recon.cache.dir (default: the run's
-# recon/ folder). Baselines: --cfg-options ptq.method=calib (ranges only) or ptq.method=block.
+# PFCR at the paper-grade budget of docs/method.md (section 4): 20k iterations per backbone
+# block spread over the fine-to-coarse levels. Calibration: 256 seeded COCO train2017 images
+# through the test pipeline (batch 1: images differ in size). The reconstruction caches hold, per
+# unit and image, its FP input, quantized-path input and FP target in fp16: measured at 800x1333
+# and Swin-T's widths and extrapolated to 256 images (docs/benchmarks.md "Memory of the
+# reconstruction caches at COCO resolution", benchmarks/cache), 25.8 GB for the RPN head unit,
+# 24.9 GB the neck, 14.5 GB the RoI box head, 9.9 GB a stage-1 block unit, plus about 6 GB for
+# the rest of the process: ~32 GB of host memory. recon.cache.limit_gb caps the caches in memory
+# and writes the rest to memory-mapped files in recon.cache.dir (default: the run's recon/
+# folder). Baselines: --cfg-options ptq.method=calib (ranges only) or ptq.method=block.
 # Expected layout: data/coco/annotations/instances_{train,val}2017.json,
 # data/coco/{train,val}2017/*.jpg.
 custom_imports = dict(imports=["pfcr_mm.engine"], allow_failed_imports=False)

@@ -1,5 +1,5 @@
 # ViT-B PFCR (W4A4) on ImageNet: vit_b_calib_w4a4.py plus fine-to-coarse reconstruction at
-# the paper-grade budget (README, "Reconstruction: calib, block, pfcr").
+# the paper-grade budget (docs/method.md, section 4).
 _base_ = ["./vit_b_calib_w4a4.py"]
 
 ptq = dict(method="pfcr", recon=dict(iters=20000, batch_size=32, cache_dtype="float16"))

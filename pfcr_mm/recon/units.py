@@ -1,4 +1,4 @@
-"""Reconstruction units and the fine-to-coarse levels they form (method.md section 3).
+"""Reconstruction units and the fine-to-coarse levels they form (``docs/method.md`` section 3).
 
 The finest units come from the adapters (:class:`pfcr_mm.adapters.base.ReconUnit`): the MHSA
 and the MLP of every transformer block, each with its shortcut, in forward order. Coarser units
