@@ -1,4 +1,4 @@
-# PFCR on the embedded classification demo at the "fast" budget of tools/benchmark_recon.py
+# PFCR on the embedded classification demo at the "fast" budget of tools/benchmarks/benchmark_recon.py
 # (benchmarks/demo_recon_fast, README "Measured: reconstruction"): 100 block-passes per block
 # spread over two levels (MHSA/MLP, then blocks), learning rates for a run of tens of steps per
 # unit (the peers' 1e-3 / 4e-5 are for 20k), 128 calibration images. Chosen on 512 held-out

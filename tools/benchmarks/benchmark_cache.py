@@ -26,7 +26,7 @@ linearly to ``--coco-images`` (256) images: every cached tensor holds one image'
 Writes ``<out>/benchmark.json`` and ``<out>/benchmark.md``; work folders under ``<out>/runs``
 (deleted unless ``--keep``).
 
-    python tools/benchmark_cache.py [--images 8] [--models demo swin_t_width] [--iters 2]
+    python tools/benchmarks/benchmark_cache.py [--images 8] [--models demo swin_t_width] [--iters 2]
         [--size 800 1333] [--limit-fraction 0.25] [--out benchmarks/cache]
 
 About 10 minutes on one CPU core with the defaults.
@@ -46,7 +46,7 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BASE_CONFIG = ROOT / "configs/demo/demo_mask_rcnn_swin_shapes_w4a4.py"
 
 # Swin-T Mask R-CNN's widths on the demo's depth (mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco)
@@ -240,7 +240,7 @@ def extrapolate(row: dict, coco_images: int) -> dict:
 
 def write_markdown(path: Path, data: dict) -> None:
     lines = [
-        "# Reconstruction caches at COCO resolution (tools/benchmark_cache.py)",
+        "# Reconstruction caches at COCO resolution (tools/benchmarks/benchmark_cache.py)",
         "",
         f"Calibration images at {data['settings']['size'][0]}x{data['settings']['size'][1]} "
         "(padded to a multiple of 32), "
@@ -337,7 +337,9 @@ def main(argv=None) -> int:
             "threads": 1,
             "load_average_at_start": os.getloadavg(),
             "date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "command": " ".join(["python", "tools/benchmark_cache.py", *(argv or sys.argv[1:])]),
+            "command": " ".join(
+                ["python", "tools/benchmarks/benchmark_cache.py", *(argv or sys.argv[1:])]
+            ),
         },
         "rows": [],
     }

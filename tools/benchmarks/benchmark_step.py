@@ -27,7 +27,7 @@ The model is the committed demo checkpoint (``checkpoints/demo_vit_shapes.pth`` 
 average at the start: other work on the cores inflates the times) and ``<out>/benchmark.md`` (a
 table made from the JSON), replacing earlier ones.
 
-    python tools/benchmark_step.py [--bits 4] [--iters 20] [--repeats 10] [--threads 1]
+    python tools/benchmarks/benchmark_step.py [--bits 4] [--iters 20] [--repeats 10] [--threads 1]
         [--levels 0 1 2 ...] [--out benchmarks/step]
 
 Relative paths are taken from the repository root. About a minute on one CPU core.
@@ -66,7 +66,7 @@ from pfcr_mm.recon import (
 from pfcr_mm.recon.engine import eval_mode, reconstruction_loss
 from pfcr_mm.recon.pos import block_passes
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 JSON_NAME, MD_NAME = "benchmark.json", "benchmark.md"
 
 
@@ -116,7 +116,7 @@ def load_demo(args: argparse.Namespace) -> tuple[nn.Module, dict, list[torch.Ten
         missing = checkpoint if not checkpoint.is_file() else report_path
         raise InputError(
             f"{missing} not found: restore the committed demo checkpoint (git checkout "
-            "checkpoints/) or retrain it with `python tools/train_demo_classifier.py`"
+            "checkpoints/) or retrain it with `python tools/train/train_demo_classifier.py`"
         )
     data_root = ROOT / args.data_root
     if not (data_root / MANIFEST_NAME).is_file():

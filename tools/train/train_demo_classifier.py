@@ -1,7 +1,7 @@
 """Train the demo classifier: a tiny timm ViT on the synthetic shapes set, on CPU, deterministic.
 
-    python tools/make_demo_data.py --only classification   # data/demo_shapes (once)
-    python tools/train_demo_classifier.py                  # checkpoints/demo_vit_shapes.{pth,json}
+    python tools/make_demo_data.py --only classification  # data/demo_shapes (once)
+    python tools/train/train_demo_classifier.py           # checkpoints/demo_vit_shapes.{pth,json}
 
 The whole set is decoded once into tensors through the project's ``ImageFolderDataset`` with the
 demo's evaluation preprocessing (resize 32, crop 32, mean = std = 0.5, bilinear), so training sees
@@ -29,7 +29,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout, uninstalled
 
 from pfcr_mm.demo.shapes import CLASSES, MANIFEST_NAME  # noqa: E402
 from pfcr_mm.engine.classification import ImageFolderDataset, create_timm_model  # noqa: E402

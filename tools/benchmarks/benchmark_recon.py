@@ -13,9 +13,9 @@ calibration-split images that calibration did not see; defaults are chosen on th
 sets both the calibration images and the reconstruction. ``calib`` uses the default
 post-softmax quantizer (chosen per attention); ``calib_log2`` etc. fix one for all.
 
-    python tools/benchmark_recon.py [--preset quick|paper] [--bits 4 3] [--models cls det]
-        [--methods calib block ...] [--seeds 0 1 2]
-    python tools/benchmark_recon.py --merge a/benchmark.json b/benchmark.json --out DIR
+    python tools/benchmarks/benchmark_recon.py [--preset quick|paper] [--bits 4 3]
+        [--models cls det] [--methods calib block ...] [--seeds 0 1 2]
+    python tools/benchmarks/benchmark_recon.py --merge a/benchmark.json b/benchmark.json --out DIR
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from pathlib import Path
 
 from pfcr_mm.engine.ptq import last_run_dir
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # model -> (config, metrics, factor to percent: mmpretrain-style accuracy is already in %)
 MODELS = {
     "cls": ("configs/demo/demo_vit_shapes_w4a4.py", ["accuracy/top1"], 1),

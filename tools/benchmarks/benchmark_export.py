@@ -13,7 +13,7 @@ dense part at batch 1 (FP32 PyTorch and onnxruntime against the exports). Also t
 model's own mAP with its input scaled by ``1 + 1e-6 * noise`` (two seeds): how far float
 rounding alone moves the mAP of the quantized model, the floor of any parity measurement.
 
-    python tools/benchmark_export.py [--models vit|det] [--w8 CONFIG QUANTIZED]
+    python tools/benchmarks/benchmark_export.py [--models vit|det] [--w8 CONFIG QUANTIZED]
                                      [--w4 CONFIG QUANTIZED] [--threads 1 2] [--out DIR]
 
 The quantized models come from ``tools/ptq.py`` (defaults: the demo configs' work dirs).

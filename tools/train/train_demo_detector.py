@@ -1,8 +1,8 @@
 """Train the demo detector: a tiny Swin Mask R-CNN on the synthetic COCO shapes set, on CPU.
 
-    python tools/make_demo_data.py --only detection   # data/demo_coco_shapes (once)
-    python tools/train_demo_detector.py --time-iters 20   # optional: measure, estimate, stop
-    python tools/train_demo_detector.py               # checkpoints/demo_mask_rcnn_swin_shapes.*
+    python tools/make_demo_data.py --only detection             # data/demo_coco_shapes (once)
+    python tools/train/train_demo_detector.py --time-iters 20  # optional: measure, estimate, stop
+    python tools/train/train_demo_detector.py        # checkpoints/demo_mask_rcnn_swin_shapes.*
 
 Trains ``configs/demo/demo_mask_rcnn_swin_shapes.py`` with MMEngine's Runner (seeded, deterministic
 algorithms), evaluates bbox and segm mAP on val at the end, and saves a small checkpoint holding
@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout, uninstalled
 
 from pfcr_mm.demo.coco_shapes import MANIFEST_NAME  # noqa: E402
 from pfcr_mm.engine.checkpoint import load_checkpoint_file  # noqa: E402
