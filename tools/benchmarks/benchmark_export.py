@@ -14,7 +14,7 @@ model's own mAP with its input scaled by ``1 + 1e-6 * noise`` (two seeds): how f
 rounding alone moves the mAP of the quantized model, the floor of any parity measurement.
 
     python tools/benchmarks/benchmark_export.py [--models vit|det] [--w8 CONFIG QUANTIZED]
-                                     [--w4 CONFIG QUANTIZED] [--threads 1 2] [--out DIR]
+        [--w4 CONFIG QUANTIZED] [--threads 1 2] [--out DIR]
 
 The quantized models come from ``tools/ptq.py`` (defaults: the demo configs' work dirs).
 Writes ``<out>/benchmark.json`` and ``<out>/benchmark.md`` (default ``benchmarks/export`` and
@@ -27,17 +27,12 @@ the machine falls on all of them alike.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-import onnxruntime as ort
 import torch
 from mmengine.config import Config
 
@@ -51,7 +46,7 @@ from pfcr_mm.engine.export import (
     features_from,
     mean_average_precisions,
 )
-from pfcr_mm.engine.ptq import package_versions, saved_model_path
+from pfcr_mm.engine.ptq import saved_model_path
 from pfcr_mm.export import export_onnx
 from pfcr_mm.export.runtime import (
     FixedSizeRunner,
@@ -62,18 +57,19 @@ from pfcr_mm.export.runtime import (
     run_session,
     session_options,
 )
+from pfcr_mm.provenance import PACKAGES, machine_record, package_versions, write_benchmark
 
-# (config, its quantized model or the work dir of tools/ptq.py: the last run's model)
-W8 = ("configs/demo/demo_vit_shapes_w8a8.py", "work_dirs/demo_vit_shapes_w8a8")
-W4 = ("configs/demo/demo_vit_shapes_w4a4.py", "work_dirs/demo_vit_shapes_w4a4")
-DET_W8 = (
-    "configs/demo/demo_mask_rcnn_swin_shapes_w8a8.py",
-    "work_dirs/demo_mask_rcnn_swin_shapes_w8a8",
-)
-DET_W4 = (
-    "configs/demo/demo_mask_rcnn_swin_shapes_w4a4.py",
-    "work_dirs/demo_mask_rcnn_swin_shapes_w4a4",
-)
+ONNX_DIR = Path("work_dirs/benchmark_export")
+# the variants run in onnxruntime, by their file: <kind>_<key>.onnx
+EXPORTED = {
+    "fp32": "FP32 onnxruntime",
+    "w8a8": "W8A8 onnxruntime (exact)",
+    "w8a8_int8": "W8A8 onnxruntime int8 (--int8)",
+    "w4a4_uint4": "W4A4 onnxruntime (uint4 weights)",
+}
+W8_UNIFORM = "W8A8 fake-quant PyTorch, 8-bit uniform post-softmax"
+W4_FAKE = "W4A4 fake-quant PyTorch"
+NOISE = 1e-6  # relative input perturbation of the float-rounding floor
 
 
 def val_batches(runner) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -131,189 +127,330 @@ def ort_fn(path: Path, threads: int) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda x: run_session(session, x)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--models", choices=["vit", "det"], default="vit")
-    p.add_argument("--w8", nargs=2, metavar=("CONFIG", "QUANTIZED"))
-    p.add_argument("--w4", nargs=2, metavar=("CONFIG", "QUANTIZED"))
-    p.add_argument("--threads", nargs="+", type=int, help="default: 1 2 (vit), 1 (det)")
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--out", help="default: benchmarks/export (vit), benchmarks/export_det (det)")
-    args = p.parse_args(argv)
-    det = args.models == "det"
-    args.w8 = args.w8 or (DET_W8 if det else W8)
-    args.w4 = args.w4 or (DET_W4 if det else W4)
-    args.threads = args.threads or ([1] if det else [1, 2])
-    args.out = args.out or ("benchmarks/export_det" if det else "benchmarks/export")
-    if det:
-        return main_det(args)
-    out = Path(args.out)
-    work = onnx_dir = Path("work_dirs/benchmark_export")
-    torch.manual_seed(0)
+def kernels_cell(row: dict, float_key: str) -> str:
+    """The integer kernels onnxruntime ran for an export, and its float ones in brackets."""
+    if "integer_kernels" not in row:
+        return ""
+    ints = ", ".join(f"{n} {op}" for op, n in row["integer_kernels"].items()) or "none"
+    return f"{ints} ({row[float_key]})"
 
-    # the quantized models, and their exports (the W8A8 one twice: exact, then --int8)
-    w8_runner, w8_ptq = build_quantized(args.w8[0], saved_model_path(args.w8[1]), work)
-    w4_runner, w4_ptq = build_quantized(args.w4[0], saved_model_path(args.w4[1]), work)
-    cfg = w8_runner.cfg
-    fp = create_timm_model(cfg.model.arch, cfg.model.model_kwargs).eval()
-    load_weights_strict(fp, cfg.model.checkpoint)
-    batches = val_batches(w8_runner)
-    files = {
-        "fp32": onnx_dir / "vit_fp32.onnx",
-        "w8a8": onnx_dir / "vit_w8a8.onnx",
-        "w8a8_int8": onnx_dir / "vit_w8a8_int8.onnx",
-        "w4a4_uint4": onnx_dir / "vit_w4a4_uint4.onnx",
+
+class ExportBenchmark:
+    """One benchmark run (:meth:`run`): the quantized W8A8 and W4A4 models and the FP one,
+    their exports, each variant's accuracy, size, kernels and latency. The subclass of a model
+    kind says what differs:
+
+    * ``load_fp()``: build the FP model, return its weights file;
+    * ``measure_before_int8()``: what the --int8 export changes (it switches the W8A8 model's
+      post-softmax quantizers in place);
+    * ``export_fp(reports)``: export the FP model to ``files["fp32"]`` (and set
+      ``input_size``, the image size timed, where the exports decide it);
+    * ``variants(checkpoint, reports)``: one row per variant, by name: its accuracy,
+      ``bytes`` (the file whose size it is), ``onnx`` (its export, run in onnxruntime);
+    * ``timed_models()``: the PyTorch variants timed, by name; ``onnx_runner(path, threads)``:
+      a call of an export in onnxruntime;
+    * ``summary(checkpoint, reports, variants)``: the model and the kind's own results, the
+      head of the JSON; ``markdown(results)``: the table, with a line on the setup.
+    """
+
+    kind: str  # the --models choice; names the ONNX files
+    defaults: dict  # w8, w4, threads, out when not given
+    batches: tuple[int, ...]  # the batch sizes timed
+    input_size: tuple[int, int]  # the image size timed
+    float_ops: tuple[str, ...]  # the float kernels counted in an export ...
+    float_key: str  # ... and their key in its row
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        torch.manual_seed(0)
+        # (Runner, PTQConfig) of each quantized model
+        self.w8 = build_quantized(args.w8[0], saved_model_path(args.w8[1]), ONNX_DIR)
+        self.w4 = build_quantized(args.w4[0], saved_model_path(args.w4[1]), ONNX_DIR)
+        self.w8_runner, self.w4_runner = self.w8[0], self.w4[0]
+        self.files = {key: ONNX_DIR / f"{self.kind}_{key}.onnx" for key in EXPORTED}
+
+    def run(self) -> int:
+        checkpoint = self.load_fp()
+        self.measure_before_int8()
+        # the W8A8 model exported twice: exact, then --int8
+        reports = {
+            "w8a8": export_quantized(*self.w8, self.files["w8a8"]),
+            "w8a8_int8": export_quantized(*self.w8, self.files["w8a8_int8"], int8=True),
+            "w4a4_uint4": export_quantized(*self.w4, self.files["w4a4_uint4"]),
+        }
+        self.export_fp(reports)
+        variants = self.variants(checkpoint, reports)
+        for row in variants.values():
+            if "onnx" in row:
+                ran = optimized_op_counts(row["onnx"])
+                row["onnxruntime_ops"] = ran
+                row["integer_kernels"] = integer_kernel_counts(ran)
+                row[self.float_key] = sum(ran.get(op, 0) for op in self.float_ops)
+                row["bytes"] = row["onnx"]
+            if "bytes" in row:
+                row["bytes"] = row["bytes"].stat().st_size
+        latency = self.latency(variants)
+        for name, row in variants.items():
+            row["latency_ms"] = {
+                f"threads{t}_batch{b}": latency[t][b][name]
+                for t in self.args.threads
+                for b in self.batches
+                if name in latency[t][b]
+            }
+        results = self.summary(checkpoint, reports, variants)
+        results.update(self.run_record(variants, reports))
+        table = self.markdown(results)
+        print(table)
+        print(write_benchmark(self.args.out, results, table))
+        return 0
+
+    def latency(self, variants: dict) -> dict[int, dict[int, dict[str, float]]]:
+        """Milliseconds per call of the timed variants, by threads, batch and name."""
+        latency = {}
+        for threads in self.args.threads:
+            torch.set_num_threads(threads)
+            runners = {name: torch_fn(model) for name, model in self.timed_models().items()}
+            for name, row in variants.items():
+                if "onnx" in row:
+                    runners[name] = self.onnx_runner(row["onnx"], threads)
+            latency[threads] = {
+                b: latency_ms(runners, (b, 3, *self.input_size), self.args.rounds, self.args.iters)
+                for b in self.batches
+            }
+        return latency
+
+    def run_record(self, variants: dict, reports: dict) -> dict:
+        """What the JSON holds besides the kind's own results: the variants' rows, the export
+        reports, the session options and threads, the latency method, machine and versions."""
+        args = self.args
+        return {
+            "variants": {
+                name: {k: (str(v) if isinstance(v, Path) else v) for k, v in row.items()}
+                for name, row in variants.items()
+            },
+            "exports": {k: {**r, "path": str(self.files[k])} for k, r in reports.items()},
+            "session_options": {t: describe_options(session_options(t)) for t in args.threads},
+            "torch_threads": args.threads,
+            "latency_method": f"median of {args.rounds} rounds x {args.iters} calls, interleaved",
+            "machine": machine_record(),
+            "versions": package_versions((*PACKAGES, "onnxruntime", "numpy")),
+        }
+
+
+class ViTBenchmark(ExportBenchmark):
+    """``--models vit``: the demo ViT whole, top-1 on the val images, batch 1 and 32."""
+
+    kind = "vit"
+    defaults = {
+        "w8": ("configs/demo/demo_vit_shapes_w8a8.py", "work_dirs/demo_vit_shapes_w8a8"),
+        "w4": ("configs/demo/demo_vit_shapes_w4a4.py", "work_dirs/demo_vit_shapes_w4a4"),
+        "threads": [1, 2],
+        "out": "benchmarks/export",
     }
-    export_onnx(fp, batches[0][0][:2], files["fp32"])
-    reports = {"w8a8": export_quantized(w8_runner, w8_ptq, files["w8a8"])}
-    w8_fake_top1 = top1(torch_fn(w8_runner.model.net), batches)
-    reports["w8a8_int8"] = export_quantized(w8_runner, w8_ptq, files["w8a8_int8"], int8=True)
-    reports["w4a4_uint4"] = export_quantized(w4_runner, w4_ptq, files["w4a4_uint4"])
+    batches = (1, 32)
+    input_size = (32, 32)
+    float_ops = ("MatMul", "FusedMatMul", "Gemm")
+    float_key = "float_matmuls"
 
-    variants = {
-        "FP32 PyTorch": {"top1": top1(torch_fn(fp), batches), "bytes": Path(cfg.model.checkpoint)},
-        "FP32 onnxruntime": {"onnx": files["fp32"]},
-        "W8A8 fake-quant PyTorch": {
-            "top1": w8_fake_top1,
-            "bytes": Path(args.w8[1]),
-            "model": "log post-softmax quantizers as chosen at calibration",
-        },
-        "W8A8 onnxruntime (exact)": {"onnx": files["w8a8"]},
-        "W8A8 fake-quant PyTorch, 8-bit uniform post-softmax": {
-            "top1": top1(torch_fn(w8_runner.model.net), batches),
-            "model": "the model the --int8 export is exact to",
-        },
-        "W8A8 onnxruntime int8 (--int8)": {"onnx": files["w8a8_int8"]},
-        "W4A4 fake-quant PyTorch": {
-            "top1": top1(torch_fn(w4_runner.model.net), batches),
-            "bytes": Path(args.w4[1]),
-        },
-        "W4A4 onnxruntime (uint4 weights)": {"onnx": files["w4a4_uint4"]},
-    }
-    for row in variants.values():
-        if "onnx" in row:
-            row["top1"] = top1(ort_fn(row["onnx"], 1), batches)
-            row["bytes"] = row["onnx"]
-            ran = optimized_op_counts(row["onnx"])
-            row["onnxruntime_ops"] = ran
-            row["integer_kernels"] = integer_kernel_counts(ran)
-            row["float_matmuls"] = sum(ran.get(op, 0) for op in ("MatMul", "FusedMatMul", "Gemm"))
-        if "bytes" in row:
-            row["bytes"] = row["bytes"].stat().st_size
+    def load_fp(self) -> Path:
+        cfg = self.w8_runner.cfg
+        self.fp = create_timm_model(cfg.model.arch, cfg.model.model_kwargs).eval()
+        load_weights_strict(self.fp, cfg.model.checkpoint)
+        self.val = val_batches(self.w8_runner)
+        return Path(cfg.model.checkpoint)
 
-    timed = {
-        "FP32 PyTorch": lambda t: torch_fn(fp),
-        "FP32 onnxruntime": lambda t: ort_fn(files["fp32"], t),
-        "W8A8 onnxruntime int8 (--int8)": lambda t: ort_fn(files["w8a8_int8"], t),
-        "W8A8 onnxruntime (exact)": lambda t: ort_fn(files["w8a8"], t),
-        "W8A8 fake-quant PyTorch, 8-bit uniform post-softmax": lambda t: torch_fn(
-            w8_runner.model.net
+    def measure_before_int8(self) -> None:
+        self.w8_log_top1 = top1(torch_fn(self.w8_runner.model.net), self.val)
+
+    def export_fp(self, reports: dict) -> None:
+        export_onnx(self.fp, self.val[0][0][:2], self.files["fp32"])
+
+    def variants(self, checkpoint: Path, reports: dict) -> dict[str, dict]:
+        rows = {
+            "FP32 PyTorch": {"top1": top1(torch_fn(self.fp), self.val), "bytes": checkpoint},
+            EXPORTED["fp32"]: {"onnx": self.files["fp32"]},
+            "W8A8 fake-quant PyTorch": {
+                "top1": self.w8_log_top1,
+                "bytes": saved_model_path(self.args.w8[1]),
+                "model": "log post-softmax quantizers as chosen at calibration",
+            },
+            EXPORTED["w8a8"]: {"onnx": self.files["w8a8"]},
+            W8_UNIFORM: {
+                "top1": top1(torch_fn(self.w8_runner.model.net), self.val),
+                "model": "the model the --int8 export is exact to",
+            },
+            EXPORTED["w8a8_int8"]: {"onnx": self.files["w8a8_int8"]},
+            W4_FAKE: {
+                "top1": top1(torch_fn(self.w4_runner.model.net), self.val),
+                "bytes": saved_model_path(self.args.w4[1]),
+            },
+            EXPORTED["w4a4_uint4"]: {"onnx": self.files["w4a4_uint4"]},
+        }
+        for row in rows.values():
+            if "onnx" in row:
+                row["top1"] = top1(ort_fn(row["onnx"], 1), self.val)
+        return rows
+
+    def timed_models(self) -> dict[str, torch.nn.Module]:
+        return {"FP32 PyTorch": self.fp, W8_UNIFORM: self.w8_runner.model.net}
+
+    def onnx_runner(self, path: Path, threads: int) -> Callable[[torch.Tensor], object]:
+        return ort_fn(path, threads)
+
+    def summary(self, checkpoint: Path, reports: dict, variants: dict) -> dict:
+        cfg = self.w8_runner.cfg
+        int8, fp32 = EXPORTED["w8a8_int8"], EXPORTED["fp32"]
+        return {
+            "model": {"config": self.args.w8[0], "arch": cfg.model.arch, **cfg.model.model_kwargs},
+            "val_images": sum(len(labels) for _, labels in self.val),
+            "int8_vs_fp32_onnxruntime_speedup": {
+                key: variants[fp32]["latency_ms"][key] / variants[int8]["latency_ms"][key]
+                for key in variants[int8]["latency_ms"]
+            },
+            "int8_top1_minus_fake_quant_top1": variants[int8]["top1"]
+            - variants[W8_UNIFORM]["top1"],
+        }
+
+    def markdown(self, results: dict) -> str:
+        threads = self.args.threads
+        cols = [f"threads{t}_batch{b}" for t in threads for b in self.batches]
+        head = ["variant", "top-1 (%)", "size (MB)"]
+        head += [f"ms, {t} thr, batch {b}" for t in threads for b in self.batches]
+        head += ["integer kernels (float matmuls)"]
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for name, row in results["variants"].items():
+            lat = [f"{row['latency_ms'][c]:.2f}" if c in row["latency_ms"] else "" for c in cols]
+            size = f"{row['bytes'] / 1e6:.2f}" if "bytes" in row else ""
+            cells = [name, f"{row['top1']:.1f}", size, *lat, kernels_cell(row, self.float_key)]
+            lines.append("| " + " | ".join(cells) + " |")
+        speed = ", ".join(
+            f"{c.replace('_', ' ')}: {v:.2f}x"
+            for c, v in results["int8_vs_fp32_onnxruntime_speedup"].items()
+        )
+        return (
+            f"Demo ViT ({results['val_images']} val images), CPU flags "
+            f"{' '.join(results['machine']['cpu_flags'])}, onnxruntime "
+            f"{results['versions']['onnxruntime']}.\n\n"
+            + "\n".join(lines)
+            + f"\n\nint8 onnxruntime speed-up over FP32 onnxruntime: {speed}. int8 top-1 minus "
+            f"the fake-quant model's it is exported from: "
+            f"{results['int8_top1_minus_fake_quant_top1']:+.2f} points.\n"
+        )
+
+
+class DetBenchmark(ExportBenchmark):
+    """``--models det``: the demo Mask R-CNN's backbone and neck in onnxruntime, its heads in
+    PyTorch, box and mask mAP on the val images; the dense part timed at batch 1."""
+
+    kind = "det"
+    defaults = {
+        "w8": (
+            "configs/demo/demo_mask_rcnn_swin_shapes_w8a8.py",
+            "work_dirs/demo_mask_rcnn_swin_shapes_w8a8",
         ),
-        "W4A4 onnxruntime (uint4 weights)": lambda t: ort_fn(files["w4a4_uint4"], t),
+        "w4": (
+            "configs/demo/demo_mask_rcnn_swin_shapes_w4a4.py",
+            "work_dirs/demo_mask_rcnn_swin_shapes_w4a4",
+        ),
+        "threads": [1],
+        "out": "benchmarks/export_det",
     }
-    latency = {}
-    for threads in args.threads:
-        torch.set_num_threads(threads)
-        runners = {name: make(threads) for name, make in timed.items()}
-        latency[threads] = {
-            batch: latency_ms(runners, (batch, 3, 32, 32), args.rounds, args.iters)
-            for batch in (1, 32)
+    batches = (1,)
+    float_ops = ("Conv", "FusedConv", "MatMul", "FusedMatMul", "Gemm")
+    float_key = "float_convs_matmuls"
+
+    def load_fp(self) -> Path:
+        from mmdet.registry import MODELS
+
+        checkpoint = Path(Config.fromfile(self.args.w8[0]).load_from)
+        fp = MODELS.build(self.w8_runner.cfg.model).eval()
+        load_weights_strict(fp, checkpoint)
+        self.fp_dense = DetectorFeatures(fp).eval()
+        return checkpoint
+
+    def measure_before_int8(self) -> None:
+        self.floors = {
+            "w8a8": perturbed_maps(self.w8_runner),
+            "w8a8_int8": None,
+            "w4a4_uint4": perturbed_maps(self.w4_runner),
         }
-    for name, row in variants.items():
-        row["latency_ms"] = {
-            f"threads{t}_batch{b}": latency[t][b][name]
-            for t in args.threads
-            for b in (1, 32)
-            if name in latency[t][b]
+
+    def export_fp(self, reports: dict) -> None:
+        # the size the quantized exports were made at: the test pipeline's padded size
+        self.input_size = tuple(reports["w8a8"]["parity"]["input_size"])
+        example = torch.zeros(1, 3, *self.input_size)
+        export_onnx(self.fp_dense, example, self.files["fp32"], dynamic_batch=False)
+
+    def variants(self, checkpoint: Path, reports: dict) -> dict[str, dict]:
+        rows = {
+            "FP32 PyTorch": {"bytes": checkpoint},
+            EXPORTED["fp32"]: {"onnx": self.files["fp32"]},
+            W8_UNIFORM: {"bytes": saved_model_path(self.args.w8[1])},
+            W4_FAKE: {"bytes": saved_model_path(self.args.w4[1])},
         }
-    int8, fp32 = "W8A8 onnxruntime int8 (--int8)", "FP32 onnxruntime"
-    speedup = {
-        f"threads{t}_batch{b}": latency[t][b][fp32] / latency[t][b][int8]
-        for t in args.threads
-        for b in (1, 32)
-    }
-    results = {
-        "model": {"config": args.w8[0], "arch": cfg.model.arch, **cfg.model.model_kwargs},
-        "val_images": sum(len(labels) for _, labels in batches),
-        "int8_vs_fp32_onnxruntime_speedup": speedup,
-        "int8_top1_minus_fake_quant_top1": variants[int8]["top1"]
-        - variants["W8A8 fake-quant PyTorch, 8-bit uniform post-softmax"]["top1"],
-        **_run_record(args, variants, reports, files),
-    }
-    _write(out, results, markdown(results, args.threads))
-    return 0
+        for key in ("w8a8", "w8a8_int8", "w4a4_uint4"):
+            rows[EXPORTED[key]] = {
+                "onnx": self.files[key],
+                "parity": reports[key]["parity"],
+                "rounding_floor": self.floors[key],
+            }
+        return rows
 
+    def timed_models(self) -> dict[str, torch.nn.Module]:
+        return {
+            "FP32 PyTorch": self.fp_dense,
+            W8_UNIFORM: DetectorFeatures(self.w8_runner.model).eval(),
+            W4_FAKE: DetectorFeatures(self.w4_runner.model).eval(),
+        }
 
-def _run_record(args, variants: dict, reports: dict, files: dict) -> dict:
-    """What every benchmark JSON holds besides its own results: the variants' rows, the
-    export reports, the session options and threads, the latency method, machine and
-    versions."""
-    return {
-        "variants": {
-            name: {k: (str(v) if isinstance(v, Path) else v) for k, v in row.items()}
-            for name, row in variants.items()
-        },
-        "exports": {k: {**r, "path": str(files[k])} for k, r in reports.items()},
-        "session_options": {t: describe_options(session_options(t)) for t in args.threads},
-        "torch_threads": args.threads,
-        "latency_method": f"median of {args.rounds} rounds x {args.iters} calls, interleaved",
-        "machine": {
-            "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(),
-            "cpu_flags": _cpu_flags(),
-        },
-        "versions": {**package_versions(), "onnxruntime": ort.__version__, "numpy": np.__version__},
-    }
+    def onnx_runner(self, path: Path, threads: int) -> Callable[[torch.Tensor], object]:
+        return FixedSizeRunner(cpu_session(path, threads))
 
+    def summary(self, checkpoint: Path, reports: dict, variants: dict) -> dict:
+        return {
+            "model": {"config": self.args.w8[0], "checkpoint": str(checkpoint)},
+            "exported": reports["w8a8"]["runs_in"],
+            "input_size": reports["w8a8"]["parity"]["input_size"],
+            "val_images": reports["w8a8"]["parity"]["images"],
+            "rounding_floor_method": f"PyTorch fake-quant, input x (1 + {NOISE:g} N(0,1)), "
+            "2 seeds",
+        }
 
-def _write(out: Path, results: dict, table: str) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "benchmark.json").write_text(json.dumps(results, indent=1))
-    (out / "benchmark.md").write_text(table)
-    print(table)
-
-
-def _cpu_flags() -> list[str]:
-    """The SIMD flags that decide onnxruntime's integer kernels (Linux)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split("flags")[1].split("\n")[0].split()
-    except (OSError, IndexError):
-        return []
-    return sorted(f for f in flags if f.startswith(("avx", "amx")) or "vnni" in f)
-
-
-def markdown(results: dict, threads: list[int]) -> str:
-    cols = [f"threads{t}_batch{b}" for t in threads for b in (1, 32)]
-    head = ["variant", "top-1 (%)", "size (MB)"]
-    head += [f"ms, {t} thr, batch {b}" for t in threads for b in (1, 32)]
-    head += ["integer kernels (float matmuls)"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, row in results["variants"].items():
-        lat = [f"{row['latency_ms'][c]:.2f}" if c in row["latency_ms"] else "" for c in cols]
-        kernels = ""
-        if "integer_kernels" in row:
-            ints = ", ".join(f"{n} {op}" for op, n in row["integer_kernels"].items()) or "none"
-            kernels = f"{ints} ({row['float_matmuls']})"
-        size = f"{row['bytes'] / 1e6:.2f}" if "bytes" in row else ""
-        cells = [name, f"{row['top1']:.1f}", size, *lat, kernels]
-        lines.append("| " + " | ".join(cells) + " |")
-    speed = ", ".join(
-        f"{c.replace('_', ' ')}: {v:.2f}x"
-        for c, v in results["int8_vs_fp32_onnxruntime_speedup"].items()
-    )
-    return (
-        f"Demo ViT ({results['val_images']} val images), CPU flags "
-        f"{' '.join(results['machine']['cpu_flags'])}, onnxruntime "
-        f"{results['versions']['onnxruntime']}.\n\n"
-        + "\n".join(lines)
-        + f"\n\nint8 onnxruntime speed-up over FP32 onnxruntime: {speed}. int8 top-1 minus the "
-        f"fake-quant model's it is exported from: "
-        f"{results['int8_top1_minus_fake_quant_top1']:+.2f} points.\n"
-    )
-
-
-NOISE = 1e-6  # relative input perturbation of the float-rounding floor
+    def markdown(self, results: dict) -> str:
+        threads = self.args.threads
+        head = [
+            "variant",
+            "PyTorch fake-quant box / mask mAP",
+            "onnxruntime box / mask mAP",
+            "difference (points)",
+            "PyTorch, input x (1 + 1e-6 noise), per seed",
+            "features: max diff / range",
+            "size (MB)",
+            *[f"ms, {t} thr, batch 1" for t in threads],
+            "integer kernels (float convs + matmuls)",
+        ]
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for name, row in results["variants"].items():
+            cells = [name, "", "", "", "", ""]
+            if "parity" in row:
+                p = row["parity"]
+                diff = " / ".join(
+                    f"{100 * (p['onnxruntime'][k] - p['pytorch'][k]):+.1f}" for k in p["pytorch"]
+                )
+                floor = ", ".join(_pair(r) for r in row["rounding_floor"] or [])
+                feats = f"{p['features']['max_diff_over_range']:.4f}"
+                cells[1:] = [_pair(p["pytorch"]), _pair(p["onnxruntime"]), diff, floor, feats]
+            cells.append(f"{row['bytes'] / 1e6:.2f}")
+            cells += [f"{row['latency_ms'][f'threads{t}_batch1']:.1f}" for t in threads]
+            cells.append(kernels_cell(row, self.float_key))
+            lines.append("| " + " | ".join(cells) + " |")
+        h, w = results["input_size"]
+        return (
+            f"Demo Mask R-CNN Swin ({results['val_images']} val images), backbone and neck in "
+            f"onnxruntime at 1x3x{h}x{w}, RPN and RoI heads in PyTorch; CPU flags "
+            f"{' '.join(results['machine']['cpu_flags'])}, onnxruntime "
+            f"{results['versions']['onnxruntime']}.\n\n" + "\n".join(lines) + "\n"
+        )
 
 
 def perturbed_maps(runner, seeds: tuple[int, ...] = (0, 1)) -> list[dict]:
@@ -334,90 +471,6 @@ def perturbed_maps(runner, seeds: tuple[int, ...] = (0, 1)) -> list[dict]:
     return rows
 
 
-def main_det(args) -> int:
-    """``--models det``: see the module docstring."""
-    from mmdet.registry import MODELS
-
-    out, onnx_dir = Path(args.out), Path("work_dirs/benchmark_export")
-    torch.manual_seed(0)
-    w8_runner, w8_ptq = build_quantized(args.w8[0], saved_model_path(args.w8[1]), onnx_dir)
-    w4_runner, w4_ptq = build_quantized(args.w4[0], saved_model_path(args.w4[1]), onnx_dir)
-    cfg = w8_runner.cfg
-    checkpoint = Path(Config.fromfile(args.w8[0]).load_from)
-    fp = MODELS.build(cfg.model).eval()
-    load_weights_strict(fp, checkpoint)
-    fp_dense = DetectorFeatures(fp).eval()
-    files = {
-        "fp32": onnx_dir / "det_fp32.onnx",
-        "w8a8": onnx_dir / "det_w8a8.onnx",
-        "w8a8_int8": onnx_dir / "det_w8a8_int8.onnx",
-        "w4a4_uint4": onnx_dir / "det_w4a4_uint4.onnx",
-    }
-    # the float-rounding floors first: the --int8 export changes the W8A8 model in place
-    floors = {"w8a8": perturbed_maps(w8_runner), "w4a4_uint4": perturbed_maps(w4_runner)}
-    floors["w8a8_int8"] = None
-    reports = {"w8a8": export_quantized(w8_runner, w8_ptq, files["w8a8"])}
-    reports["w8a8_int8"] = export_quantized(w8_runner, w8_ptq, files["w8a8_int8"], int8=True)
-    reports["w4a4_uint4"] = export_quantized(w4_runner, w4_ptq, files["w4a4_uint4"])
-    size = reports["w8a8"]["parity"]["input_size"]
-    export_onnx(fp_dense, torch.zeros(1, 3, *size), files["fp32"], dynamic_batch=False)
-
-    names = {
-        "w8a8": "W8A8 onnxruntime (exact)",
-        "w8a8_int8": "W8A8 onnxruntime int8 (--int8)",
-        "w4a4_uint4": "W4A4 onnxruntime (uint4 weights)",
-    }
-    variants = {
-        "FP32 PyTorch": {"bytes": checkpoint.stat().st_size},
-        "FP32 onnxruntime": {"onnx": files["fp32"]},
-        "W8A8 fake-quant PyTorch, 8-bit uniform post-softmax": {
-            "bytes": saved_model_path(args.w8[1]).stat().st_size
-        },
-        "W4A4 fake-quant PyTorch": {"bytes": saved_model_path(args.w4[1]).stat().st_size},
-    }
-    for key, name in names.items():
-        parity = reports[key]["parity"]
-        variants[name] = {"onnx": files[key], "parity": parity, "rounding_floor": floors[key]}
-    for row in variants.values():
-        if "onnx" in row:
-            ran = optimized_op_counts(row["onnx"])
-            row["onnxruntime_ops"] = ran
-            row["integer_kernels"] = integer_kernel_counts(ran)
-            row["float_convs_matmuls"] = sum(
-                ran.get(op, 0) for op in ("Conv", "FusedConv", "MatMul", "FusedMatMul", "Gemm")
-            )
-            row["bytes"] = row["onnx"].stat().st_size
-
-    latency = {}
-    for threads in args.threads:
-        torch.set_num_threads(threads)
-        runners = {
-            "FP32 PyTorch": torch_fn(fp_dense),
-            "W8A8 fake-quant PyTorch, 8-bit uniform post-softmax": torch_fn(
-                DetectorFeatures(w8_runner.model).eval()
-            ),
-            "W4A4 fake-quant PyTorch": torch_fn(DetectorFeatures(w4_runner.model).eval()),
-            **{
-                name: FixedSizeRunner(cpu_session(row["onnx"], threads))
-                for name, row in variants.items()
-                if "onnx" in row
-            },
-        }
-        latency[threads] = latency_ms(runners, (1, 3, *size), args.rounds, args.iters)
-    for name, row in variants.items():
-        row["latency_ms"] = {f"threads{t}_batch1": latency[t][name] for t in args.threads}
-    results = {
-        "model": {"config": args.w8[0], "checkpoint": str(checkpoint)},
-        "exported": reports["w8a8"]["runs_in"],
-        "input_size": size,
-        "val_images": reports["w8a8"]["parity"]["images"],
-        "rounding_floor_method": f"PyTorch fake-quant, input x (1 + {NOISE:g} N(0,1)), 2 seeds",
-        **_run_record(args, variants, reports, files),
-    }
-    _write(out, results, markdown_det(results, args.threads))
-    return 0
-
-
 def _pair(maps: dict) -> str:
     """Box / mask mAP in %."""
     return " / ".join(
@@ -425,44 +478,24 @@ def _pair(maps: dict) -> str:
     )
 
 
-def markdown_det(results: dict, threads: list[int]) -> str:
-    head = [
-        "variant",
-        "PyTorch fake-quant box / mask mAP",
-        "onnxruntime box / mask mAP",
-        "difference (points)",
-        "PyTorch, input x (1 + 1e-6 noise), per seed",
-        "features: max diff / range",
-        "size (MB)",
-        *[f"ms, {t} thr, batch 1" for t in threads],
-        "integer kernels (float convs + matmuls)",
-    ]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, row in results["variants"].items():
-        cells = [name, "", "", "", "", ""]
-        if "parity" in row:
-            p = row["parity"]
-            diff = " / ".join(
-                f"{100 * (p['onnxruntime'][k] - p['pytorch'][k]):+.1f}" for k in p["pytorch"]
-            )
-            floor = ", ".join(_pair(r) for r in row["rounding_floor"] or [])
-            feats = f"{p['features']['max_diff_over_range']:.4f}"
-            cells[1:] = [_pair(p["pytorch"]), _pair(p["onnxruntime"]), diff, floor, feats]
-        cells.append(f"{row['bytes'] / 1e6:.2f}")
-        cells += [f"{row['latency_ms'][f'threads{t}_batch1']:.1f}" for t in threads]
-        kernels = ""
-        if "integer_kernels" in row:
-            ints = ", ".join(f"{n} {op}" for op, n in row["integer_kernels"].items()) or "none"
-            kernels = f"{ints} ({row['float_convs_matmuls']})"
-        cells.append(kernels)
-        lines.append("| " + " | ".join(cells) + " |")
-    h, w = results["input_size"]
-    return (
-        f"Demo Mask R-CNN Swin ({results['val_images']} val images), backbone and neck in "
-        f"onnxruntime at 1x3x{h}x{w}, RPN and RoI heads in PyTorch; CPU flags "
-        f"{' '.join(results['machine']['cpu_flags'])}, onnxruntime "
-        f"{results['versions']['onnxruntime']}.\n\n" + "\n".join(lines) + "\n"
-    )
+KINDS = {bench.kind: bench for bench in (ViTBenchmark, DetBenchmark)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--models", choices=sorted(KINDS), default="vit")
+    p.add_argument("--w8", nargs=2, metavar=("CONFIG", "QUANTIZED"))
+    p.add_argument("--w4", nargs=2, metavar=("CONFIG", "QUANTIZED"))
+    p.add_argument("--threads", nargs="+", type=int, help="default: 1 2 (vit), 1 (det)")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--out", help="default: benchmarks/export (vit), benchmarks/export_det (det)")
+    args = p.parse_args(argv)
+    bench = KINDS[args.models]
+    for key, default in bench.defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, default)
+    return bench(args).run()
 
 
 if __name__ == "__main__":

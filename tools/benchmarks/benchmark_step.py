@@ -39,14 +39,12 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
-import timm
 import torch
 from torch import nn
 
@@ -54,6 +52,7 @@ from pfcr_mm import PTQConfig, QuantConfig, ReconSettings, quantize
 from pfcr_mm.demo.shapes import MANIFEST_NAME
 from pfcr_mm.engine.checkpoint import load_weights_strict
 from pfcr_mm.engine.classification import ImageFolderDataset, create_timm_model
+from pfcr_mm.provenance import cpu_model, package_versions, write_benchmark
 from pfcr_mm.quant.calibrate import quantizer_states
 from pfcr_mm.quant.quantizers import BaseQuantizer
 from pfcr_mm.recon import (
@@ -67,7 +66,6 @@ from pfcr_mm.recon.engine import eval_mode, reconstruction_loss
 from pfcr_mm.recon.pos import block_passes
 
 ROOT = Path(__file__).resolve().parents[2]
-JSON_NAME, MD_NAME = "benchmark.json", "benchmark.md"
 
 
 class InputError(Exception):
@@ -207,16 +205,14 @@ def measure(
     x, target = fp_inputs[0][: args.batch_size], fp_targets[0][: args.batch_size]
     fp_ms = time_fp_fwd_bwd(model, unit, x, target, extra_args[0], args.warmup, args.repeats)
     settings = ReconSettings(iters=args.iters, batch_size=args.batch_size, log_every=1)
+    recipe = UnitRecipe(iters=args.iters)
     stamps: list[float] = []
+
+    def on_step(it: int, loss: float) -> None:
+        stamps.append(time.perf_counter())
+
     record = reconstruct_unit(
-        unit,
-        q_inputs,
-        fp_inputs,
-        fp_targets,
-        extra_args,
-        settings,
-        UnitRecipe(iters=args.iters),
-        progress=lambda it, loss: stamps.append(time.perf_counter()),
+        unit, q_inputs, fp_inputs, fp_targets, extra_args, settings, recipe, progress=on_step
     )
     step_ms = median_ms([b - a for a, b in zip(stamps, stamps[1:])])
     return {
@@ -232,15 +228,6 @@ def measure(
         "weight_quantizers": record.n_weight_quantizers,
         "step_size_quantizers": record.n_act_quantizers,
     }
-
-
-def cpu_model() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def markdown(data: dict) -> str:
@@ -264,16 +251,6 @@ def markdown(data: dict) -> str:
             f"{r['step_ms'] / r['block_passes']:.2f} |"
         )
     return "\n".join(lines) + "\n"
-
-
-def write_outputs(out: Path, data: dict, print_fn: Callable[[str], None]) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    paths = [out / JSON_NAME, out / MD_NAME]
-    replaced = [p.name for p in paths if p.exists()]
-    paths[0].write_text(json.dumps(data, indent=1) + "\n")
-    paths[1].write_text(markdown(data))
-    note = f" (replaced the earlier {' and '.join(replaced)})" if replaced else ""
-    print_fn(f"wrote {paths[0]} and {paths[1]}{note}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -314,15 +291,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "calib_images": args.calib_images,
         "seed": args.seed,
         "threads": args.threads,
-        "torch": torch.__version__,
-        "timm": timm.__version__,
-        "python": platform.python_version(),
+        **package_versions(("torch", "timm")),
         "cpu": cpu_model(),
         "load_average_at_start": load,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "seconds": round(time.perf_counter() - start, 1),
     }
-    write_outputs(ROOT / args.out, {"meta": meta, "rows": rows}, print)
+    data = {"meta": meta, "rows": rows}
+    print(write_benchmark(ROOT / args.out, data, markdown(data)))
     return 0
 
 
