@@ -87,9 +87,7 @@ def write_json(path: str | Path, data: dict, indent: int = 1) -> None:
         tmp.write_text(json.dumps(data, indent=indent, default=str) + "\n")
 
 
-def write_benchmark(
-    out_dir: str | Path, data: dict, markdown: str, stem: str = "benchmark"
-) -> str:
+def write_benchmark(out_dir: str | Path, data: dict, markdown: str, stem: str = "benchmark") -> str:
     """Write a benchmark's results ``data`` to ``<out_dir>/<stem>.json`` and the table made
     from them, ``markdown``, to ``<out_dir>/<stem>.md`` (the folder made if missing), each
     whole or not at all; returns the line to print: what was written, and which earlier files
