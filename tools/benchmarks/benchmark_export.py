@@ -72,6 +72,11 @@ W4_FAKE = "W4A4 fake-quant PyTorch"
 NOISE = 1e-6  # relative input perturbation of the float-rounding floor
 
 
+def demo_run(name: str) -> tuple[str, str]:
+    """A demo config and its quantized model: the work dir ``tools/ptq.py`` gives it."""
+    return f"configs/demo/{name}.py", f"work_dirs/{name}"
+
+
 def val_batches(runner) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Every val image of the runner's test loader, preprocessed, with its label."""
     model = runner.model
@@ -242,8 +247,8 @@ class ViTBenchmark(ExportBenchmark):
 
     kind = "vit"
     defaults = {
-        "w8": ("configs/demo/demo_vit_shapes_w8a8.py", "work_dirs/demo_vit_shapes_w8a8"),
-        "w4": ("configs/demo/demo_vit_shapes_w4a4.py", "work_dirs/demo_vit_shapes_w4a4"),
+        "w8": demo_run("demo_vit_shapes_w8a8"),
+        "w4": demo_run("demo_vit_shapes_w4a4"),
         "threads": [1, 2],
         "out": "benchmarks/export",
     }
@@ -344,14 +349,8 @@ class DetBenchmark(ExportBenchmark):
 
     kind = "det"
     defaults = {
-        "w8": (
-            "configs/demo/demo_mask_rcnn_swin_shapes_w8a8.py",
-            "work_dirs/demo_mask_rcnn_swin_shapes_w8a8",
-        ),
-        "w4": (
-            "configs/demo/demo_mask_rcnn_swin_shapes_w4a4.py",
-            "work_dirs/demo_mask_rcnn_swin_shapes_w4a4",
-        ),
+        "w8": demo_run("demo_mask_rcnn_swin_shapes_w8a8"),
+        "w4": demo_run("demo_mask_rcnn_swin_shapes_w4a4"),
         "threads": [1],
         "out": "benchmarks/export_det",
     }
