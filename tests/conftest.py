@@ -184,9 +184,10 @@ def fp_outputs_around_reparam():
 
 
 def _load_tool(name: str):
-    """``tools/<name>.py`` as a module, loaded from its file (``tools/`` is not made importable)."""
+    """``tools/<name>.py`` (``name`` may be in a sub-folder: ``benchmarks/benchmark_step``) as a
+    module, loaded from its file (``tools/`` is not made importable)."""
     path = Path(__file__).resolve().parents[1] / "tools" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"pfcr_tools_{name}", path)
+    spec = importlib.util.spec_from_file_location(f"pfcr_tools_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -196,6 +197,12 @@ def _load_tool(name: str):
 def ptq_tool():
     """``tools/ptq.py`` (its ``main(argv)`` returns the exit code)."""
     return _load_tool("ptq")
+
+
+@pytest.fixture(scope="session")
+def step_tool():
+    """``tools/benchmarks/benchmark_step.py`` (its ``main(argv)`` returns the exit code)."""
+    return _load_tool("benchmarks/benchmark_step")
 
 
 @pytest.fixture(scope="session")

@@ -1,25 +1,12 @@
-"""tools/benchmark_step.py: a tiny run on the committed demo ViT writes one row per unit type of
-the fine-to-coarse run, with positive times and the block-pass convention, and a table line per
-row; bad input is refused with one line and exit code 2."""
+"""tools/benchmarks/benchmark_step.py: a tiny run on the committed demo ViT writes one row per
+unit type of the fine-to-coarse run, with positive times and the block-pass convention, and a
+table line per row; bad input is refused with one line and exit code 2."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
 from pfcr_mm.demo.shapes import generate_shapes_dataset
-
-TOOL = Path(__file__).resolve().parents[1] / "tools" / "benchmark_step.py"
-
-
-@pytest.fixture(scope="module")
-def step_tool():
-    """``tools/benchmark_step.py`` as a module (its ``main(argv)`` returns the exit code)."""
-    spec = importlib.util.spec_from_file_location("pfcr_tools_benchmark_step", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")

@@ -36,11 +36,11 @@ def test_config_ptq_section_matches_its_name(path):
     else:  # pfcr_* detection configs, *_pfcr_* classification and demo configs
         assert "pfcr" in name and settings.method == "pfcr"
         recon = settings.recon
-        if name.startswith("demo_vit"):  # the "fast" preset of tools/benchmark_recon.py
+        if name.startswith("demo_vit"):  # benchmark_recon.py's "fast" preset (tools/benchmarks)
             fast = (recon.iters, recon.w_lr, recon.a_lr, recon.max_level)
             assert fast == (100, 1e-2, 4e-4, 1)
         elif name.startswith("demo_"):
-            assert recon.iters == 300  # the quick preset of tools/benchmark_recon.py
+            assert recon.iters == 300  # benchmark_recon.py's "quick" preset (tools/benchmarks)
         else:
             assert recon.iters == 20000 and recon.cache_dtype == "float16"  # paper-grade
 

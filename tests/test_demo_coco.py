@@ -185,7 +185,7 @@ def test_committed_checkpoint_matches_the_demo_config():
 
     path = ROOT / "checkpoints" / "demo_mask_rcnn_swin_shapes.pth"
     if not path.is_file():
-        pytest.skip(f"{path} not present (train it with tools/train_demo_detector.py)")
+        pytest.skip(f"{path} not present (train it with tools/train/train_demo_detector.py)")
     assert path.stat().st_size <= 10 * 1024 * 1024
     checkpoint = load_checkpoint_file(path)
     assert sorted(checkpoint) == ["meta", "state_dict"]

@@ -1,6 +1,7 @@
 # The embedded detection demo: a tiny Swin Mask R-CNN on the synthetic COCO shapes set
 # (tools/make_demo_data.py writes it to data/demo_coco_shapes), trained from scratch on CPU by
-# tools/train_demo_detector.py (checkpoint committed: checkpoints/demo_mask_rcnn_swin_shapes.pth).
+# tools/train/train_demo_detector.py (checkpoint committed:
+# checkpoints/demo_mask_rcnn_swin_shapes.pth).
 # mmdet's Swin-T Mask R-CNN, shrunk: 3 Swin stages of widths 32/64/128 (2 blocks each, window 7)
 # at strides 4/8/16. 160x160 inputs give 40/20/10 token maps, which the window attention pads to
 # 42/21/14: every stage exercises the padding path.

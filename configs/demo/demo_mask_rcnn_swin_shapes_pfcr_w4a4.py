@@ -1,4 +1,4 @@
-# PFCR on the embedded detection demo at the quick budget of tools/benchmark_recon.py: 300
+# PFCR on the embedded detection demo at the quick budget of tools/benchmarks/benchmark_recon.py: 300
 # iterations per backbone block spread over the fine-to-coarse levels, then the neck, RPN head
 # and RoI box and mask heads 300 iterations each (ptq_coco.py), 32 calibration images.
 _base_ = ["./demo_mask_rcnn_swin_shapes_w4a4.py"]

@@ -8,8 +8,8 @@ post-processing have no simple ONNX form), fed by onnxruntime's FPN levels
 (:func:`evaluate_detector` with a :class:`~pfcr_mm.export.runtime.FixedSizeRunner`), so box
 and mask mAP are computed through onnxruntime.
 
-``tools/export.py`` and ``tools/benchmark_export.py`` both go through :func:`build_quantized`
-and :func:`export_quantized`.
+``tools/export.py`` and ``tools/benchmarks/benchmark_export.py`` both go through
+:func:`build_quantized` and :func:`export_quantized`.
 """
 
 from __future__ import annotations

@@ -9,7 +9,6 @@ run's folder, then the work dir's ``last_run`` pointer.
 from __future__ import annotations
 
 import json
-import platform
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from torch.utils.data import DataLoader
 
 from ..atomic import atomic_path
 from ..core import QuantResult, ResumeState, quantize
+from ..provenance import package_versions
 from ..quant.calibrate import write_quant_summary
 from ..recon import peak_memory_mb
 from ..settings import PTQConfig
@@ -76,18 +76,6 @@ def quantize_runner_model(
         logger="current",
     )
     return result, indices
-
-
-def package_versions() -> dict:
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version()}
-    for pkg in ("torch", "torchvision", "timm", "mmengine", "mmcv", "mmdet", "pfcr_mm"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            out[pkg] = None
-    return out
 
 
 def quantize_and_save(

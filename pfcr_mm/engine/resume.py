@@ -11,7 +11,6 @@ that differs refuses, naming the first differing key.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -19,10 +18,10 @@ import torch
 
 from ..atomic import atomic_path
 from ..core import ResumeState
+from ..provenance import file_sha256, package_versions
 from ..settings import PTQConfig
 from .calib_split import calib_dataset_cfg, calibration_indices
 from .checkpoint import load_checkpoint_file
-from .results import package_versions
 from .run_dir import RESULTS_NAME
 from .saved_model import differing_keys, flat_settings, quantization_settings
 
@@ -33,14 +32,6 @@ RESUME_FORMAT = "pfcr_mm.resume.v1"
 def _plain(value) -> object:
     """A config value as JSON values (tuples become lists), as it is compared after saving."""
     return json.loads(json.dumps(value, default=str))
-
-
-def _sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def run_fingerprint(cfg, config: PTQConfig, checkpoint: str | None) -> dict:
@@ -56,7 +47,7 @@ def run_fingerprint(cfg, config: PTQConfig, checkpoint: str | None) -> dict:
             _plain(calib_dataset_cfg(config, cfg.test_dataloader.dataset)), "calib_dataset"
         ),
         "calib_indices": calibration_indices(config, cfg.test_dataloader),
-        "checkpoint_sha256": None if checkpoint is None else _sha256(checkpoint),
+        "checkpoint_sha256": None if checkpoint is None else file_sha256(checkpoint),
         **flat_settings(package_versions(), "versions"),
     }
 

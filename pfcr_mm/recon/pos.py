@@ -1,9 +1,9 @@
 """The Progressive Optimization Strategy (POS): what each unit of a run is given, decided here.
 
-The paper names POS without details (``docs/method.md`` section 4); ``ReconSettings.pos`` picks one of
-the options below, and this module is the only place that reads it. It turns the levels of a run
-and its budget into one :class:`UnitRecipe` per level, which
-:func:`pfcr_mm.recon.engine.reconstruct_unit` follows without knowing which strategy made it.
+The paper names POS without details (``docs/method.md`` section 4); ``ReconSettings.pos`` picks
+one of the options below, and this module is the only place that reads it. It turns the levels
+of a run and its budget into one :class:`UnitRecipe` per level, which
+:func:`pfcr_mm.recon.unit.reconstruct_unit` follows without knowing which strategy made it.
 
 The budget is counted in *block-passes* (``ReconSettings.budget_unit="block_passes"``, the
 default): one transformer block's forward and backward over one batch. An optimizer step of a

@@ -13,9 +13,9 @@ calibration-split images that calibration did not see; defaults are chosen on th
 sets both the calibration images and the reconstruction. ``calib`` uses the default
 post-softmax quantizer (chosen per attention); ``calib_log2`` etc. fix one for all.
 
-    python tools/benchmark_recon.py [--preset quick|paper] [--bits 4 3] [--models cls det]
-        [--methods calib block ...] [--seeds 0 1 2]
-    python tools/benchmark_recon.py --merge a/benchmark.json b/benchmark.json --out DIR
+    python tools/benchmarks/benchmark_recon.py [--preset quick|paper] [--bits 4 3]
+        [--models cls det] [--methods calib block ...] [--seeds 0 1 2]
+    python tools/benchmarks/benchmark_recon.py --merge a/benchmark.json b/benchmark.json --out DIR
 """
 
 from __future__ import annotations
@@ -28,8 +28,9 @@ import sys
 from pathlib import Path
 
 from pfcr_mm.engine.run_dir import last_run_dir
+from pfcr_mm.provenance import write_benchmark, write_json
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # model -> (config, metrics, factor to percent: mmpretrain-style accuracy is already in %)
 MODELS = {
     "cls": ("configs/demo/demo_vit_shapes_w4a4.py", ["accuracy/top1"], 1),
@@ -147,9 +148,10 @@ def _mean_spread(values: list[float], scale: float) -> str:
     return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
 
 
-def rescore(path: Path) -> list[dict]:
+def rescore(path: Path) -> dict:
     """Fill in the output error of rows run before it was measured, by re-evaluating each run's
-    saved quantized model (``tools/ptq.py --quantized``, no calibration); rewrites ``path``."""
+    saved quantized model (``tools/ptq.py --quantized``, no calibration); rewrites ``path`` and
+    returns its contents."""
     data = json.loads(path.read_text())
     preset = PRESETS[data["preset"]]
     for r in data["rows"]:
@@ -167,8 +169,8 @@ def rescore(path: Path) -> list[dict]:
         if res["quant"] != r["quant"]:
             raise SystemExit(f"error: {saved} does not reproduce the metrics of its row")
         r["output_rel_mse"] = res["output_error"]["relative_mse"]
-        path.write_text(json.dumps(data, indent=1))
-    return data["rows"]
+        write_json(path, data)
+    return data
 
 
 def _output_error(rows: list[dict], key: str = "output_rel_mse") -> str:
@@ -236,8 +238,8 @@ def main(argv=None) -> int:
     out = ROOT / args.out
     if args.rescore:
         path = Path(args.rescore)
-        path.with_suffix(".md").write_text(markdown(rescore(path)))
-        print(f"rewrote {path} and {path.with_suffix('.md')}")
+        data = rescore(path)
+        print(write_benchmark(path.parent, data, markdown(data["rows"]), stem=path.stem))
         return 0
     if args.merge:
         parts = [json.loads(Path(f).read_text()) for f in args.merge]
@@ -245,28 +247,24 @@ def main(argv=None) -> int:
             raise SystemExit("error: --merge needs benchmark.json files of one preset")
         rows = [r for part in parts for r in part["rows"]]
         seeds = sorted({r["seed"] for r in rows})
-        out.mkdir(parents=True, exist_ok=True)
         merged = {**parts[0], "seeds": seeds, "rows": rows, "merged_from": args.merge}
-        (out / "benchmark.json").write_text(json.dumps(merged, indent=1))
-        (out / "benchmark.md").write_text(markdown(rows))
         print(markdown(rows), end="")
-        print(f"wrote {out / 'benchmark.json'} and {out / 'benchmark.md'}")
+        print(write_benchmark(out, merged, markdown(rows)))
         return 0
     preset = PRESETS[args.preset]
-    rows = []
+    meta = {"preset": args.preset, **preset, "seeds": args.seeds}
+    rows, written = [], None
     for model in args.models:
         for bits in args.bits:
             for seed in args.seeds:
                 for method in args.methods:
                     print(f"{model} W{bits}A{bits} {method} seed {seed} ...", flush=True)
                     rows.append(run_one(model, bits, method, seed, preset, out))
-                    meta = {"preset": args.preset, **preset, "seeds": args.seeds}
-                    (out / "benchmark.json").write_text(
-                        json.dumps({**meta, "rows": rows}, indent=1)
-                    )
-                    (out / "benchmark.md").write_text(markdown(rows))
+                    # rewritten after every run: an interrupted benchmark keeps its rows
+                    line = write_benchmark(out, {**meta, "rows": rows}, markdown(rows))
+                    written = written or line  # the first write says what this run replaced
                     print(markdown(rows[-1:]).splitlines()[-1], flush=True)
-    print(f"wrote {out / 'benchmark.json'} and {out / 'benchmark.md'}")
+    print(written)
     return 0
 
 

@@ -15,19 +15,21 @@ not depend on it), on two models:
   (a trained model gives at most that). Swin-T's first three stages have exactly these unit
   inputs; its fourth stage (768 channels on 25x42 tokens) is 8x smaller than its first.
 
-each without a limit and with ``recon.cache_limit_gb`` set to ``--limit-fraction`` of the peak
-measured without one (forcing spills). Each run is a child process that samples its own
-``/proc/self/status`` every 0.1 s (peak ``VmRSS``, anonymous ``RssAnon``, file-backed
-``RssFile``: pages of memory-mapped spill files count here, and the kernel may drop them) and
-records the ``CacheStore`` counters (bytes of cached tensors in memory and on disk: per unit
-in the recon log, the run's maximum in ``ptq_results.json``). The per-unit bytes are extrapolated
-linearly to ``--coco-images`` (256) images: every cached tensor holds one image's rows.
+each without a limit and with ``recon.cache.limit_gb`` set to ``--limit-fraction`` of the peak
+measured without one (forcing spills). Each run is a ``tools/ptq.py`` process whose
+``/proc/<pid>/status`` is sampled every 0.1 s (peak ``VmRSS``, anonymous ``RssAnon``,
+file-backed ``RssFile``: pages of memory-mapped spill files count here, and the kernel may drop
+them; ``VmHWM`` as of the last sample; the wall time from the process's start to its exit) and
+which records the ``CacheStore`` counters (bytes of cached tensors in memory and on disk: per
+unit in the recon log, the run's maximum in ``ptq_results.json``). The per-unit bytes are
+extrapolated linearly to ``--coco-images`` (256) images: every cached tensor holds one image's
+rows.
 
 Writes ``<out>/benchmark.json`` and ``<out>/benchmark.md``; work folders under ``<out>/runs``
 (deleted unless ``--keep``).
 
-    python tools/benchmark_cache.py [--images 8] [--models demo swin_t_width] [--iters 2]
-        [--size 800 1333] [--limit-fraction 0.25] [--out benchmarks/cache]
+    python tools/benchmarks/benchmark_cache.py [--images 8] [--models demo swin_t_width]
+        [--iters 2] [--size 800 1333] [--limit-fraction 0.25] [--out benchmarks/cache]
 
 About 10 minutes on one CPU core with the defaults.
 """
@@ -38,15 +40,16 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from pfcr_mm.engine.run_dir import last_run_dir
+from pfcr_mm.provenance import cpu_model, package_versions, write_benchmark
+
+ROOT = Path(__file__).resolve().parents[2]
 BASE_CONFIG = ROOT / "configs/demo/demo_mask_rcnn_swin_shapes_w4a4.py"
 
 # Swin-T Mask R-CNN's widths on the demo's depth (mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco)
@@ -87,55 +90,47 @@ ptq = dict(
     method="pfcr",
     calib=dict(num_images={images}, batch_size=1, heldout_images=0,
                dataset=dict(pipeline=calib_pipeline)),
-    recon=dict(iters={iters}, batch_size=1, log_every=0, cache_limit_gb={limit_gb!r}),
+    recon=dict(iters={iters}, batch_size=1, log_every=0, cache=dict(limit_gb={limit_gb!r})),
 )
 """
     path.write_text(text)
     return path
 
 
-# ---------------------------------------------------------------------------------------------
-# the child: one tools/ptq.py run, its memory sampled from /proc/self/status
-
-
-def _status_kib() -> dict[str, int]:
+def _status_kib(pid: int) -> dict[str, int]:
+    """Memory figures of process ``pid`` from ``/proc/<pid>/status``, KiB (none once it has
+    exited and is waiting to be reaped)."""
     out = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         key, _, value = line.partition(":")
         if key in ("VmRSS", "RssAnon", "RssFile", "VmHWM"):
             out[key] = int(value.split()[0])
     return out
 
 
-def child(config: str, work: str) -> int:
-    peaks = {"VmRSS": 0, "RssAnon": 0, "RssFile": 0}
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            now = _status_kib()
-            for k in peaks:
-                peaks[k] = max(peaks[k], now[k])
-            done.wait(0.1)
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    sys.path.insert(0, str(ROOT / "tools"))
-    import ptq  # tools/ptq.py
-
+def run_sampled(cmd: list[str], log: Path) -> dict:
+    """Run ``cmd`` on one thread, its output to ``log``, sampling its memory every 0.1 s: the
+    peaks in MiB and the wall time of the process, start to exit."""
+    peaks = {"VmRSS": 0, "RssAnon": 0, "RssFile": 0, "VmHWM": 0}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     start = time.perf_counter()
-    rc = ptq.main([config, "--work-dir", work, "--no-fp-eval", "--eval-images", "1"])
-    done.set()
-    thread.join()
-    memory = {f"peak_{k}_mib": v / 1024 for k, v in peaks.items()}
-    memory["VmHWM_mib"] = _status_kib()["VmHWM"] / 1024
+    with log.open("w") as f:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+        while proc.poll() is None:
+            try:
+                now = _status_kib(proc.pid)
+            except OSError:  # it exited since the poll
+                break
+            for key in peaks:
+                peaks[key] = max(peaks[key], now.get(key, 0))
+            time.sleep(0.1)
+        rc = proc.wait()
+    if rc != 0:
+        raise RuntimeError(f"{' '.join(cmd)}: exit {rc}, see {log}")
+    memory = {f"peak_{k}_mib": peaks[k] / 1024 for k in ("VmRSS", "RssAnon", "RssFile")}
+    memory["VmHWM_mib"] = peaks["VmHWM"] / 1024
     memory["wall_seconds"] = time.perf_counter() - start
-    (Path(work) / "memory.json").write_text(json.dumps(memory))
-    return rc
-
-
-# ---------------------------------------------------------------------------------------------
-# the parent
+    return memory
 
 
 def run_one(out: Path, model: str, images: int, size, iters: int, limit_gb) -> dict:
@@ -144,15 +139,11 @@ def run_one(out: Path, model: str, images: int, size, iters: int, limit_gb) -> d
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     config = write_config(work / "config.py", model, images, size, iters, limit_gb)
-    cmd = [sys.executable, __file__, "--child", str(config), str(work)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, str(ROOT / "tools/ptq.py"), str(config), "--work-dir", str(work)]
+    cmd += ["--no-fp-eval", "--eval-images", "1"]
     print(f"running {name} ...", flush=True)
-    with (work / "run.log").open("w") as log:
-        rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
-    if rc != 0:
-        raise RuntimeError(f"{name}: exit {rc}, see {work / 'run.log'}")
-    memory = json.loads((work / "memory.json").read_text())
-    run = work / (work / "last_run").read_text().strip()
+    memory = run_sampled(cmd, work / "run.log")
+    run = last_run_dir(work)
     results = json.loads((run / "ptq_results.json").read_text())
     log = json.loads((run / "recon" / "recon_log.json").read_text())
     leftover = [str(p) for p in (run / "recon").glob("pfcr_cache_*")]
@@ -189,7 +180,7 @@ def spill_timing(shape=(1, 200 * 336, 96), tensors: int = 8, steps: int = 40) ->
     import torch
 
     from pfcr_mm.recon.cache import CacheStore
-    from pfcr_mm.recon.engine import CacheSampler
+    from pfcr_mm.recon.sampling import UnitCaches
 
     gen = torch.Generator().manual_seed(0)
     data = [torch.randn(shape, generator=gen) for _ in range(tensors)]
@@ -200,13 +191,11 @@ def spill_timing(shape=(1, 200 * 336, 96), tensors: int = 8, steps: int = 40) ->
             start = time.perf_counter()
             cached = [store.store(t) for t in data]
             best[f"store_{where}_s"].append(time.perf_counter() - start)
-            sampler = CacheSampler(
-                cached, cached, cached, [()] * tensors, 1, torch.device("cpu"), torch.float32
-            )
+            sampler = UnitCaches(cached, cached, cached, [()] * tensors)
             g = torch.Generator().manual_seed(1)
             start = time.perf_counter()
             for _ in range(steps):
-                sampler.draw(g)
+                sampler.draw(g, 1, torch.device("cpu"))
             best[f"draw_{where}_s"].append((time.perf_counter() - start) / steps)
             del cached, sampler
             store.close()
@@ -238,9 +227,10 @@ def extrapolate(row: dict, coco_images: int) -> dict:
     }
 
 
-def write_markdown(path: Path, data: dict) -> None:
+def markdown(data: dict) -> str:
+    """The runs' table, the spill timing and the per-unit bytes of the no-limit runs."""
     lines = [
-        "# Reconstruction caches at COCO resolution (tools/benchmark_cache.py)",
+        "# Reconstruction caches at COCO resolution (tools/benchmarks/benchmark_cache.py)",
         "",
         f"Calibration images at {data['settings']['size'][0]}x{data['settings']['size'][1]} "
         "(padded to a multiple of 32), "
@@ -287,7 +277,7 @@ def write_markdown(path: Path, data: dict) -> None:
     for name in nolimit[0]["extrapolated"]["by_unit_gb"]:
         vals = [str(r["extrapolated"]["by_unit_gb"].get(name, "")) for r in nolimit]
         lines.append(f"| {name} | " + " | ".join(vals) + " |")
-    path.write_text("\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
@@ -303,23 +293,16 @@ def main(argv=None) -> int:
     p.add_argument(
         "--merge", nargs="+", metavar="JSON", help="merge the rows of earlier benchmark.json files"
     )
-    p.add_argument("--child", nargs=2, metavar=("CONFIG", "WORK"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.child:
-        return child(*args.child)
     out = ROOT / args.out
-    out.mkdir(parents=True, exist_ok=True)
     if args.merge:  # runs of different models made apart (e.g. at different image counts)
         parts = [json.loads(Path(f).read_text()) for f in args.merge]
         data = {**parts[0], "rows": [r for d in parts for r in d["rows"]]}
         data["merged_from"] = [{"settings": d["settings"], "env": d["env"]} for d in parts]
         data["spill_timing"] = spill_timing()
-        (out / "benchmark.json").write_text(json.dumps(data, indent=1))
-        write_markdown(out / "benchmark.md", data)
-        print((out / "benchmark.md").read_text())
+        print(markdown(data))
+        print(write_benchmark(out, data, markdown(data)))
         return 0
-    import torch
-
     data = {
         "settings": {
             "images": args.images,
@@ -332,15 +315,18 @@ def main(argv=None) -> int:
             "cache_dtype": "float16",
         },
         "env": {
-            "torch": torch.__version__,
-            "cpu": platform.processor() or platform.machine(),
+            "torch": package_versions(("torch",))["torch"],
+            "cpu": cpu_model(),
             "threads": 1,
             "load_average_at_start": os.getloadavg(),
             "date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "command": " ".join(["python", "tools/benchmark_cache.py", *(argv or sys.argv[1:])]),
+            "command": " ".join(
+                ["python", "tools/benchmarks/benchmark_cache.py", *(argv or sys.argv[1:])]
+            ),
         },
         "rows": [],
     }
+    written = None
     for model in args.models:
         free = run_one(out, model, args.images, args.size, args.iters, None)
         limit = round(free["cache"]["max_memory_bytes"] * args.limit_fraction / 1e9, 4)
@@ -348,13 +334,15 @@ def main(argv=None) -> int:
         for row in (free, capped):
             row["extrapolated"] = extrapolate(row, args.coco_images)
             data["rows"].append(row)
-        (out / "benchmark.json").write_text(json.dumps(data, indent=1))
+        # rewritten after every model: an interrupted benchmark keeps its rows
+        line = write_benchmark(out, data, markdown(data))
+        written = written or line  # the first write says what this run replaced
     data["spill_timing"] = spill_timing()
-    (out / "benchmark.json").write_text(json.dumps(data, indent=1))
-    write_markdown(out / "benchmark.md", data)
+    write_benchmark(out, data, markdown(data))
     if not args.keep:
         shutil.rmtree(out / "runs", ignore_errors=True)
-    print((out / "benchmark.md").read_text())
+    print(markdown(data))
+    print(written)
     return 0
 
 

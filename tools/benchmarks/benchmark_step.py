@@ -9,7 +9,7 @@ measured on the first unit of that type the run reconstructs, side by side:
   backward to the unit's weights (``torch.autograd.grad``); median of ``--repeats`` runs after
   ``--warmup`` runs. This is the quantized modules' own forward with identity quantizers, so
   the attention is the unfused matmul-softmax-matmul of the quantized path, not timm's SDPA.
-* **step**: one optimizer step of :func:`pfcr_mm.recon.engine.reconstruct_unit` (batch drawn
+* **step**: one optimizer step of :func:`pfcr_mm.recon.unit.reconstruct_unit` (batch drawn
   from the caches, QDrop mix, forward, loss and AdaRound regularizer, backward, Adam on the
   rounding variables and step sizes), run with ``UnitRecipe(iters=--iters)``: the time between
   consecutive steps, taken from its progress callback (called after every step), median over
@@ -27,7 +27,7 @@ The model is the committed demo checkpoint (``checkpoints/demo_vit_shapes.pth`` 
 average at the start: other work on the cores inflates the times) and ``<out>/benchmark.md`` (a
 table made from the JSON), replacing earlier ones.
 
-    python tools/benchmark_step.py [--bits 4] [--iters 20] [--repeats 10] [--threads 1]
+    python tools/benchmarks/benchmark_step.py [--bits 4] [--iters 20] [--repeats 10] [--threads 1]
         [--levels 0 1 2 ...] [--out benchmarks/step]
 
 Relative paths are taken from the repository root. About a minute on one CPU core.
@@ -39,14 +39,12 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
-import timm
 import torch
 from torch import nn
 
@@ -54,20 +52,22 @@ from pfcr_mm import PTQConfig, QuantConfig, ReconSettings, quantize
 from pfcr_mm.demo.shapes import MANIFEST_NAME
 from pfcr_mm.engine.checkpoint import load_weights_strict
 from pfcr_mm.engine.classification import ImageFolderDataset, create_timm_model
+from pfcr_mm.provenance import cpu_model, package_versions, write_benchmark
 from pfcr_mm.quant.calibrate import quantizer_states
 from pfcr_mm.quant.quantizers import BaseQuantizer
 from pfcr_mm.recon import (
     ChainDataSource,
     FineToCoarseSchedule,
+    UnitCaches,
     UnitRecipe,
     leaves,
     reconstruct_unit,
 )
-from pfcr_mm.recon.engine import eval_mode, reconstruction_loss
+from pfcr_mm.recon.loss import reconstruction_loss
 from pfcr_mm.recon.pos import block_passes
+from pfcr_mm.recon.unit import eval_mode
 
-ROOT = Path(__file__).resolve().parents[1]
-JSON_NAME, MD_NAME = "benchmark.json", "benchmark.md"
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class InputError(Exception):
@@ -116,7 +116,7 @@ def load_demo(args: argparse.Namespace) -> tuple[nn.Module, dict, list[torch.Ten
         missing = checkpoint if not checkpoint.is_file() else report_path
         raise InputError(
             f"{missing} not found: restore the committed demo checkpoint (git checkout "
-            "checkpoints/) or retrain it with `python tools/train_demo_classifier.py`"
+            "checkpoints/) or retrain it with `python tools/train/train_demo_classifier.py`"
         )
     data_root = ROOT / args.data_root
     if not (data_root / MANIFEST_NAME).is_file():
@@ -207,17 +207,14 @@ def measure(
     x, target = fp_inputs[0][: args.batch_size], fp_targets[0][: args.batch_size]
     fp_ms = time_fp_fwd_bwd(model, unit, x, target, extra_args[0], args.warmup, args.repeats)
     settings = ReconSettings(iters=args.iters, batch_size=args.batch_size, log_every=1)
+    recipe = UnitRecipe(iters=args.iters)
     stamps: list[float] = []
-    record = reconstruct_unit(
-        unit,
-        q_inputs,
-        fp_inputs,
-        fp_targets,
-        extra_args,
-        settings,
-        UnitRecipe(iters=args.iters),
-        progress=lambda it, loss: stamps.append(time.perf_counter()),
-    )
+
+    def on_step(it: int, loss: float) -> None:
+        stamps.append(time.perf_counter())
+
+    caches = UnitCaches(q_inputs, fp_inputs, fp_targets, extra_args)
+    record = reconstruct_unit(unit, caches, settings, recipe, progress=on_step)
     step_ms = median_ms([b - a for a, b in zip(stamps, stamps[1:])])
     return {
         "unit_type": unit_type(level, unit),
@@ -232,15 +229,6 @@ def measure(
         "weight_quantizers": record.n_weight_quantizers,
         "step_size_quantizers": record.n_act_quantizers,
     }
-
-
-def cpu_model() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def markdown(data: dict) -> str:
@@ -264,16 +252,6 @@ def markdown(data: dict) -> str:
             f"{r['step_ms'] / r['block_passes']:.2f} |"
         )
     return "\n".join(lines) + "\n"
-
-
-def write_outputs(out: Path, data: dict, print_fn: Callable[[str], None]) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    paths = [out / JSON_NAME, out / MD_NAME]
-    replaced = [p.name for p in paths if p.exists()]
-    paths[0].write_text(json.dumps(data, indent=1) + "\n")
-    paths[1].write_text(markdown(data))
-    note = f" (replaced the earlier {' and '.join(replaced)})" if replaced else ""
-    print_fn(f"wrote {paths[0]} and {paths[1]}{note}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -314,15 +292,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "calib_images": args.calib_images,
         "seed": args.seed,
         "threads": args.threads,
-        "torch": torch.__version__,
-        "timm": timm.__version__,
-        "python": platform.python_version(),
+        **package_versions(("torch", "timm")),
         "cpu": cpu_model(),
         "load_average_at_start": load,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "seconds": round(time.perf_counter() - start, 1),
     }
-    write_outputs(ROOT / args.out, {"meta": meta, "rows": rows}, print)
+    data = {"meta": meta, "rows": rows}
+    print(write_benchmark(ROOT / args.out, data, markdown(data)))
     return 0
 
 

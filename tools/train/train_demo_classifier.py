@@ -1,7 +1,7 @@
 """Train the demo classifier: a tiny timm ViT on the synthetic shapes set, on CPU, deterministic.
 
-    python tools/make_demo_data.py --only classification   # data/demo_shapes (once)
-    python tools/train_demo_classifier.py                  # checkpoints/demo_vit_shapes.{pth,json}
+    python tools/make_demo_data.py --only classification  # data/demo_shapes (once)
+    python tools/train/train_demo_classifier.py           # checkpoints/demo_vit_shapes.{pth,json}
 
 The whole set is decoded once into tensors through the project's ``ImageFolderDataset`` with the
 demo's evaluation preprocessing (resize 32, crop 32, mean = std = 0.5, bilinear), so training sees
@@ -16,23 +16,21 @@ count give bit-identical weights (deterministic algorithms, one seeded generator
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
-import platform
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-import timm
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout, uninstalled
 
 from pfcr_mm.demo.shapes import CLASSES, MANIFEST_NAME  # noqa: E402
 from pfcr_mm.engine.classification import ImageFolderDataset, create_timm_model  # noqa: E402
+from pfcr_mm.provenance import file_sha256, package_versions, write_json  # noqa: E402
 
 ARCH = "vit_tiny_patch16_224"
 # 32x32 inputs in 4x4 patches: 64 tokens + cls. Width 96 with 3 heads of 32 and depth 6 keep the
@@ -124,10 +122,6 @@ def lr_at(step: int, total: int, warmup: int, peak: float, floor: float) -> floa
         return peak * (step + 1) / warmup
     t = (step - warmup) / max(1, total - warmup)
     return floor + 0.5 * (peak - floor) * (1.0 + math.cos(math.pi * t))
-
-
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def main() -> None:
@@ -271,14 +265,9 @@ def main() -> None:
         "val_top1": history[-1]["val_top1"],
         "train_wall_seconds": wall,
         "history": history,
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "timm": timm.__version__,
-            "numpy": np.__version__,
-        },
+        "versions": package_versions(("torch", "timm", "numpy")),
     }
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    write_json(out.with_suffix(".json"), report, indent=2)
     print(
         f"saved {out} ({size} bytes) and {out.with_suffix('.json')}: val top1 "
         f"{report['val_top1']:.2f}%, train loss {report['final_train_loss']:.4f}, "

@@ -1,8 +1,8 @@
 """Train the demo detector: a tiny Swin Mask R-CNN on the synthetic COCO shapes set, on CPU.
 
-    python tools/make_demo_data.py --only detection   # data/demo_coco_shapes (once)
-    python tools/train_demo_detector.py --time-iters 20   # optional: measure, estimate, stop
-    python tools/train_demo_detector.py               # checkpoints/demo_mask_rcnn_swin_shapes.*
+    python tools/make_demo_data.py --only detection             # data/demo_coco_shapes (once)
+    python tools/train/train_demo_detector.py --time-iters 20  # optional: measure, estimate, stop
+    python tools/train/train_demo_detector.py        # checkpoints/demo_mask_rcnn_swin_shapes.*
 
 Trains ``configs/demo/demo_mask_rcnn_swin_shapes.py`` with MMEngine's Runner (seeded, deterministic
 algorithms), evaluates bbox and segm mAP on val at the end, and saves a small checkpoint holding
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import json
 import platform
 import sys
@@ -26,10 +25,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout, uninstalled
 
 from pfcr_mm.demo.coco_shapes import MANIFEST_NAME  # noqa: E402
 from pfcr_mm.engine.checkpoint import load_checkpoint_file  # noqa: E402
+from pfcr_mm.provenance import file_sha256, package_versions, write_json  # noqa: E402
 
 DEFAULT_CONFIG = "configs/demo/demo_mask_rcnn_swin_shapes.py"
 DEFAULT_OUT = "checkpoints/demo_mask_rcnn_swin_shapes.pth"
@@ -70,24 +70,10 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def versions() -> dict:
-    import mmcv
-    import mmdet
-    import mmengine
-
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "mmengine": mmengine.__version__,
-        "mmcv": mmcv.__version__,
-        "mmdet": mmdet.__version__,
-        "numpy": np.__version__,
-        "platform": platform.platform(),
-    }
+    """Python's and the packages' versions, and the operating system."""
+    packages = ("torch", "mmengine", "mmcv", "mmdet", "numpy")
+    return {**package_versions(packages), "platform": platform.platform()}
 
 
 def load_config(args: argparse.Namespace, work_dir: str):
@@ -323,7 +309,7 @@ def main() -> None:
         "reload_check": check,
         "versions": versions(),
     }
-    report_path.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    write_json(report_path, report, indent=2)
     print(
         f"wrote {report_path}: {runner.epoch} epochs / {runner.iter} iters in {wall / 60:.1f} min, "
         f"val bbox_mAP {report['bbox_mAP']:.3f}, segm_mAP {report['segm_mAP']:.3f}, "

@@ -1,0 +1,501 @@
+"""FP32 and quantized demo models side by side, in one run.
+
+``--models vit`` (default): PyTorch FP32, onnxruntime FP32, the PyTorch fake-quant model and its
+ONNX exports in onnxruntime (W8A8 exact, W8A8 ``--int8``, W4A4 with packed uint4 weights):
+top-1 on the demo val images, latency at batch 1 and 32, file size, the session options and
+which kernels onnxruntime ran (the optimized graph's node types).
+
+``--models det``: the demo Mask R-CNN's backbone and neck exported (W8A8 exact, W8A8
+``--int8``, W4A4 uint4) at the test pipeline's padded size, its heads in PyTorch: box and mask
+mAP on the 100 demo val images with the features from onnxruntime against the PyTorch
+fake-quant model, the features' largest difference, file size, kernels, and the latency of the
+dense part at batch 1 (FP32 PyTorch and onnxruntime against the exports). Also the PyTorch
+model's own mAP with its input scaled by ``1 + 1e-6 * noise`` (two seeds): how far float
+rounding alone moves the mAP of the quantized model, the floor of any parity measurement.
+
+    python tools/benchmarks/benchmark_export.py [--models vit|det] [--w8 CONFIG QUANTIZED]
+        [--w4 CONFIG QUANTIZED] [--threads 1 2] [--out DIR]
+
+The quantized models come from ``tools/ptq.py`` (defaults: the demo configs' work dirs).
+Writes ``<out>/benchmark.json`` and ``<out>/benchmark.md`` (default ``benchmarks/export`` and
+``benchmarks/export_det``); the ONNX files and their reports go to
+``work_dirs/benchmark_export/``. Latency: the median over ``--rounds`` rounds of ``--iters``
+runs each, the variants interleaved within every round so that load from other processes on
+the machine falls on all of them alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from mmengine.config import Config
+
+from pfcr_mm.engine.checkpoint import load_weights_strict
+from pfcr_mm.engine.classification import create_timm_model
+from pfcr_mm.engine.deploy import (
+    DetectorFeatures,
+    build_quantized,
+    evaluate_detector,
+    export_quantized,
+    features_from,
+    mean_average_precisions,
+)
+from pfcr_mm.engine.run_dir import saved_model_path
+from pfcr_mm.export import export_onnx
+from pfcr_mm.export.runtime import (
+    FixedSizeRunner,
+    cpu_session,
+    describe_options,
+    integer_kernel_counts,
+    optimized_op_counts,
+    run_session,
+    session_options,
+)
+from pfcr_mm.provenance import PACKAGES, machine_record, package_versions, write_benchmark
+
+ONNX_DIR = Path("work_dirs/benchmark_export")
+# the variants run in onnxruntime, by their file: <kind>_<key>.onnx
+EXPORTED = {
+    "fp32": "FP32 onnxruntime",
+    "w8a8": "W8A8 onnxruntime (exact)",
+    "w8a8_int8": "W8A8 onnxruntime int8 (--int8)",
+    "w4a4_uint4": "W4A4 onnxruntime (uint4 weights)",
+}
+W8_UNIFORM = "W8A8 fake-quant PyTorch, 8-bit uniform post-softmax"
+W4_FAKE = "W4A4 fake-quant PyTorch"
+NOISE = 1e-6  # relative input perturbation of the float-rounding floor
+
+
+def demo_run(name: str) -> tuple[str, str]:
+    """A demo config and its quantized model: the work dir ``tools/ptq.py`` gives it."""
+    return f"configs/demo/{name}.py", f"work_dirs/{name}"
+
+
+def val_batches(runner) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Every val image of the runner's test loader, preprocessed, with its label."""
+    model = runner.model
+    out = []
+    for batch in runner.test_dataloader:
+        data = model.data_preprocessor(batch, False)
+        labels = torch.as_tensor(data["data_samples"]["gt_label"])
+        out.append((data["inputs"], labels))
+    return out
+
+
+def top1(predict: Callable[[torch.Tensor], torch.Tensor], batches) -> float:
+    """Top-1 accuracy in percent of ``predict`` (images -> logits)."""
+    right = total = 0
+    for images, labels in batches:
+        right += int((predict(images).argmax(1) == labels).sum())
+        total += len(labels)
+    return 100.0 * right / total
+
+
+def latency_ms(
+    runners: dict[str, Callable[[torch.Tensor], object]],
+    shape: tuple[int, ...],
+    rounds: int,
+    iters: int,
+) -> dict[str, float]:
+    """Median milliseconds per call of each runner on a random input of ``shape``; the
+    runners interleaved in each round."""
+    x = torch.randn(shape)
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for fn in runners.values():  # warm-up
+        for _ in range(3):
+            fn(x)
+    for _ in range(rounds):
+        for name, fn in runners.items():
+            for _ in range(iters):
+                start = time.perf_counter()
+                fn(x)
+                times[name].append(time.perf_counter() - start)
+    return {name: 1000 * statistics.median(t) for name, t in times.items()}
+
+
+def torch_fn(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return model(x)
+
+    return run
+
+
+def ort_fn(path: Path, threads: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    session = cpu_session(path, threads)
+    return lambda x: run_session(session, x)
+
+
+def kernels_cell(row: dict, float_key: str) -> str:
+    """The integer kernels onnxruntime ran for an export, and its float ones in brackets."""
+    if "integer_kernels" not in row:
+        return ""
+    ints = ", ".join(f"{n} {op}" for op, n in row["integer_kernels"].items()) or "none"
+    return f"{ints} ({row[float_key]})"
+
+
+class ExportBenchmark:
+    """One benchmark run (:meth:`run`): the quantized W8A8 and W4A4 models and the FP one,
+    their exports, each variant's accuracy, size, kernels and latency. The subclass of a model
+    kind says what differs:
+
+    * ``load_fp()``: build the FP model, return its weights file;
+    * ``measure_before_int8()``: what the --int8 export changes (it switches the W8A8 model's
+      post-softmax quantizers in place);
+    * ``export_fp(reports)``: export the FP model to ``files["fp32"]`` (and set
+      ``input_size``, the image size timed, where the exports decide it);
+    * ``variants(checkpoint, reports)``: one row per variant, by name: its accuracy,
+      ``bytes`` (the file whose size it is), ``onnx`` (its export, run in onnxruntime);
+    * ``timed_models()``: the PyTorch variants timed, by name; ``onnx_runner(path, threads)``:
+      a call of an export in onnxruntime;
+    * ``summary(checkpoint, reports, variants)``: the model and the kind's own results, the
+      head of the JSON; ``markdown(results)``: the table, with a line on the setup.
+    """
+
+    kind: str  # the --models choice; names the ONNX files
+    defaults: dict  # w8, w4, threads, out when not given
+    batches: tuple[int, ...]  # the batch sizes timed
+    input_size: tuple[int, int]  # the image size timed
+    float_ops: tuple[str, ...]  # the float kernels counted in an export ...
+    float_key: str  # ... and their key in its row
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        torch.manual_seed(0)
+        # (Runner, PTQConfig) of each quantized model
+        self.w8 = build_quantized(args.w8[0], saved_model_path(args.w8[1]), ONNX_DIR)
+        self.w4 = build_quantized(args.w4[0], saved_model_path(args.w4[1]), ONNX_DIR)
+        self.w8_runner, self.w4_runner = self.w8[0], self.w4[0]
+        self.files = {key: ONNX_DIR / f"{self.kind}_{key}.onnx" for key in EXPORTED}
+
+    def run(self) -> int:
+        checkpoint = self.load_fp()
+        self.measure_before_int8()
+        # the W8A8 model exported twice: exact, then --int8
+        reports = {
+            "w8a8": export_quantized(*self.w8, self.files["w8a8"]),
+            "w8a8_int8": export_quantized(*self.w8, self.files["w8a8_int8"], int8=True),
+            "w4a4_uint4": export_quantized(*self.w4, self.files["w4a4_uint4"]),
+        }
+        self.export_fp(reports)
+        variants = self.variants(checkpoint, reports)
+        for row in variants.values():
+            if "onnx" in row:
+                ran = optimized_op_counts(row["onnx"])
+                row["onnxruntime_ops"] = ran
+                row["integer_kernels"] = integer_kernel_counts(ran)
+                row[self.float_key] = sum(ran.get(op, 0) for op in self.float_ops)
+                row["bytes"] = row["onnx"]
+            if "bytes" in row:
+                row["bytes"] = row["bytes"].stat().st_size
+        latency = self.latency(variants)
+        for name, row in variants.items():
+            row["latency_ms"] = {
+                f"threads{t}_batch{b}": latency[t][b][name]
+                for t in self.args.threads
+                for b in self.batches
+                if name in latency[t][b]
+            }
+        results = self.summary(checkpoint, reports, variants)
+        results.update(self.run_record(variants, reports))
+        table = self.markdown(results)
+        print(table)
+        print(write_benchmark(self.args.out, results, table))
+        return 0
+
+    def latency(self, variants: dict) -> dict[int, dict[int, dict[str, float]]]:
+        """Milliseconds per call of the timed variants, by threads, batch and name."""
+        latency = {}
+        for threads in self.args.threads:
+            torch.set_num_threads(threads)
+            runners = {name: torch_fn(model) for name, model in self.timed_models().items()}
+            for name, row in variants.items():
+                if "onnx" in row:
+                    runners[name] = self.onnx_runner(row["onnx"], threads)
+            latency[threads] = {
+                b: latency_ms(runners, (b, 3, *self.input_size), self.args.rounds, self.args.iters)
+                for b in self.batches
+            }
+        return latency
+
+    def run_record(self, variants: dict, reports: dict) -> dict:
+        """What the JSON holds besides the kind's own results: the variants' rows, the export
+        reports, the session options and threads, the latency method, machine and versions."""
+        args = self.args
+        return {
+            "variants": {
+                name: {k: (str(v) if isinstance(v, Path) else v) for k, v in row.items()}
+                for name, row in variants.items()
+            },
+            "exports": {k: {**r, "path": str(self.files[k])} for k, r in reports.items()},
+            "session_options": {t: describe_options(session_options(t)) for t in args.threads},
+            "torch_threads": args.threads,
+            "latency_method": f"median of {args.rounds} rounds x {args.iters} calls, interleaved",
+            "machine": machine_record(),
+            "versions": package_versions((*PACKAGES, "onnxruntime", "numpy")),
+        }
+
+
+class ViTBenchmark(ExportBenchmark):
+    """``--models vit``: the demo ViT whole, top-1 on the val images, batch 1 and 32."""
+
+    kind = "vit"
+    defaults = {
+        "w8": demo_run("demo_vit_shapes_w8a8"),
+        "w4": demo_run("demo_vit_shapes_w4a4"),
+        "threads": [1, 2],
+        "out": "benchmarks/export",
+    }
+    batches = (1, 32)
+    input_size = (32, 32)
+    float_ops = ("MatMul", "FusedMatMul", "Gemm")
+    float_key = "float_matmuls"
+
+    def load_fp(self) -> Path:
+        cfg = self.w8_runner.cfg
+        self.fp = create_timm_model(cfg.model.arch, cfg.model.model_kwargs).eval()
+        load_weights_strict(self.fp, cfg.model.checkpoint)
+        self.val = val_batches(self.w8_runner)
+        return Path(cfg.model.checkpoint)
+
+    def measure_before_int8(self) -> None:
+        self.w8_log_top1 = top1(torch_fn(self.w8_runner.model.net), self.val)
+
+    def export_fp(self, reports: dict) -> None:
+        export_onnx(self.fp, self.val[0][0][:2], self.files["fp32"])
+
+    def variants(self, checkpoint: Path, reports: dict) -> dict[str, dict]:
+        rows = {
+            "FP32 PyTorch": {"top1": top1(torch_fn(self.fp), self.val), "bytes": checkpoint},
+            EXPORTED["fp32"]: {"onnx": self.files["fp32"]},
+            "W8A8 fake-quant PyTorch": {
+                "top1": self.w8_log_top1,
+                "bytes": saved_model_path(self.args.w8[1]),
+                "model": "log post-softmax quantizers as chosen at calibration",
+            },
+            EXPORTED["w8a8"]: {"onnx": self.files["w8a8"]},
+            W8_UNIFORM: {
+                "top1": top1(torch_fn(self.w8_runner.model.net), self.val),
+                "model": "the model the --int8 export is exact to",
+            },
+            EXPORTED["w8a8_int8"]: {"onnx": self.files["w8a8_int8"]},
+            W4_FAKE: {
+                "top1": top1(torch_fn(self.w4_runner.model.net), self.val),
+                "bytes": saved_model_path(self.args.w4[1]),
+            },
+            EXPORTED["w4a4_uint4"]: {"onnx": self.files["w4a4_uint4"]},
+        }
+        for row in rows.values():
+            if "onnx" in row:
+                row["top1"] = top1(ort_fn(row["onnx"], 1), self.val)
+        return rows
+
+    def timed_models(self) -> dict[str, torch.nn.Module]:
+        return {"FP32 PyTorch": self.fp, W8_UNIFORM: self.w8_runner.model.net}
+
+    def onnx_runner(self, path: Path, threads: int) -> Callable[[torch.Tensor], object]:
+        return ort_fn(path, threads)
+
+    def summary(self, checkpoint: Path, reports: dict, variants: dict) -> dict:
+        cfg = self.w8_runner.cfg
+        int8, fp32 = EXPORTED["w8a8_int8"], EXPORTED["fp32"]
+        return {
+            "model": {"config": self.args.w8[0], "arch": cfg.model.arch, **cfg.model.model_kwargs},
+            "val_images": sum(len(labels) for _, labels in self.val),
+            "int8_vs_fp32_onnxruntime_speedup": {
+                key: variants[fp32]["latency_ms"][key] / variants[int8]["latency_ms"][key]
+                for key in variants[int8]["latency_ms"]
+            },
+            "int8_top1_minus_fake_quant_top1": variants[int8]["top1"]
+            - variants[W8_UNIFORM]["top1"],
+        }
+
+    def markdown(self, results: dict) -> str:
+        threads = self.args.threads
+        cols = [f"threads{t}_batch{b}" for t in threads for b in self.batches]
+        head = ["variant", "top-1 (%)", "size (MB)"]
+        head += [f"ms, {t} thr, batch {b}" for t in threads for b in self.batches]
+        head += ["integer kernels (float matmuls)"]
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for name, row in results["variants"].items():
+            lat = [f"{row['latency_ms'][c]:.2f}" if c in row["latency_ms"] else "" for c in cols]
+            size = f"{row['bytes'] / 1e6:.2f}" if "bytes" in row else ""
+            cells = [name, f"{row['top1']:.1f}", size, *lat, kernels_cell(row, self.float_key)]
+            lines.append("| " + " | ".join(cells) + " |")
+        speed = ", ".join(
+            f"{c.replace('_', ' ')}: {v:.2f}x"
+            for c, v in results["int8_vs_fp32_onnxruntime_speedup"].items()
+        )
+        return (
+            f"Demo ViT ({results['val_images']} val images), CPU flags "
+            f"{' '.join(results['machine']['cpu_flags'])}, onnxruntime "
+            f"{results['versions']['onnxruntime']}.\n\n"
+            + "\n".join(lines)
+            + f"\n\nint8 onnxruntime speed-up over FP32 onnxruntime: {speed}. int8 top-1 minus "
+            f"the fake-quant model's it is exported from: "
+            f"{results['int8_top1_minus_fake_quant_top1']:+.2f} points.\n"
+        )
+
+
+class DetBenchmark(ExportBenchmark):
+    """``--models det``: the demo Mask R-CNN's backbone and neck in onnxruntime, its heads in
+    PyTorch, box and mask mAP on the val images; the dense part timed at batch 1."""
+
+    kind = "det"
+    defaults = {
+        "w8": demo_run("demo_mask_rcnn_swin_shapes_w8a8"),
+        "w4": demo_run("demo_mask_rcnn_swin_shapes_w4a4"),
+        "threads": [1],
+        "out": "benchmarks/export_det",
+    }
+    batches = (1,)
+    float_ops = ("Conv", "FusedConv", "MatMul", "FusedMatMul", "Gemm")
+    float_key = "float_convs_matmuls"
+
+    def load_fp(self) -> Path:
+        from mmdet.registry import MODELS
+
+        checkpoint = Path(Config.fromfile(self.args.w8[0]).load_from)
+        fp = MODELS.build(self.w8_runner.cfg.model).eval()
+        load_weights_strict(fp, checkpoint)
+        self.fp_dense = DetectorFeatures(fp).eval()
+        return checkpoint
+
+    def measure_before_int8(self) -> None:
+        self.floors = {
+            "w8a8": perturbed_maps(self.w8_runner),
+            "w8a8_int8": None,
+            "w4a4_uint4": perturbed_maps(self.w4_runner),
+        }
+
+    def export_fp(self, reports: dict) -> None:
+        # the size the quantized exports were made at: the test pipeline's padded size
+        self.input_size = tuple(reports["w8a8"]["parity"]["input_size"])
+        example = torch.zeros(1, 3, *self.input_size)
+        export_onnx(self.fp_dense, example, self.files["fp32"], dynamic_batch=False)
+
+    def variants(self, checkpoint: Path, reports: dict) -> dict[str, dict]:
+        rows = {
+            "FP32 PyTorch": {"bytes": checkpoint},
+            EXPORTED["fp32"]: {"onnx": self.files["fp32"]},
+            W8_UNIFORM: {"bytes": saved_model_path(self.args.w8[1])},
+            W4_FAKE: {"bytes": saved_model_path(self.args.w4[1])},
+        }
+        for key in ("w8a8", "w8a8_int8", "w4a4_uint4"):
+            rows[EXPORTED[key]] = {
+                "onnx": self.files[key],
+                "parity": reports[key]["parity"],
+                "rounding_floor": self.floors[key],
+            }
+        return rows
+
+    def timed_models(self) -> dict[str, torch.nn.Module]:
+        return {
+            "FP32 PyTorch": self.fp_dense,
+            W8_UNIFORM: DetectorFeatures(self.w8_runner.model).eval(),
+            W4_FAKE: DetectorFeatures(self.w4_runner.model).eval(),
+        }
+
+    def onnx_runner(self, path: Path, threads: int) -> Callable[[torch.Tensor], object]:
+        return FixedSizeRunner(cpu_session(path, threads))
+
+    def summary(self, checkpoint: Path, reports: dict, variants: dict) -> dict:
+        return {
+            "model": {"config": self.args.w8[0], "checkpoint": str(checkpoint)},
+            "exported": reports["w8a8"]["runs_in"],
+            "input_size": reports["w8a8"]["parity"]["input_size"],
+            "val_images": reports["w8a8"]["parity"]["images"],
+            "rounding_floor_method": f"PyTorch fake-quant, input x (1 + {NOISE:g} N(0,1)), "
+            "2 seeds",
+        }
+
+    def markdown(self, results: dict) -> str:
+        threads = self.args.threads
+        head = [
+            "variant",
+            "PyTorch fake-quant box / mask mAP",
+            "onnxruntime box / mask mAP",
+            "difference (points)",
+            "PyTorch, input x (1 + 1e-6 noise), per seed",
+            "features: max diff / range",
+            "size (MB)",
+            *[f"ms, {t} thr, batch 1" for t in threads],
+            "integer kernels (float convs + matmuls)",
+        ]
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for name, row in results["variants"].items():
+            cells = [name, "", "", "", "", ""]
+            if "parity" in row:
+                p = row["parity"]
+                diff = " / ".join(
+                    f"{100 * (p['onnxruntime'][k] - p['pytorch'][k]):+.1f}" for k in p["pytorch"]
+                )
+                floor = ", ".join(_pair(r) for r in row["rounding_floor"] or [])
+                feats = f"{p['features']['max_diff_over_range']:.4f}"
+                cells[1:] = [_pair(p["pytorch"]), _pair(p["onnxruntime"]), diff, floor, feats]
+            cells.append(f"{row['bytes'] / 1e6:.2f}")
+            cells += [f"{row['latency_ms'][f'threads{t}_batch1']:.1f}" for t in threads]
+            cells.append(kernels_cell(row, self.float_key))
+            lines.append("| " + " | ".join(cells) + " |")
+        h, w = results["input_size"]
+        return (
+            f"Demo Mask R-CNN Swin ({results['val_images']} val images), backbone and neck in "
+            f"onnxruntime at 1x3x{h}x{w}, RPN and RoI heads in PyTorch; CPU flags "
+            f"{' '.join(results['machine']['cpu_flags'])}, onnxruntime "
+            f"{results['versions']['onnxruntime']}.\n\n" + "\n".join(lines) + "\n"
+        )
+
+
+def perturbed_maps(runner, seeds: tuple[int, ...] = (0, 1)) -> list[dict]:
+    """Box and mask mAP of the runner's PyTorch quantized detector with its input images
+    scaled by ``1 + NOISE * N(0, 1)`` (one draw per seed): how far float rounding alone moves
+    the mAP (activations that sit at a rounding boundary take the neighbouring code)."""
+    model = runner.model
+    dense = DetectorFeatures(model).eval()
+    rows = []
+    for seed in seeds:
+        gen = torch.Generator().manual_seed(seed)
+
+        def features(x: torch.Tensor, gen=gen) -> tuple[torch.Tensor, ...]:
+            return dense(x * (1 + NOISE * torch.randn(x.shape, generator=gen)))
+
+        with features_from(model, features):
+            rows.append({"seed": seed, **mean_average_precisions(evaluate_detector(runner))})
+    return rows
+
+
+def _pair(maps: dict) -> str:
+    """Box / mask mAP in %."""
+    return " / ".join(
+        f"{100 * maps[k]:.1f}" for k in ("coco/bbox_mAP", "coco/segm_mAP") if k in maps
+    )
+
+
+KINDS = {bench.kind: bench for bench in (ViTBenchmark, DetBenchmark)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--models", choices=sorted(KINDS), default="vit")
+    p.add_argument("--w8", nargs=2, metavar=("CONFIG", "QUANTIZED"))
+    p.add_argument("--w4", nargs=2, metavar=("CONFIG", "QUANTIZED"))
+    p.add_argument("--threads", nargs="+", type=int, help="default: 1 2 (vit), 1 (det)")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--out", help="default: benchmarks/export (vit), benchmarks/export_det (det)")
+    args = p.parse_args(argv)
+    bench = KINDS[args.models]
+    for key, default in bench.defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, default)
+    return bench(args).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
