@@ -46,10 +46,12 @@ import sys
 import time
 from pathlib import Path
 
+from pfcr_mm.benchmark_tables import cache_table
 from pfcr_mm.engine.run_dir import last_run_dir
 from pfcr_mm.provenance import cpu_model, package_versions, write_benchmark
 
 ROOT = Path(__file__).resolve().parents[2]
+TITLE = "# Reconstruction caches at COCO resolution (tools/benchmarks/benchmark_cache.py)\n\n"
 BASE_CONFIG = ROOT / "configs/demo/demo_mask_rcnn_swin_shapes_w4a4.py"
 
 # Swin-T Mask R-CNN's widths on the demo's depth (mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco)
@@ -228,56 +230,9 @@ def extrapolate(row: dict, coco_images: int) -> dict:
 
 
 def markdown(data: dict) -> str:
-    """The runs' table, the spill timing and the per-unit bytes of the no-limit runs."""
-    lines = [
-        "# Reconstruction caches at COCO resolution (tools/benchmarks/benchmark_cache.py)",
-        "",
-        f"Calibration images at {data['settings']['size'][0]}x{data['settings']['size'][1]} "
-        "(padded to a multiple of 32), "
-        f"pfcr, whole detector, fp16 caches, batch 1, {data['settings']['iters']} steps per unit, "
-        f"one thread; torch {data['env']['torch']}, {data['env']['cpu']}. Bytes counted by "
-        "the CacheStore; RSS sampled every 0.1 s. Extrapolated linearly to "
-        f"{data['settings']['coco_images']} images.",
-        "",
-        "| model | images | limit GB | cache peak in memory GB | on disk GB | peak RSS MiB "
-        "| peak anon MiB | peak file MiB | caches s | steps s | spill s | run s | "
-        f"peak caches at {data['settings']['coco_images']} img GB | largest unit there GB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in data["rows"]:
-        e, c, m, s = r["extrapolated"], r["cache"], r["memory_mib"], r["seconds"]
-        limit = "none" if r["cache_limit_gb"] is None else f"{r['cache_limit_gb']:.3f}"
-        lines.append(
-            f"| {r['model']} | {r['images']} | {limit} | {c['max_memory_bytes'] / 1e9:.3f} | "
-            f"{c['max_disk_bytes'] / 1e9:.3f} | {m['peak_VmRSS_mib']:.0f} | "
-            f"{m['peak_RssAnon_mib']:.0f} | {m['peak_RssFile_mib']:.0f} | {s['caches']} | "
-            f"{s['steps']} | {s['spill']} | {s['run']} | {e['peak_cache_gb']:.1f} | "
-            f"{e['largest_unit_gb']:.1f} ({e['largest_unit']}) |"
-        )
-    t = data.get("spill_timing")
-    if t:
-        lines += [
-            "",
-            f"Spilling, measured alone ({t['tensors']} fp16 tensors of {t['tensor_shape']}, "
-            f"{t['bytes'] / 1e6:.0f} MB; best of 3): storing {t['store_memory_gb_per_s']:.2f} "
-            f"GB/s in memory, {t['store_disk_gb_per_s']:.2f} GB/s written to disk; drawing a "
-            f"step's batch {t['draw_memory_ms_per_step']:.1f} ms from memory, "
-            f"{t['draw_disk_ms_per_step']:.1f} ms from the memory-mapped files (warm page "
-            "cache).",
-        ]
-    lines += [
-        "",
-        "Per unit, bytes held (memory + disk) extrapolated to "
-        f"{data['settings']['coco_images']} images, GB (no-limit runs):",
-        "",
-    ]
-    nolimit = [r for r in data["rows"] if r["cache_limit_gb"] is None]
-    lines.append("| unit | " + " | ".join(r["model"] for r in nolimit) + " |")
-    lines.append("|---|" + "---|" * len(nolimit))
-    for name in nolimit[0]["extrapolated"]["by_unit_gb"]:
-        vals = [str(r["extrapolated"]["by_unit_gb"].get(name, "")) for r in nolimit]
-        lines.append(f"| {name} | " + " | ".join(vals) + " |")
-    return "\n".join(lines) + "\n"
+    """The Markdown written next to the JSON: a title over the table of
+    :func:`pfcr_mm.benchmark_tables.cache_table`."""
+    return TITLE + cache_table(data)
 
 
 def main(argv=None) -> int:

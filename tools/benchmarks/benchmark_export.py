@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 from mmengine.config import Config
 
+from pfcr_mm.benchmark_tables import export_det_table, export_table
 from pfcr_mm.engine.checkpoint import load_weights_strict
 from pfcr_mm.engine.classification import create_timm_model
 from pfcr_mm.engine.deploy import (
@@ -132,14 +133,6 @@ def ort_fn(path: Path, threads: int) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda x: run_session(session, x)
 
 
-def kernels_cell(row: dict, float_key: str) -> str:
-    """The integer kernels onnxruntime ran for an export, and its float ones in brackets."""
-    if "integer_kernels" not in row:
-        return ""
-    ints = ", ".join(f"{n} {op}" for op, n in row["integer_kernels"].items()) or "none"
-    return f"{ints} ({row[float_key]})"
-
-
 class ExportBenchmark:
     """One benchmark run (:meth:`run`): the quantized W8A8 and W4A4 models and the FP one,
     their exports, each variant's accuracy, size, kernels and latency. The subclass of a model
@@ -155,7 +148,8 @@ class ExportBenchmark:
     * ``timed_models()``: the PyTorch variants timed, by name; ``onnx_runner(path, threads)``:
       a call of an export in onnxruntime;
     * ``summary(checkpoint, reports, variants)``: the model and the kind's own results, the
-      head of the JSON; ``markdown(results)``: the table, with a line on the setup.
+      head of the JSON; ``markdown(results)``: the table, with a line on the setup
+      (:mod:`pfcr_mm.benchmark_tables`).
     """
 
     kind: str  # the --models choice; names the ONNX files
@@ -256,6 +250,7 @@ class ViTBenchmark(ExportBenchmark):
     input_size = (32, 32)
     float_ops = ("MatMul", "FusedMatMul", "Gemm")
     float_key = "float_matmuls"
+    markdown = staticmethod(export_table)
 
     def load_fp(self) -> Path:
         cfg = self.w8_runner.cfg
@@ -316,32 +311,6 @@ class ViTBenchmark(ExportBenchmark):
             - variants[W8_UNIFORM]["top1"],
         }
 
-    def markdown(self, results: dict) -> str:
-        threads = self.args.threads
-        cols = [f"threads{t}_batch{b}" for t in threads for b in self.batches]
-        head = ["variant", "top-1 (%)", "size (MB)"]
-        head += [f"ms, {t} thr, batch {b}" for t in threads for b in self.batches]
-        head += ["integer kernels (float matmuls)"]
-        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for name, row in results["variants"].items():
-            lat = [f"{row['latency_ms'][c]:.2f}" if c in row["latency_ms"] else "" for c in cols]
-            size = f"{row['bytes'] / 1e6:.2f}" if "bytes" in row else ""
-            cells = [name, f"{row['top1']:.1f}", size, *lat, kernels_cell(row, self.float_key)]
-            lines.append("| " + " | ".join(cells) + " |")
-        speed = ", ".join(
-            f"{c.replace('_', ' ')}: {v:.2f}x"
-            for c, v in results["int8_vs_fp32_onnxruntime_speedup"].items()
-        )
-        return (
-            f"Demo ViT ({results['val_images']} val images), CPU flags "
-            f"{' '.join(results['machine']['cpu_flags'])}, onnxruntime "
-            f"{results['versions']['onnxruntime']}.\n\n"
-            + "\n".join(lines)
-            + f"\n\nint8 onnxruntime speed-up over FP32 onnxruntime: {speed}. int8 top-1 minus "
-            f"the fake-quant model's it is exported from: "
-            f"{results['int8_top1_minus_fake_quant_top1']:+.2f} points.\n"
-        )
-
 
 class DetBenchmark(ExportBenchmark):
     """``--models det``: the demo Mask R-CNN's backbone and neck in onnxruntime, its heads in
@@ -357,6 +326,7 @@ class DetBenchmark(ExportBenchmark):
     batches = (1,)
     float_ops = ("Conv", "FusedConv", "MatMul", "FusedMatMul", "Gemm")
     float_key = "float_convs_matmuls"
+    markdown = staticmethod(export_det_table)
 
     def load_fp(self) -> Path:
         from mmdet.registry import MODELS
@@ -415,42 +385,6 @@ class DetBenchmark(ExportBenchmark):
             "2 seeds",
         }
 
-    def markdown(self, results: dict) -> str:
-        threads = self.args.threads
-        head = [
-            "variant",
-            "PyTorch fake-quant box / mask mAP",
-            "onnxruntime box / mask mAP",
-            "difference (points)",
-            "PyTorch, input x (1 + 1e-6 noise), per seed",
-            "features: max diff / range",
-            "size (MB)",
-            *[f"ms, {t} thr, batch 1" for t in threads],
-            "integer kernels (float convs + matmuls)",
-        ]
-        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for name, row in results["variants"].items():
-            cells = [name, "", "", "", "", ""]
-            if "parity" in row:
-                p = row["parity"]
-                diff = " / ".join(
-                    f"{100 * (p['onnxruntime'][k] - p['pytorch'][k]):+.1f}" for k in p["pytorch"]
-                )
-                floor = ", ".join(_pair(r) for r in row["rounding_floor"] or [])
-                feats = f"{p['features']['max_diff_over_range']:.4f}"
-                cells[1:] = [_pair(p["pytorch"]), _pair(p["onnxruntime"]), diff, floor, feats]
-            cells.append(f"{row['bytes'] / 1e6:.2f}")
-            cells += [f"{row['latency_ms'][f'threads{t}_batch1']:.1f}" for t in threads]
-            cells.append(kernels_cell(row, self.float_key))
-            lines.append("| " + " | ".join(cells) + " |")
-        h, w = results["input_size"]
-        return (
-            f"Demo Mask R-CNN Swin ({results['val_images']} val images), backbone and neck in "
-            f"onnxruntime at 1x3x{h}x{w}, RPN and RoI heads in PyTorch; CPU flags "
-            f"{' '.join(results['machine']['cpu_flags'])}, onnxruntime "
-            f"{results['versions']['onnxruntime']}.\n\n" + "\n".join(lines) + "\n"
-        )
-
 
 def perturbed_maps(runner, seeds: tuple[int, ...] = (0, 1)) -> list[dict]:
     """Box and mask mAP of the runner's PyTorch quantized detector with its input images
@@ -468,13 +402,6 @@ def perturbed_maps(runner, seeds: tuple[int, ...] = (0, 1)) -> list[dict]:
         with features_from(model, features):
             rows.append({"seed": seed, **mean_average_precisions(evaluate_detector(runner))})
     return rows
-
-
-def _pair(maps: dict) -> str:
-    """Box / mask mAP in %."""
-    return " / ".join(
-        f"{100 * maps[k]:.1f}" for k in ("coco/bbox_mAP", "coco/segm_mAP") if k in maps
-    )
 
 
 KINDS = {bench.kind: bench for bench in (ViTBenchmark, DetBenchmark)}

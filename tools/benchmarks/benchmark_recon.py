@@ -22,23 +22,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 from pathlib import Path
 
+from pfcr_mm.benchmark_tables import recon_table
 from pfcr_mm.engine.run_dir import last_run_dir
 from pfcr_mm.provenance import write_benchmark, write_json
 
 ROOT = Path(__file__).resolve().parents[2]
-# model -> (config, metrics, factor to percent: mmpretrain-style accuracy is already in %)
+# model -> config (its metrics in the table: pfcr_mm.benchmark_tables.METRICS)
 MODELS = {
-    "cls": ("configs/demo/demo_vit_shapes_w4a4.py", ["accuracy/top1"], 1),
-    "det": (
-        "configs/demo/demo_mask_rcnn_swin_shapes_w4a4.py",
-        ["coco/bbox_mAP", "coco/segm_mAP"],
-        100,
-    ),
+    "cls": "configs/demo/demo_vit_shapes_w4a4.py",
+    "det": "configs/demo/demo_mask_rcnn_swin_shapes_w4a4.py",
 }
 METHODS = {
     "calib": ["ptq.method=calib"],  # post_softmax "auto", the default
@@ -108,7 +104,7 @@ def _options(model: str, bits: int, method: str, seed: int, preset: dict) -> lis
 
 def run_one(model: str, bits: int, method: str, seed: int, preset: dict, out: Path) -> dict:
     work = out / f"{model}_w{bits}a{bits}_{method}_seed{seed}"
-    cmd = [sys.executable, str(ROOT / "tools/ptq.py"), MODELS[model][0], "--work-dir", str(work)]
+    cmd = [sys.executable, str(ROOT / "tools/ptq.py"), MODELS[model], "--work-dir", str(work)]
     cmd += ["--cfg-options", *_options(model, bits, method, seed, preset)]
     log = work.with_suffix(".log")
     work.parent.mkdir(parents=True, exist_ok=True)
@@ -141,13 +137,6 @@ def run_one(model: str, bits: int, method: str, seed: int, preset: dict, out: Pa
     }
 
 
-def _mean_spread(values: list[float], scale: float) -> str:
-    values = [v * scale for v in values]
-    if len(values) == 1:
-        return f"{values[0]:.1f}"
-    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
-
-
 def rescore(path: Path) -> dict:
     """Fill in the output error of rows run before it was measured, by re-evaluating each run's
     saved quantized model (``tools/ptq.py --quantized``, no calibration); rewrites ``path`` and
@@ -160,7 +149,7 @@ def rescore(path: Path) -> dict:
         name = f"{r['model']}_w{r['bits']}a{r['bits']}_{r['method']}_seed{r['seed']}"
         saved = last_run_dir(path.parent / name) / "quantized_model.pth"
         work = path.parent / f"{name}_rescore"
-        cmd = [sys.executable, str(ROOT / "tools/ptq.py"), MODELS[r["model"]][0]]
+        cmd = [sys.executable, str(ROOT / "tools/ptq.py"), MODELS[r["model"]]]
         cmd += ["--work-dir", str(work), "--no-fp-eval", "--quantized", str(saved)]
         cmd += ["--cfg-options", *_options(r["model"], r["bits"], r["method"], r["seed"], preset)]
         print(f"rescoring {name} ...", flush=True)
@@ -171,46 +160,6 @@ def rescore(path: Path) -> dict:
         r["output_rel_mse"] = res["output_error"]["relative_mse"]
         write_json(path, data)
     return data
-
-
-def _output_error(rows: list[dict], key: str = "output_rel_mse") -> str:
-    """Mean ± spread of a relative MSE of the outputs over the rows (rows of older runs may have
-    none)."""
-    values = [r[key] for r in rows if r.get(key) is not None]
-    if len(values) > 1:
-        return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
-    return f"{values[0]:.4f}" if values else "-"
-
-
-def markdown(rows: list[dict]) -> str:
-    """One line per (model, bits, method): mean ± sample std over the seeds run, in percent."""
-    lines = [
-        "| model | bits | method | seeds | metric (%) | FP | quantized | per seed | "
-        "output rel. MSE, eval | held-out calib | block-passes | recon s | peak host MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    groups: dict[tuple, list[dict]] = {}
-    for r in rows:
-        groups.setdefault((r["model"], r["bits"], r["method"]), []).append(r)
-    for (model, bits, method), rs in groups.items():
-        ok = [r for r in rs if "error" not in r]
-        errors = "; ".join(r["error"] for r in rs if "error" in r)
-        head = f"| {model} | W{bits}A{bits} | {method} | {len(ok)} |"
-        if not ok:
-            lines.append(f"{head} | | | {errors} | | | | | | |")
-            continue
-        _, metrics, pct = MODELS[model]
-        for metric in metrics:
-            quant = [r["quant"][metric] for r in ok]
-            lines.append(
-                f"{head} {metric} | {pct * ok[0]['fp'][metric]:.1f} | "
-                f"{_mean_spread(quant, pct)} | {' '.join(f'{pct * v:.1f}' for v in quant)} | "
-                f"{_output_error(ok)} | {_output_error(ok, 'heldout_rel_mse')} | "
-                f"{statistics.mean(r.get('block_passes', 0) for r in ok):.0f} | "
-                f"{statistics.mean(r['recon_s'] for r in ok):.0f} | "
-                f"{max(r['peak_host_mb'] for r in ok):.0f} |"
-            )
-    return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
@@ -239,7 +188,7 @@ def main(argv=None) -> int:
     if args.rescore:
         path = Path(args.rescore)
         data = rescore(path)
-        print(write_benchmark(path.parent, data, markdown(data["rows"]), stem=path.stem))
+        print(write_benchmark(path.parent, data, recon_table(data["rows"]), stem=path.stem))
         return 0
     if args.merge:
         parts = [json.loads(Path(f).read_text()) for f in args.merge]
@@ -248,8 +197,8 @@ def main(argv=None) -> int:
         rows = [r for part in parts for r in part["rows"]]
         seeds = sorted({r["seed"] for r in rows})
         merged = {**parts[0], "seeds": seeds, "rows": rows, "merged_from": args.merge}
-        print(markdown(rows), end="")
-        print(write_benchmark(out, merged, markdown(rows)))
+        print(recon_table(rows), end="")
+        print(write_benchmark(out, merged, recon_table(rows)))
         return 0
     preset = PRESETS[args.preset]
     meta = {"preset": args.preset, **preset, "seeds": args.seeds}
@@ -261,9 +210,9 @@ def main(argv=None) -> int:
                     print(f"{model} W{bits}A{bits} {method} seed {seed} ...", flush=True)
                     rows.append(run_one(model, bits, method, seed, preset, out))
                     # rewritten after every run: an interrupted benchmark keeps its rows
-                    line = write_benchmark(out, {**meta, "rows": rows}, markdown(rows))
+                    line = write_benchmark(out, {**meta, "rows": rows}, recon_table(rows))
                     written = written or line  # the first write says what this run replaced
-                    print(markdown(rows[-1:]).splitlines()[-1], flush=True)
+                    print(recon_table(rows[-1:]).splitlines()[-1], flush=True)
     print(written)
     return 0
 

@@ -49,6 +49,7 @@ import torch
 from torch import nn
 
 from pfcr_mm import PTQConfig, QuantConfig, ReconSettings, quantize
+from pfcr_mm.benchmark_tables import step_table
 from pfcr_mm.demo.shapes import MANIFEST_NAME
 from pfcr_mm.engine.checkpoint import load_weights_strict
 from pfcr_mm.engine.classification import ImageFolderDataset, create_timm_model
@@ -231,29 +232,6 @@ def measure(
     }
 
 
-def markdown(data: dict) -> str:
-    """The settings in one line, then one table line per row of ``data``."""
-    m = data["meta"]
-    lines = [
-        f"Reconstruction step vs FP forward+backward, {m['model']} at W{m['bits']}A{m['bits']}: "
-        f"{m['iters']} steps per unit (median over steps 2-{m['iters']}), FP median of "
-        f"{m['repeats']} after {m['warmup']} warm-up, {m['threads']} thread(s), torch "
-        f"{m['torch']}, {m['cpu']}, load average {m['load_average_at_start']:.2f} at the start.",
-        "",
-        "| level | unit type | unit | blocks | block passes | batch | FP fwd+bwd ms | step ms | "
-        "step / FP | step ms per block pass |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in data["rows"]:
-        lines.append(
-            f"| {r['level']} | {r['unit_type']} | {r['name']} | {r['blocks']} | "
-            f"{r['block_passes']:g} | {'x'.join(map(str, r['batch_shape']))} | "
-            f"{r['fp_fwd_bwd_ms']:.2f} | {r['step_ms']:.2f} | {r['ratio']:.2f} | "
-            f"{r['step_ms'] / r['block_passes']:.2f} |"
-        )
-    return "\n".join(lines) + "\n"
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -299,7 +277,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "seconds": round(time.perf_counter() - start, 1),
     }
     data = {"meta": meta, "rows": rows}
-    print(write_benchmark(ROOT / args.out, data, markdown(data)))
+    print(write_benchmark(ROOT / args.out, data, step_table(data)))
     return 0
 
 

@@ -9,19 +9,29 @@ command, seeds, what stays in floating point, caveats) lives beside its JSON in
     python tools/benchmarks/make_tables.py            # rewrite docs/benchmarks.md and README.md
     python tools/benchmarks/make_tables.py --check    # exit 1 if either is stale
 
-Tables follow the Markdown the benchmark scripts write next to their JSON (same columns, same
-rounding): for ``benchmark_recon.py`` one line per (model, bits, method, metric) with the mean
-± sample standard deviation over the seeds. In ``README.md`` only the text between
-``<!-- headline:begin -->`` and ``<!-- headline:end -->`` is rewritten. Standard library only.
+The tables are the ones the benchmark scripts write next to their JSON, by the same functions
+(:mod:`pfcr_mm.benchmark_tables`), with a line more under a ``benchmark_recon.py`` table (the
+preset and seeds), the latency method in an export table's setup line and without the title
+``benchmark_cache.py`` puts over its table. In ``README.md`` only the text between
+``<!-- headline:begin -->`` and ``<!-- headline:end -->`` is rewritten.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
+
+from pfcr_mm.benchmark_tables import (
+    METRICS,
+    cache_table,
+    export_det_table,
+    export_table,
+    mean_spread,
+    recon_table,
+    step_table,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCHMARKS = ROOT / "benchmarks"
@@ -73,12 +83,6 @@ Regenerate after a benchmark run with `.venv/bin/python tools/benchmarks/make_ta
 (`--check` exits 1 when this file or the README's headline table is stale).
 """
 
-# metrics of each demo model and the factor to percent (classifier accuracy is already in %)
-METRICS = {
-    "cls": (["accuracy/top1"], 1),
-    "det": (["coco/bbox_mAP", "coco/segm_mAP"], 100),
-}
-
 # The README's headline, one line per (model, metric, bits): FP and, per column, the mean ± std
 # over the seeds of one method of one benchmark. The ViT's calib column comes from the
 # calibration benchmark (the reconstruction benchmark ran no calib rows).
@@ -100,59 +104,6 @@ def load(name: str) -> dict:
     return json.loads((BENCHMARKS / name / "benchmark.json").read_text())
 
 
-# --- tools/benchmarks/benchmark_recon.py -------------------------------------------------------
-
-
-def mean_spread(values: list[float], scale: float) -> str:
-    values = [v * scale for v in values]
-    if len(values) == 1:
-        return f"{values[0]:.1f}"
-    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
-
-
-def output_error(rows: list[dict], key: str = "output_rel_mse") -> str:
-    values = [r[key] for r in rows if r.get(key) is not None]
-    if len(values) > 1:
-        return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
-    return f"{values[0]:.4f}" if values else "-"
-
-
-def recon_groups(rows: list[dict]) -> dict[tuple, list[dict]]:
-    """Rows by (model, bits, method), in the order first seen."""
-    groups: dict[tuple, list[dict]] = {}
-    for r in rows:
-        groups.setdefault((r["model"], r["bits"], r["method"]), []).append(r)
-    return groups
-
-
-def recon_table(data: dict) -> str:
-    """One line per (model, bits, method, metric): mean ± sample std over the seeds run."""
-    lines = [
-        "| model | bits | method | seeds | metric (%) | FP | quantized | per seed | "
-        "output rel. MSE, eval | held-out calib | block-passes | recon s | peak host MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for (model, bits, method), rs in recon_groups(data["rows"]).items():
-        ok = [r for r in rs if "error" not in r]
-        errors = "; ".join(r["error"] for r in rs if "error" in r)
-        head = f"| {model} | W{bits}A{bits} | {method} | {len(ok)} |"
-        if not ok:
-            lines.append(f"{head} | | | {errors} | | | | | | |")
-            continue
-        metrics, pct = METRICS[model]
-        for metric in metrics:
-            quant = [r["quant"][metric] for r in ok]
-            lines.append(
-                f"{head} {metric} | {pct * ok[0]['fp'][metric]:.1f} | "
-                f"{mean_spread(quant, pct)} | {' '.join(f'{pct * v:.1f}' for v in quant)} | "
-                f"{output_error(ok)} | {output_error(ok, 'heldout_rel_mse')} | "
-                f"{statistics.mean(r.get('block_passes', 0) for r in ok):.0f} | "
-                f"{statistics.mean(r['recon_s'] for r in ok):.0f} | "
-                f"{max(r['peak_host_mb'] for r in ok):.0f} |"
-            )
-    return "\n".join(lines) + "\n"
-
-
 def recon_settings(data: dict) -> str:
     """The preset line under a recon table, from the JSON's own settings."""
     keys = ["preset", "iters", "cls_images", "det_images", "cls_heldout", "w_lr", "a_lr"]
@@ -162,181 +113,18 @@ def recon_settings(data: dict) -> str:
     return f"Settings in the JSON: {', '.join(parts)}; seeds {seeds}.\n"
 
 
-# --- tools/benchmarks/benchmark_step.py --------------------------------------------------------
-
-
-def step_table(data: dict) -> str:
-    m = data["meta"]
-    lines = [
-        f"Reconstruction step vs FP forward+backward, {m['model']} at W{m['bits']}A{m['bits']}: "
-        f"{m['iters']} steps per unit (median over steps 2-{m['iters']}), FP median of "
-        f"{m['repeats']} after {m['warmup']} warm-up, {m['threads']} thread(s), torch "
-        f"{m['torch']}, {m['cpu']}, load average {m['load_average_at_start']:.2f} at the start.",
-        "",
-        "| level | unit type | unit | blocks | block passes | batch | FP fwd+bwd ms | step ms | "
-        "step / FP | step ms per block pass |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in data["rows"]:
-        lines.append(
-            f"| {r['level']} | {r['unit_type']} | {r['name']} | {r['blocks']} | "
-            f"{r['block_passes']:g} | {'x'.join(map(str, r['batch_shape']))} | "
-            f"{r['fp_fwd_bwd_ms']:.2f} | {r['step_ms']:.2f} | {r['ratio']:.2f} | "
-            f"{r['step_ms'] / r['block_passes']:.2f} |"
-        )
-    return "\n".join(lines) + "\n"
-
-
-# --- tools/benchmarks/benchmark_cache.py -------------------------------------------------------
-
-
-def cache_table(data: dict) -> str:
-    s = data["settings"]
-    n = s["coco_images"]
-    lines = [
-        f"Calibration images at {s['size'][0]}x{s['size'][1]} (padded to a multiple of 32), "
-        f"{s['method']}, whole detector, {s['cache_dtype'].replace('float', 'fp')} caches, "
-        f"batch 1, {s['iters']} steps per unit, one thread; torch {data['env']['torch']}, "
-        f"{data['env']['cpu']}. Bytes counted by the CacheStore; RSS sampled every 0.1 s. "
-        f"Extrapolated linearly to {n} images.",
-        "",
-        "| model | images | limit GB | cache peak in memory GB | on disk GB | peak RSS MiB "
-        "| peak anon MiB | peak file MiB | caches s | steps s | spill s | run s | "
-        f"peak caches at {n} img GB | largest unit there GB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in data["rows"]:
-        e, c, m, t = r["extrapolated"], r["cache"], r["memory_mib"], r["seconds"]
-        limit = "none" if r["cache_limit_gb"] is None else f"{r['cache_limit_gb']:.3f}"
-        lines.append(
-            f"| {r['model']} | {r['images']} | {limit} | {c['max_memory_bytes'] / 1e9:.3f} | "
-            f"{c['max_disk_bytes'] / 1e9:.3f} | {m['peak_VmRSS_mib']:.0f} | "
-            f"{m['peak_RssAnon_mib']:.0f} | {m['peak_RssFile_mib']:.0f} | {t['caches']} | "
-            f"{t['steps']} | {t['spill']} | {t['run']} | {e['peak_cache_gb']:.1f} | "
-            f"{e['largest_unit_gb']:.1f} ({e['largest_unit']}) |"
-        )
-    t = data.get("spill_timing")
-    if t:
-        lines += [
-            "",
-            f"Spilling, measured alone ({t['tensors']} fp16 tensors of {t['tensor_shape']}, "
-            f"{t['bytes'] / 1e6:.0f} MB; best of 3): storing {t['store_memory_gb_per_s']:.2f} "
-            f"GB/s in memory, {t['store_disk_gb_per_s']:.2f} GB/s written to disk; drawing a "
-            f"step's batch {t['draw_memory_ms_per_step']:.1f} ms from memory, "
-            f"{t['draw_disk_ms_per_step']:.1f} ms from the memory-mapped files (warm page "
-            "cache).",
-        ]
-    lines += [
-        "",
-        f"Per unit, bytes held (memory + disk) extrapolated to {n} images, GB (no-limit runs):",
-        "",
-    ]
-    nolimit = [r for r in data["rows"] if r["cache_limit_gb"] is None]
-    lines.append("| unit | " + " | ".join(r["model"] for r in nolimit) + " |")
-    lines.append("|---|" + "---|" * len(nolimit))
-    for name in nolimit[0]["extrapolated"]["by_unit_gb"]:
-        vals = [str(r["extrapolated"]["by_unit_gb"].get(name, "")) for r in nolimit]
-        lines.append(f"| {name} | " + " | ".join(vals) + " |")
-    return "\n".join(lines) + "\n"
-
-
-# --- tools/benchmarks/benchmark_export.py ------------------------------------------------------
-
-
-def _kernels(row: dict, floats_key: str) -> str:
-    if "integer_kernels" not in row:
-        return ""
-    ints = ", ".join(f"{n} {op}" for op, n in row["integer_kernels"].items()) or "none"
-    return f"{ints} ({row[floats_key]})"
-
-
-def export_table(data: dict) -> str:
-    threads = data["torch_threads"]
-    cols = [f"threads{t}_batch{b}" for t in threads for b in (1, 32)]
-    head = ["variant", "top-1 (%)", "size (MB)"]
-    head += [f"ms, {t} thr, batch {b}" for t in threads for b in (1, 32)]
-    head += ["integer kernels (float matmuls)"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, row in data["variants"].items():
-        lat = [f"{row['latency_ms'][c]:.2f}" if c in row["latency_ms"] else "" for c in cols]
-        size = f"{row['bytes'] / 1e6:.2f}" if "bytes" in row else ""
-        cells = [name, f"{row['top1']:.1f}", size, *lat, _kernels(row, "float_matmuls")]
-        lines.append("| " + " | ".join(cells) + " |")
-    speed = ", ".join(
-        f"{c.replace('_', ' ')}: {v:.2f}x"
-        for c, v in data["int8_vs_fp32_onnxruntime_speedup"].items()
-    )
-    return (
-        f"Demo ViT ({data['val_images']} val images), CPU flags "
-        f"{' '.join(data['machine']['cpu_flags'])}, onnxruntime "
-        f"{data['versions']['onnxruntime']}; latency: {data['latency_method']}.\n\n"
-        + "\n".join(lines)
-        + f"\n\nint8 onnxruntime speed-up over FP32 onnxruntime: {speed}. int8 top-1 minus the "
-        f"fake-quant model's it is exported from: "
-        f"{data['int8_top1_minus_fake_quant_top1']:+.2f} points.\n"
-    )
-
-
-def _pair(maps: dict) -> str:
-    return " / ".join(
-        f"{100 * maps[k]:.1f}" for k in ("coco/bbox_mAP", "coco/segm_mAP") if k in maps
-    )
-
-
-def export_det_table(data: dict) -> str:
-    threads = data["torch_threads"]
-    head = [
-        "variant",
-        "PyTorch fake-quant box / mask mAP",
-        "onnxruntime box / mask mAP",
-        "difference (points)",
-        "PyTorch, input x (1 + 1e-6 noise), per seed",
-        "features: max diff / range",
-        "size (MB)",
-        *[f"ms, {t} thr, batch 1" for t in threads],
-        "integer kernels (float convs + matmuls)",
-    ]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, row in data["variants"].items():
-        cells = [name, "", "", "", "", ""]
-        if "parity" in row:
-            p = row["parity"]
-            diff = " / ".join(
-                f"{100 * (p['onnxruntime'][k] - p['pytorch'][k]):+.1f}" for k in p["pytorch"]
-            )
-            floor = ", ".join(_pair(r) for r in row["rounding_floor"] or [])
-            feats = f"{p['features']['max_diff_over_range']:.4f}"
-            cells[1:] = [_pair(p["pytorch"]), _pair(p["onnxruntime"]), diff, floor, feats]
-        cells.append(f"{row['bytes'] / 1e6:.2f}")
-        cells += [f"{row['latency_ms'][f'threads{t}_batch1']:.1f}" for t in threads]
-        cells.append(_kernels(row, "float_convs_matmuls"))
-        lines.append("| " + " | ".join(cells) + " |")
-    h, w = data["input_size"]
-    return (
-        f"Demo Mask R-CNN Swin ({data['val_images']} val images), backbone and neck in "
-        f"onnxruntime at 1x3x{h}x{w}, RPN and RoI heads in PyTorch; CPU flags "
-        f"{' '.join(data['machine']['cpu_flags'])}, onnxruntime "
-        f"{data['versions']['onnxruntime']}; latency: {data['latency_method']}.\n\n"
-        + "\n".join(lines)
-        + "\n"
-    )
-
-
-# --- assembling --------------------------------------------------------------------------------
-
-
 def table_for(data: dict) -> str:
     """The table of a benchmark JSON, by which script wrote it (told apart by its keys)."""
     if "preset" in data:
-        return recon_table(data) + "\n" + recon_settings(data)
+        return recon_table(data["rows"]) + "\n" + recon_settings(data)
     if "meta" in data:
         return step_table(data)
     if "spill_timing" in data or "settings" in data:
         return cache_table(data)
     if "input_size" in data:
-        return export_det_table(data)
+        return export_det_table(data, latency=True)
     if "variants" in data:
-        return export_table(data)
+        return export_table(data, latency=True)
     raise SystemExit("error: a benchmark.json of unknown form")
 
 
