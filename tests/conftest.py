@@ -3,6 +3,7 @@
 The model fixtures return factories (``tiny_timm_vit(**kw)`` builds a fresh model at each
 call), so a test builds as many models as it needs and draws its random inputs after them."""
 
+import contextlib
 import importlib.util
 from pathlib import Path
 
@@ -117,14 +118,30 @@ def fake_units():
     return build
 
 
+@pytest.fixture(scope="session")
+def seed_and_one_thread():
+    """Context manager factory: inside ``with seed_and_one_thread():`` torch is seeded with 0
+    and runs on one thread, as every test does (module-scoped fixtures, set up before the
+    test's own fixtures, use it to compute what the tests compare)."""
+
+    @contextlib.contextmanager
+    def scope():
+        # Tiny tensors: one thread is faster, and immune to other processes on the cores.
+        torch.manual_seed(0)
+        n = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(n)
+
+    return scope
+
+
 @pytest.fixture(autouse=True)
-def _seed_and_one_thread():
-    # Tiny tensors: one thread is faster, and immune to other processes on the cores.
-    torch.manual_seed(0)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _seed_and_one_thread(seed_and_one_thread):
+    with seed_and_one_thread():
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -23,7 +23,9 @@ def _results(run: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def three_runs(tmp_path_factory, ptq_tool, make_image_folder, write_vit_config):
+def three_runs(
+    tmp_path_factory, ptq_tool, make_image_folder, write_vit_config, seed_and_one_thread
+):
     """tools/ptq.py three times on one W4A4 config: a run with the FP evaluation, the same at
     W8A8 without it, and a second W4A4 run without it into the first run's work dir. A
     namespace: ``work`` (the shared work dir), ``first`` (the first run's folder),
@@ -32,12 +34,13 @@ def three_runs(tmp_path_factory, ptq_tool, make_image_folder, write_vit_config):
     make_image_folder(tmp / "data")
     cfg = str(write_vit_config(tmp))
     work, w8 = tmp / "work", tmp / "w8"
-    assert ptq_tool.main([cfg, "--work-dir", str(work)]) == 0
-    first = last_run_dir(work)
-    first_files = {p: p.read_bytes() for p in first.rglob("*") if p.is_file()}
-    opts = ["--cfg-options", "ptq.quant.w_bits=8", "ptq.quant.a_bits=8"]
-    assert ptq_tool.main([cfg, "--work-dir", str(w8), "--no-fp-eval", *opts]) == 0
-    assert ptq_tool.main([cfg, "--work-dir", str(work), "--no-fp-eval"]) == 0
+    with seed_and_one_thread():
+        assert ptq_tool.main([cfg, "--work-dir", str(work)]) == 0
+        first = last_run_dir(work)
+        first_files = {p: p.read_bytes() for p in first.rglob("*") if p.is_file()}
+        opts = ["--cfg-options", "ptq.quant.w_bits=8", "ptq.quant.a_bits=8"]
+        assert ptq_tool.main([cfg, "--work-dir", str(w8), "--no-fp-eval", *opts]) == 0
+        assert ptq_tool.main([cfg, "--work-dir", str(work), "--no-fp-eval"]) == 0
     return SimpleNamespace(work=work, first=first, first_files=first_files, w8=last_run_dir(w8))
 
 
@@ -199,7 +202,7 @@ def test_hook_quantizes_before_a_stock_test_run(vit_config, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def reloaded(tmp_path_factory, ptq_tool, make_image_folder, write_vit_config):
+def reloaded(tmp_path_factory, ptq_tool, make_image_folder, write_vit_config, seed_and_one_thread):
     """A W4A4 calib run of tools/ptq.py and a second run that evaluates the model it saved
     (``--quantized``), both without the FP evaluation. A namespace: ``cfg``, ``saved`` (the
     saved model's path), ``first`` and ``second`` (the two run folders)."""
@@ -207,10 +210,11 @@ def reloaded(tmp_path_factory, ptq_tool, make_image_folder, write_vit_config):
     make_image_folder(tmp / "data")
     cfg = write_vit_config(tmp)
     first, second = tmp / "first", tmp / "second"
-    assert ptq_tool.main([str(cfg), "--work-dir", str(first), "--no-fp-eval"]) == 0
-    saved = last_run_dir(first) / "quantized_model.pth"
-    argv = [str(cfg), "--work-dir", str(second), "--no-fp-eval", "--quantized", str(saved)]
-    assert ptq_tool.main(argv) == 0
+    with seed_and_one_thread():
+        assert ptq_tool.main([str(cfg), "--work-dir", str(first), "--no-fp-eval"]) == 0
+        saved = last_run_dir(first) / "quantized_model.pth"
+        argv = [str(cfg), "--work-dir", str(second), "--no-fp-eval", "--quantized", str(saved)]
+        assert ptq_tool.main(argv) == 0
     return SimpleNamespace(
         cfg=cfg, saved=saved, first=last_run_dir(first), second=last_run_dir(second)
     )

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -66,7 +67,7 @@ def _run(ptq_tool, cfg, work, *extra: str, options=OPTIONS) -> int:
 
 
 @pytest.fixture(scope="module")
-def stopped(tmp_path_factory, ptq_tool, make_image_folder, write_vit_config):
+def stopped(tmp_path_factory, ptq_tool, make_image_folder, write_vit_config, seed_and_one_thread):
     """An uninterrupted run of tools/ptq.py, and the same run in a process of its own that is
     SIGKILLed as unit ``STOP_AFTER + 1`` starts. A namespace: ``cfg``, ``whole`` (the
     uninterrupted run's folder), ``killed`` (the killed process), ``work`` (its work dir),
@@ -75,7 +76,8 @@ def stopped(tmp_path_factory, ptq_tool, make_image_folder, write_vit_config):
     make_image_folder(tmp / "data")
     cfg = write_vit_config(tmp)
     whole, work = tmp / "whole", tmp / "stopped"
-    assert _run(ptq_tool, cfg, whole) == 0
+    with seed_and_one_thread():
+        assert _run(ptq_tool, cfg, whole) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     killed = subprocess.run(
         [sys.executable, "-c", KILLED_RUN, str(STOP_AFTER + 1), str(ROOT / "tools/ptq.py")]
@@ -93,7 +95,7 @@ def stopped(tmp_path_factory, ptq_tool, make_image_folder, write_vit_config):
 
 
 @pytest.fixture(scope="module")
-def resumed(stopped, ptq_tool):
+def resumed(stopped, ptq_tool, seed_and_one_thread):
     """``stopped``'s run resumed by tools/ptq.py --resume. A namespace: ``exit_code``,
     ``started`` (the names of the units it reconstructed) and ``out`` (what it printed)."""
     started, real = [], driver_module.reconstruct_unit
@@ -102,8 +104,12 @@ def resumed(stopped, ptq_tool):
         started.append(unit.name)
         return real(unit, *args, **kwargs)
 
+    # MMEngine names a Runner's logger by the second it was built in, and a Runner of the same
+    # second reuses that logger and its output stream (an earlier test's capture): start in a
+    # second of our own, so that the resumed run's log goes to `out`
+    time.sleep(1 - time.time() % 1)
     out = io.StringIO()
-    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out):
+    with seed_and_one_thread(), pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out):
         mp.setattr(driver_module, "reconstruct_unit", reconstruct)
         exit_code = _run(ptq_tool, stopped.cfg, stopped.work, "--resume")
     return SimpleNamespace(exit_code=exit_code, started=started, out=out.getvalue())
@@ -160,6 +166,8 @@ def test_a_resumed_run_ends_with_the_results_and_log_of_an_uninterrupted_one(sto
 def test_a_resumed_run_saves_the_model_of_an_uninterrupted_one(stopped, resumed):
     sa = torch.load(stopped.whole / "quantized_model.pth", weights_only=True)
     sb = torch.load(stopped.run / "quantized_model.pth", weights_only=True)
+    # the patch embedding, qkv, proj, fc1 and fc2 of the 2 blocks, the head
+    assert len(sa["integer_weights"]) == 10
     assert sa["integer_weights"].keys() == sb["integer_weights"].keys()
     assert all(torch.equal(v, sb["integer_weights"][k]) for k, v in sa["integer_weights"].items())
     sa, sb = sa["state_dict"], sb["state_dict"]
