@@ -147,12 +147,13 @@ def test_a_second_run_writes_into_a_folder_of_its_own(three_runs):
             dict(extra="ptq = dict(calib=dict(dataset=dict(split='val')))"),
             "selects the evaluation images themselves",
         ),
-        (
+        pytest.param(
             dict(
                 extra="ptq = dict(method='pfcr', calib=dict(num_images=2), "
                 "recon=dict(iters=2, max_level=9))"
             ),
             "max_level=9 is above this model's top level",
+            marks=pytest.mark.slow,  # refused only after the calibration
         ),
     ],
 )
@@ -285,6 +286,7 @@ def test_two_reloads_compute_bit_identical_outputs(reloaded, tmp_path):
     assert torch.equal(outs[0], outs[1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["block", "pfcr"])
 def test_reconstruction_methods_through_the_tool(ptq_tool, vit_config, tmp_path, method):
     cfg = vit_config
@@ -332,6 +334,7 @@ def test_reconstruction_methods_through_the_tool(ptq_tool, vit_config, tmp_path,
     assert res["recon"]["iterations"] == sum(iters)
 
 
+@pytest.mark.slow
 def test_layerwise_non_block_layers(ptq_tool, vit_config, tmp_path):
     cfg = vit_config
     work = tmp_path / "layerwise"

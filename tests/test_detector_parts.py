@@ -102,6 +102,7 @@ def _rois_seen(extractor, source, unit, fp: bool):
     return seen, data
 
 
+@pytest.mark.slow
 def test_heads_see_the_fp_rois_and_reconstruct_without_labels(quantized_detector):
     model, plan, batches, run_batch = quantized_detector
     parts = {name: part for name, part, _ in plan.parts}
@@ -190,6 +191,7 @@ def _per_image(rois):
     return torch.bincount(rois[:, 0].long()).tolist()
 
 
+@pytest.mark.slow
 def test_cascade_heads_see_the_fp_refined_rois_and_reconstruct(quantized_cascade):
     model, plan, norms, batches, run_batch = quantized_cascade
     roi_head = model.roi_head

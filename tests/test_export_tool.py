@@ -55,6 +55,7 @@ BAD = [
 ]
 
 
+@pytest.mark.slow
 def test_bad_input_is_one_line_and_exit_code_2(quantized, export_tool, tmp_path, capsys):
     # one test for all cases: MMEngine keeps the loggers of the Runners it builds, and a
     # Runner built in the same second as an earlier one logs to that test's closed capture

@@ -189,6 +189,7 @@ def test_a_finished_run_has_nothing_to_resume(stopped, resumed, ptq_tool, capsys
     assert "finished (ptq_results.json)" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_quantize_continues_from_a_resume_state(tiny_timm_vit):
     """The core alone: a run given the state saved after unit k reconstructs only the units
     after it and ends with the model of the whole run, tensor for tensor."""
