@@ -3,12 +3,15 @@
 The model fixtures return factories (``tiny_timm_vit(**kw)`` builds a fresh model at each
 call), so a test builds as many models as it needs and draws its random inputs after them."""
 
+import contextlib
 import importlib.util
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
+from PIL import Image
 
 
 @pytest.fixture(scope="session")
@@ -115,14 +118,30 @@ def fake_units():
     return build
 
 
+@pytest.fixture(scope="session")
+def seed_and_one_thread():
+    """Context manager factory: inside ``with seed_and_one_thread():`` torch is seeded with 0
+    and runs on one thread, as every test does (module-scoped fixtures, set up before the
+    test's own fixtures, use it to compute what the tests compare)."""
+
+    @contextlib.contextmanager
+    def scope():
+        # Tiny tensors: one thread is faster, and immune to other processes on the cores.
+        torch.manual_seed(0)
+        n = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(n)
+
+    return scope
+
+
 @pytest.fixture(autouse=True)
-def _seed_and_one_thread():
-    # Tiny tensors: one thread is faster, and immune to other processes on the cores.
-    torch.manual_seed(0)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _seed_and_one_thread(seed_and_one_thread):
+    with seed_and_one_thread():
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -194,6 +213,73 @@ def _load_tool(name: str):
 
 
 @pytest.fixture(scope="session")
+def make_image_folder():
+    """Factory: ``make_image_folder(root, per_class=4, classes=("a", "b", "c"))`` writes an
+    ImageNet-layout folder under ``root``: ``train/<class>/`` and ``val/<class>/`` each hold
+    ``per_class`` random 40x36 PNGs (the same ones at every call)."""
+
+    def make(root: Path, per_class: int = 4, classes=("a", "b", "c")) -> None:
+        rng = np.random.default_rng(0)
+        for split in ("train", "val"):
+            for c in classes:
+                (root / split / c).mkdir(parents=True)
+                for i in range(per_class):
+                    img = rng.integers(0, 255, (40, 36, 3), dtype=np.uint8)
+                    Image.fromarray(img).save(root / split / c / f"{i}.png")
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def write_vit_config():
+    """Factory: ``write_vit_config(folder, **over)`` writes ``folder/cfg.py``, a tools/ptq.py
+    config of a 2-block ViT (32x32 images, 3 classes) whose FP checkpoint it saves as
+    ``folder/tiny.pth``, quantized at W4A4 with 5 calibration images of the ImageNet-layout
+    folder ``folder/data``; returns its path. ``over`` replaces the config's ``arch``,
+    ``kwargs``, ``ckpt``, ``data``, ``bits`` or ``extra`` (Python source, appended)."""
+    from pfcr_mm.engine.classification import create_timm_model
+
+    root = Path(__file__).resolve().parents[1]
+    arch = "vit_tiny_patch16_224"
+    kwargs = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=3)
+
+    def write(folder: Path, **over) -> Path:
+        ckpt = folder / "tiny.pth"
+        if not ckpt.exists():
+            torch.save(create_timm_model(arch, kwargs).state_dict(), ckpt)
+        fields = dict(
+            arch=repr(arch),
+            kwargs=repr(kwargs),
+            ckpt=repr(str(ckpt)),
+            data=repr(str(folder / "data")),
+            bits=4,
+            extra="",
+        )
+        fields.update(over)
+        cfg = folder / "cfg.py"
+        cfg.write_text(f"""
+_base_ = [{str(root / 'configs/_base_/imagenet_timm.py')!r}]
+model = dict(arch={fields['arch']}, model_kwargs={fields['kwargs']}, checkpoint={fields['ckpt']})
+test_dataloader = dict(batch_size=4, num_workers=0, dataset=dict(data_root={fields['data']},
+                       resize=32, crop_size=32))
+ptq = dict(quant=dict(w_bits={fields['bits']}, a_bits={fields['bits']}),
+           calib=dict(num_images=5, batch_size=2, num_workers=0))
+{fields['extra']}
+""")
+        return cfg
+
+    return write
+
+
+@pytest.fixture
+def vit_config(tmp_path, make_image_folder, write_vit_config):
+    """The path of ``write_vit_config(tmp_path)``, on 4 images per class of
+    ``make_image_folder(tmp_path / "data")``."""
+    make_image_folder(tmp_path / "data")
+    return write_vit_config(tmp_path)
+
+
+@pytest.fixture(scope="session")
 def ptq_tool():
     """``tools/ptq.py`` (its ``main(argv)`` returns the exit code)."""
     return _load_tool("ptq")
@@ -203,6 +289,12 @@ def ptq_tool():
 def step_tool():
     """``tools/benchmarks/benchmark_step.py`` (its ``main(argv)`` returns the exit code)."""
     return _load_tool("benchmarks/benchmark_step")
+
+
+@pytest.fixture(scope="session")
+def export_tool():
+    """``tools/export.py`` (its ``main(argv)`` returns the exit code)."""
+    return _load_tool("export")
 
 
 @pytest.fixture(scope="session")

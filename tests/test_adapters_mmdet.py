@@ -30,6 +30,7 @@ def test_quantized_window_msa_equals_original_when_disabled(tiny_mmdet_swin):
         ref_outs = ref(x)
         for h in hooks:
             h.remove()
+        assert len(inputs) == 4  # one call per window attention
         for a, q, args in zip(orig, quant, inputs):
             assert type(q) is not WindowMSA
             assert torch.allclose(q(*args), a(*args), atol=1e-5)
@@ -57,6 +58,7 @@ def test_units_compose_to_the_block(tiny_mmdet_swin):
         model(torch.randn(PADDED_INPUT))
         for h in hooks:
             h.remove()
+        assert len(calls) == len(plan.units) // 2 == 4  # one call per block
         for ((x, hw), out), attn, mlp in zip(calls, plan.units[::2], plan.units[1::2]):
             assert torch.allclose(mlp(attn(x, hw), hw), out, atol=1e-6)
 

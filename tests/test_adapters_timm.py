@@ -40,6 +40,7 @@ def test_quantized_attention_equals_original_when_disabled(name, models):
         ref_out = ref(x)
         for h in hooks:
             h.remove()
+        assert len(inputs) == 4  # one call per attention
         for a, q, args in zip(orig_attn, quant_attn, inputs):
             assert type(q) is not type(a) and isinstance(q, type(a))
             assert torch.allclose(q(*args), a(*args), atol=1e-5)
@@ -77,6 +78,7 @@ def test_units_compose_to_the_model(name, models):
         model(x)
         for h in hooks:
             h.remove()
+        assert len(tokens) == len(plan.units) // 2 == 4  # one call per block
         for (inp, out), (attn, mlp) in zip(tokens, zip(plan.units[::2], plan.units[1::2])):
             assert torch.allclose(mlp(attn(inp)), out, atol=1e-6)
 

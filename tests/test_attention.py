@@ -104,8 +104,14 @@ def _logit_error(model, att, index, x):
             return float((model(x) - ref).pow(2).sum())
 
 
-@pytest.mark.parametrize("ratio", [attention.SHORTLIST_RATIO, float("inf")])
-def test_close_calls_are_decided_by_the_error_at_the_outputs(tiny_timm_vit, monkeypatch, ratio):
+# (shortlist ratio, attentions decided by the outputs): 1 shortlists only the best candidate
+# of each attention, the default ratio the best two (at most 2x the best error, here 1.7x-2x)
+@pytest.mark.parametrize(
+    "ratio, by_outputs", [(1.0, 0), (attention.SHORTLIST_RATIO, 4), (float("inf"), 4)]
+)
+def test_close_calls_are_decided_by_the_error_at_the_outputs(
+    tiny_timm_vit, monkeypatch, ratio, by_outputs
+):
     """Candidates within SHORTLIST_RATIO of the best probs @ v error are each tried alone, and the
     one of least logit error is kept; the summary records both errors and how it was chosen."""
     monkeypatch.setattr(attention, "SHORTLIST_RATIO", ratio)
@@ -130,29 +136,31 @@ def test_close_calls_are_decided_by_the_error_at_the_outputs(tiny_timm_vit, monk
     outputs = DownstreamOutputs(batches, lambda m, b: m(b), lines.append)
     calibrate_activations(model, loop, outputs)
     rows = {r["module"]: r for r in quant_summary(model)}
-    decided = 0
+    decided, tried = 0, 0
     for name, att in _attentions(model).items():
         record = rows[f"{name}.probs"]["choice"]
         pv, down = record["probs_v_error"], record["downstream_error"]
         short = [i for i, s in enumerate(pv) if s <= ratio * min(pv)]
         if len(short) == 1:
             assert record["chosen_by"] == "probs @ v" and down is None
-            continue
-        decided += 1
-        assert record["chosen_by"] == "downstream outputs"
-        # every shortlisted candidate was tried and scored by its own logit error, no other
-        assert [i for i, d in enumerate(down) if d == d] == short
-        chosen = att.probs
-        att.probs = pending[id(att)]  # the candidates again, to measure them independently
-        for i in short:
-            expected = sum(_logit_error(model, att, i, b) for b in batches)
-            assert down[i] == pytest.approx(expected, rel=1e-5)
-        best = min(short, key=down.__getitem__)
-        assert chosen is pending[id(att)].candidates[best]
-        att.probs = chosen
-    if ratio == float("inf"):
-        assert decided == 4
-    assert decided == 0 or lines[-1].startswith("post-softmax choice: batch 2/2")
+        else:
+            decided += 1
+            tried += len(short)
+            assert record["chosen_by"] == "downstream outputs"
+            # every shortlisted candidate was tried and scored by its own logit error, no other
+            assert [i for i, d in enumerate(down) if d == d] == short
+            chosen = att.probs
+            att.probs = pending[id(att)]  # the candidates again, to measure them independently
+            for i in short:
+                expected = sum(_logit_error(model, att, i, b) for b in batches)
+                assert down[i] == pytest.approx(expected, rel=1e-5)
+            best = min(short, key=down.__getitem__)
+            assert chosen is pending[id(att)].candidates[best]
+            att.probs = chosen
+    assert decided == by_outputs
+    # the outputs are computed only when there is a candidate to try
+    progress = [f"post-softmax choice: batch 2/2, {tried} candidates tried"] if decided else []
+    assert lines[-1:] == progress
 
 
 def test_outputs_that_are_not_tensors_are_refused(tiny_timm_vit):

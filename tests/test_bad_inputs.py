@@ -15,6 +15,9 @@ import torch
 from pfcr_mm.demo.shapes import generate_shapes_dataset
 from pfcr_mm.engine.run_dir import last_run_dir
 
+# every test needs the good run of tools/ptq.py, and runs it again
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_VIT = ROOT / "configs/demo/demo_vit_shapes_w4a4.py"
 DEMO_CKPT = ROOT / "checkpoints/demo_vit_shapes.pth"

@@ -45,6 +45,7 @@ def test_config_ptq_section_matches_its_name(path):
             assert recon.iters == 20000 and recon.cache_dtype == "float16"  # paper-grade
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", CONFIGS)
 def test_config_keys_pass_the_typo_checks(path):
     """No shipped config trips the checks of tools/ptq.py (its own variables, such as data_root

@@ -67,6 +67,7 @@ SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_quantize_runs_pfcr_in_one_call_with_torch_and_timm_only():
     import json
 

@@ -15,6 +15,8 @@ from mmengine.config import Config
 from pfcr_mm.demo.coco_shapes import generate_coco_shapes
 from pfcr_mm.engine.run_dir import last_run_dir
 
+pytestmark = pytest.mark.slow  # every test runs tools/ptq.py on the demo detector (seconds each)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 DEMO = ROOT / "configs/demo/demo_mask_rcnn_swin_shapes_w4a4.py"

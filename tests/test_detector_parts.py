@@ -102,6 +102,7 @@ def _rois_seen(extractor, source, unit, fp: bool):
     return seen, data
 
 
+@pytest.mark.slow
 def test_heads_see_the_fp_rois_and_reconstruct_without_labels(quantized_detector):
     model, plan, batches, run_batch = quantized_detector
     parts = {name: part for name, part, _ in plan.parts}
@@ -115,6 +116,7 @@ def test_heads_see_the_fp_rois_and_reconstruct_without_labels(quantized_detector
     pinned = ChainDataSource(model, plan.units, batches, run_batch, pinned=plan.pinned)
     fp_rois, fp_in = _rois_seen(extractor, pinned, bbox, fp=True)
     q_rois, q_in = _rois_seen(extractor, pinned, bbox, fp=False)
+    assert len(fp_rois) == len(q_rois) == len(batches)
     for a, b, x, xq in zip(fp_rois, q_rois, fp_in, q_in):
         assert torch.equal(a, b) and x.shape == xq.shape  # one RoI feature per FP RoI
     # without pinning, the quantized model's own proposals (from its quantized RPN) differ
@@ -189,6 +191,7 @@ def _per_image(rois):
     return torch.bincount(rois[:, 0].long()).tolist()
 
 
+@pytest.mark.slow
 def test_cascade_heads_see_the_fp_refined_rois_and_reconstruct(quantized_cascade):
     model, plan, norms, batches, run_batch = quantized_cascade
     roi_head = model.roi_head
@@ -226,6 +229,7 @@ def test_cascade_heads_see_the_fp_refined_rois_and_reconstruct(quantized_cascade
         assert torch.equal(a, b) and x.shape == xq.shape  # one RoI feature per FP RoI
         assert not torch.equal(x, xq)  # the features themselves are the quantized model's
     proposals, _ = _rois_seen(first, pinned, last, fp=True)
+    assert len(proposals) == len(batches)
     for p, a in zip(proposals, fp_rois):  # refined: same RoIs per image, other boxes
         assert _per_image(p) == _per_image(a) and not torch.equal(p, a)
     # without pinning, the quantized RPN keeps other proposals, other numbers of them per image

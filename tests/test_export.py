@@ -76,6 +76,7 @@ def test_integer_model_is_the_fake_quant_model(tiny_timm_vit, bits, post_softmax
     assert torch.equal(qkv.codes.t().float(), expected.clamp(0, 2**bits - 1))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bits", [8, 4])
 def test_onnxruntime_matches_the_fake_quant_model(tiny_timm_vit, tmp_path, bits):
     model, _ = _quantized(tiny_timm_vit, bits)
@@ -116,6 +117,7 @@ def test_onnxruntime_matches_the_fake_quant_model(tiny_timm_vit, tmp_path, bits)
         assert report["initializer_bytes"]["uint8"] > codes
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bits", [8, 4])
 def test_int8_mode_runs_every_matmul_as_integers(tiny_timm_vit, tmp_path, bits):
     model, batches = _quantized(tiny_timm_vit, bits)
@@ -141,6 +143,7 @@ def test_int8_mode_runs_every_matmul_as_integers(tiny_timm_vit, tmp_path, bits):
     assert not {"MatMul", "Gemm", "Log"} & set(ran)
 
 
+@pytest.mark.slow
 def test_log_quantizer_in_elementary_ops_is_exact(tmp_path):
     """Softmax probabilities through the log2 quantizer: onnxruntime gives the PyTorch values
     except where ``-log2(p / delta)`` is within float rounding of a half-integer."""

@@ -51,6 +51,7 @@ def _assert_close(got, ref) -> None:
         assert float((diff > 1e-4 * scale).float().mean()) <= 0.01
 
 
+@pytest.mark.slow
 def test_detector_features_through_onnxruntime(tmp_path):
     model = _tiny_detector()
     batches = [torch.randn(2, 3, *SIZE) for _ in range(2)]

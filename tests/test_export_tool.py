@@ -8,29 +8,22 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_classification_ptq import _make_folder, _write_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def quantized(tmp_path_factory, ptq_tool):
+def quantized(tmp_path_factory, ptq_tool, make_image_folder, write_vit_config):
     """``(config, work dir)`` of a tiny ViT quantized at W4A4 by tools/ptq.py."""
     tmp = tmp_path_factory.mktemp("export_tool")
-    _make_folder(tmp / "data")
-    cfg = _write_config(tmp)
+    make_image_folder(tmp / "data")
+    cfg = write_vit_config(tmp)
     work = tmp / "work"
     assert ptq_tool.main([str(cfg), "--work-dir", str(work), "--no-fp-eval"]) == 0
     return cfg, work
 
 
-@pytest.fixture(scope="module")
-def export_tool():
-    from conftest import _load_tool
-
-    return _load_tool("export")
-
-
+@pytest.mark.slow
 def test_export_from_the_command_line(quantized, tmp_path):
     cfg, work = quantized
     out = tmp_path / "vit.onnx"
@@ -62,6 +55,7 @@ BAD = [
 ]
 
 
+@pytest.mark.slow
 def test_bad_input_is_one_line_and_exit_code_2(quantized, export_tool, tmp_path, capsys):
     # one test for all cases: MMEngine keeps the loggers of the Runners it builds, and a
     # Runner built in the same second as an earlier one logs to that test's closed capture

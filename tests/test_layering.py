@@ -9,6 +9,7 @@ import pytest
 OPENMMLAB = ("mmdet", "mmcv", "mmengine")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "imports, banned",
     [

@@ -38,6 +38,7 @@ def _quantize(model, batches, limit_gb, tmp_path, name):
     return result, log_dir
 
 
+@pytest.mark.slow
 def test_spilled_run_is_bit_identical_under_the_limit_and_leaves_nothing(tiny_timm_vit, tmp_path):
     model = tiny_timm_vit()
     batches = [torch.randn(16, 3, 32, 32) for _ in range(3)]
@@ -74,6 +75,7 @@ def test_spilled_run_is_bit_identical_under_the_limit_and_leaves_nothing(tiny_ti
     assert sorted(p.name for p in log_dir.iterdir()) == ["recon_log.json", "recon_loss.png"]
 
 
+@pytest.mark.slow
 def test_store_spills_beyond_the_limit_and_frees_disk_with_the_tensor(tmp_path):
     store = CacheStore(limit_bytes=100, folder=tmp_path, dtype=torch.float16)
     kept = store.store(torch.arange(40.0).reshape(2, 20))  # 80 bytes in fp16: in memory

@@ -223,6 +223,7 @@ def test_layer_units_off_the_chain(timm_swin_and_batches):
     assert not torch.equal(source.quant_input(plan.units[0])[0], q_before)
 
 
+@pytest.mark.slow
 def test_output_weights_estimate_the_diagonal_of_jtj(vit_and_batches):
     """The detection-aware weights: E[(J^T r)^2] over random projections r equals the diagonal
     of J^T J, J the FP model's Jacobian from a unit's output to the downstream outputs (here the

@@ -5,6 +5,7 @@ import json
 import math
 import weakref
 
+import pytest
 import torch
 
 import pfcr_mm.recon.driver as driver_module
@@ -86,6 +87,7 @@ def encoder_error(model, batches, ref):
     return sum(reconstruction_loss(o, r).item() for o, r in zip(outs, ref)) / len(ref)
 
 
+@pytest.mark.slow
 def test_pfcr_run_on_vit_writes_log_and_plot_and_hardens(tmp_path, quantized_vit):
     model, plan, batches = quantized_vit()
     with quantizer_states(model, weights=False, activations=False):

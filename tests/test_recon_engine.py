@@ -235,6 +235,7 @@ def test_beta_decay_and_settings():
         ReconSettings.from_dict({"itres": 5})
 
 
+@pytest.mark.slow
 def test_downstream_weights_steer_the_reconstruction(quantized_vit):
     """With the detection-aware term, the error where the output weights are large drops more
     than with the plain loss alone (weights 1 on the first 8 channels, 0 elsewhere)."""

@@ -31,6 +31,7 @@ def quantized_tiny_swin(tiny_mmdet_swin):
     return build
 
 
+@pytest.mark.slow
 def test_swin_blocks_composed_and_hw_shape_cached_per_image_size(quantized_tiny_swin):
     model, plan, batches = quantized_tiny_swin()
     schedule = FineToCoarseSchedule(plan.units)

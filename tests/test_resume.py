@@ -1,18 +1,22 @@
 """``tools/ptq.py --resume``: a run stopped during reconstruction continues from its last finished
 unit and ends exactly where an uninterrupted run ends; a changed config is refused."""
 
+import contextlib
 import copy
+import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
-from test_classification_ptq import _make_folder, _write_config
 
 import pfcr_mm.recon.driver as driver_module
 from pfcr_mm import PTQConfig, QuantConfig, ReconSettings, ResumeState, quantize
@@ -62,72 +66,106 @@ def _run(ptq_tool, cfg, work, *extra: str, options=OPTIONS) -> int:
     return ptq_tool.main([*_argv(cfg, work, options), *extra])
 
 
-def _count_units(monkeypatch) -> list[str]:
-    """The names of the units reconstructed from now on, in this process."""
-    started, real = [], driver_module.reconstruct_unit
-
-    def reconstruct(unit, *args, **kwargs):
-        started.append(unit.name)
-        return real(unit, *args, **kwargs)
-
-    monkeypatch.setattr(driver_module, "reconstruct_unit", reconstruct)
-    return started
-
-
-def test_a_stopped_run_resumes_to_the_result_of_an_uninterrupted_one(
-    ptq_tool, tmp_path, monkeypatch, capsys
-):
-    _make_folder(tmp_path / "data")
-    cfg = _write_config(tmp_path)
-    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
-    assert _run(ptq_tool, cfg, whole) == 0
-
+@pytest.fixture(scope="module")
+def stopped(tmp_path_factory, ptq_tool, make_image_folder, write_vit_config, seed_and_one_thread):
+    """An uninterrupted run of tools/ptq.py, and the same run in a process of its own that is
+    SIGKILLed as unit ``STOP_AFTER + 1`` starts. A namespace: ``cfg``, ``whole`` (the
+    uninterrupted run's folder), ``work`` (the killed run's work dir), ``run`` (its run
+    folder) and ``records`` (the unit records it saved to resume from)."""
+    tmp = tmp_path_factory.mktemp("resume")
+    make_image_folder(tmp / "data")
+    cfg = write_vit_config(tmp)
+    whole, work = tmp / "whole", tmp / "stopped"
+    with seed_and_one_thread():
+        assert _run(ptq_tool, cfg, whole) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     killed = subprocess.run(
         [sys.executable, "-c", KILLED_RUN, str(STOP_AFTER + 1), str(ROOT / "tools/ptq.py")]
-        + _argv(cfg, stopped),
+        + _argv(cfg, work),
         env=env,
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    (run,) = [p for p in stopped.iterdir() if (p / RESUME_FILE).is_file()]
-    saved = torch.load(run / RESUME_FILE, weights_only=True)
-    assert len(saved["records"]) == STOP_AFTER and not (stopped / "last_run").exists()
+    (run,) = [p for p in work.iterdir() if (p / RESUME_FILE).is_file()]
+    records = torch.load(run / RESUME_FILE, weights_only=True)["records"]
+    return SimpleNamespace(cfg=cfg, whole=last_run_dir(whole), work=work, run=run, records=records)
 
-    # nothing to resume without a stopped run; a changed setting is refused, naming its key
-    assert _run(ptq_tool, cfg, tmp_path / "empty", "--resume") == 2
+
+@pytest.fixture(scope="module")
+def resumed(stopped, ptq_tool, seed_and_one_thread):
+    """``stopped``'s run resumed by tools/ptq.py --resume. A namespace: ``exit_code``,
+    ``started`` (the names of the units it reconstructed) and ``out`` (what it printed)."""
+    started, real = [], driver_module.reconstruct_unit
+
+    def reconstruct(unit, *args, **kwargs):
+        started.append(unit.name)
+        return real(unit, *args, **kwargs)
+
+    # MMEngine names a Runner's logger by the second it was built in, and a Runner of the same
+    # second reuses that logger and its output stream (an earlier test's capture): start in a
+    # second of our own, so that the resumed run's log goes to `out`
+    time.sleep(1 - time.time() % 1)
+    out = io.StringIO()
+    with seed_and_one_thread(), pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out):
+        mp.setattr(driver_module, "reconstruct_unit", reconstruct)
+        exit_code = _run(ptq_tool, stopped.cfg, stopped.work, "--resume")
+    return SimpleNamespace(exit_code=exit_code, started=started, out=out.getvalue())
+
+
+@pytest.mark.slow
+def test_a_killed_run_saved_the_units_it_finished(stopped):
+    assert len(stopped.records) == STOP_AFTER and not (stopped.work / "last_run").exists()
+
+
+def test_nothing_to_resume_without_a_stopped_run(ptq_tool, vit_config, tmp_path, capsys):
+    assert _run(ptq_tool, vit_config, tmp_path / "empty", "--resume") == 2
     assert "nothing to resume in" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_changed_setting_is_refused_naming_its_key(stopped, ptq_tool, tmp_path, capsys):
+    work = shutil.copytree(stopped.work, tmp_path / "stopped")  # the stopped run stays as it is
     changed = [*OPTIONS[:1], "ptq.recon.iters=5", *OPTIONS[2:]]
-    assert _run(ptq_tool, cfg, stopped, "--resume", options=changed) == 2
+    assert _run(ptq_tool, stopped.cfg, work, "--resume", options=changed) == 2
     err = capsys.readouterr().err.strip()
     assert "ptq.recon.iters=4, now 5" in err and len(err.splitlines()) == 1
-    assert torch.load(run / RESUME_FILE, weights_only=True)["records"] == saved["records"]
+    run = work / stopped.run.name
+    assert torch.load(run / RESUME_FILE, weights_only=True)["records"] == stopped.records
 
-    started = _count_units(monkeypatch)
-    assert _run(ptq_tool, cfg, stopped, "--resume") == 0
-    assert len(started) == UNITS - STOP_AFTER  # the finished units were skipped
-    assert last_run_dir(stopped) == run  # the stopped run's own folder holds the results
-    out = capsys.readouterr().out
-    assert f"resuming after unit {STOP_AFTER}/{UNITS}" in out
 
-    a = json.loads((last_run_dir(whole) / "ptq_results.json").read_text())
-    b = json.loads((run / "ptq_results.json").read_text())
+@pytest.mark.slow
+def test_a_resumed_run_skips_the_finished_units_in_the_stopped_runs_folder(stopped, resumed):
+    assert resumed.exit_code == 0
+    assert len(resumed.started) == UNITS - STOP_AFTER  # the finished units were skipped
+    assert last_run_dir(stopped.work) == stopped.run  # the stopped run's own folder holds them
+    assert f"resuming after unit {STOP_AFTER}/{UNITS}" in resumed.out
+
+
+@pytest.mark.slow
+def test_a_resumed_run_ends_with_the_results_and_log_of_an_uninterrupted_one(stopped, resumed):
+    a = json.loads((stopped.whole / "ptq_results.json").read_text())
+    b = json.loads((stopped.run / "ptq_results.json").read_text())
     for key in ("quant", "output_error", "heldout_error", "calib_indices"):
         assert b[key] == a[key], key
     for key in ("units", "iterations", "block_passes", "levels_run", "layer_units"):
         assert b["recon"][key] == a["recon"][key], key
-    log_a = json.loads((last_run_dir(whole) / "recon" / "recon_log.json").read_text())
-    log_b = json.loads((run / "recon" / "recon_log.json").read_text())
+    log_a = json.loads((stopped.whole / "recon" / "recon_log.json").read_text())
+    log_b = json.loads((stopped.run / "recon" / "recon_log.json").read_text())
     assert log_b["resumed_after"] == STOP_AFTER and len(log_b["units"]) == UNITS
     keys = "name level iters first_loss last_loss hard_before hard_after curve".split()
     assert [[u[k] for k in keys] for u in log_b["units"]] == [
         [u[k] for k in keys] for u in log_a["units"]
     ]
 
-    sa = torch.load(last_run_dir(whole) / "quantized_model.pth", weights_only=True)
-    sb = torch.load(run / "quantized_model.pth", weights_only=True)
+
+@pytest.mark.slow
+def test_a_resumed_run_saves_the_model_of_an_uninterrupted_one(stopped, resumed):
+    sa = torch.load(stopped.whole / "quantized_model.pth", weights_only=True)
+    sb = torch.load(stopped.run / "quantized_model.pth", weights_only=True)
+    # the patch embedding, qkv, proj, fc1 and fc2 of the 2 blocks, the head
+    assert len(sa["integer_weights"]) == 10
     assert sa["integer_weights"].keys() == sb["integer_weights"].keys()
     assert all(torch.equal(v, sb["integer_weights"][k]) for k, v in sa["integer_weights"].items())
     sa, sb = sa["state_dict"], sb["state_dict"]
@@ -139,13 +177,17 @@ def test_a_stopped_run_resumes_to_the_result_of_an_uninterrupted_one(
         else:  # a quantizer's flags and rounding mode
             assert value == sb[key], key
 
-    # the run finished: nothing left to resume, in the work dir or by its folder
-    assert _run(ptq_tool, cfg, stopped, "--resume") == 2
+
+@pytest.mark.slow
+def test_a_finished_run_has_nothing_to_resume(stopped, resumed, ptq_tool, capsys):
+    """Nothing left to resume, in the work dir or by the run's folder."""
+    assert _run(ptq_tool, stopped.cfg, stopped.work, "--resume") == 2
     assert "nothing to resume in" in capsys.readouterr().err
-    assert _run(ptq_tool, cfg, stopped, "--resume", str(run)) == 2
+    assert _run(ptq_tool, stopped.cfg, stopped.work, "--resume", str(stopped.run)) == 2
     assert "finished (ptq_results.json)" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_quantize_continues_from_a_resume_state(tiny_timm_vit):
     """The core alone: a run given the state saved after unit k reconstructs only the units
     after it and ends with the model of the whole run, tensor for tensor."""

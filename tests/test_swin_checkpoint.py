@@ -3,6 +3,7 @@ write a checkpoint that does not fit the config."""
 
 from pathlib import Path
 
+import pytest
 import torch
 from mmdet.registry import MODELS
 from mmdet.utils import register_all_modules
@@ -38,6 +39,7 @@ def _tiny_cfg(tmp_path: Path) -> Path:
     return cfg
 
 
+@pytest.mark.slow
 def test_round_trip_and_refusal(convert_tool, tmp_path, capsys):
     register_all_modules()
     cfg = _tiny_cfg(tmp_path)
