@@ -17,6 +17,7 @@ def tiny_shapes(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_one_row_per_unit_type_with_block_passes(step_tool, tiny_shapes, tmp_path, capsys):
     out = tmp_path / "step"
     argv = ["--iters", "2", "--repeats", "1", "--warmup", "0", "--batch-size", "16"]

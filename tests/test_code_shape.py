@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 MAX_LINES = 60
 MAX_LINES_UNIT_LOOP = 40  # reconstruct_unit reads like its loss
@@ -46,6 +48,7 @@ def test_method_references_point_into_docs_method():
     assert cited and all(k in sections for _, k in cited), cited
 
 
+@pytest.mark.slow  # a subprocess
 def test_benchmark_tables_match_the_committed_json():
     script = ROOT / "tools/benchmarks/make_tables.py"
     out = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True)
