@@ -249,3 +249,41 @@ def test_bad_input_exits_2_with_one_line(
     # the last line of stderr, whole (MMEngine's log lines may come before it)
     assert err[-1].startswith("error (") and message in err[-1], err[-3:]
     assert sum(line.startswith("error (") for line in err) == 1
+
+
+def _saved_model(tmp: Path, size: float = 1.0) -> str:
+    """The good run's quantized model, cut to ``size`` of its bytes."""
+    saved = last_run_dir(tmp / "work") / "quantized_model.pth"
+    if size == 1.0:
+        return str(saved)
+    path = tmp / f"quantized_cut_{size}.pth"
+    data = saved.read_bytes()
+    path.write_bytes(data[: int(len(data) * size)])
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            lambda tmp: ["--quantized", _saved_model(tmp), "--cfg-options", "ptq.quant.a_bits=8"],
+            "was quantized with ptq.quant.a_bits=4, but the config says 8",
+        ),
+        (
+            lambda tmp: ["--quantized", _saved_model(tmp, 0.5)],
+            "the file is empty, truncated or not a checkpoint",
+        ),
+    ],
+    ids=["other_settings", "truncated"],
+)
+def test_a_saved_model_is_refused_before_the_fp_evaluation(
+    ptq_tool, demo, capsys, monkeypatch, args, message
+):
+    from mmengine.runner.loops import TestLoop
+
+    evaluated = []  # the FP evaluation is the test loop's own run
+    monkeypatch.setattr(TestLoop, "run", lambda self: evaluated.append(self) or {})
+    cfg = _config(demo, "", "bad.py")
+    assert ptq_tool.main([str(cfg), "--work-dir", str(demo / "work"), *args(demo)]) == 2
+    assert evaluated == []
+    assert message in capsys.readouterr().err.strip().splitlines()[-1]

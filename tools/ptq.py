@@ -17,9 +17,9 @@ import argparse
 import sys
 
 from mmengine.config import DictAction
-from mmengine.runner import Runner
 
 from pfcr_mm.engine.command import USER_ERRORS, build_ptq_cfg, error_line, start_cpu_process_group
+from pfcr_mm.engine.run_dir import PTQRunner
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     try:
         cfg = build_ptq_cfg(args)
         start_cpu_process_group(cfg)
-        Runner.from_cfg(cfg).test()
+        PTQRunner.from_cfg(cfg).test()
     except USER_ERRORS as err:
         print(error_line(err), file=sys.stderr)
         return 2

@@ -41,7 +41,7 @@ from .results import quantize_and_save, record_results
 from .resume import load_resume_state, run_fingerprint, save_resume_state
 from .run_dir import run_dir
 from .runner_io import unwrap_model
-from .saved_model import load_quantized_model
+from .saved_model import load_quantized_model, read_quantized_model
 
 
 @LOOPS.register_module()
@@ -82,7 +82,9 @@ class PTQLoop(TestLoop):
             if path is not None and not Path(path).is_file():
                 raise FileNotFoundError(f"file not found: {path}")
         super().__init__(runner, dataloader, evaluator, fp16)
-        if quantized is None:  # before the FP evaluation, which takes hours on COCO
+        # checked before the FP evaluation, which takes hours on COCO
+        self.saved = None if quantized is None else read_quantized_model(self.config, quantized)
+        if quantized is None:
             check_calibration_split(
                 self.config, runner.cfg.test_dataloader, self.dataloader.dataset
             )
@@ -106,7 +108,7 @@ class PTQLoop(TestLoop):
             times["fp_eval"] = time.time() - t
         t = time.time()
         if self.quantized:
-            _, saved = load_quantized_model(runner, config, self.quantized)
+            _, saved = load_quantized_model(runner, config, self.quantized, self.saved)
             indices, recon, model_path = saved["calib_indices"], saved.get("recon", {}), None
         else:
             out, fingerprint = run_dir(runner), self.fingerprint

@@ -1,9 +1,17 @@
 """Where a run's files go: its own folder ``<work_dir>/<YYYYmmdd_HHMMSS>/`` (MMEngine's log
-folder of the run), and ``<work_dir>/last_run`` naming the last one that wrote its results."""
+folder of the run), and ``<work_dir>/last_run`` naming the last one that wrote its results.
+
+Two runs started in the same second into one work dir get two folders: :class:`PTQRunner`
+claims its folder by an exclusive create and takes ``<stamp>_2``, ``<stamp>_3``, ... when another
+run holds ``<stamp>``.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+
+from mmengine.dist import broadcast_object_list
+from mmengine.runner import Runner
 
 # in the work dir: the name of the folder of the last run that wrote its results
 LAST_RUN = "last_run"
@@ -31,3 +39,31 @@ def saved_model_path(path: str | Path) -> Path:
     """``path`` itself, or for a work dir the quantized model of its last run."""
     path = Path(path)
     return last_run_dir(path) / QUANTIZED_NAME if path.is_dir() else path
+
+
+def claim_run_dir(work_dir: str | Path, stamp: str) -> str:
+    """The name of a new folder in ``work_dir``, created here and by no one else: ``stamp``, or
+    ``stamp_2``, ``stamp_3``, ... if another run created it first."""
+    Path(work_dir).mkdir(parents=True, exist_ok=True)
+    name, k = stamp, 1
+    while True:
+        try:
+            (Path(work_dir) / name).mkdir()
+            return name
+        except FileExistsError:
+            k += 1
+            name = f"{stamp}_{k}"
+
+
+class PTQRunner(Runner):
+    """MMEngine's Runner whose log folder (the run's folder, :func:`run_dir`) no other run
+    shares: the timestamp MMEngine takes to the second becomes the folder rank 0 claimed
+    (:func:`claim_run_dir`), the same in every process. It also names the run's log file and
+    its logger, so runs of the same second do not write into each other's log."""
+
+    def setup_env(self, env_cfg: dict) -> None:
+        super().setup_env(env_cfg)
+        name = [claim_run_dir(self.work_dir, self._timestamp) if self.rank == 0 else None]
+        if self.world_size > 1:
+            broadcast_object_list(name)
+        self._timestamp = name[0]  # MMEngine's log_dir is <work_dir>/<timestamp>

@@ -86,11 +86,14 @@ def save_quantized_model(
     return path
 
 
-def load_quantized_model(runner, config: PTQConfig, path: str | Path) -> tuple[QuantPlan, dict]:
-    """Rebuild the quantized structure on ``runner.model`` and load a saved quantized model.
-    Refuses one whose settings (:func:`quantization_settings`) differ from ``config``'s,
-    naming the first differing key: the results would record settings it was not made with."""
+def read_quantized_model(config: PTQConfig, path: str | Path) -> dict:
+    """A saved quantized model, read and verified without touching any model: refused when it
+    is not one (or of an earlier format), or when its settings (:func:`quantization_settings`)
+    differ from ``config``'s, naming the first differing key (the results would record settings
+    it was not made with). Fast: the engine calls it before the FP evaluation."""
     saved = load_checkpoint_file(path)
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path} is not a quantized model written by tools/ptq.py")
     if saved.get("format") == "pfcr_mm.quantized_model.v1":
         raise ValueError(
             f"{path} was written by an earlier pfcr_mm (format v1, before the post-softmax "
@@ -113,6 +116,16 @@ def load_quantized_model(runner, config: PTQConfig, path: str | Path) -> tuple[Q
             f"{wanted.get(key)!r} ({len(differ)} setting(s) differ): pass --cfg-options "
             f"{key}={made.get(key)} to evaluate it, or quantize again"
         )
+    return saved
+
+
+def load_quantized_model(
+    runner, config: PTQConfig, path: str | Path, saved: dict | None = None
+) -> tuple[QuantPlan, dict]:
+    """Rebuild the quantized structure on ``runner.model`` and load a saved quantized model
+    (``saved``: what :func:`read_quantized_model` read from ``path``; ``None``: read it now)."""
+    if saved is None:
+        saved = read_quantized_model(config, path)
     model, head = model_and_head(runner)
     plan = prepare(model, config.quant, config.scope_modules, head)
     result = model.load_state_dict(saved["state_dict"], strict=False)
