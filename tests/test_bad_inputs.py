@@ -71,6 +71,14 @@ def _damaged_checkpoint(tmp: Path, size: float) -> str:
     return str(path)
 
 
+def _foreign_resume_run(tmp: Path) -> str:
+    """A run folder whose ``recon/resume.pth`` holds a tensor, not a resume checkpoint."""
+    run = tmp / "foreign_run"
+    (run / "recon").mkdir(parents=True, exist_ok=True)
+    torch.save(torch.zeros(3), run / "recon" / "resume.pth")
+    return str(run)
+
+
 def _corrupt_calibration_image(tmp: Path) -> str:
     """A copy of the demo data whose train images are cut to 100 bytes."""
     data = tmp / "corrupt"
@@ -164,6 +172,24 @@ CASES = [
         "checkpoint not found: /nonexistent/vit.pth",
     ),
     ("missing_quantized_file", "", ["--quantized", "/nonexistent/q.pth"], "not found"),
+    (
+        "checkpoint_is_a_folder",
+        lambda tmp: f"load_from = {str(tmp / 'data')!r}",
+        [],
+        "data (the config's load_from) is a folder: pass the file itself",
+    ),
+    (
+        "work_dir_is_a_file",
+        "",
+        lambda tmp: ["--work-dir", str(DEMO_CKPT)],
+        "demo_vit_shapes.pth is a file: pass --work-dir a folder",
+    ),
+    (
+        "resume_file_of_another_kind",
+        "",
+        lambda tmp: ["--resume", _foreign_resume_run(tmp), "--cfg-options", "ptq.method=pfcr"],
+        "is not a resume checkpoint written by tools/ptq.py (it holds Tensor)",
+    ),
     (
         "quantized_under_other_settings",
         "",

@@ -14,12 +14,21 @@ reconstructed unit (the same command line, plus ``--resume`` or ``--resume RUN_D
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from mmengine.config import DictAction
 
-from pfcr_mm.engine.command import USER_ERRORS, build_ptq_cfg, error_line, start_cpu_process_group
-from pfcr_mm.engine.run_dir import PTQRunner
+from pfcr_mm.engine.command import (
+    USER_ERRORS,
+    Terminated,
+    build_ptq_cfg,
+    error_line,
+    sigterm_raises,
+    start_cpu_process_group,
+    terminated_line,
+)
+from pfcr_mm.engine.run_dir import PTQRunner, run_dir
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -59,13 +68,19 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    runner = None
     try:
-        cfg = build_ptq_cfg(args)
-        start_cpu_process_group(cfg)
-        PTQRunner.from_cfg(cfg).test()
+        with sigterm_raises():
+            cfg = build_ptq_cfg(args)
+            start_cpu_process_group(cfg)
+            runner = PTQRunner.from_cfg(cfg)
+            runner.test()
     except USER_ERRORS as err:
         print(error_line(err), file=sys.stderr)
         return 2
+    except Terminated:
+        print(terminated_line(run_dir(runner) if runner else None), file=sys.stderr)
+        return 128 + signal.SIGTERM  # what a process killed by SIGTERM returns
     return 0
 
 

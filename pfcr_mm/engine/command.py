@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -15,7 +19,7 @@ from ..settings import PTQConfig
 from .calib_split import calib_dataset_cfg
 from .config_check import check_config_keys
 from .detection import check_coco_dataset, coco_paths, write_subset_annotations
-from .resume import resumable_run
+from .resume import RESUME_FILE, resumable_run
 
 # what a user's input can cause; FloatingPointError: a reconstruction stopped on a non-finite
 # loss (the model left unsaved)
@@ -31,6 +35,40 @@ def error_line(err: BaseException) -> str:
     return f"error ({type(err).__name__}): {cause}"
 
 
+class Terminated(Exception):
+    """The process was sent SIGTERM (what a scheduler sends before it kills a job)."""
+
+
+@contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """Inside, SIGTERM raises :class:`Terminated` where the run is, so that it unwinds as any
+    error does (a reconstruction unit restored, its log closed) and can say how to continue."""
+
+    def terminate(signum, frame) -> None:
+        raise Terminated()
+
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may set a signal handler
+        return
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def terminated_line(run: Path | None) -> str:
+    """What a run stopped by SIGTERM left, and how to go on: ``--resume`` where it saved a
+    resume checkpoint in its folder ``run``."""
+    if run is not None and (run / RESUME_FILE).is_file():
+        return (
+            f"stopped (SIGTERM): {run} holds the reconstructed units so far; run the same "
+            "command with --resume to continue from there"
+        )
+    where = "before its first reconstructed unit" if run is not None else "before it started"
+    return f"stopped (SIGTERM) {where}: nothing to resume; run the command again"
+
+
 def build_ptq_cfg(args: argparse.Namespace) -> Config:
     """The config with the command line applied and its test loop set to ``pfcr.PTQLoop``;
     missing files, unknown keys, bad ``ptq`` settings and a missing checkpoint fail here, before
@@ -39,6 +77,10 @@ def build_ptq_cfg(args: argparse.Namespace) -> Config:
     cfg.work_dir = (
         args.work_dir or cfg.get("work_dir") or str(Path("work_dirs") / Path(args.config).stem)
     )
+    if Path(cfg.work_dir).exists() and not Path(cfg.work_dir).is_dir():
+        raise ValueError(
+            f"the work dir {cfg.work_dir} is a file: pass --work-dir a folder (new or existing)"
+        )
     resume = None
     if args.resume is not None:
         if args.quantized:
@@ -49,8 +91,8 @@ def build_ptq_cfg(args: argparse.Namespace) -> Config:
     _set_weights(cfg, args.checkpoint)
     if args.no_fp_eval:
         cfg.ptq.eval_fp = False
-    if args.quantized and not Path(args.quantized).is_file():
-        raise FileNotFoundError(f"quantized model not found: {args.quantized}")
+    if args.quantized:
+        _check_is_file(args.quantized, "quantized model")
     if args.eval_images is not None and args.eval_images < 1:
         raise ValueError(f"--eval-images must be >= 1, got {args.eval_images}")
     if cfg.get("task") == "detection":
@@ -91,6 +133,13 @@ def _checked_config(path: str, options: dict) -> tuple[Config, PTQConfig]:
     return cfg, config
 
 
+def _check_is_file(path: str, what: str) -> None:
+    if Path(path).is_dir():
+        raise ValueError(f"the {what} {path} is a folder: pass the file itself")
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+
+
 def _set_launcher(cfg: Config, launcher: str) -> None:
     cfg.launcher = launcher
     if launcher != "none":
@@ -107,9 +156,13 @@ def _set_weights(cfg: Config, checkpoint: str | None) -> None:
     """``load_from`` (or a timm classifier's ``model.checkpoint``) from ``CHECKPOINT`` or the
     config, the file checked to exist; a run without weights refused."""
     if checkpoint:
-        if not Path(checkpoint).is_file():
-            raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
+        _check_is_file(checkpoint, "checkpoint")
         cfg.load_from = checkpoint
+    if cfg.get("load_from") and Path(cfg.load_from).is_dir():
+        raise ValueError(
+            f"the checkpoint {cfg.load_from} (the config's load_from) is a folder: pass the file "
+            "itself"
+        )
     if cfg.get("load_from") and not Path(cfg.load_from).is_file():
         raise FileNotFoundError(
             f"checkpoint not found: {cfg.load_from} (the config's load_from; put the file there "

@@ -71,8 +71,12 @@ def load_resume_state(run: Path, fingerprint: dict) -> ResumeState:
     value differs from ``fingerprint`` (the settings first)."""
     path = Path(run) / RESUME_FILE
     saved = load_checkpoint_file(path)
-    if saved.get("format") != RESUME_FORMAT:
-        raise ValueError(f"{path} is not a resume checkpoint written by tools/ptq.py")
+    if not isinstance(saved, dict) or saved.get("format") != RESUME_FORMAT:
+        raise ValueError(
+            f"{path} is not a resume checkpoint written by tools/ptq.py (it holds "
+            f"{'a dict of another format' if isinstance(saved, dict) else type(saved).__name__}):"
+            " start the run again without --resume"
+        )
     was = saved["fingerprint"]
     differ = differing_keys(was, fingerprint, was.keys() | fingerprint.keys(), first="ptq.")
     if differ:
