@@ -214,6 +214,12 @@ CASES = [
     ),
     ("bits_out_of_range", "", ["--cfg-options", "ptq.quant.w_bits=9"], "bits must be an integer"),
     (
+        "dataloader_key_typo",
+        "",
+        ["--cfg-options", "test_dataloader.batch_sze=2"],
+        "'batch_sze' (did you mean 'batch_size'?)",
+    ),
+    (
         "num_images_above_split",
         "",
         ["--cfg-options", "ptq.calib.num_images=500"],

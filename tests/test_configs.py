@@ -71,3 +71,25 @@ def test_typo_checks_name_the_key():
     cfg.model.roi_head.bbox_head.num_clases = 4
     with pytest.raises(KeyError, match="'num_clases' \\(did you mean 'num_classes'"):
         check_config_keys(cfg, {})
+
+
+def test_typo_checks_name_dataloader_sampler_and_transform_keys():
+    from pfcr_mm.engine.config_check import check_config_keys
+
+    cfg = Config.fromfile(ROOT / "configs/demo/demo_mask_rcnn_swin_shapes_w4a4.py")
+    datasets = {"test_dataloader.dataset": cfg.test_dataloader.dataset}
+    check_config_keys(cfg, datasets)  # as shipped
+    cfg.test_dataloader.batch_sze = 2
+    with pytest.raises(
+        KeyError, match="test_dataloader setting\\(s\\) 'batch_sze' \\(did you mean"
+    ):
+        check_config_keys(cfg, datasets)
+    del cfg.test_dataloader.batch_sze
+    cfg.test_dataloader.sampler.shufle = False
+    with pytest.raises(KeyError, match="test_dataloader.sampler setting\\(s\\) 'shufle'"):
+        check_config_keys(cfg, datasets)
+    del cfg.test_dataloader.sampler.shufle
+    (resize,) = [t for t in cfg.test_dataloader.dataset.pipeline if t.type == "Resize"]
+    resize.keep_ratoi = resize.pop("keep_ratio")
+    with pytest.raises(KeyError, match="'keep_ratoi' \\(did you mean 'keep_ratio'\\?\\)"):
+        check_config_keys(cfg, datasets)

@@ -4,9 +4,10 @@ known key, instead of being ignored (top level) or raising a ``TypeError`` deep 
 
 The known keys come from the code that reads them, never from a list kept here: the top-level
 keys are the parameters of MMEngine's ``Runner`` and the keys it reads from its config, plus
-the ones ``tools/ptq.py`` reads (:data:`PTQ_TOP_LEVEL_KEYS`); the fields of a model or dataset
-dict are the keyword arguments of the class its ``type`` names in the registry
-(:func:`accepted_keywords`).
+the ones ``tools/ptq.py`` reads (:data:`PTQ_TOP_LEVEL_KEYS`); the fields of a model, dataset,
+data transform or sampler dict are the keyword arguments of the class its ``type`` names in the
+registry (:func:`accepted_keywords`); the keys of a dataloader dict are those ``Runner``'s
+``build_dataloader`` reads and those of torch's ``DataLoader`` (:func:`dataloader_keys`).
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ import difflib
 import inspect
 import re
 
-from mmengine.registry import DATASETS, MODELS
+from mmengine.registry import DATA_SAMPLERS, DATASETS, MODELS, TRANSFORMS
 from mmengine.runner import Runner
+from torch.utils.data import DataLoader
 
 from ..settings import check_keys
 
@@ -35,6 +37,17 @@ def runner_keys() -> set[str]:
     params = set(inspect.signature(Runner.__init__).parameters) - {"self", "cfg"}
     read = re.findall(r"self\.cfg\.get\(\s*['\"](\w+)['\"]", inspect.getsource(Runner))
     return params | set(read)
+
+
+def dataloader_keys() -> set[str]:
+    """The keys of a dataloader config: those ``Runner.build_dataloader`` takes out of it
+    (read off its source) and the keyword arguments of torch's ``DataLoader``, which gets the
+    rest."""
+    read = re.findall(
+        r"dataloader_cfg\.(?:pop|get)\(\s*['\"](\w+)['\"]",
+        inspect.getsource(Runner.build_dataloader),
+    )
+    return set(read) | (accepted_keywords(DataLoader) or set())
 
 
 def check_top_level_keys(cfg: dict) -> None:
@@ -98,10 +111,16 @@ def check_build_fields(cfg, registry, scope: str | None, where: str) -> None:
 
 
 def check_config_keys(cfg, dataset_cfgs: dict[str, dict]) -> None:
-    """Check the top-level keys, the model's fields and those of each dataset config
-    (``{where: dataset_cfg}``, e.g. the evaluation and the calibration dataset)."""
+    """Check the top-level keys, the model's fields, the test dataloader's keys and sampler,
+    and the fields of each dataset config (``{where: dataset_cfg}``, e.g. the evaluation and
+    the calibration dataset) and of its pipeline's transforms."""
     check_top_level_keys(cfg)
     scope = cfg.get("default_scope", "mmengine")
     check_build_fields(cfg.model, MODELS, scope, "model")
+    loader = cfg.get("test_dataloader") or {}
+    check_keys(dict(loader), dataloader_keys(), "test_dataloader")
+    check_build_fields(loader.get("sampler"), DATA_SAMPLERS, scope, "test_dataloader.sampler")
     for where, dataset_cfg in dataset_cfgs.items():
         check_build_fields(dataset_cfg, DATASETS, scope, where)
+        pipeline = dataset_cfg.get("pipeline") if isinstance(dataset_cfg, dict) else None
+        check_build_fields(pipeline, TRANSFORMS, scope, f"{where}.pipeline")
