@@ -9,10 +9,21 @@ quantizers, the reconstruction logs and the MMEngine side all write through it.
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+# below this many free bytes a failed write is taken for a full disk: torch.save reports one as
+# a RuntimeError ("unexpected pos") without an errno
+FULL_BELOW = 1 << 20
+
+
+class DiskFullError(OSError):
+    """A file could not be written for lack of space; the message names the path, the space
+    left and the bytes the file had reached."""
 
 
 @contextmanager
@@ -33,5 +44,17 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         with open(tmp, "rb+") as f:  # on disk before the rename makes it visible
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:
+        written = tmp.stat().st_size if tmp.exists() else 0
+        tmp.unlink(missing_ok=True)
+        free = shutil.disk_usage(path.parent).free if path.parent.is_dir() else None
+        if getattr(err, "errno", None) == errno.ENOSPC or (free is not None and free < FULL_BELOW):
+            full = DiskFullError(
+                f"no space left to write {path}: {free} bytes free on its device, the file had "
+                f"reached {written} bytes; free space there or write elsewhere (--work-dir)"
+            )
+            full.errno = errno.ENOSPC
+            raise full from err
+        raise
     finally:
         tmp.unlink(missing_ok=True)

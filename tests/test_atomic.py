@@ -1,8 +1,11 @@
 """pfcr_mm.atomic.atomic_path: a file appears whole or not at all."""
 
+import errno
+import shutil
+
 import pytest
 
-from pfcr_mm.atomic import atomic_path
+from pfcr_mm.atomic import DiskFullError, atomic_path
 
 
 def test_the_file_appears_only_when_complete(tmp_path):
@@ -24,3 +27,27 @@ def test_a_failed_write_keeps_the_earlier_file_and_leaves_no_temporary(tmp_path)
         raise KeyboardInterrupt  # killed mid-write
     assert path.read_bytes() == b"earlier model"
     assert [p.name for p in tmp_path.iterdir()] == ["quantized_model.pth"]
+
+
+def test_a_full_disk_is_named_with_the_path_and_the_bytes(tmp_path):
+    path = tmp_path / "quantized_model.pth"
+    path.write_bytes(b"earlier model")
+    with pytest.raises(DiskFullError, match="no space left to write .*quantized_model.pth: ") as e:
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(b"x" * 100)
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert e.value.errno == errno.ENOSPC and "had reached 100 bytes" in str(e.value)
+    assert path.read_bytes() == b"earlier model"
+    assert [p.name for p in tmp_path.iterdir()] == ["quantized_model.pth"]
+
+
+def test_torch_saves_runtime_error_on_a_full_device_is_a_full_disk(tmp_path, monkeypatch):
+    """torch.save reports a full device as ``RuntimeError: ... unexpected pos``, without an
+    errno: with (almost) no space left it is taken for one, otherwise it stays what it is."""
+    usage = shutil.disk_usage(tmp_path)
+    for free, expected in ((1000, DiskFullError), (10**12, RuntimeError)):
+        monkeypatch.setattr(shutil, "disk_usage", lambda p, free=free: usage._replace(free=free))
+        with pytest.raises(expected) as e, atomic_path(tmp_path / "m.pth"):
+            raise RuntimeError("[enforce fail at inline_container.cc:672] unexpected pos")
+        assert type(e.value) is expected
+    assert list(tmp_path.iterdir()) == []

@@ -319,3 +319,52 @@ def test_a_saved_model_is_refused_before_the_fp_evaluation(
     assert ptq_tool.main([str(cfg), "--work-dir", str(demo / "work"), *args(demo)]) == 2
     assert evaluated == []
     assert message in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_a_full_disk_while_saving_ends_in_one_line(
+    ptq_tool, demo, earlier_outputs, capsys, monkeypatch
+):
+    """torch.save on a full device raises ``RuntimeError: ... unexpected pos``: the run ends
+    with exit code 2 and one line naming the file and the space left (injected here)."""
+    import shutil
+
+    real_save = torch.save
+
+    def save_on_a_full_disk(obj, f, *args, **kwargs):
+        if "quantized_model" not in str(f):
+            return real_save(obj, f, *args, **kwargs)
+        Path(f).write_bytes(b"x" * 1000)
+        raise RuntimeError("[enforce fail at inline_container.cc:672] unexpected pos")
+
+    usage = shutil.disk_usage(demo)
+    monkeypatch.setattr(torch, "save", save_on_a_full_disk)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=0))
+    cfg = _config(demo, "", "full.py")
+    assert ptq_tool.main([str(cfg), "--work-dir", str(demo / "work"), "--no-fp-eval"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error (DiskFullError): no space left to write "), last
+    assert "quantized_model.pth: 0 bytes free on its device, the file had reached 1000" in last
+    now = _files(demo / "work")
+    assert {k: now.get(k) for k in earlier_outputs} == earlier_outputs
+    assert not [k for k in now if ".tmp" in k]  # no temporary left behind
+
+
+def test_a_read_only_work_dir_is_refused_before_anything_is_built(
+    ptq_tool, demo, capsys, monkeypatch
+):
+    import os
+
+    from mmengine.runner import Runner
+
+    read_only = demo / "read_only"
+    read_only.mkdir(exist_ok=True)
+    access = os.access  # a read-only mount, as access(2) reports one (root writes anywhere else)
+    monkeypatch.setattr(os, "access", lambda p, mode: p != read_only and access(p, mode))
+    monkeypatch.setattr(Runner, "__init__", lambda *a, **k: pytest.fail("a Runner was built"))
+    cfg = _config(demo, "", "ro.py")
+    assert ptq_tool.main([str(cfg), "--work-dir", str(read_only / "work")]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error (ValueError): cannot write into {read_only / 'work'} ({read_only} is not "
+        "writable): give --work-dir a writable folder"
+    )
+    assert not (read_only / "work").exists()

@@ -3,6 +3,7 @@ tools/ptq.py in the test): the ONNX file and its report, with parity numbers; ba
 line on stderr and exit code 2."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -27,11 +28,13 @@ def quantized(tmp_path_factory, ptq_tool, make_image_folder, write_vit_config):
 def test_export_from_the_command_line(quantized, tmp_path):
     cfg, work = quantized
     out = tmp_path / "vit.onnx"
+    before = sorted(p for p in work.rglob("*"))
     cmd = [sys.executable, "tools/export.py", str(cfg), "--quantized", str(work)]
     proc = subprocess.run(
         [*cmd, "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(p for p in work.rglob("*")) == before  # the export writes only its outputs
     assert out.is_file() and out.stat().st_size > 0
     report = json.loads(out.with_suffix(".json").read_text())
     assert f"wrote {out}" in proc.stdout
@@ -68,3 +71,24 @@ def test_bad_input_is_one_line_and_exit_code_2(quantized, export_tool, tmp_path,
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and says in err[0], err
         assert not out.exists()
+
+
+@pytest.mark.slow
+def test_a_read_only_out_folder_is_refused_before_the_work(
+    quantized, export_tool, tmp_path, capsys, monkeypatch
+):
+    cfg, work = quantized
+    read_only = tmp_path / "read_only"
+    read_only.mkdir()
+    access = os.access  # a read-only mount, as access(2) reports one (root writes anywhere else)
+    monkeypatch.setattr(os, "access", lambda p, mode: p != read_only and access(p, mode))
+    built = []
+    monkeypatch.setattr(export_tool, "build_quantized", lambda *args: built.append(args))
+    argv = [str(cfg), "--quantized", str(work), "--out", str(read_only / "sub" / "m.onnx")]
+    assert export_tool.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"error (ValueError): cannot write into {read_only / 'sub'} ({read_only} is not "
+        "writable): give --out a writable folder"
+    ]
+    assert built == [] and not (read_only / "sub").exists()

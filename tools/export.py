@@ -19,14 +19,26 @@ and codes of 4 bits and fewer are stored as uint4.
 from __future__ import annotations
 
 import argparse
+import atexit
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 from mmengine.config import DictAction
 
-from pfcr_mm.engine.command import USER_ERRORS, error_line
+from pfcr_mm.engine.command import USER_ERRORS, check_writable_folder, error_line
 from pfcr_mm.engine.deploy import build_quantized, export_quantized
 from pfcr_mm.engine.run_dir import saved_model_path
+
+
+def _temporary_folder() -> str:
+    """A folder for the Runner's log and config copy, removed when the process ends, so that the
+    export writes only its outputs (never into the run folder the quantized model came from).
+    Not sooner: MMEngine keeps its visualizer, which saves there, for the whole process."""
+    folder = tempfile.mkdtemp(prefix="pfcr_export_")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
 
 
 def main(argv=None) -> int:
@@ -46,13 +58,17 @@ def main(argv=None) -> int:
         metavar=("H", "W"),
         help="detectors: the exported input size (default: the first test batch's padded size)",
     )
-    p.add_argument("--work-dir", help="the Runner's work dir (default: the quantized model's)")
+    p.add_argument(
+        "--work-dir", help="the Runner's work dir for its log (default: a temporary folder)"
+    )
     p.add_argument("--cfg-options", nargs="+", action=DictAction, default={})
     args = p.parse_args(argv)
     try:
         quantized = saved_model_path(args.quantized)
-        work_dir = args.work_dir or str(quantized.parent)
-        runner, ptq = build_quantized(args.config, quantized, work_dir, args.cfg_options)
+        check_writable_folder(Path(args.out).parent, "--out")
+        runner, ptq = build_quantized(
+            args.config, quantized, args.work_dir or _temporary_folder(), args.cfg_options
+        )
         report = export_quantized(runner, ptq, args.out, args.int8, args.input_size)
     except USER_ERRORS as err:
         print(error_line(err), file=sys.stderr)

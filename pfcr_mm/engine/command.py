@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import signal
 import threading
 from collections.abc import Iterator
@@ -15,15 +16,16 @@ from pathlib import Path
 import torch
 from mmengine.config import Config
 
+from ..atomic import DiskFullError
 from ..settings import PTQConfig
 from .calib_split import calib_dataset_cfg
 from .config_check import check_config_keys
 from .detection import check_coco_dataset, coco_paths, write_subset_annotations
 from .resume import RESUME_FILE, resumable_run
 
-# what a user's input can cause; FloatingPointError: a reconstruction stopped on a non-finite
-# loss (the model left unsaved)
-USER_ERRORS = (FileNotFoundError, KeyError, ValueError, FloatingPointError)
+# what a user's input or machine can cause; FloatingPointError: a reconstruction stopped on a
+# non-finite loss (the model left unsaved)
+USER_ERRORS = (FileNotFoundError, KeyError, ValueError, FloatingPointError, DiskFullError)
 
 
 def error_line(err: BaseException) -> str:
@@ -81,6 +83,7 @@ def build_ptq_cfg(args: argparse.Namespace) -> Config:
         raise ValueError(
             f"the work dir {cfg.work_dir} is a file: pass --work-dir a folder (new or existing)"
         )
+    check_writable_folder(Path(cfg.work_dir), "--work-dir")
     resume = None
     if args.resume is not None:
         if args.quantized:
@@ -131,6 +134,20 @@ def _checked_config(path: str, options: dict) -> tuple[Config, PTQConfig]:
         },
     )
     return cfg, config
+
+
+def check_writable_folder(folder: Path, what: str) -> None:
+    """Refuse, before any long work, a ``folder`` that cannot be written or created (a
+    read-only file system, no permission): checked at its nearest existing ancestor, creating
+    nothing."""
+    existing = Path(folder).absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(
+            f"cannot write into {folder} ({existing} is not writable): give {what} a "
+            "writable folder"
+        )
 
 
 def _check_is_file(path: str, what: str) -> None:
