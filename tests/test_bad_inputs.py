@@ -71,6 +71,15 @@ def _damaged_checkpoint(tmp: Path, size: float) -> str:
     return str(path)
 
 
+def _other_models_saved_model(tmp: Path) -> str:
+    """A saved quantized model (as tools/ptq.py writes one) of a detector's tensors."""
+    saved = torch.load(_saved_model(tmp), weights_only=True)
+    saved["state_dict"] = {"backbone.patch_embed.projection.weight": torch.zeros(3)}
+    path = tmp / "detector_quantized_model.pth"
+    torch.save(saved, path)
+    return str(path)
+
+
 def _foreign_resume_run(tmp: Path) -> str:
     """A run folder whose ``recon/resume.pth`` holds a tensor, not a resume checkpoint."""
     run = tmp / "foreign_run"
@@ -183,6 +192,12 @@ CASES = [
         "",
         lambda tmp: ["--work-dir", str(DEMO_CKPT)],
         "demo_vit_shapes.pth is a file: pass --work-dir a folder",
+    ),
+    (
+        "quantized_model_of_another_model",
+        "",
+        lambda tmp: ["--quantized", _other_models_saved_model(tmp)],
+        "holds another model: 80 of the 80 tensors of this config's model are not in it",
     ),
     (
         "resume_file_of_another_kind",

@@ -83,7 +83,11 @@ class PTQLoop(TestLoop):
                 raise FileNotFoundError(f"file not found: {path}")
         super().__init__(runner, dataloader, evaluator, fp16)
         # checked before the FP evaluation, which takes hours on COCO
-        self.saved = None if quantized is None else read_quantized_model(self.config, quantized)
+        if quantized is not None:
+            model = unwrap_model(runner.model)
+            self.saved = read_quantized_model(self.config, quantized, model)
+        else:
+            self.saved = None
         if quantized is None:
             check_calibration_split(
                 self.config, runner.cfg.test_dataloader, self.dataloader.dataset

@@ -86,11 +86,15 @@ def save_quantized_model(
     return path
 
 
-def read_quantized_model(config: PTQConfig, path: str | Path) -> dict:
-    """A saved quantized model, read and verified without touching any model: refused when it
-    is not one (or of an earlier format), or when its settings (:func:`quantization_settings`)
-    differ from ``config``'s, naming the first differing key (the results would record settings
-    it was not made with). Fast: the engine calls it before the FP evaluation."""
+def read_quantized_model(
+    config: PTQConfig, path: str | Path, model: torch.nn.Module | None = None
+) -> dict:
+    """A saved quantized model, read and verified without changing any model: refused when it
+    is not one (or of an earlier format), when it holds another model than ``model`` (the FP
+    model of the config: its parameters must all be there), or when its settings
+    (:func:`quantization_settings`) differ from ``config``'s, naming the first differing key
+    (the results would record settings it was not made with). Fast: the engine calls it before
+    the FP evaluation."""
     saved = load_checkpoint_file(path)
     if not isinstance(saved, dict):
         raise ValueError(f"{path} is not a quantized model written by tools/ptq.py")
@@ -101,6 +105,8 @@ def read_quantized_model(config: PTQConfig, path: str | Path) -> dict:
         )
     if saved.get("format") != QUANTIZED_FORMAT:
         raise ValueError(f"{path} is not a quantized model written by tools/ptq.py")
+    if model is not None:
+        _check_same_model(path, saved["state_dict"], model)
     wanted = flat_settings(quantization_settings(config))
     # files written before the settings were saved hold method, scope and quant only
     made = flat_settings(
@@ -119,13 +125,25 @@ def read_quantized_model(config: PTQConfig, path: str | Path) -> dict:
     return saved
 
 
+def _check_same_model(path, state: dict, model: torch.nn.Module) -> None:
+    """Refuse a saved state that lacks parameters of ``model`` (quantizing keeps every name)."""
+    names = list(model.state_dict())
+    missing = [k for k in names if k not in state]
+    if missing:
+        raise ValueError(
+            f"{path} holds another model: {len(missing)} of the {len(names)} tensors of this "
+            f"config's model are not in it (e.g. {missing[0]!r}); pass the quantized model made "
+            "with this config"
+        )
+
+
 def load_quantized_model(
     runner, config: PTQConfig, path: str | Path, saved: dict | None = None
 ) -> tuple[QuantPlan, dict]:
     """Rebuild the quantized structure on ``runner.model`` and load a saved quantized model
     (``saved``: what :func:`read_quantized_model` read from ``path``; ``None``: read it now)."""
     if saved is None:
-        saved = read_quantized_model(config, path)
+        saved = read_quantized_model(config, path, model_and_head(runner)[0])
     model, head = model_and_head(runner)
     plan = prepare(model, config.quant, config.scope_modules, head)
     result = model.load_state_dict(saved["state_dict"], strict=False)
