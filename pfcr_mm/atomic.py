@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,6 +25,32 @@ FULL_BELOW = 1 << 20
 class DiskFullError(OSError):
     """A file could not be written for lack of space; the message names the path, the space
     left and the bytes the file had reached."""
+
+
+# the temporary name of atomic_path: .<stem>.<pid>.tmp<suffix>
+TEMPORARY = re.compile(r"^\..+\.(\d+)\.tmp(\.[^.]*)?$")
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Remove the temporary files :func:`atomic_path` left below ``folder`` in processes that
+    are gone (killed while writing: their ``finally`` never ran); returns them."""
+    removed = []
+    for path in Path(folder).rglob(".*.tmp*"):
+        match = TEMPORARY.match(path.name)
+        if match and path.is_file() and not _alive(int(match[1])):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 @contextmanager

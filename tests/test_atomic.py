@@ -1,11 +1,13 @@
 """pfcr_mm.atomic.atomic_path: a file appears whole or not at all."""
 
 import errno
+import os
 import shutil
+import subprocess
 
 import pytest
 
-from pfcr_mm.atomic import DiskFullError, atomic_path
+from pfcr_mm.atomic import DiskFullError, atomic_path, remove_stale_temporaries
 
 
 def test_the_file_appears_only_when_complete(tmp_path):
@@ -51,3 +53,16 @@ def test_torch_saves_runtime_error_on_a_full_device_is_a_full_disk(tmp_path, mon
             raise RuntimeError("[enforce fail at inline_container.cc:672] unexpected pos")
         assert type(e.value) is expected
     assert list(tmp_path.iterdir()) == []
+
+
+def test_temporaries_of_processes_that_are_gone_are_removed(tmp_path):
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    run = tmp_path / "20261203_080000"
+    run.mkdir()
+    stale = run / f".quantized_model.{gone.pid}.tmp.pth"
+    live = run / f".ptq_results.{os.getpid()}.tmp.json"  # a write under way in this process
+    for p in (stale, live, run / "quantized_model.pth"):
+        p.write_bytes(b"x")
+    assert remove_stale_temporaries(tmp_path) == [stale]
+    assert sorted(p.name for p in run.iterdir()) == sorted([live.name, "quantized_model.pth"])

@@ -104,3 +104,15 @@ def test_two_runs_started_together_keep_both_results(vit_config):
     # each run's log is its own: the W8A8 settings appear in exactly one of the two logs
     logs = [next((work / folder).glob("*.log")).read_text() for folder in results]
     assert sum("'w_bits': 8" in log or "w_bits=8" in log for log in logs) == 1
+
+
+@pytest.mark.slow
+def test_the_next_run_removes_what_a_run_killed_while_saving_left(ptq_tool, vit_config):
+    work = vit_config.parent / "work"
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    stale = work / "20200101_000000" / f".quantized_model.{gone.pid}.tmp.pth"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"half a model")
+    assert ptq_tool.main([str(vit_config), "--work-dir", str(work), "--no-fp-eval"]) == 0
+    assert not stale.exists() and len(_results(work)) == 1

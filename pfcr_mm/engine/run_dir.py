@@ -13,6 +13,8 @@ from pathlib import Path
 from mmengine.dist import broadcast_object_list
 from mmengine.runner import Runner
 
+from ..atomic import remove_stale_temporaries
+
 # in the work dir: the name of the folder of the last run that wrote its results
 LAST_RUN = "last_run"
 QUANTIZED_NAME = "quantized_model.pth"
@@ -63,6 +65,8 @@ class PTQRunner(Runner):
 
     def setup_env(self, env_cfg: dict) -> None:
         super().setup_env(env_cfg)
+        if self.rank == 0:  # what runs killed while saving left in the work dir
+            remove_stale_temporaries(self.work_dir)
         name = [claim_run_dir(self.work_dir, self._timestamp) if self.rank == 0 else None]
         if self.world_size > 1:
             broadcast_object_list(name)
