@@ -292,6 +292,8 @@ def test_bad_input_exits_2_with_one_line(
     assert ptq_tool.main([str(cfg), "--work-dir", str(work), *args]) == 2
     now = _files(work)
     assert {k: now.get(k) for k in earlier_outputs} == earlier_outputs  # nothing earlier changed
+    new = sorted(set(now) - set(earlier_outputs))
+    assert not new, new  # refused before any work: nothing written
     err = capsys.readouterr().err.strip().splitlines()
     # the last line of stderr, whole (MMEngine's log lines may come before it)
     assert err[-1].startswith("error (") and message in err[-1], err[-3:]

@@ -76,6 +76,8 @@ def main(argv=None) -> int:
             runner = PTQRunner.from_cfg(cfg)
             runner.test()
     except USER_ERRORS as err:
+        if runner is not None:
+            runner.discard_if_refused()
         print(error_line(err), file=sys.stderr)
         return 2
     except Terminated:

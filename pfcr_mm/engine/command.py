@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import os
 import signal
 import threading
@@ -22,6 +23,8 @@ from .calib_split import calib_dataset_cfg
 from .config_check import check_config_keys
 from .detection import check_coco_dataset, coco_paths, write_subset_annotations
 from .resume import RESUME_FILE, resumable_run
+
+_RUNS = itertools.count()  # runs built in this process
 
 # what a user's input or machine can cause; FloatingPointError: a reconstruction stopped on a
 # non-finite loss (the model left unsaved)
@@ -90,6 +93,11 @@ def build_ptq_cfg(args: argparse.Namespace) -> Config:
             raise ValueError("--resume continues a quantization: it does not take --quantized")
         resume = resumable_run(cfg.work_dir, args.resume or None)
         cfg.work_dir = str(resume.parent)  # where last_run points at it when it finishes
+    # MMEngine keeps a logger and a visualizer per experiment name for the whole process, and
+    # its default name repeats for a Runner of the same config in the same second: a name of
+    # the run's own keeps a later run in this process from writing through an earlier one's
+    name = cfg.get("experiment_name") or Path(args.config).stem
+    cfg.experiment_name = f"{name}_{os.getpid()}_{next(_RUNS)}"
     _set_launcher(cfg, args.launcher)
     _set_weights(cfg, args.checkpoint)
     if args.no_fp_eval:

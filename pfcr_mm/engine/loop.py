@@ -26,6 +26,7 @@ unit (:mod:`pfcr_mm.engine.resume`).
 from __future__ import annotations
 
 import time
+from collections import Counter
 from pathlib import Path
 
 from mmengine.dist import is_main_process
@@ -33,6 +34,7 @@ from mmengine.runner import TestLoop
 from torch import nn
 
 from ..adapters import find_blocks
+from ..recon.units import coarsest_level, stage_of_block
 from ..settings import PTQConfig
 from .calib_split import check_calibration_split
 from .checkpoint import load_weights_strict
@@ -76,8 +78,12 @@ class PTQLoop(TestLoop):
         if ptq is None and "ptq" not in runner.cfg:
             raise KeyError("pfcr.PTQLoop needs a 'ptq' section in the config (or its ptq=...)")
         self.config = PTQConfig.from_dict(ptq if ptq is not None else runner.cfg.ptq)
-        # an unsupported model or scope fails now, before the FP evaluation
-        find_blocks(unwrap_model(runner.model), self.config.scope_modules)
+        # an unsupported model or scope, or a level it does not have, fails now, before the FP
+        # evaluation
+        _, blocks = find_blocks(unwrap_model(runner.model), self.config.scope_modules)
+        if self.config.method == "pfcr":
+            stages = Counter(stage_of_block(name) for _, name, _, _ in blocks)
+            coarsest_level(self.config.recon.max_level, list(stages.values()))
         for path in (checkpoint, quantized):
             if path is not None and not Path(path).is_file():
                 raise FileNotFoundError(f"file not found: {path}")

@@ -8,6 +8,7 @@ run holds ``<stamp>``.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from mmengine.dist import broadcast_object_list
@@ -19,6 +20,8 @@ from ..atomic import remove_stale_temporaries
 LAST_RUN = "last_run"
 QUANTIZED_NAME = "quantized_model.pth"
 RESULTS_NAME = "ptq_results.json"
+# what a run writes into its folder besides MMEngine's log, in the order it writes them
+RUN_FILES = ("calib_indices.json", "quant_summary.json", "recon", QUANTIZED_NAME, RESULTS_NAME)
 
 
 def run_dir(runner) -> Path:
@@ -63,6 +66,14 @@ class PTQRunner(Runner):
     (:func:`claim_run_dir`), the same in every process. It also names the run's log file and
     its logger, so runs of the same second do not write into each other's log."""
 
+    def __init__(self, *args, **kwargs):
+        try:
+            super().__init__(*args, **kwargs)
+        except Exception:  # e.g. a model that refuses its checkpoint while it is built
+            if getattr(self, "_log_dir", None) is not None:
+                self.discard_if_refused()
+            raise
+
     def setup_env(self, env_cfg: dict) -> None:
         super().setup_env(env_cfg)
         if self.rank == 0:  # what runs killed while saving left in the work dir
@@ -71,3 +82,19 @@ class PTQRunner(Runner):
         if self.world_size > 1:
             broadcast_object_list(name)
         self._timestamp = name[0]  # MMEngine's log_dir is <work_dir>/<timestamp>
+
+    def dump_config(self) -> None:
+        """The resolved config into the run's own folder: MMEngine writes it into the work dir,
+        where every run, a refused one too, would overwrite the copy of the last one."""
+        name = Path(self.cfg.filename).name if self.cfg.filename else f"{self.timestamp}.py"
+        self.cfg.dump(str(Path(self.log_dir) / name))
+
+    def discard_if_refused(self) -> bool:
+        """Remove this run's folder if the run wrote no file of its own into it (it was refused
+        before any work: only MMEngine's log and config copy are there), so that a refused
+        command leaves nothing behind; whether it did."""
+        folder = Path(self.log_dir)
+        if self.rank != 0 or any((folder / name).exists() for name in RUN_FILES):
+            return False
+        shutil.rmtree(folder, ignore_errors=True)
+        return True

@@ -117,7 +117,11 @@ def stage_of_container(unit: ReconUnit) -> str:
     ``"blocks.3"`` -> ``"blocks"`` (ViT: one stage), ``"layers.1.blocks.0"`` ->
     ``"layers.1.blocks"`` (timm Swin), ``"stages.2.blocks.5"`` -> ``"stages.2.blocks"`` (mmdet).
     """
-    name = block_name(unit)
+    return stage_of_block(block_name(unit))
+
+
+def stage_of_block(name: str) -> str:
+    """The container of the block named ``name`` (see :func:`stage_of_container`)."""
     head, _, tail = name.rpartition(".")
     return head if tail.isdigit() else name
 
@@ -129,6 +133,20 @@ def _group_name(blocks: Sequence[ComposedUnit]) -> str:
 def top_level(stage_sizes: Sequence[int]) -> int:
     """The first level whose groups hold a whole stage: ``1 + ceil(log2(largest stage))``."""
     return 1 + math.ceil(math.log2(max(stage_sizes)))
+
+
+def coarsest_level(max_level: int | str, stage_sizes: Sequence[int]) -> int:
+    """The coarsest level a run with ``max_level`` builds on stages of ``stage_sizes`` blocks:
+    the top level for ``"top"``; a level above the top is refused (it would repeat the top)."""
+    top = top_level(stage_sizes)
+    if max_level == TOP:
+        return top
+    if check_max_level(max_level) > top:
+        raise ValueError(
+            f"max_level={max_level} is above this model's top level {top} (stages of "
+            f"{list(stage_sizes)} blocks): use 'top' or a level <= {top}"
+        )
+    return max_level
 
 
 class FineToCoarseSchedule:
@@ -160,14 +178,7 @@ class FineToCoarseSchedule:
         stage_of = stage_of or stage_of_container
         self.blocks = self._blocks(units)
         self.stages = self._stages(self.blocks, stage_of)
-        top = top_level([len(s) for s in self.stages])
-        if max_level == TOP:
-            max_level = top
-        if check_max_level(max_level) > top:
-            raise ValueError(
-                f"max_level={max_level} is above this model's top level {top} (stages of "
-                f"{[len(s) for s in self.stages]} blocks): use 'top' or a level <= {top}"
-            )
+        max_level = coarsest_level(max_level, [len(s) for s in self.stages])
         if not 0 <= min_level <= max_level:
             raise ValueError(f"min_level must be in [0, {max_level}], got {min_level}")
         self.skip_repeated = skip_repeated
