@@ -24,6 +24,7 @@ from pfcr_mm.engine.command import (
     Terminated,
     build_ptq_cfg,
     error_line,
+    set_threads,
     sigterm_raises,
     start_cpu_process_group,
     terminated_line,
@@ -61,6 +62,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="continue the last run of the work dir that stopped during reconstruction (or the "
         "run folder RUN_DIR) from its last finished unit; the config must be the run's own",
     )
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="intra-op threads per process (default: OMP_NUM_THREADS, else 1: the tensors of the "
+        "quantized model depend on it; 1 matches a torchrun launch)",
+    )
     p.add_argument("--launcher", choices=["none", "pytorch", "slurm", "mpi"], default="none")
     p.add_argument("--local_rank", "--local-rank", type=int, default=0, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -71,6 +78,7 @@ def main(argv=None) -> int:
     runner = None
     try:
         with sigterm_raises():
+            set_threads(args.threads)
             cfg = build_ptq_cfg(args)
             start_cpu_process_group(cfg)
             runner = PTQRunner.from_cfg(cfg)

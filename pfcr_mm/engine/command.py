@@ -74,6 +74,20 @@ def terminated_line(run: Path | None) -> str:
     return f"stopped (SIGTERM) {where}: nothing to resume; run the command again"
 
 
+def set_threads(threads: int | None) -> int:
+    """The intra-op threads of this process: ``threads``, else ``OMP_NUM_THREADS``, else 1; set
+    and returned. The quantized model's tensors depend on the thread count (floating-point
+    sums split differently), and torchrun gives each process 1 thread: with 1 by default, the
+    plain command and a distributed launch give the same tensors, and a busy machine is not
+    oversubscribed."""
+    if threads is None:
+        threads = int(os.environ.get("OMP_NUM_THREADS") or 1)
+    if threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {threads}")
+    torch.set_num_threads(threads)
+    return threads
+
+
 def build_ptq_cfg(args: argparse.Namespace) -> Config:
     """The config with the command line applied and its test loop set to ``pfcr.PTQLoop``;
     missing files, unknown keys, bad ``ptq`` settings and a missing checkpoint fail here, before

@@ -12,6 +12,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
 from mmengine.dist import is_main_process
 from mmengine.logging import print_log
 from torch.utils.data import DataLoader
@@ -135,6 +136,7 @@ def record_results(
         "time_s": times,
         "peak_mem_mb": peak_memory_mb(),
         "versions": package_versions(),
+        "threads": torch.get_num_threads(),  # the tensors depend on it (tools/ptq.py --threads)
         "config": cfg.filename,
         "quantized_model": quantized_model,
     }
