@@ -97,7 +97,10 @@ def read_quantized_model(
     the FP evaluation."""
     saved = load_checkpoint_file(path)
     if not isinstance(saved, dict):
-        raise ValueError(f"{path} is not a quantized model written by tools/ptq.py")
+        raise ValueError(
+            f"{path} is not a quantized model written by tools/ptq.py (it holds "
+            f"{type(saved).__name__})"
+        )
     if saved.get("format") == "pfcr_mm.quantized_model.v1":
         raise ValueError(
             f"{path} was written by an earlier pfcr_mm (format v1, before the post-softmax "
