@@ -319,10 +319,6 @@ class ReconSettings(_Settings):
                 f"{self.downstream_weight!r} and {self.downstream_probes!r}"
             )
 
-    @property
-    def torch_cache_dtype(self) -> torch.dtype:
-        return CACHE_DTYPES[self.cache_dtype]
-
 
 @dataclass
 class PTQConfig(_Settings):
