@@ -27,6 +27,7 @@ def _claim_after(barrier, work: str, stamp: str, names) -> None:
     names.append(claim_run_dir(work, stamp))
 
 
+@pytest.mark.slow  # spawned processes
 def test_processes_claiming_one_second_at_once_get_distinct_folders(tmp_path):
     ctx = multiprocessing.get_context("spawn")
     with ctx.Manager() as manager:
