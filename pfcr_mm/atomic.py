@@ -72,8 +72,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except (OSError, RuntimeError) as err:
+        # measured before the partial file is removed (the finally): freeing it would make
+        # the device look less full than it was when the write failed
         written = tmp.stat().st_size if tmp.exists() else 0
-        tmp.unlink(missing_ok=True)
         free = shutil.disk_usage(path.parent).free if path.parent.is_dir() else None
         if getattr(err, "errno", None) == errno.ENOSPC or (free is not None and free < FULL_BELOW):
             full = DiskFullError(
