@@ -66,3 +66,20 @@ def test_temporaries_of_processes_that_are_gone_are_removed(tmp_path):
         p.write_bytes(b"x")
     assert remove_stale_temporaries(tmp_path) == [stale]
     assert sorted(p.name for p in run.iterdir()) == sorted([live.name, "quantized_model.pth"])
+
+
+def test_a_full_disk_is_named_while_the_partial_file_still_holds_its_space(tmp_path, monkeypatch):
+    """The device is full while the partial file exists; removing it frees space, which must
+    not turn the failure into an unexplained RuntimeError."""
+    usage = shutil.disk_usage(tmp_path)
+
+    def disk_usage(folder):
+        partial = any(p.name.startswith(".m.") for p in tmp_path.iterdir())
+        return usage._replace(free=1000 if partial else 10**9)
+
+    monkeypatch.setattr(shutil, "disk_usage", disk_usage)
+    with pytest.raises(DiskFullError, match="the file had reached 2000000 bytes"):
+        with atomic_path(tmp_path / "m.pth") as tmp:
+            tmp.write_bytes(b"x" * 2_000_000)
+            raise RuntimeError("[enforce fail at inline_container.cc:672] unexpected pos")
+    assert list(tmp_path.iterdir()) == []
