@@ -74,6 +74,15 @@ def checkpoint_safe_globals() -> list:
     ]
 
 
+def check_is_file(path: str | Path, what: str) -> None:
+    """Refuse in one line a ``path`` the user gave as a file (``what``: "checkpoint", ...)
+    that is a folder or missing."""
+    if Path(path).is_dir():
+        raise ValueError(f"the {what} {path} is a folder: pass the file itself")
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+
+
 def load_checkpoint_file(path: str | Path, map_location: str = "cpu") -> dict:
     """``torch.load`` with ``weights_only=True`` plus the allow-list of
     :func:`checkpoint_safe_globals` (``.safetensors`` files through safetensors).

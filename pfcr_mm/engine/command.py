@@ -20,6 +20,7 @@ from mmengine.config import Config
 from ..atomic import DiskFullError
 from ..settings import PTQConfig
 from .calib_split import calib_dataset_cfg
+from .checkpoint import check_is_file
 from .config_check import check_config_keys
 from .detection import check_coco_dataset, coco_paths, write_subset_annotations
 from .resume import RESUME_FILE, resumable_run
@@ -117,7 +118,7 @@ def build_ptq_cfg(args: argparse.Namespace) -> Config:
     if args.no_fp_eval:
         cfg.ptq.eval_fp = False
     if args.quantized:
-        _check_is_file(args.quantized, "quantized model")
+        check_is_file(args.quantized, "quantized model")
     if args.eval_images is not None and args.eval_images < 1:
         raise ValueError(f"--eval-images must be >= 1, got {args.eval_images}")
     if cfg.get("task") == "detection":
@@ -141,8 +142,7 @@ def build_ptq_cfg(args: argparse.Namespace) -> Config:
 
 def _checked_config(path: str, options: dict) -> tuple[Config, PTQConfig]:
     """The config file with ``options`` merged in, its ``ptq`` settings and every key checked."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
+    check_is_file(path, "config file")
     cfg = Config.fromfile(path)
     cfg.merge_from_dict(options)
     if "ptq" not in cfg:
@@ -172,13 +172,6 @@ def check_writable_folder(folder: Path, what: str) -> None:
         )
 
 
-def _check_is_file(path: str, what: str) -> None:
-    if Path(path).is_dir():
-        raise ValueError(f"the {what} {path} is a folder: pass the file itself")
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"{what} not found: {path}")
-
-
 def _set_launcher(cfg: Config, launcher: str) -> None:
     cfg.launcher = launcher
     if launcher != "none":
@@ -195,7 +188,7 @@ def _set_weights(cfg: Config, checkpoint: str | None) -> None:
     """``load_from`` (or a timm classifier's ``model.checkpoint``) from ``CHECKPOINT`` or the
     config, the file checked to exist; a run without weights refused."""
     if checkpoint:
-        _check_is_file(checkpoint, "checkpoint")
+        check_is_file(checkpoint, "checkpoint")
         cfg.load_from = checkpoint
     if cfg.get("load_from") and Path(cfg.load_from).is_dir():
         raise ValueError(

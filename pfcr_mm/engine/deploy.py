@@ -31,6 +31,7 @@ from ..export.runtime import FixedSizeRunner, cpu_session, pad_images, run_sessi
 from ..quant.modules import QuantConv2d, QuantLinear
 from ..settings import PTQConfig
 from .calib_split import calibration_loader
+from .checkpoint import check_is_file
 from .runner_io import PreprocessedBatches, run_batch, unwrap_model
 from .saved_model import load_quantized_model
 
@@ -42,9 +43,8 @@ def build_quantized(
 
     Raises FileNotFoundError for a missing file, ValueError for a quantized model of other
     settings or an unsupported model, KeyError for a quantized model of another model."""
-    for what, path in (("config file", config), ("quantized model", quantized)):
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"{what} not found: {path}")
+    check_is_file(config, "config file")
+    check_is_file(quantized, "quantized model")
     cfg = Config.fromfile(str(config))
     cfg.merge_from_dict(cfg_options or {})
     cfg.work_dir = str(work_dir)
