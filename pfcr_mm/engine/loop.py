@@ -37,7 +37,7 @@ from ..adapters import find_blocks
 from ..recon.units import coarsest_level, stage_of_block
 from ..settings import PTQConfig
 from .calib_split import check_calibration_split
-from .checkpoint import load_weights_strict
+from .checkpoint import check_is_file, load_weights_strict
 from .registry import LOOPS, MODEL_WRAPPERS
 from .results import quantize_and_save, record_results
 from .resume import load_resume_state, run_fingerprint, save_resume_state
@@ -84,9 +84,9 @@ class PTQLoop(TestLoop):
         if self.config.method == "pfcr":
             stages = Counter(stage_of_block(name) for _, name, _, _ in blocks)
             coarsest_level(self.config.recon.max_level, list(stages.values()))
-        for path in (checkpoint, quantized):
-            if path is not None and not Path(path).is_file():
-                raise FileNotFoundError(f"file not found: {path}")
+        for path, what in ((checkpoint, "checkpoint"), (quantized, "quantized model")):
+            if path is not None:
+                check_is_file(path, what)
         super().__init__(runner, dataloader, evaluator, fp16)
         # checked before the FP evaluation, which takes hours on COCO
         if quantized is not None:
