@@ -32,7 +32,9 @@ Calibration runs data-parallel and pools the range statistics, so every process 
 quantizers one process would get on the whole list. Reconstruction runs on rank 0 on all the
 batches and the result is broadcast (:func:`pfcr_mm.distributed.on_rank0_with_all_batches`): a
 unit's optimizer steps are sequential and small, and splitting each step over processes would
-change the optimization.
+change the optimization. Meanwhile every process counts up a heartbeat in the group's store: one
+that stops (no heartbeat for the group's timeout, or its connection closed) raises
+:class:`~pfcr_mm.distributed.PeerLost` in the others.
 """
 
 from __future__ import annotations
@@ -130,7 +132,9 @@ def quantize(
         (its tensors are the model's own: save them before returning).
 
     Raises ``ValueError`` on settings that do not fit the model before anything is changed,
-    and ``RuntimeError`` naming the quantizers that calibration did not reach.
+    ``RuntimeError`` naming the quantizers that calibration did not reach, and, distributed,
+    :class:`~pfcr_mm.distributed.PeerLost` when another process stops during the
+    reconstruction.
     """
     config = PTQConfig.from_dict(config)
     run_batch = run_batch or default_run_batch
