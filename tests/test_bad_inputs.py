@@ -260,6 +260,12 @@ CASES = [
     ),
     ("missing_split", "", ["--cfg-options", "ptq.calib.dataset.split=training"], "split folder"),
     (
+        "process_group_timeout_zero",
+        "",
+        ["--launcher", "pytorch", "--cfg-options", "env_cfg.dist_cfg.timeout=0"],
+        "env_cfg.dist_cfg.timeout must be a number of seconds > 0, got 0",
+    ),
+    (
         "empty_checkpoint",
         lambda tmp: f"model = dict(checkpoint={_damaged_checkpoint(tmp, 0)!r})",
         [],

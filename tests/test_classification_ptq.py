@@ -3,9 +3,11 @@
 import hashlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -367,18 +369,21 @@ def _plain_env() -> dict:
     return {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _torchrun(cfg: Path, work: Path, *options: str) -> subprocess.CompletedProcess:
     """``tools/ptq.py CONFIG --launcher pytorch`` on 2 CPU processes (gloo), launched as a user
     would (torchrun gives each process OMP_NUM_THREADS=1)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     cmd = [
         sys.executable,
         "-m",
         "torch.distributed.run",
         "--nproc_per_node=2",
-        f"--master_port={port}",
+        f"--master_port={_free_port()}",
         str(ROOT / "tools/ptq.py"),
         str(cfg),
         "--work-dir",
@@ -430,3 +435,62 @@ def test_a_failure_on_rank_0_stops_every_process(vit_config, tmp_path):
     assert "reconstruction on rank 0 failed in process 0" in proc.stderr
     assert "Invalid learning rate" in proc.stderr
     assert not (tmp_path / "fail" / "last_run").exists()
+
+
+def _process_without_torchrun(rank: int, cfg: Path, out: Path, port: int) -> subprocess.Popen:
+    """Process ``rank`` of 2 of ``tools/ptq.py CONFIG --launcher pytorch``, started as Slurm or
+    MPI start a process: no torchrun to stop the other one when one dies. A ``pfcr`` run with
+    a 10 s process-group timeout and progress lines every 100 iterations, far from its end
+    (20000); its output into ``out/<rank>.stdout`` and ``out/<rank>.stderr``."""
+    env = {**_plain_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+           "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2"}  # fmt: skip
+    cmd = [sys.executable, str(ROOT / "tools/ptq.py"), str(cfg), "--work-dir", str(out / "work"),
+           "--launcher", "pytorch", "--no-fp-eval", "--cfg-options", "ptq.method=pfcr",
+           "ptq.recon.iters=20000", "ptq.recon.batch_size=2", "ptq.recon.log_every=100",
+           "env_cfg.dist_cfg.timeout=10"]  # fmt: skip
+    with open(out / f"{rank}.stdout", "w") as stdout, open(out / f"{rank}.stderr", "w") as err:
+        return subprocess.Popen(cmd, env=env, stdout=stdout, stderr=err)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "sig, stopped, why",
+    [
+        (signal.SIGKILL, 1, "process 1 sent no heartbeat for "),
+        (signal.SIGKILL, 0, "process 0 closed its connection: dead or killed"),
+        (signal.SIGSTOP, 0, "process 0 sent no heartbeat for "),
+    ],
+    ids=["rank1_killed", "rank0_killed", "rank0_frozen"],
+)
+def test_a_process_that_stops_stops_the_other_in_one_line(vit_config, tmp_path, sig, stopped, why):
+    """Two processes without torchrun; as rank 0 reconstructs alone (the other waiting for it),
+    process ``stopped`` is killed or frozen (SIGSTOP): the other one stops within seconds of
+    the 10 s timeout, instead of when the reconstruction ends or never, with one line naming
+    the process and exit code 3, and no result is claimed."""
+    port = _free_port()
+    procs = [_process_without_torchrun(r, vit_config, tmp_path, port) for r in (0, 1)]
+    survivor = procs[1 - stopped]
+    try:
+        deadline = time.time() + 300
+        while " iter " not in (tmp_path / "0.stdout").read_text():  # rank 0 reconstructs
+            assert all(p.poll() is None for p in procs), (tmp_path / "0.stderr").read_text()
+            assert time.time() < deadline
+            time.sleep(0.1)
+        procs[stopped].send_signal(sig)
+        start = time.time()
+        assert survivor.wait(timeout=120) == 3
+        seconds = time.time() - start
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    err = (tmp_path / f"{1 - stopped}.stderr").read_text()
+    assert seconds < 40 and "Traceback" not in err, err[-3000:]
+    lines = err.strip().splitlines()
+    assert lines[-1].startswith(f"stopped ({why}") and lines[-1].endswith(
+        ("run the command again", "with --resume to continue from there")
+    ), lines[-3:]
+    assert sum(line.startswith("stopped (") for line in lines) == 1
+    work = tmp_path / "work"
+    claimed = [*work.rglob("ptq_results.json"), *work.rglob("quantized_model.pth")]
+    assert not claimed and not (work / "last_run").exists()

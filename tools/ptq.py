@@ -19,6 +19,7 @@ import sys
 
 from mmengine.config import DictAction
 
+from pfcr_mm.distributed import PeerLost
 from pfcr_mm.engine.command import (
     USER_ERRORS,
     Terminated,
@@ -27,7 +28,7 @@ from pfcr_mm.engine.command import (
     set_threads,
     sigterm_raises,
     start_cpu_process_group,
-    terminated_line,
+    stopped_line,
 )
 from pfcr_mm.engine.run_dir import PTQRunner, run_dir
 
@@ -88,9 +89,12 @@ def main(argv=None) -> int:
             runner.discard_if_refused()
         print(error_line(err), file=sys.stderr)
         return 2
-    except Terminated:
-        print(terminated_line(run_dir(runner) if runner else None), file=sys.stderr)
+    except Terminated as err:
+        print(stopped_line(run_dir(runner) if runner else None, err), file=sys.stderr)
         return 128 + signal.SIGTERM  # what a process killed by SIGTERM returns
+    except PeerLost as err:  # another process of a distributed run stopped
+        print(stopped_line(run_dir(runner), err), file=sys.stderr)
+        return 3
     return 0
 
 

@@ -30,6 +30,11 @@ _RUNS = itertools.count()  # runs built in this process
 # what a user's input or machine can cause; FloatingPointError: a reconstruction stopped on a
 # non-finite loss (the model left unsaved)
 USER_ERRORS = (FileNotFoundError, KeyError, ValueError, FloatingPointError, DiskFullError)
+# How long a process of a distributed run waits for another (env_cfg.dist_cfg.timeout, seconds):
+# in a collective, or for the heartbeat of rank 0 while it reconstructs alone for hours, and of
+# the others meanwhile (pfcr_mm.distributed). Minutes: a process that stopped stops the run soon;
+# long enough for rank 0 to compute the COCO metrics while the others wait.
+DIST_TIMEOUT_S = 600
 
 
 def error_line(err: BaseException) -> str:
@@ -43,6 +48,9 @@ def error_line(err: BaseException) -> str:
 
 class Terminated(Exception):
     """The process was sent SIGTERM (what a scheduler sends before it kills a job)."""
+
+    def __init__(self):
+        super().__init__("SIGTERM")
 
 
 @contextmanager
@@ -63,16 +71,18 @@ def sigterm_raises() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def terminated_line(run: Path | None) -> str:
-    """What a run stopped by SIGTERM left, and how to go on: ``--resume`` where it saved a
-    resume checkpoint in its folder ``run``."""
+def stopped_line(run: Path | None, cause: Exception) -> str:
+    """What a run stopped from outside left, and how to go on: ``--resume`` where it saved a
+    resume checkpoint in its folder ``run``. ``cause``: :class:`Terminated`, or
+    :class:`~pfcr_mm.distributed.PeerLost` (another process of a distributed run stopped; the
+    run's folder is the one rank 0 writes)."""
     if run is not None and (run / RESUME_FILE).is_file():
         return (
-            f"stopped (SIGTERM): {run} holds the reconstructed units so far; run the same "
+            f"stopped ({cause}): {run} holds the reconstructed units so far; run the same "
             "command with --resume to continue from there"
         )
     where = "before its first reconstructed unit" if run is not None else "before it started"
-    return f"stopped (SIGTERM) {where}: nothing to resume; run the command again"
+    return f"stopped ({cause}) {where}: nothing to resume; run the command again"
 
 
 def set_threads(threads: int | None) -> int:
@@ -173,13 +183,18 @@ def check_writable_folder(folder: Path, what: str) -> None:
 
 
 def _set_launcher(cfg: Config, launcher: str) -> None:
+    """The launcher and the process group's settings: the config's ``env_cfg.dist_cfg``, its
+    ``timeout`` (seconds) :data:`DIST_TIMEOUT_S` unless it says otherwise."""
     cfg.launcher = launcher
     if launcher != "none":
-        # Evaluation only: no DDP (it refuses CPU models); gloo where there is no GPU; rank 0
-        # reconstructs for hours at paper-grade budgets while the others wait for its result.
+        # Evaluation only: no DDP (it refuses CPU models); gloo where there is no GPU.
         cfg.model_wrapper_cfg = dict(type="pfcr.PTQModelWrapper")
         dist_cfg = cfg.setdefault("env_cfg", {}).setdefault("dist_cfg", {})
-        dist_cfg.setdefault("timeout", 7 * 24 * 3600)
+        timeout = dist_cfg.setdefault("timeout", DIST_TIMEOUT_S)
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+            raise ValueError(
+                f"env_cfg.dist_cfg.timeout must be a number of seconds > 0, got {timeout!r}"
+            )
         if not torch.cuda.is_available():
             dist_cfg["backend"] = "gloo"
 
