@@ -178,7 +178,7 @@ def test_empty_dataset_folder_fails_clearly(ptq_tool, write_vit_config, tmp_path
     assert "no images" in capsys.readouterr().err
 
 
-def test_hook_quantizes_before_a_stock_test_run(vit_config, tmp_path):
+def test_hook_quantizes_before_a_stock_test_run(vit_config, tmp_path, monkeypatch):
     from mmengine.config import Config
     from mmengine.runner import Runner
 
@@ -188,7 +188,11 @@ def test_hook_quantizes_before_a_stock_test_run(vit_config, tmp_path):
     cfg.custom_hooks = [dict(type="pfcr.PFCRHook", ptq=cfg.pop("ptq"))]
     cfg.work_dir = str(tmp_path / "work")
     runner = Runner.from_cfg(cfg)
+    # the thread rule of tools/ptq.py: OMP_NUM_THREADS, else 1, whatever the process had
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    torch.set_num_threads(2)
     metrics = runner.test()
+    assert torch.get_num_threads() == 1
     assert set(metrics) == {"accuracy/top1", "accuracy/top5"}
     n_quant = sum(isinstance(m, QuantLinear) for m in runner.model.modules())
     assert n_quant == 2 * 4 + 1  # qkv, proj, fc1, fc2 per block and the head
@@ -200,6 +204,7 @@ def test_hook_quantizes_before_a_stock_test_run(vit_config, tmp_path):
     # the hook writes the results a tools/ptq.py run writes, without the FP evaluation
     res = _results(last_run_dir(work))
     assert res["fp"] is None and res["quant"] == metrics and res["method"] == "calib"
+    assert res["threads"] == 1
     assert res["output_error"]["outputs"] == "logits" and 0 < res["output_error"]["relative_mse"]
     assert len(res["calib_indices"]) == 5
 

@@ -94,7 +94,9 @@ def set_threads(threads: int | None) -> int:
     if threads is None:
         threads = int(os.environ.get("OMP_NUM_THREADS") or 1)
     if threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {threads}")
+        raise ValueError(
+            f"the thread count (--threads, else OMP_NUM_THREADS) must be >= 1, got {threads}"
+        )
     torch.set_num_threads(threads)
     return threads
 

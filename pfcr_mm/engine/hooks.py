@@ -8,7 +8,9 @@ The model is quantized once, on the first test run, by the same code as ``pfcr.P
 (:func:`pfcr_mm.engine.results.quantize_and_save`, :func:`~pfcr_mm.engine.results.record_results`),
 and the same files are written into the run's folder: the quantized model and summary before
 the evaluation, ``ptq_results.json`` and ``ptq_config.py`` after every test run (without an FP
-evaluation: ``fp`` is ``null``; ``tools/ptq.py`` adds it).
+evaluation: ``fp`` is ``null``; ``tools/ptq.py`` adds it). It sets the threads as ``tools/ptq.py``
+does (:func:`~pfcr_mm.engine.command.set_threads`: ``OMP_NUM_THREADS``, else 1), so that the
+two paths give the same tensors.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import time
 from mmengine.hooks import Hook
 
 from ..settings import PTQConfig
+from .command import set_threads
 from .registry import HOOKS
 from .results import quantize_and_save, record_results
 
@@ -33,6 +36,7 @@ class PFCRHook(Hook):
     def before_test(self, runner) -> None:
         if self.done is not None:
             return
+        set_threads(None)
         t = time.time()
         indices, recon, path = quantize_and_save(runner, self.config)
         self.done = {
