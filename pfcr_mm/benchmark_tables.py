@@ -92,25 +92,29 @@ def mean_spread(values: list[float], scale: float) -> str:
 
 
 def output_error(rows: list[dict], key: str = "output_rel_mse") -> str:
-    """Mean ± spread of a relative MSE of the outputs over the rows (rows of older runs may have
-    none: ``-`` when no row has it)."""
+    """Mean ± spread of an output error (a relative MSE, a KL divergence) over the rows (rows of
+    older runs may have none: ``-`` when no row has it)."""
     values = [r[key] for r in rows if r.get(key) is not None]
     if len(values) > 1:
         return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
     return f"{values[0]:.4f}" if values else "-"
 
 
-def _recon_lines(model: str, bits: int, method: str, runs: list[dict]) -> list[str]:
-    """The lines of one (model, bits, method): one per metric, or one with the runs' errors."""
+def _recon_lines(
+    model: str, bits: int, method: str, runs: list[dict], with_kl: bool = False
+) -> list[str]:
+    """The lines of one (model, bits, method): one per metric, or one with the runs' errors;
+    ``with_kl``: with the held-out KL column."""
     ok = [r for r in runs if "error" not in r]
     head = [model, f"W{bits}A{bits}", method, str(len(ok))]
     if not ok:
         errors = "; ".join(r["error"] for r in runs if "error" in r)
         # empty cells of one space here, as in the tables written so far
-        return [f"{_line(head)} | | | {errors} | | | | | | |"]
+        return [f"{_line(head)} | | | {errors} |" + " |" * (6 + with_kl)]
     shared = [
         output_error(ok),
         output_error(ok, "heldout_rel_mse"),
+        *([output_error(ok, "heldout_kl")] if with_kl else []),
         f"{statistics.mean(r.get('block_passes', 0) for r in ok):.0f}",
         f"{statistics.mean(r['recon_s'] for r in ok):.0f}",
         f"{max(r['peak_host_mb'] for r in ok):.0f}",
@@ -131,9 +135,13 @@ def recon_table(rows: list[dict]) -> str:
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["model"], r["bits"], r["method"]), []).append(r)
-    lines = table_lines(RECON_HEAD, [])
+    with_kl = any(r.get("heldout_kl") is not None for r in rows)  # runs since it is measured
+    head = list(RECON_HEAD)
+    if with_kl:
+        head.insert(head.index("held-out calib") + 1, "held-out KL")
+    lines = table_lines(head, [])
     for key, runs in groups.items():
-        lines += _recon_lines(*key, runs)
+        lines += _recon_lines(*key, runs, with_kl)
     return "\n".join(lines) + "\n"
 
 

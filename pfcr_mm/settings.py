@@ -30,6 +30,7 @@ RANGE_CHOICES = ("mse", "percentile", "minmax")
 POS_STRATEGIES = ("none", "two_stage", "shrink", "anneal")
 BUDGET_UNITS = ("block_passes", "steps")
 NON_BLOCK = ("calib", "layerwise", "parts")
+DOWNSTREAM_METRICS = ("mse", "kl")
 CACHE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 TOP = "top"  # max_level: one group per stage (the whole encoder of a ViT)
 
@@ -270,9 +271,14 @@ class ReconSettings(_Settings):
     cache_dtype: dtype of the cached inputs and targets (``float32`` or ``float16``).
     seed: seeds the sampling of batches and QDrop masks (per unit, combined with its name).
     log_every: report progress every this many iterations (0: only at the end of a unit).
-    downstream_weight / downstream_probes: the detection-aware term (0: off): a block unit's
-        squared error weighted by the diagonal of ``J^T J`` from its output to the model's
-        downstream outputs, estimated with ``downstream_probes`` random projections.
+    downstream_weight / downstream_probes: the output-aware term (0: off): a block unit's
+        squared error weighted by the diagonal of ``J^T M J`` from its output to the model's
+        downstream outputs, estimated with ``downstream_probes`` random projections, mixed with
+        the plain error by this weight.
+    downstream_metric / downstream_temperature: ``M``: ``mse`` (the outputs' squared error; a
+        detector's features) or ``kl`` (the Fisher of the KL divergence of the logits' softmax at
+        this temperature; a classifier).
+    downstream_min_level: the term applies to units of this level and coarser only.
     cache: where the caches live (:class:`CacheSettings`).
     """
 
@@ -298,6 +304,9 @@ class ReconSettings(_Settings):
     log_every: int = 1000
     downstream_weight: float = 0.0
     downstream_probes: int = 8
+    downstream_metric: str = "mse"
+    downstream_temperature: float = 1.0
+    downstream_min_level: int = 0
     roi_batch_size: int = 128
     cache: CacheSettings = field(default_factory=CacheSettings)
 
@@ -313,6 +322,17 @@ class ReconSettings(_Settings):
         check_choice(self.non_block, NON_BLOCK, "ReconSettings.non_block")
         check_choice(self.cache_dtype, CACHE_DTYPES, "ReconSettings.cache_dtype")
         check_max_level(self.max_level)
+        check_choice(self.downstream_metric, DOWNSTREAM_METRICS, "ReconSettings.downstream_metric")
+        if not self.downstream_temperature > 0:
+            raise ValueError(
+                "ReconSettings.downstream_temperature must be > 0, got "
+                f"{self.downstream_temperature!r}"
+            )
+        if not isinstance(self.downstream_min_level, int) or self.downstream_min_level < 0:
+            raise ValueError(
+                "ReconSettings.downstream_min_level must be a level >= 0, got "
+                f"{self.downstream_min_level!r}"
+            )
         if not self.downstream_weight >= 0 or not self.downstream_probes >= 1:
             raise ValueError(
                 "ReconSettings.downstream_weight must be >= 0 and downstream_probes >= 1, got "

@@ -14,6 +14,7 @@ from pfcr_mm.recon import (
     LayerUnit,
     leaves,
 )
+from pfcr_mm.recon.data import probe_vectors
 from pfcr_mm.settings import QuantConfig
 
 
@@ -263,3 +264,22 @@ def test_output_weights_estimate_the_diagonal_of_jtj(vit_and_batches):
         assert rel < 0.1, (unit.name, float(rel))
     # a source without downstream outputs has no weights
     assert ChainDataSource(model, plan.units, batches).output_weights(mlp, targets, 2, 0) is None
+
+
+def test_kl_probes_have_the_fisher_of_the_softmax_as_covariance():
+    """The 'kl' projections: E[r r^T] = (diag(p) - p p^T) / T^2 with p = softmax(z / T), the
+    Fisher information of the KL divergence of the tempered softmax at the FP logits z; 'mse'
+    ones have the identity. Logits of another shape (a detector's features) are refused."""
+    z = torch.tensor([[2.0, 0.5, -1.0, 0.0], [0.0, 0.0, 3.0, -2.0]])
+    gen = torch.Generator().manual_seed(0)
+    for metric, temp in (("kl", 1.0), ("kl", 4.0), ("mse", 1.0)):
+        rs = torch.stack([probe_vectors([z], gen, metric, temp)[0] for _ in range(40000)])
+        cov = torch.einsum("sbi,sbj->bij", rs, rs) / len(rs)
+        if metric == "kl":
+            p = torch.softmax(z / temp, -1)
+            want = (torch.diag_embed(p) - p[:, :, None] * p[:, None, :]) / temp**2
+        else:
+            want = torch.eye(4).expand(2, 4, 4)
+        assert (cov - want).abs().max() < 0.03 * want.abs().max(), (metric, temp)
+    with pytest.raises(ValueError, match="needs the model's logits"):
+        probe_vectors([torch.zeros(2, 3, 4)], gen, "kl", 1.0)

@@ -71,6 +71,40 @@ def test_driver_walks_fine_to_coarse_frees_caches_and_spans_beta(monkeypatch, tm
     assert lines[0].startswith("(1/11) layers.0.blocks.0.attn, level 0, loss 1 -> 0.5")
 
 
+def test_output_aware_term_only_from_its_level_with_its_metric(monkeypatch, fake_units):
+    """``downstream_min_level``: units of finer levels get no output weights (the plain loss),
+    the others get weights asked for with the run's metric, temperature, probes and seed."""
+    units, _ = fake_units([2])
+    asked, got = [], []
+
+    class WeightedSource(_FakeSource):
+        def output_weights(self, unit, fp_targets, probes, seed, metric, temperature):
+            asked.append((unit.name, probes, seed, metric, temperature))
+            return [torch.ones_like(t) for t in fp_targets]
+
+    def fake_reconstruct(unit, caches, settings, recipe, progress=None):
+        got.append((recipe, caches.weights is not None))
+        return UnitRecord(unit.name, 0, recipe.iters, 1.0, 0.5, 0.0, [1.0, 0.5])
+
+    monkeypatch.setattr(driver_module, "reconstruct_unit", fake_reconstruct)
+    settings = ReconSettings(
+        iters=2,
+        seed=3,
+        downstream_weight=1.0,
+        downstream_probes=5,
+        downstream_metric="kl",
+        downstream_temperature=4.0,
+        downstream_min_level=1,
+    )
+    records = run_reconstruction(FineToCoarseSchedule(units), WeightedSource(), settings, None,
+                                 print_fn=lambda s: None)  # fmt: skip
+    levels = [r.level for r in records]
+    assert levels == [0] * 4 + [1] * 2 + [2]
+    assert [w for _, w in got] == [lvl >= 1 for lvl in levels]
+    assert [a[0] for a in asked] == [r.name for r in records if r.level >= 1]
+    assert {a[1:] for a in asked} == {(5, 3, "kl", 4.0)}
+
+
 def encoder_outputs(model, batches):
     """The last block's output ``(B, N, C)`` per batch."""
     outs = []

@@ -255,5 +255,14 @@ def test_downstream_weights_steer_the_reconstruction(quantized_vit):
         with torch.no_grad():
             errors.append(sum((unit(a) - b)[..., :8].pow(2).sum().item() for a, b in zip(q, y)))
     assert errors[1] < 0.95 * errors[0]  # measured: 5.35 against 5.91
+
+
+def test_output_aware_settings_are_checked():
     with pytest.raises(ValueError, match="downstream_weight must be >= 0"):
         ReconSettings(downstream_weight=-1)
+    with pytest.raises(ValueError, match="downstream_metric must be one of"):
+        ReconSettings(downstream_metric="fisher")
+    with pytest.raises(ValueError, match="downstream_temperature must be > 0"):
+        ReconSettings(downstream_temperature=0)
+    with pytest.raises(ValueError, match="downstream_min_level must be a level >= 0"):
+        ReconSettings(downstream_min_level=-1)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from mmengine.model import is_model_wrapper
 from torch.utils.data import DataLoader
 
@@ -45,25 +46,33 @@ def output_error(model: torch.nn.Module, loader: DataLoader, max_images: int = 3
     images, or the held-out calibration images of :func:`heldout_loader`; every process of a
     distributed run computes the same). Outputs: a detector's features (``extract_feat``:
     backbone and neck), a classifier's logits. Returns ``sum ||q - fp||^2 / sum ||fp||^2`` over
-    all of them."""
+    all of them; for logits also the mean ``KL(softmax(fp) || softmax(q))`` per image and the
+    share of images whose top-1 class is the FP model's."""
     in_order = DataLoader(
         loader.dataset, batch_size=loader.batch_size, shuffle=False, collate_fn=loader.collate_fn
     )
-    err = ref = 0.0
+    err = ref = kl = agree = 0.0
     seen = 0
     with torch.no_grad():
         for data in PreprocessedBatches(in_order, model):
             with quantizer_states(model, weights=False, activations=False):
                 fp = features(model, data)
             q = features(model, data)
+            if isinstance(fp, torch.Tensor):
+                kl += float(F.kl_div(q.log_softmax(-1), fp.log_softmax(-1), log_target=True,
+                                     reduction="sum"))  # fmt: skip
+                agree += float((q.argmax(-1) == fp.argmax(-1)).sum())
             fp, q = (fp, q) if isinstance(fp, (tuple, list)) else ((fp,), (q,))
             err += sum(float((a - b).pow(2).sum()) for a, b in zip(q, fp))
             ref += sum(float(b.pow(2).sum()) for b in fp)
             seen += len(data["inputs"])
             if seen >= max_images:
                 break
-    where = "backbone and neck features" if hasattr(model, "extract_feat") else "logits"
-    return {"outputs": where, "images": seen, "relative_mse": err / max(ref, 1e-30)}
+    if hasattr(model, "extract_feat"):
+        return {"outputs": "backbone and neck features", "images": seen,
+                "relative_mse": err / max(ref, 1e-30)}  # fmt: skip
+    return {"outputs": "logits", "images": seen, "relative_mse": err / max(ref, 1e-30),
+            "kl": kl / max(seen, 1), "top1_agreement": agree / max(seen, 1)}  # fmt: skip
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:

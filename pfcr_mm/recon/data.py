@@ -41,13 +41,47 @@ class UnitDataSource(Protocol):
         ...
 
     def output_weights(
-        self, unit: nn.Module, fp_targets: list[torch.Tensor], probes: int, seed: int
+        self,
+        unit: nn.Module,
+        fp_targets: list[torch.Tensor],
+        probes: int,
+        seed: int,
+        metric: str = "mse",
+        temperature: float = 1.0,
     ) -> list[torch.Tensor] | None:
         """Per batch, how much the model's downstream outputs move with each element of the
         unit's output (shaped like ``fp_targets``), or ``None`` where the source has none (see
-        ``ReconSettings.downstream_weight``). ``seed``: the run's; the random projections
+        ``ReconSettings.downstream_weight``); ``metric`` / ``temperature``: how a move of the
+        outputs counts (:func:`probe_vectors`). ``seed``: the run's; the random projections
         depend on it and on the unit's last finest unit only, not on which units ran before."""
         ...
+
+
+def probe_vectors(
+    outputs: list[torch.Tensor], generator: torch.Generator, metric: str, temperature: float
+) -> list[torch.Tensor]:
+    """One random vector ``r`` per downstream output with ``E[r r^T] = M``, the metric by which a
+    move of the outputs counts, so that ``E[(J^T r)^2]`` is the diagonal of ``J^T M J``.
+
+    ``mse``: ``r ~ N(0, I)`` (the squared error of the outputs; ``J^T J``, Gauss-Newton).
+    ``kl``: per row of logits ``z`` (the model's only output, ``(B, classes)``), with
+    ``p = softmax(z / T)`` of the FP model, ``r = (onehot(y) - p) / T`` for a class ``y ~ p``:
+    ``E[r r^T] = (diag(p) - p p^T) / T^2``, the Fisher information of
+    ``KL(softmax(z_fp / T) || softmax(z / T))`` at the FP model (``docs/method.md`` section 4).
+    """
+    if metric == "mse":
+        return [torch.randn(o.shape, generator=generator).to(o) for o in outputs]
+    if len(outputs) != 1 or outputs[0].dim() != 2:
+        raise ValueError(
+            "recon.downstream_metric='kl' needs the model's logits, one (batch, classes) tensor, "
+            f"as downstream outputs; got shapes {[tuple(o.shape) for o in outputs]}: use 'mse' "
+            "for a detector's features"
+        )
+    (z,) = outputs
+    p = torch.softmax(z.detach().float() / temperature, dim=-1)
+    y = torch.multinomial(p.cpu(), 1, generator=generator).to(z.device)
+    onehot = torch.zeros_like(p).scatter_(-1, y, 1.0)
+    return [((onehot - p) / temperature).to(z)]
 
 
 _UNSET = object()  # a module without a ``forward`` of its own (the class's)
@@ -325,72 +359,98 @@ class ChainDataSource:
         self._advance(unit)
         return list(self._q)
 
-    def _block_grads(self, block: nn.Module, probes: int, seed: int) -> list[list[torch.Tensor]]:
-        """Per batch, ``probes`` vector-Jacobian products ``J^T r`` (``r ~ N(0, 1)`` on every
-        downstream output) at the output of ``block``, of the FP model (every quantizer off)."""
-        out = []
-        leaf: list[torch.Tensor] = []  # the block's output of the current batch, as a leaf
+    def _block_grads(
+        self,
+        blocks: Sequence[nn.Module],
+        probes: int,
+        seed: int,
+        metric: str,
+        temperature: float,
+        consume: Callable[[int, list[torch.Tensor]], None],
+    ) -> None:
+        """Per batch ``i`` and each of ``probes`` projections ``r`` (:func:`probe_vectors`), the
+        vector-Jacobian products ``J^T r`` at the outputs of ``blocks`` (in forward order), of
+        the FP model (every quantizer off), handed to ``consume(i, [one per block])``: one
+        downstream forward per batch and one backward per projection, whatever the number of
+        blocks."""
+        outs: dict[int, torch.Tensor] = {}  # block index -> its output in the current batch
 
-        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-            if leaf:
+        def enter(module: nn.Module, args: tuple) -> tuple:
+            return (args[0].detach().requires_grad_(True), *args[1:])  # the graph starts here
+
+        def record(index: int, output: torch.Tensor) -> None:
+            if index in outs:
                 raise RuntimeError(
                     "a block ran twice in one downstream forward: its output weights would "
                     "miss one of the calls"
                 )
-            leaf.append(output.detach().requires_grad_(True))
-            return leaf[0]
+            outs[index] = output
 
         off = quantizer_states(self.model, weights=False, activations=False)
         with eval_mode(self.model), torch.enable_grad(), off:
             for i, batch in enumerate(self.batches):
-                leaf.clear()
-                handle = block.register_forward_hook(hook)
+                outs.clear()
+                handles = [blocks[0].register_forward_pre_hook(enter)] + [
+                    b.register_forward_hook(lambda m, a, o, k=k: record(k, o))
+                    for k, b in enumerate(blocks)
+                ]
                 try:
                     outputs = flat_tensors(self.downstream(self.model, batch))
                 finally:
-                    handle.remove()
-                if not leaf:
-                    raise UnreachedError("the downstream forward did not reach the block")
+                    for h in handles:
+                        h.remove()
+                if len(outs) < len(blocks):
+                    raise UnreachedError("the downstream forward did not reach every block")
                 if not all(isinstance(o, torch.Tensor) and o.is_floating_point() for o in outputs):
                     raise ValueError(
                         "the downstream outputs must be float tensors (or tuples of them): pass "
                         "quantize(downstream=...) returning them, e.g. a detector's features"
                     )
                 gen = torch.Generator().manual_seed(seed * 1_000_003 + i)
-                grads = []
+                at = [outs[k] for k in range(len(blocks))]
                 for p in range(probes):
-                    rs = [torch.randn(o.shape, generator=gen).to(o) for o in outputs]
-                    (g,) = torch.autograd.grad(
-                        outputs, leaf[0], grad_outputs=rs, retain_graph=p < probes - 1
+                    rs = probe_vectors(outputs, gen, metric, temperature)
+                    grads = torch.autograd.grad(
+                        outputs, at, grad_outputs=rs, retain_graph=p < probes - 1, allow_unused=True
                     )
-                    grads.append(g)
-                out.append(grads)
-        return out
+                    consume(i, [torch.zeros_like(o) if g is None else g for g, o in zip(grads, at)])
 
     def output_weights(
-        self, unit: nn.Module, fp_targets: list[torch.Tensor], probes: int, seed: int
+        self,
+        unit: nn.Module,
+        fp_targets: list[torch.Tensor],
+        probes: int,
+        seed: int,
+        metric: str = "mse",
+        temperature: float = 1.0,
     ) -> list[torch.Tensor] | None:
-        """The diagonal of ``J^T J`` at the unit's output, ``E[(J^T r)^2]`` over ``probes``
-        random projections, per batch. A unit that ends with a block (an MLP unit, a block, a
-        group) takes the block's output weights (computed once per block and kept for the next
-        levels); an MHSA unit pulls each projection back through its block's FP MLP unit, from
-        its FP targets. ``None`` for a layer outside the blocks, or without ``downstream``.
+        """The diagonal of ``J^T M J`` at the unit's output (``M``: the output metric,
+        :func:`probe_vectors`), ``E[(J^T r)^2]`` over ``probes`` random projections, per batch.
+        A unit that ends with a block (an MLP unit, a block, a group) takes the block's output
+        weights (computed once per block and kept for the next levels); an MHSA unit pulls each
+        projection back through its block's FP MLP unit, from its FP targets. ``None`` for a
+        layer outside the blocks, or without ``downstream``.
 
-        The projections are seeded with the name of the unit's last finest unit, so a block's
-        weights are the same whichever unit asks first (a resumed run asks at a later level)."""
+        The projections are seeded with the run's seed for the blocks' weights, which are
+        computed for every block at once when the first is asked for (one downstream forward
+        per batch), and with the name of the MHSA unit's block's last finest unit for its
+        pulled-back weights: the same whichever unit asks first (a resumed run asks at a later
+        level)."""
         if self.downstream is None or isinstance(unit, LayerUnit):
             return None
         last = leaves(unit)[-1]
         block = last.block
         position = self._index[id(last)]
         ends_block = position + 1 == len(self.units) or self.units[position + 1].block is not block
-        if ends_block and id(block) in self._block_weights:
-            return self._block_weights[id(block)]
-        grads = self._block_grads(block, probes, unit_seed(last.name, seed))
         if ends_block:
-            weights = [self._store(torch.stack(g).pow(2).mean(0)) for g in grads]
-            self._block_weights[id(block)] = weights
-            return weights
+            if not self._block_weights:
+                self._all_block_weights(probes, seed, metric, temperature)
+            return self._block_weights[id(block)]
+        grads: list[list[torch.Tensor]] = [[] for _ in range(len(fp_targets))]
+        self._block_grads(
+            [block], probes, unit_seed(last.name, seed), metric, temperature,
+            lambda i, g: grads[i].append(g[0]),
+        )  # fmt: skip
         mlp = self.units[position + 1]
         device = next(self.model.parameters()).device
         weights = []
@@ -404,3 +464,23 @@ class ChainDataSource:
                 ]
                 weights.append(self._store(torch.stack(pulled).pow(2).mean(0)))
         return weights
+
+    def _all_block_weights(self, probes: int, seed: int, metric: str, temperature: float) -> None:
+        """``E[(J^T r)^2]`` at the output of every block, per batch, into ``_block_weights``."""
+        blocks = list({id(u.block): u.block for u in self.units}.values())  # forward order
+        sums: list[torch.Tensor] = []
+        done = [0]  # projections summed for the current batch
+
+        def consume(i: int, grads: list[torch.Tensor]) -> None:
+            if done[0] == 0:
+                sums[:] = [g.pow(2) for g in grads]
+            else:
+                for acc, g in zip(sums, grads):
+                    acc.add_(g.pow(2))
+            done[0] += 1
+            if done[0] == probes:
+                for b, acc in zip(blocks, sums):
+                    self._block_weights.setdefault(id(b), []).append(self._store(acc / probes))
+                done[0] = 0
+
+        self._block_grads(blocks, probes, seed, metric, temperature, consume)

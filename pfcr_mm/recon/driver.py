@@ -58,7 +58,7 @@ def run_plan(
     for k, step in enumerate(plan.steps[len(records) :], start=len(records) + 1):
         _call(listeners, "before_unit", k, step)
         start = time.perf_counter()
-        caches = unit_caches(source, step.unit, plan.settings)
+        caches = unit_caches(source, step.unit, plan.settings, step.level)
         cache_seconds = time.perf_counter() - start
         _call(listeners, "after_caches", k, step)
 
@@ -83,15 +83,23 @@ def run_plan(
     return records
 
 
-def unit_caches(source: UnitDataSource, unit: nn.Module, settings: ReconSettings) -> UnitCaches:
-    """The caches of ``unit`` from ``source``, with the output weights of the detection-aware
-    term when it is on."""
+def unit_caches(
+    source: UnitDataSource, unit: nn.Module, settings: ReconSettings, level: int = 0
+) -> UnitCaches:
+    """The caches of ``unit`` (a unit of ``level``) from ``source``, with the output weights of
+    the output-aware term when it is on at that level."""
     fp_inputs, fp_targets, extra_args = source.fp_io(unit)
     q_inputs = source.quant_input(unit)
     weights = None
-    if settings.downstream_weight > 0:
-        probes, seed = settings.downstream_probes, settings.seed
-        weights = source.output_weights(unit, fp_targets, probes, seed)
+    if settings.downstream_weight > 0 and level >= settings.downstream_min_level:
+        weights = source.output_weights(
+            unit,
+            fp_targets,
+            settings.downstream_probes,
+            settings.seed,
+            settings.downstream_metric,
+            settings.downstream_temperature,
+        )
     return UnitCaches(q_inputs, fp_inputs, fp_targets, extra_args, weights)
 
 

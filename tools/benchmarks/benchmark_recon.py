@@ -36,6 +36,11 @@ MODELS = {
     "cls": "configs/demo/demo_vit_shapes_w4a4.py",
     "det": "configs/demo/demo_mask_rcnn_swin_shapes_w4a4.py",
 }
+KL = [
+    "ptq.recon.downstream_weight=1",
+    "ptq.recon.downstream_metric=kl",
+    "ptq.recon.downstream_temperature=4",
+]
 METHODS = {
     "calib": ["ptq.method=calib"],  # post_softmax "auto", the default
     # calibration with one fixed post-softmax quantizer for every attention
@@ -66,6 +71,18 @@ METHODS = {
     # the detection-aware objective: block units' errors weighted by the downstream outputs'
     # sensitivity (a detector's FPN, a classifier's logits), half and half with the plain one
     "pfcr_downstream": ["ptq.method=pfcr", "ptq.recon.downstream_weight=1"],
+    # the output-aware term with the KL Fisher of the logits (docs/method.md section 4),
+    # half and half with the plain error, and the layers outside the blocks reconstructed
+    "block_kl": ["ptq.method=block", *KL],
+    "block_layerwise": ["ptq.method=block", "ptq.recon.non_block=layerwise"],
+    "block_kl_layerwise": ["ptq.method=block", *KL, "ptq.recon.non_block=layerwise"],
+    "pfcr_kl": ["ptq.method=pfcr", *KL],
+    # fine units (level 0) on the plain error, blocks and coarser on the output-aware one
+    "pfcr_kl_coarse": ["ptq.method=pfcr", *KL, "ptq.recon.downstream_min_level=1"],
+    "pfcr_kl_layerwise": ["ptq.method=pfcr", *KL, "ptq.recon.non_block=layerwise"],
+    # where the error is: weights or activations at 8 bits, the other at the run's bits
+    "block_w8": ["ptq.method=block", "ptq.quant.w_bits=8"],
+    "block_a8": ["ptq.method=block", "ptq.quant.a_bits=8"],
 }
 # iterations per block, calibration images, held-out calibration-split images (where defaults
 # are chosen; 32 when unset) and learning rates (ReconSettings' when unset); "paper" follows
@@ -133,6 +150,9 @@ def run_one(model: str, bits: int, method: str, seed: int, preset: dict, out: Pa
         "output_rel_mse": res["output_error"]["relative_mse"],
         # calibration-split images calibration did not see: where defaults are chosen
         "heldout_rel_mse": (res.get("heldout_error") or {}).get("relative_mse"),
+        # a classifier's: the KL divergence of the softmax per image, and the top-1 agreement
+        "heldout_kl": (res.get("heldout_error") or {}).get("kl"),
+        "heldout_top1_agreement": (res.get("heldout_error") or {}).get("top1_agreement"),
         "scope": res["scope"],
     }
 
