@@ -2,4 +2,18 @@
 # the paper-grade budget (docs/method.md, section 4).
 _base_ = ["./deit_s_calib_w4a4.py"]
 
-ptq = dict(method="pfcr", recon=dict(iters=20000, batch_size=32, cache_dtype="float16"))
+# The objective of the demo ViT's best (benchmarks/demo_recon_objectives; not measured at this
+# budget): the Fisher of the logits' KL divergence on each block's error, half and half with the
+# plain error, and the layers outside the blocks (patch embedding, head) reconstructed too.
+ptq = dict(
+    method="pfcr",
+    recon=dict(
+        iters=20000,
+        batch_size=32,
+        cache_dtype="float16",
+        downstream_weight=1.0,
+        downstream_metric="kl",
+        downstream_temperature=4.0,
+        non_block="layerwise",
+    ),
+)

@@ -4,10 +4,23 @@
 # spread over two levels (MHSA/MLP, then blocks), learning rates for a run of tens of steps per
 # unit (the peers' 1e-3 / 4e-5 are for 20k), 128 calibration images. Chosen on 512 held-out
 # calibration-split images; about 7x faster than the quick run before and no worse there.
+# The objective (benchmarks/demo_recon_objectives): each block's error weighted by the Fisher of
+# the KL divergence of the logits' softmax at temperature 4, half and half with the plain error,
+# and the patch embedding and head reconstructed too (docs/method.md section 4).
 _base_ = ["./demo_vit_shapes_w4a4.py"]
 
 ptq = dict(
     method="pfcr",
     calib=dict(num_images=128),
-    recon=dict(iters=100, batch_size=32, w_lr=1e-2, a_lr=4e-4, max_level=1),
+    recon=dict(
+        iters=100,
+        batch_size=32,
+        w_lr=1e-2,
+        a_lr=4e-4,
+        max_level=1,
+        downstream_weight=1.0,
+        downstream_metric="kl",
+        downstream_temperature=4.0,
+        non_block="layerwise",
+    ),
 )

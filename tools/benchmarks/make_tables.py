@@ -43,6 +43,7 @@ HEADLINE_END = "<!-- headline:end -->"
 
 # the order of docs/benchmarks.md; every benchmarks/<name>/ must be listed (checked)
 ORDER = [
+    "demo_recon_objectives",
     "demo_recon_current",
     "demo_recon_fast",
     "demo_recon",
@@ -87,13 +88,18 @@ Regenerate after a benchmark run with `.venv/bin/python tools/benchmarks/make_ta
 # The README's headline, one line per (model, metric, bits): FP and, per column, the mean ± std
 # over the seeds of one method of one benchmark. The ViT's calib column comes from the
 # calibration benchmark (the reconstruction benchmark ran calib on one seed only).
-HEADLINE_COLUMNS = ["calib", "block", "pfcr"]
-VIT_COLUMNS = {"calib": ("demo_calib_choice", "calib"), "block": "block", "pfcr": "pfcr_anneal"}
-DET_COLUMNS = {"calib": "calib", "block": "block", "pfcr": "pfcr_anneal"}
-# (label, bits, benchmark, metric, {column: method, or (benchmark, method)})
+HEADLINE_COLUMNS = ["calib", "block", "pfcr", "pfcr, KL + layers"]
+VIT_COLUMNS = {
+    "calib": ("demo_calib_choice", "calib"),
+    "block": "block",
+    "pfcr": "pfcr_anneal",
+    "pfcr, KL + layers": "pfcr_kl_layerwise",
+}
+DET_COLUMNS = {"calib": "calib", "block": "block", "pfcr": "pfcr_anneal"}  # no KL: no logits
+# (label, bits, benchmark, metric, {column: method, or (benchmark, method); a column left out: -})
 HEADLINE = [
-    ("Demo ViT, top-1 (%)", 4, "demo_recon_current", "accuracy/top1", VIT_COLUMNS),
-    ("Demo ViT, top-1 (%)", 3, "demo_recon_current", "accuracy/top1", VIT_COLUMNS),
+    ("Demo ViT, top-1 (%)", 4, "demo_recon_objectives", "accuracy/top1", VIT_COLUMNS),
+    ("Demo ViT, top-1 (%)", 3, "demo_recon_objectives", "accuracy/top1", VIT_COLUMNS),
     ("Demo Mask R-CNN Swin, box mAP (%)", 4, "demo_det_choice", "coco/bbox_mAP", DET_COLUMNS),
     ("Demo Mask R-CNN Swin, mask mAP (%)", 4, "demo_det_choice", "coco/segm_mAP", DET_COLUMNS),
     ("Demo Mask R-CNN Swin, box mAP (%)", 3, "demo_det", "coco/bbox_mAP", DET_COLUMNS),
@@ -199,7 +205,10 @@ def headline() -> str:
         model = next(m for m, (names, _) in METRICS.items() if metric in names)
         cells, sources, fps, seeds = [], {bench}, set(), set()
         for col in HEADLINE_COLUMNS:
-            spec = columns[col]
+            spec = columns.get(col)
+            if spec is None:
+                cells.append("-")
+                continue
             b, method = spec if isinstance(spec, tuple) else (bench, spec)
             sources.add(b)
             value, fp, n = _cell(b, model, bits, method, metric)
