@@ -1,14 +1,15 @@
 """Convert a model by module class and list its finest reconstruction units.
 
 :func:`prepare` swaps, inside the chosen parts of a model, every ``nn.Linear`` and ``nn.Conv2d``
-for a quantized one and every supported attention for one with an explicit quantized forward,
-and returns a :class:`QuantPlan`: the MHSA and MLP units in forward order and the post-LayerNorm
-pairs to re-parameterize. :func:`prepare_calibrated` adds calibration and the
+(and the ``nn.ConvTranspose2d`` of the parts that declare theirs) for a quantized one and every
+supported attention for one with an explicit quantized forward, and returns a
+:class:`QuantPlan`: the MHSA and MLP units in forward order and the post-LayerNorm pairs to
+re-parameterize. :func:`prepare_calibrated` adds calibration and the
 re-parameterization on top (the first steps of :func:`pfcr_mm.quantize`).
 
-Adapters for timm are used when timm is loaded, the one for mmdet when mmdet's Swin is loaded:
-a model can only hold classes of a library that has been imported, and the core itself imports
-neither.
+Adapters for timm are used when timm is loaded, the one for mmdet when mmdet's Swin is loaded,
+the one for ViTDet when ``pfcr_mm.models.vitdet`` is: a model can only hold classes of a module
+that has been imported, and the core itself imports none of them.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from ..quant.calibrate import DownstreamOutputs, calibrate_activations, set_quant_state
-from ..quant.modules import QuantConv2d, QuantLinear
+from ..quant.modules import QuantConv2d, QuantConvTranspose2d, QuantLinear
 from ..quant.reparam import reparameterize_post_ln
 from ..settings import QuantConfig
 from .base import ArchAdapter, PartsAdapter, ReconUnit, swap_attention
@@ -31,12 +32,14 @@ _ADAPTER_MODULES = {
     "timm_vit": "timm",
     "timm_swin": "timm",
     "mmdet_swin": "mmdet.models.backbones.swin",
+    "vitdet": "pfcr_mm.models.vitdet",
 }
-_PARTS_MODULES = {"mmdet_parts": "mmdet.models.roi_heads"}
+_PARTS_MODULES = {"mmdet_parts": "mmdet.models.roi_heads", "vitdet": "pfcr_mm.models.vitdet"}
 
 # Module classes that compute in floating point, named in the summary when present.
 _FP_CLASS_NAMES = (
     "LayerNorm",
+    "LN2d",
     "GELU",
     "Softmax",
     "RoIAlign",
@@ -73,6 +76,7 @@ def supported_block_classes() -> list[str]:
         "timm_vit": ["timm.models.vision_transformer.Block"],
         "timm_swin": ["timm.models.swin_transformer.SwinTransformerBlock"],
         "mmdet_swin": ["mmdet.models.backbones.swin.SwinBlock"],
+        "vitdet": ["pfcr_mm.models.vitdet.Block"],
     }
     return [n for mod in _ADAPTER_MODULES for n in names[mod]]
 
@@ -172,11 +176,12 @@ def prepare(
     ]
     post_ln, first_convs = _swap_attention_and_find_inputs(roots, cfg)
     per_channel = {id(lin) for _, lin in post_ln} if cfg.post_ln != "per_tensor" else set()
+    deconvs = _quantized_deconvs(roots)
     replaced, quantized = {}, []
     for root, root_name in named_roots:
         for name, parent in list(root.named_modules()):
             for attr, child in list(parent.named_children()):
-                new = _quantized_layer(child, cfg, head, per_channel, first_convs)
+                new = _quantized_layer(child, cfg, head, per_channel, first_convs, deconvs)
                 if new is not None:
                     setattr(parent, attr, new)
                     replaced[id(child)] = new
@@ -213,11 +218,30 @@ def _swap_attention_and_find_inputs(
     return post_ln, first_convs
 
 
+def _quantized_deconvs(roots: list[nn.Module]) -> set[int]:
+    """The ids of the transposed convolutions inside the parts that quantize theirs."""
+    classes = tuple(c for pa in available_parts() for c in pa.deconv_parts)
+    return {
+        id(m)
+        for root in roots
+        for part in root.modules()
+        if classes and isinstance(part, classes)
+        for m in part.modules()
+        if isinstance(m, nn.ConvTranspose2d)
+    }
+
+
 def _quantized_layer(
-    child: nn.Module, cfg: QuantConfig, head, per_channel: set[int], first_convs: set[int]
+    child: nn.Module,
+    cfg: QuantConfig,
+    head,
+    per_channel: set[int],
+    first_convs: set[int],
+    deconvs: set[int],
 ) -> nn.Module | None:
-    """The quantized replacement of a linear or conv (``None``: not one, or already quantized):
-    a head at ``head_bits``, a patch-embedding conv's input at ``first_layer_a_bits``."""
+    """The quantized replacement of a linear, conv or listed transposed conv (``None``: none of
+    them, or already quantized): a head at ``head_bits``, a patch-embedding conv's input at
+    ``first_layer_a_bits``."""
     w, a = cfg.w_bits, cfg.a_bits
     if child is head and cfg.head_bits is not None:
         w = a = cfg.head_bits
@@ -227,6 +251,8 @@ def _quantized_layer(
         if id(child) in first_convs:
             a = cfg.first_layer_a_bits
         return QuantConv2d(child, w, a, cfg.act_range, cfg.weight_range)
+    if id(child) in deconvs and not isinstance(child, QuantConvTranspose2d):
+        return QuantConvTranspose2d(child, w, a, cfg.act_range, cfg.weight_range)
     return None
 
 

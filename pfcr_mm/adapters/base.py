@@ -52,6 +52,8 @@ class PartsAdapter:
         the FP run when a quantized run captures a part's input (a detector's RoIs).
     fold_norms: ``f(root) -> names``, folds normalizations into the layers before them in
         place, before quantization.
+    deconv_parts: the parts whose transposed convolutions are quantized (ViTDet's simple
+        FPN); elsewhere they stay in floating point (a mask head's upsampling).
     """
 
     name: str
@@ -59,6 +61,7 @@ class PartsAdapter:
     roi_parts: tuple[type, ...] = ()
     pinned: dict[type, int] = field(default_factory=dict)
     fold_norms: Callable[[nn.Module], list[str]] | None = None
+    deconv_parts: tuple[type, ...] = ()
 
 
 def swap_attention(module: nn.Module, quant_class: type, cfg: QuantConfig) -> None:

@@ -28,7 +28,7 @@ from torch import nn
 from ..atomic import atomic_path
 from ..export import export_onnx, uniform_post_softmax
 from ..export.runtime import FixedSizeRunner, cpu_session, pad_images, run_session
-from ..quant.modules import QuantConv2d, QuantLinear
+from ..quant.modules import QUANT_LAYERS
 from ..settings import PTQConfig
 from .calib_split import calibration_loader
 from .checkpoint import check_is_file
@@ -225,7 +225,7 @@ def export_detector(
     in_heads = [
         n
         for n, m in model.named_modules()
-        if isinstance(m, (QuantLinear, QuantConv2d)) and not n.startswith(("backbone.", "neck."))
+        if isinstance(m, QUANT_LAYERS) and not n.startswith(("backbone.", "neck."))
     ]
     report["runs_in"] = {
         "onnxruntime": "backbone and neck (image -> FPN levels)",

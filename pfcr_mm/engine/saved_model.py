@@ -12,7 +12,7 @@ from mmengine.dist import is_main_process
 
 from ..adapters import QuantPlan, prepare
 from ..atomic import atomic_path
-from ..quant.modules import QuantConv2d, QuantLinear
+from ..quant.modules import QUANT_LAYERS
 from ..settings import PTQConfig
 from .checkpoint import load_checkpoint_file
 from .runner_io import model_and_head
@@ -66,7 +66,7 @@ def save_quantized_model(
     integer = {
         name: m.weight_quantizer.integer_weight(m.weight.detach()).to(torch.uint8)
         for name, m in model.named_modules()
-        if isinstance(m, (QuantLinear, QuantConv2d))
+        if isinstance(m, QUANT_LAYERS)
     }
     payload = {
         "format": QUANTIZED_FORMAT,

@@ -7,10 +7,11 @@ Each module runs in PyTorch (the reference the exported graph is checked against
 
 * :class:`QuantDequant`: an activation quantizer point, ``DequantizeLinear(QuantizeLinear(x))``
   with the calibrated scale and zero point (per tensor, or per channel along ``axis``);
-* :class:`IntegerLinear` / :class:`IntegerConv2d`: the weights as integer codes (the hardened
-  AdaRound rounding, :meth:`~pfcr_mm.quant.AdaRoundWeightQuantizer.integer_weight`) with
-  per-output-channel scales and zero points, dequantized by ``DequantizeLinear``, after a
-  :class:`QuantDequant` of the input;
+* :class:`IntegerLinear` / :class:`IntegerConv2d` / :class:`IntegerConvTranspose2d`: the
+  weights as integer codes (the hardened AdaRound rounding,
+  :meth:`~pfcr_mm.quant.AdaRoundWeightQuantizer.integer_weight`) with per-output-channel
+  scales and zero points, dequantized by ``DequantizeLinear``, after a :class:`QuantDequant`
+  of the input;
 * :class:`LogQuantDequant`: the log post-softmax quantizer, which has no linear Q/DQ form, in
   elementary operators (``Div``, ``Log``, ``Round``, ``Clip``, ``Gather``).
 
@@ -26,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..quant.modules import QuantConv2d, QuantLinear
+from ..quant.modules import QuantConv2d, QuantConvTranspose2d, QuantLinear
 from ..quant.quantizers import LogQuantizer, UniformQuantizer, quant_dequant
 
 # ONNX TensorProto data types of the code containers
@@ -114,18 +115,25 @@ class QuantDequant(nn.Module):
         return f"bits={self.bits}, container={self.container}, {where}"
 
 
-class _IntegerWeights(nn.Module):
-    """Integer weight codes with per-output-channel scales and zero points, and the input
-    quantizer point of a :class:`~pfcr_mm.quant.QuantLinear` / ``QuantConv2d``."""
+class IntegerWeights(nn.Module):
+    """Integer weight codes with per-output-channel scales and zero points (along
+    ``channel_axis`` of the stored codes), and the input quantizer point of a quantized layer;
+    ``transpose``: the codes are stored transposed (a linear's)."""
 
-    def __init__(self, layer: QuantLinear | QuantConv2d, int8: bool, channel_axis: int):
+    def __init__(
+        self,
+        layer: QuantLinear | QuantConv2d | QuantConvTranspose2d,
+        int8: bool,
+        channel_axis: int,
+        transpose: bool = False,
+    ):
         super().__init__()
         wq = layer.weight_quantizer
         self.bits = wq.bits
         self.container = container_bits(self.bits, int8)
         self.channel_axis = channel_axis
         codes = wq.integer_weight(layer.weight.detach()).to(torch.uint8)
-        self.register_buffer("codes", codes if channel_axis == 0 else codes.t().contiguous())
+        self.register_buffer("codes", codes.t().contiguous() if transpose else codes)
         self.register_buffer("weight_scale", wq.scale.detach().float().reshape(-1).clone())
         self.register_buffer("weight_zero_point", wq.zero_point.detach().to(torch.uint8))
         bias = None if layer.bias is None else layer.bias.detach().clone()
@@ -143,14 +151,14 @@ class _IntegerWeights(nn.Module):
         )
 
 
-class IntegerLinear(_IntegerWeights):
+class IntegerLinear(IntegerWeights):
     """``y = Q(x + shift) @ W_hat^T + b``: the codes are stored transposed, ``(in, out)``,
     per output channel along axis 1, so the exported ``MatMul`` reads the dequantized codes
     directly (onnxruntime fuses ``DequantizeLinear -> MatMul`` into an integer matmul).
     ``x``: ``(..., in)``, ``y``: ``(..., out)``."""
 
     def __init__(self, layer: QuantLinear, int8: bool):
-        super().__init__(layer, int8, channel_axis=1)
+        super().__init__(layer, int8, channel_axis=1, transpose=True)
         shift = layer.input_shift
         self.register_buffer("input_shift", None if shift is None else shift.detach().clone())
 
@@ -166,7 +174,7 @@ class IntegerLinear(_IntegerWeights):
         return y if self.bias is None else y + self.bias
 
 
-class IntegerConv2d(_IntegerWeights):
+class IntegerConv2d(IntegerWeights):
     """``y = conv2d(Q(x), W_hat) + b`` with the convolution's geometry; codes
     ``(out, in / groups, kh, kw)`` per output channel along axis 0. ``x``: ``(B, C, H, W)``."""
 
@@ -187,6 +195,35 @@ class IntegerConv2d(_IntegerWeights):
             self.dilation,
             self.groups,
         )
+
+
+class IntegerConvTranspose2d(IntegerWeights):
+    """``y = conv_transpose2d(Q(x), W_hat) + b`` with the layer's geometry; codes
+    ``(in, out, kh, kw)`` per output channel along axis 1. ``x``: ``(B, C, H, W)``.
+
+    The bias is added after the operator, not given to it: onnxruntime's
+    WeightBiasQuantization rewrites the float bias of a ``ConvTranspose`` fed by
+    ``DequantizeLinear`` into integers with the weight scales of the wrong axis (onnxruntime
+    1.32: off by 0.6 of a range of 9 at W4A4); the transposed convolution runs in floating
+    point there either way."""
+
+    def __init__(self, layer: QuantConvTranspose2d, int8: bool):
+        super().__init__(layer, int8, channel_axis=1)
+        self.stride, self.padding = layer.stride, layer.padding
+        self.output_padding, self.dilation = layer.output_padding, layer.dilation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.conv_transpose2d(
+            self.input_quantizer(x),
+            self.weight(),
+            None,
+            self.stride,
+            self.padding,
+            self.output_padding,
+            1,
+            self.dilation,
+        )
+        return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)
 
 
 class LogQuantDequant(nn.Module):

@@ -31,14 +31,16 @@ from torch import nn
 from ..atomic import atomic_path
 from ..quant.attention import AttentionQuantizers
 from ..quant.calibrate import quantizer_states
-from ..quant.modules import QuantConv2d, QuantLinear
+from ..quant.modules import QuantConv2d, QuantConvTranspose2d, QuantLinear
 from ..quant.quantizers import LogQuantizer, UniformQuantizer
 from .modules import (
     BITS_KEY,
     CONTAINER_KEY,
     OPSET,
     IntegerConv2d,
+    IntegerConvTranspose2d,
     IntegerLinear,
+    IntegerWeights,
     LogQuantDequant,
     QuantDequant,
 )
@@ -50,6 +52,8 @@ def _integer_module(child: nn.Module, int8: bool) -> nn.Module | None:
         return IntegerLinear(child, int8)
     if isinstance(child, QuantConv2d):
         return IntegerConv2d(child, int8)
+    if isinstance(child, QuantConvTranspose2d):
+        return IntegerConvTranspose2d(child, int8)
     if isinstance(child, LogQuantizer):
         return LogQuantDequant(child) if child.enabled else nn.Identity()
     if isinstance(child, UniformQuantizer):  # an activation point (weights are in the layers)
@@ -234,7 +238,7 @@ def export_onnx(
     path.parent.mkdir(parents=True, exist_ok=True)
     net = integer_model(model, int8)
     points = sum(isinstance(m, QuantDequant) for m in net.modules())
-    layers = sum(isinstance(m, (IntegerLinear, IntegerConv2d)) for m in net.modules())
+    layers = sum(isinstance(m, IntegerWeights) for m in net.modules())
     with torch.no_grad():
         outputs = net(example)
     if isinstance(outputs, torch.Tensor):

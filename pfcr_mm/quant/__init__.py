@@ -8,13 +8,15 @@ from .calibrate import (
     quantizer_states,
     set_quant_state,
 )
-from .modules import QuantConv2d, QuantLinear
+from .modules import QUANT_LAYERS, QuantConv2d, QuantConvTranspose2d, QuantLinear
 from .quantizers import AdaRoundWeightQuantizer, LogQuantizer, UniformQuantizer
 
 __all__ = [
+    "QUANT_LAYERS",
     "AdaRoundWeightQuantizer",
     "LogQuantizer",
     "QuantConv2d",
+    "QuantConvTranspose2d",
     "QuantLinear",
     "UniformQuantizer",
     "calibrate_activations",

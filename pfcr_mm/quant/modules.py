@@ -1,6 +1,7 @@
-"""Quantized Linear and Conv2d: an input quantizer, a weight quantizer, then the float op.
+"""Quantized Linear, Conv2d and ConvTranspose2d: an input quantizer, a weight quantizer, then the
+float op.
 
-Both subclass the module they replace, so code that checks ``isinstance(m, nn.Linear)`` (mmcv's
+Each subclasses the module it replaces, so code that checks ``isinstance(m, nn.Linear)`` (mmcv's
 wrappers, timm's init) keeps working, and they share the original parameters.
 """
 
@@ -77,13 +78,74 @@ class QuantConv2d(nn.Conv2d):
             conv.padding_mode,
             device="meta",
         )
-        self.weight = conv.weight
-        self.bias = conv.bias
-        self.weight_quantizer = AdaRoundWeightQuantizer(w_bits, 0, weight_range)
-        self.weight_quantizer.calibrate_from(self.weight)
-        self.input_quantizer = UniformQuantizer(a_bits, range_method=range_method)
+        _share_and_quantize(self, conv, w_bits, a_bits, range_method, weight_range, ch_axis=0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(
             self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias
         )
+
+
+class QuantConvTranspose2d(nn.ConvTranspose2d):
+    """ConvTranspose2d with per-output-channel weights (axis 1 of its ``(in, out, kh, kw)``
+    weight) and a per-tensor input quantizer; ungrouped, the output size from the layer's own
+    ``output_padding``."""
+
+    def __init__(
+        self,
+        conv: nn.ConvTranspose2d,
+        w_bits: int,
+        a_bits: int,
+        range_method: str = "mse",
+        weight_range: str = "mse",
+    ):
+        if conv.groups != 1:
+            raise ValueError("a grouped transposed convolution is not quantized")
+        super().__init__(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            conv.stride,
+            conv.padding,
+            conv.output_padding,
+            conv.groups,
+            conv.bias is not None,
+            conv.dilation,
+            conv.padding_mode,
+            device="meta",
+        )
+        _share_and_quantize(self, conv, w_bits, a_bits, range_method, weight_range, ch_axis=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv_transpose2d(
+            self.input_quantizer(x),
+            self.weight_quantizer(self.weight),
+            self.bias,
+            self.stride,
+            self.padding,
+            self.output_padding,
+            self.groups,
+            self.dilation,
+        )
+
+
+def _share_and_quantize(
+    layer: nn.Module,
+    source: nn.Module,
+    w_bits: int,
+    a_bits: int,
+    range_method: str,
+    weight_range: str,
+    ch_axis: int,
+) -> None:
+    """Give ``layer`` the parameters of ``source``, a weight quantizer per output channel
+    (along ``ch_axis`` of the weight) calibrated on them, and a per-tensor input quantizer."""
+    layer.weight = source.weight
+    layer.bias = source.bias
+    layer.weight_quantizer = AdaRoundWeightQuantizer(w_bits, ch_axis, weight_range)
+    layer.weight_quantizer.calibrate_from(layer.weight)
+    layer.input_quantizer = UniformQuantizer(a_bits, range_method=range_method)
+
+
+# every quantized layer class: an input quantizer, a weight quantizer, integer weight codes
+QUANT_LAYERS = (QuantLinear, QuantConv2d, QuantConvTranspose2d)

@@ -1,0 +1,1 @@
+"""Model families written here (pure torch), for architectures no installed package ships."""
