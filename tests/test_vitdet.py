@@ -135,6 +135,7 @@ def test_ln2d_is_a_layer_norm_over_channels():
         -1, 1, 1
     )
     assert torch.allclose(norm(x), ref, atol=1e-5)
+    assert norm(x).is_contiguous()  # mmcv's RoIAlign reads the memory as NCHW
 
 
 def test_quantized_attention_equals_original_when_disabled():

@@ -32,7 +32,9 @@ class LN2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.layer_norm(x.permute(0, 2, 3, 1), self.weight.shape, self.weight, self.bias, self.eps)
-        return y.permute(0, 3, 1, 2)
+        # contiguous NCHW: mmcv's CPU RoIAlign reads its input's memory as such, whatever the
+        # strides (a channels-last map made the RoI heads of a detector untrainable)
+        return y.permute(0, 3, 1, 2).contiguous()
 
 
 class DropPath(nn.Module):
