@@ -173,17 +173,19 @@ def test_mmdet_coco_dataset_loads_it_with_the_demo_test_pipeline(tiny_set):
             assert abs(int(mask.sum()) - ann["area"]) <= 0.15 * ann["area"] + 10
 
 
-def test_committed_checkpoint_matches_the_demo_config():
-    # The committed demo detector: small, weights only, JSON-able meta, and every tensor fits the
-    # model the config builds (strict: no missing or unexpected keys).
+@pytest.mark.parametrize("name", ["demo_mask_rcnn_swin_shapes", "demo_mask_rcnn_vitdet_shapes"])
+def test_committed_checkpoint_matches_the_demo_config(name):
+    # A committed demo detector: small, weights only, JSON-able meta, and every tensor fits the
+    # model its config builds (strict: no missing or unexpected keys).
     pytest.importorskip("mmdet")
     from mmdet.registry import MODELS
     from mmdet.utils import register_all_modules
     from mmengine.config import Config
 
+    import pfcr_mm.engine  # noqa: F401  (the pfcr scope of the ViTDet config)
     from pfcr_mm.engine.checkpoint import load_checkpoint_file, load_weights_strict
 
-    path = ROOT / "checkpoints" / "demo_mask_rcnn_swin_shapes.pth"
+    path = ROOT / "checkpoints" / f"{name}.pth"
     if not path.is_file():
         pytest.skip(f"{path} not present (train it with tools/train/train_demo_detector.py)")
     assert path.stat().st_size <= 10 * 1024 * 1024
@@ -193,5 +195,5 @@ def test_committed_checkpoint_matches_the_demo_config():
     assert json.loads(json.dumps(meta)) == meta
     assert meta["dataset_meta"]["classes"] == list(CATEGORIES)
     register_all_modules()
-    model = MODELS.build(Config.fromfile(str(CONFIG)).model)
+    model = MODELS.build(Config.fromfile(str(CONFIG.with_name(f"{name}.py"))).model)
     load_weights_strict(model, path)

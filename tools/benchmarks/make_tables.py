@@ -96,14 +96,16 @@ VIT_COLUMNS = {
     "pfcr, KL + layers": "pfcr_kl_layerwise",
 }
 DET_COLUMNS = {"calib": "calib", "block": "block", "pfcr": "pfcr_anneal"}  # no KL: no logits
-# (label, bits, benchmark, metric, {column: method, or (benchmark, method); a column left out: -})
+SWIN, BOX, MASK = "Demo Mask R-CNN Swin", "coco/bbox_mAP", "coco/segm_mAP"
+# (label, model, bits, benchmark, metric, {column: method, or (benchmark, method); a column
+# left out: -})
 HEADLINE = [
-    ("Demo ViT, top-1 (%)", 4, "demo_recon_objectives", "accuracy/top1", VIT_COLUMNS),
-    ("Demo ViT, top-1 (%)", 3, "demo_recon_objectives", "accuracy/top1", VIT_COLUMNS),
-    ("Demo Mask R-CNN Swin, box mAP (%)", 4, "demo_det_choice", "coco/bbox_mAP", DET_COLUMNS),
-    ("Demo Mask R-CNN Swin, mask mAP (%)", 4, "demo_det_choice", "coco/segm_mAP", DET_COLUMNS),
-    ("Demo Mask R-CNN Swin, box mAP (%)", 3, "demo_det", "coco/bbox_mAP", DET_COLUMNS),
-    ("Demo Mask R-CNN Swin, mask mAP (%)", 3, "demo_det", "coco/segm_mAP", DET_COLUMNS),
+    ("Demo ViT, top-1 (%)", "cls", 4, "demo_recon_objectives", "accuracy/top1", VIT_COLUMNS),
+    ("Demo ViT, top-1 (%)", "cls", 3, "demo_recon_objectives", "accuracy/top1", VIT_COLUMNS),
+    (f"{SWIN}, box mAP (%)", "det", 4, "demo_det_choice", BOX, DET_COLUMNS),
+    (f"{SWIN}, mask mAP (%)", "det", 4, "demo_det_choice", MASK, DET_COLUMNS),
+    (f"{SWIN}, box mAP (%)", "det", 3, "demo_det", BOX, DET_COLUMNS),
+    (f"{SWIN}, mask mAP (%)", "det", 3, "demo_det", MASK, DET_COLUMNS),
 ]
 
 
@@ -201,8 +203,7 @@ def headline() -> str:
         "| model, metric | bits | FP | " + " | ".join(HEADLINE_COLUMNS) + " | seeds | from |",
         "|---|---|---|" + "---|" * len(HEADLINE_COLUMNS) + "---|---|",
     ]
-    for label, bits, bench, metric, columns in HEADLINE:
-        model = next(m for m, (names, _) in METRICS.items() if metric in names)
+    for label, model, bits, bench, metric, columns in HEADLINE:
         cells, sources, fps, seeds = [], {bench}, set(), set()
         for col in HEADLINE_COLUMNS:
             spec = columns.get(col)

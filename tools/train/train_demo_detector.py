@@ -1,10 +1,14 @@
-"""Train the demo detector: a tiny Swin Mask R-CNN on the synthetic COCO shapes set, on CPU.
+"""Train a demo detector: a tiny Swin (or ViTDet) Mask R-CNN on the synthetic COCO shapes set,
+on CPU.
 
     python tools/make_demo_data.py --only detection             # data/demo_coco_shapes (once)
     python tools/train/train_demo_detector.py --time-iters 20  # optional: measure, estimate, stop
     python tools/train/train_demo_detector.py        # checkpoints/demo_mask_rcnn_swin_shapes.*
+    python tools/train/train_demo_detector.py \
+        --config configs/demo/demo_mask_rcnn_vitdet_shapes.py  # ...demo_mask_rcnn_vitdet_shapes.*
 
-Trains ``configs/demo/demo_mask_rcnn_swin_shapes.py`` with MMEngine's Runner (seeded, deterministic
+Trains ``--config`` (default ``configs/demo/demo_mask_rcnn_swin_shapes.py``; the checkpoint and
+the work dir are named after it) with MMEngine's Runner (seeded, deterministic
 algorithms), evaluates bbox and segm mAP on val at the end, and saves a small checkpoint holding
 only ``state_dict`` (float32) and a JSON-able ``meta`` (no optimizer state), plus a JSON report.
 It then checks the saved file: it loads with ``pfcr_mm.engine.checkpoint.load_checkpoint_file``,
@@ -32,7 +36,6 @@ from pfcr_mm.engine.checkpoint import load_checkpoint_file  # noqa: E402
 from pfcr_mm.provenance import file_sha256, package_versions, write_json  # noqa: E402
 
 DEFAULT_CONFIG = "configs/demo/demo_mask_rcnn_swin_shapes.py"
-DEFAULT_OUT = "checkpoints/demo_mask_rcnn_swin_shapes.pth"
 MAX_CHECKPOINT_BYTES = 10 * 1024 * 1024
 # The metrics compared between the end of training and the reloaded checkpoint.
 KEY_METRICS = ("coco/bbox_mAP", "coco/bbox_mAP_50", "coco/segm_mAP", "coco/segm_mAP_50")
@@ -42,9 +45,12 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", default=DEFAULT_CONFIG)
     p.add_argument(
-        "--out", default=DEFAULT_OUT, help="checkpoint path; the JSON report goes next to it"
+        "--out",
+        default=None,
+        help="checkpoint path (default checkpoints/<config name>.pth); the JSON report goes "
+        "next to it",
     )
-    p.add_argument("--work-dir", default="work_dirs/demo_mask_rcnn_swin_shapes")
+    p.add_argument("--work-dir", default=None, help="default work_dirs/<config name>")
     p.add_argument("--epochs", type=int, default=None, help="override the config's max_epochs")
     p.add_argument("--lr", type=float, default=None, help="override the config's AdamW lr")
     p.add_argument("--seed", type=int, default=0)
@@ -67,7 +73,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument(
         "--verify-only", action="store_true", help="only check an existing checkpoint (--out)"
     )
-    return p.parse_args()
+    args = p.parse_args()
+    name = Path(args.config).stem
+    args.out = args.out or f"checkpoints/{name}.pth"
+    args.work_dir = args.work_dir or f"work_dirs/{name}"
+    return args
 
 
 def versions() -> dict:
