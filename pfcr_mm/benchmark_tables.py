@@ -15,6 +15,7 @@ import statistics
 METRICS = {
     "cls": (["accuracy/top1"], 1),
     "det": (["coco/bbox_mAP", "coco/segm_mAP"], 100),
+    "det_vitdet": (["coco/bbox_mAP", "coco/segm_mAP"], 100),
 }
 
 RECON_HEAD = [

@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[2]
 MODELS = {
     "cls": "configs/demo/demo_vit_shapes_w4a4.py",
     "det": "configs/demo/demo_mask_rcnn_swin_shapes_w4a4.py",
+    "det_vitdet": "configs/demo/demo_mask_rcnn_vitdet_shapes_w4a4.py",
 }
 KL = [
     "ptq.recon.downstream_weight=1",
@@ -103,7 +104,8 @@ PRESETS = {
 
 
 def _options(model: str, bits: int, method: str, seed: int, preset: dict) -> list[str]:
-    images = preset["cls_images" if model == "cls" else "det_images"]
+    det = model.startswith("det")
+    images = preset["det_images" if det else "cls_images"]
     return [
         f"ptq.quant.w_bits={bits}",
         f"ptq.quant.a_bits={bits}",
@@ -114,7 +116,7 @@ def _options(model: str, bits: int, method: str, seed: int, preset: dict) -> lis
         f"ptq.calib.heldout_images={preset.get(model + '_heldout', 32)}",
         *(f"ptq.recon.{k}={preset[k]}" for k in ("w_lr", "a_lr", "max_level") if k in preset),
         # detection: a batch is a few whole images (peers use 1-2), classification 32 images
-        f"ptq.recon.batch_size={4 if model == 'det' else 32}",
+        f"ptq.recon.batch_size={4 if det else 32}",
         *METHODS[method],
     ]
 
@@ -186,7 +188,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="quick")
     p.add_argument("--bits", type=int, nargs="+", default=[4, 3])
-    p.add_argument("--models", nargs="+", choices=sorted(MODELS), default=sorted(MODELS))
+    p.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["cls", "det"])
     p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--out", default="work_dirs/benchmark_recon")

@@ -49,6 +49,7 @@ ORDER = [
     "demo_recon",
     "demo_det_choice",
     "demo_det",
+    "demo_det_vitdet",
     "demo_calib_choice",
     "demo_calib_choice_det",
     "demo_calib",
@@ -62,9 +63,10 @@ ORDER = [
 INTRO = """# Benchmarks
 
 Every measurement behind the documentation, on the embedded demo models (a tiny ViT classifier
-of 6 blocks on 32x32 shapes, 1000 val images; a tiny Swin Mask R-CNN of 3 stages of 2 blocks,
-100 val images), on a 2-core CPU machine. Each section says what was run (the exact commands),
-on which seeds, and what stays in floating point; its table comes from the committed
+of 6 blocks on 32x32 shapes, 1000 val images; a tiny Swin Mask R-CNN of 3 stages of 2 blocks
+and a tiny ViTDet Mask R-CNN of 4 plain blocks, 100 val images), on a 2-core CPU machine. Each
+section says what was run (the exact commands), on which seeds, and what stays in floating
+point; its table comes from the committed
 `benchmarks/<name>/benchmark.json`. Numbers are mean ± sample standard deviation over the seeds
 (the `seeds` column), in percent for accuracy and mAP. The output error is the relative MSE of
 the model's outputs (a classifier's logits, a detector's backbone+neck features) on the first
@@ -96,7 +98,8 @@ VIT_COLUMNS = {
     "pfcr, KL + layers": "pfcr_kl_layerwise",
 }
 DET_COLUMNS = {"calib": "calib", "block": "block", "pfcr": "pfcr_anneal"}  # no KL: no logits
-SWIN, BOX, MASK = "Demo Mask R-CNN Swin", "coco/bbox_mAP", "coco/segm_mAP"
+SWIN, VITDET = "Demo Mask R-CNN Swin", "Demo Mask R-CNN ViTDet"
+BOX, MASK = "coco/bbox_mAP", "coco/segm_mAP"
 # (label, model, bits, benchmark, metric, {column: method, or (benchmark, method); a column
 # left out: -})
 HEADLINE = [
@@ -106,6 +109,10 @@ HEADLINE = [
     (f"{SWIN}, mask mAP (%)", "det", 4, "demo_det_choice", MASK, DET_COLUMNS),
     (f"{SWIN}, box mAP (%)", "det", 3, "demo_det", BOX, DET_COLUMNS),
     (f"{SWIN}, mask mAP (%)", "det", 3, "demo_det", MASK, DET_COLUMNS),
+    (f"{VITDET}, box mAP (%)", "det_vitdet", 4, "demo_det_vitdet", BOX, DET_COLUMNS),
+    (f"{VITDET}, mask mAP (%)", "det_vitdet", 4, "demo_det_vitdet", MASK, DET_COLUMNS),
+    (f"{VITDET}, box mAP (%)", "det_vitdet", 3, "demo_det_vitdet", BOX, DET_COLUMNS),
+    (f"{VITDET}, mask mAP (%)", "det_vitdet", 3, "demo_det_vitdet", MASK, DET_COLUMNS),
 ]
 
 
