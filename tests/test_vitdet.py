@@ -20,19 +20,22 @@ DIM, HEADS, WINDOW = 32, 2, 3
 # 7x9 where its relative position tables were made for 8x8 (interpolated)
 INPUT = (2, 3, 56, 72)
 
+# the tiny ViTDet's arguments: blocks 0 and 2 windowed, block 1 global
+TINY_ARGS = dict(
+    img_size=64,
+    patch_size=8,
+    embed_dim=DIM,
+    depth=3,
+    num_heads=HEADS,
+    window_size=WINDOW,
+    window_block_indexes=(0, 2),
+    pretrain_img_size=48,
+)
+
 
 def tiny_vitdet() -> ViTDet:
     """Blocks 0 and 2 windowed, block 1 global; random relative positions and LayerNorms."""
-    model = ViTDet(
-        img_size=64,
-        patch_size=8,
-        embed_dim=DIM,
-        depth=3,
-        num_heads=HEADS,
-        window_size=WINDOW,
-        window_block_indexes=(0, 2),
-        pretrain_img_size=48,
-    ).eval()
+    model = ViTDet(**TINY_ARGS).eval()
     for name, p in model.named_parameters():
         if "rel_pos" in name or "norm" in name:
             nn.init.uniform_(p, -1.0 if name.endswith(("bias", "rel_pos_h", "rel_pos_w")) else 0.5)
@@ -113,16 +116,7 @@ def test_state_dicts_round_trip_through_mmdet_names():
 def _init_args(module: nn.Module) -> dict:
     if isinstance(module, SimpleFPN):
         return dict(backbone_channel=DIM, in_channels=[8, 16, 32, 32], out_channels=16, num_outs=5)
-    return dict(
-        img_size=64,
-        patch_size=8,
-        embed_dim=DIM,
-        depth=3,
-        num_heads=HEADS,
-        window_size=WINDOW,
-        window_block_indexes=(0, 2),
-        pretrain_img_size=48,
-    )
+    return dict(TINY_ARGS)
 
 
 def test_ln2d_is_a_layer_norm_over_channels():
