@@ -366,13 +366,13 @@ class ChainDataSource:
         seed: int,
         metric: str,
         temperature: float,
-        consume: Callable[[int, list[torch.Tensor]], None],
+        consume: Callable[[int, int, list[torch.Tensor]], None],
     ) -> None:
         """Per batch ``i`` and each of ``probes`` projections ``r`` (:func:`probe_vectors`), the
         vector-Jacobian products ``J^T r`` at the outputs of ``blocks`` (in forward order), of
-        the FP model (every quantizer off), handed to ``consume(i, [one per block])``: one
-        downstream forward per batch and one backward per projection, whatever the number of
-        blocks."""
+        the FP model (every quantizer off), handed to ``consume(i, p, [one per block])`` for
+        projection ``p``: one downstream forward per batch and one backward per projection,
+        whatever the number of blocks."""
         outs: dict[int, torch.Tensor] = {}  # block index -> its output in the current batch
 
         def enter(module: nn.Module, args: tuple) -> tuple:
@@ -413,7 +413,9 @@ class ChainDataSource:
                     grads = torch.autograd.grad(
                         outputs, at, grad_outputs=rs, retain_graph=p < probes - 1, allow_unused=True
                     )
-                    consume(i, [torch.zeros_like(o) if g is None else g for g, o in zip(grads, at)])
+                    consume(
+                        i, p, [torch.zeros_like(o) if g is None else g for g, o in zip(grads, at)]
+                    )
 
     def output_weights(
         self,
@@ -449,7 +451,7 @@ class ChainDataSource:
         grads: list[list[torch.Tensor]] = [[] for _ in range(len(fp_targets))]
         self._block_grads(
             [block], probes, unit_seed(last.name, seed), metric, temperature,
-            lambda i, g: grads[i].append(g[0]),
+            lambda i, p, g: grads[i].append(g[0]),
         )  # fmt: skip
         mlp = self.units[position + 1]
         device = next(self.model.parameters()).device
@@ -468,19 +470,16 @@ class ChainDataSource:
     def _all_block_weights(self, probes: int, seed: int, metric: str, temperature: float) -> None:
         """``E[(J^T r)^2]`` at the output of every block, per batch, into ``_block_weights``."""
         blocks = list({id(u.block): u.block for u in self.units}.values())  # forward order
-        sums: list[torch.Tensor] = []
-        done = [0]  # projections summed for the current batch
+        sums: list[torch.Tensor] = []  # the current batch's squares, summed over projections
 
-        def consume(i: int, grads: list[torch.Tensor]) -> None:
-            if done[0] == 0:
+        def consume(i: int, p: int, grads: list[torch.Tensor]) -> None:
+            if p == 0:
                 sums[:] = [g.pow(2) for g in grads]
             else:
                 for acc, g in zip(sums, grads):
                     acc.add_(g.pow(2))
-            done[0] += 1
-            if done[0] == probes:
+            if p == probes - 1:
                 for b, acc in zip(blocks, sums):
                     self._block_weights.setdefault(id(b), []).append(self._store(acc / probes))
-                done[0] = 0
 
         self._block_grads(blocks, probes, seed, metric, temperature, consume)
