@@ -301,3 +301,9 @@ def export_tool():
 def convert_tool():
     """``tools/convert_swin_det_checkpoint.py``."""
     return _load_tool("convert_swin_det_checkpoint")
+
+
+@pytest.fixture(scope="session")
+def mmcv_source_tool():
+    """``tools/mmcv/prepare_source.py``."""
+    return _load_tool("mmcv/prepare_source")

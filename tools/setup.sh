@@ -5,9 +5,11 @@
 # does not build against current PyTorch as shipped: its setup.py forces -std=c++17 while the
 # torch 2.14 headers need C++20, and it imports pkg_resources, which the newest setuptools
 # dropped (80.9 still ships it and satisfies torch's own setuptools>=77 requirement).
-# This script builds it with those two things fixed, with CUDA ops when CUDA is available and CPU
-# ops otherwise, and caches the wheel ($PFCR_WHEEL_CACHE, default ~/.cache/pfcr_mm/wheels) so a
-# second set-up installs it in seconds. Safe to re-run: finished steps are skipped.
+# This script builds it with those two things fixed (tools/mmcv/prepare_source.py), with CUDA ops
+# when CUDA is available and CPU ops otherwise, only the ops that the detectors here call (listed
+# in tools/mmcv/ops.txt; PFCR_MMCV_FULL=1 builds every op), and caches the wheel
+# ($PFCR_WHEEL_CACHE, default ~/.cache/pfcr_mm/wheels) so a second set-up installs it in seconds.
+# Safe to re-run: finished steps are skipped.
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -32,21 +34,34 @@ say "installing torch==$TORCH torchvision==$TORCHVISION and build tools"
 "${pip[@]}" install "torch==$TORCH" "torchvision==$TORCHVISION" \
   "setuptools==80.9.0" "ninja==1.11.1.1" "numpy==1.26.4"
 
-if "$venv/bin/python" -c "import mmcv, mmcv.ops, sys; sys.exit(mmcv.__version__ != '$MMCV')" 2>/dev/null; then
-  say "mmcv $MMCV with ops already installed"
+# The compiled ops to build: the functions of mmcv's ops extension listed in tools/mmcv/ops.txt
+# (those the tests, the demo and the demo detectors' training call), or every op.
+if [ "${PFCR_MMCV_FULL:-0}" = 1 ]; then
+  ops=all; prepare=(--full)
+else
+  ops=$(sed -e 's/#.*//' -e '/^[[:space:]]*$/d' "$root/tools/mmcv/ops.txt" | sort | tr '\n' ' ')
+  prepare=(--ops "$root/tools/mmcv/ops.txt")
+fi
+built_ops() {  # what the installed mmcv was built with (mmcv/pfcr_ops.txt), or nothing
+  "$venv/bin/python" -c "import mmcv, mmcv.ops, pathlib, sys; sys.exit(mmcv.__version__ != '$MMCV')
+print(' '.join(sorted(pathlib.Path(mmcv.__file__).with_name('pfcr_ops.txt').read_text().split())) + ' ')" 2>/dev/null
+}
+if [ "$(built_ops)" = "$ops" ] || [ "$(built_ops)" = "all " ]; then
+  say "mmcv $MMCV with ops already installed ($(built_ops | wc -w) built, 1 = all)"
 else
   cuda=$("$venv/bin/python" -c "import torch; print(torch.version.cuda.replace('.', '') if torch.cuda.is_available() else '')")
   flavour=${cuda:+cu$cuda}; flavour=${flavour:-cpu}
-  wheel_dir="$cache/mmcv-$MMCV-torch$TORCH-$flavour"
+  ops_key=$(printf '%s' "$ops" | sha256sum | cut -c1-12)
+  wheel_dir="$cache/mmcv-$MMCV-torch$TORCH-$flavour-ops-$ops_key"
   if ! ls "$wheel_dir"/mmcv-*.whl >/dev/null 2>&1; then
     build=$(mktemp -d)
     trap 'rm -rf "$build"' EXIT
-    say "building mmcv $MMCV from source with $flavour ops: this takes about 10 minutes on 2 cores"
+    built_at=$(date +%s)
+    say "building mmcv $MMCV from source with $flavour ops (every op: about 10 minutes on 2 cores)"
     "${pip[@]}" download "mmcv==$MMCV" --no-deps --no-binary mmcv --no-build-isolation -d "$build"
     tar -xzf "$build"/mmcv-$MMCV.tar.gz -C "$build"
     src="$build/mmcv-$MMCV"
-    grep -q -- '-std=c++17' "$src/setup.py" || { say "mmcv setup.py no longer holds -std=c++17; check the patch"; exit 1; }
-    sed -i 's/-std=c++17/-std=c++20/g' "$src/setup.py"
+    "$venv/bin/python" "$root/tools/mmcv/prepare_source.py" "$src" "${prepare[@]}"
     export MMCV_WITH_OPS=1 MAX_JOBS=${MAX_JOBS:-$(nproc)}
     if [ "$flavour" != cpu ]; then export FORCE_CUDA=1; fi
     # pip's own output is the progress here: the compile prints one line per source file.
@@ -56,11 +71,11 @@ else
     ls "$build"/dist/mmcv-*.whl >/dev/null 2>&1 || { say "mmcv build failed; rerun with the full log: see above"; exit 1; }
     mkdir -p "$wheel_dir"
     cp "$build"/dist/mmcv-*.whl "$wheel_dir/"
-    say "cached the mmcv wheel in $wheel_dir"
+    say "built mmcv in $(( $(date +%s) - built_at )) s; cached the wheel in $wheel_dir"
   else
     say "using cached mmcv wheel from $wheel_dir"
   fi
-  "${pip[@]}" install --no-deps "$wheel_dir"/mmcv-*.whl
+  "${pip[@]}" install --no-deps --force-reinstall "$wheel_dir"/mmcv-*.whl
 fi
 
 say "installing pfcr_mm and its pinned dependencies"
