@@ -273,7 +273,8 @@ def main(argv: list[str]) -> int:
     names = sorted(str(q.relative_to(csrc)) for q in kept if q.exists())
     print(
         f"building the mmcv ops of {len(wanted)} functions ({' '.join(sorted(wanted))}) "
-        f"from {len(names)} of {len(sources)} sources: {' '.join(names)}"
+        f"from {len(names)} of {len(sources)} source files (cuda/ ones compiled only with CUDA): "
+        f"{' '.join(names)}"
     )
     return 0
 
