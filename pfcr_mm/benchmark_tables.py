@@ -277,6 +277,45 @@ def export_table(data: dict, latency: bool = False) -> str:
     )
 
 
+def export_sizes_table(data: dict, latency: bool = False) -> str:
+    """``benchmark_export.py --models sizes``: FP32 and int8 onnxruntime latency per model,
+    batch and thread count, then what the kernels' time goes to at batch 1 (the profile's
+    operator types above 2 %); ``latency`` adds how the latency was measured to the setup
+    line."""
+    head = ["model", "input", "batch", "threads", "FP32 ms", "int8 ms", "int8 speed-up"]
+    rows = [
+        [
+            r["model"],
+            "x".join(map(str, r["input_size"])),
+            str(r["batch"]),
+            str(r["threads"]),
+            f"{r['fp32_ms']:.1f}",
+            f"{r['int8_ms']:.1f}",
+            f"{r['speedup']:.2f}x",
+        ]
+        for r in data["models"]
+    ]
+    profiles = []
+    for r in data["models"]:
+        if r["model"] in (p[0] for p in profiles):
+            continue
+        for key, shares in r["profile_batch1_threads1"].items():
+            top = ", ".join(f"{op} {share:.0f}" for op, share in shares.items() if share >= 2)
+            profiles.append([r["model"], "FP32" if key == "fp32" else "int8", top])
+    setup = f"{data['quantization']}; {_onnxruntime(data, latency)}"
+    return _text(
+        setup,
+        [
+            *table_lines(head, rows),
+            "",
+            "Share of the kernels' time (%) per operator type, batch 1, 1 thread (onnxruntime's "
+            "profile):",
+            "",
+            *table_lines(["model", "export", "operator types (%)"], profiles),
+        ],
+    )
+
+
 def _pair(maps: dict) -> str:
     """Box / mask mAP in %."""
     return " / ".join(

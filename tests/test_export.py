@@ -23,6 +23,7 @@ from pfcr_mm.export.modules import QuantDequant
 from pfcr_mm.export.runtime import (
     cpu_session,
     integer_kernel_counts,
+    op_time_shares,
     optimized_op_counts,
     run_session,
 )
@@ -159,3 +160,23 @@ def test_log_quantizer_in_elementary_ops_is_exact(tmp_path):
     mismatch = float((out != ref).float().mean())
     assert mismatch < 1e-4
     assert ref.unique().numel() > 8  # many levels in use
+
+
+@pytest.mark.slow
+def test_the_profile_says_where_the_int8_and_fp32_time_goes(tiny_timm_vit, tmp_path):
+    model, batches = _quantized(tiny_timm_vit, 8)
+    uniform_post_softmax(model, lambda m: [m(b) for b in batches])
+    x = torch.randn(4, 3, 32, 32)
+    int8 = export_onnx(model, x, tmp_path / "int8.onnx", int8=True)["path"]
+    fp32 = export_onnx(tiny_timm_vit(), x, tmp_path / "fp32.onnx")["path"]
+    for path, matmuls in ((int8, integer_kernel_counts(optimized_op_counts(int8))), (fp32, None)):
+        shares = op_time_shares(path, x, runs=2)
+        assert sum(shares.values()) == pytest.approx(100)
+        assert list(shares.values()) == sorted(shares.values(), reverse=True)
+        ran = optimized_op_counts(path)
+        assert set(shares) <= set(ran)  # operator types of the graph that ran
+        if matmuls:  # the integer matmuls and the quantizes that feed them take time
+            assert set(matmuls) <= set(shares) and "QuantizeLinear" in shares
+        else:
+            assert not {"QuantizeLinear", "DequantizeLinear"} & set(shares)
+            assert {"MatMul", "FusedMatMul", "Gemm"} & set(shares)

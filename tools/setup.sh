@@ -39,15 +39,15 @@ say "installing torch==$TORCH torchvision==$TORCHVISION and build tools"
 if [ "${PFCR_MMCV_FULL:-0}" = 1 ]; then
   ops=all; prepare=(--full)
 else
-  ops=$(sed -e 's/#.*//' -e '/^[[:space:]]*$/d' "$root/tools/mmcv/ops.txt" | sort | tr '\n' ' ')
+  ops=$(sed -e 's/#.*//' -e '/^[[:space:]]*$/d' "$root/tools/mmcv/ops.txt" | LC_ALL=C sort | tr '\n' ' ')
   prepare=(--ops "$root/tools/mmcv/ops.txt")
 fi
-built_ops() {  # what the installed mmcv was built with (mmcv/pfcr_ops.txt), or nothing
-  "$venv/bin/python" -c "import mmcv, mmcv.ops, pathlib, sys; sys.exit(mmcv.__version__ != '$MMCV')
-print(' '.join(sorted(pathlib.Path(mmcv.__file__).with_name('pfcr_ops.txt').read_text().split())) + ' ')" 2>/dev/null
+built_ops() {  # what the installed mmcv was built with (mmcv/pfcr_ops.py), or nothing
+  "$venv/bin/python" -c "import mmcv, mmcv.ops, sys; sys.exit(mmcv.__version__ != '$MMCV')
+from mmcv.pfcr_ops import OPS; print(' '.join(sorted(OPS)) + ' ')" 2>/dev/null
 }
 if [ "$(built_ops)" = "$ops" ] || [ "$(built_ops)" = "all " ]; then
-  say "mmcv $MMCV with ops already installed ($(built_ops | wc -w) built, 1 = all)"
+  say "mmcv $MMCV already installed with the ops of: $(built_ops)"
 else
   cuda=$("$venv/bin/python" -c "import torch; print(torch.version.cuda.replace('.', '') if torch.cuda.is_available() else '')")
   flavour=${cuda:+cu$cuda}; flavour=${flavour:-cpu}

@@ -3,11 +3,13 @@
 onnxruntime rewrites a Q/DQ graph at session creation: ``DequantizeLinear -> MatMul`` becomes
 ``MatMulIntegerToFloat`` (uint8 x uint8 -> int32 accumulation, then one float scale),
 ``DequantizeLinear -> MatMul -> QuantizeLinear`` becomes ``QLinearMatMul``, and so on. The node
-types of the optimized graph (:func:`optimized_op_counts`) show what ran as integers.
+types of the optimized graph (:func:`optimized_op_counts`) show what ran as integers, and its
+profile (:func:`op_time_shares`) what each kind of kernel costs.
 """
 
 from __future__ import annotations
 
+import json
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -102,6 +104,39 @@ def optimized_op_counts(path: str | Path, threads: int = 1) -> dict[str, int]:
         cpu_session(path, threads, optimized)
         counts = Counter(n.op_type for n in onnx.load(str(optimized)).graph.node)
     return dict(sorted(counts.items()))
+
+
+def op_time_shares(
+    path: str | Path, x: torch.Tensor | np.ndarray, threads: int = 1, runs: int = 3
+) -> dict[str, float]:
+    """Where onnxruntime's time goes for the export ``path`` on the batch ``x``: the share (%)
+    of the kernels' time per operator type (of the optimized graph), over ``runs`` runs after
+    a warm-up one, largest first. From onnxruntime's profile (:func:`session_options` with
+    ``threads`` threads)."""
+    so = session_options(threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        so.enable_profiling = True
+        so.profile_file_prefix = str(Path(tmp) / "profile")
+        session = ort.InferenceSession(
+            str(path),
+            so,
+            providers=["CPUExecutionProvider"],
+            disabled_optimizers=DISABLED_OPTIMIZERS,
+        )
+        for _ in range(runs + 1):
+            run_outputs(session, x)
+        events = json.loads(Path(session.end_profiling()).read_text())
+    after_warm_up = sorted(e["ts"] for e in events if e.get("name") == "model_run")[1]
+    by_op: Counter[str] = Counter()
+    for e in events:
+        if (
+            e.get("cat") == "Node"
+            and e["name"].endswith("_kernel_time")
+            and e["ts"] >= after_warm_up
+        ):
+            by_op[e["args"]["op_name"]] += e["dur"]
+    total = sum(by_op.values())
+    return {op: 100 * t / total for op, t in by_op.most_common()}
 
 
 def integer_kernel_counts(op_counts: dict[str, int]) -> dict[str, int]:

@@ -36,7 +36,8 @@ from pathlib import Path
 import torch
 from mmengine.config import Config
 
-from pfcr_mm.benchmark_tables import export_det_table, export_table
+from pfcr_mm.adapters import prepare_calibrated
+from pfcr_mm.benchmark_tables import export_det_table, export_sizes_table, export_table
 from pfcr_mm.engine.checkpoint import load_weights_strict
 from pfcr_mm.engine.classification import create_timm_model
 from pfcr_mm.engine.deploy import (
@@ -54,11 +55,14 @@ from pfcr_mm.export.runtime import (
     cpu_session,
     describe_options,
     integer_kernel_counts,
+    op_time_shares,
     optimized_op_counts,
+    run_outputs,
     run_session,
     session_options,
 )
 from pfcr_mm.provenance import PACKAGES, machine_record, package_versions, write_benchmark
+from pfcr_mm.settings import QuantConfig
 
 ONNX_DIR = Path("work_dirs/benchmark_export")
 # the variants run in onnxruntime, by their file: <kind>_<key>.onnx
@@ -71,6 +75,8 @@ EXPORTED = {
 W8_UNIFORM = "W8A8 fake-quant PyTorch, 8-bit uniform post-softmax"
 W4_FAKE = "W4A4 fake-quant PyTorch"
 NOISE = 1e-6  # relative input perturbation of the float-rounding floor
+# the Swin-T Mask R-CNN of the README's detector configs (its model part)
+SWIN_T_DETECTOR = "configs/pfcr_mask_rcnn_swin_t_w4a4.py"
 
 
 def demo_run(name: str) -> tuple[str, str]:
@@ -404,7 +410,98 @@ def perturbed_maps(runner, seeds: tuple[int, ...] = (0, 1)) -> list[dict]:
     return rows
 
 
-KINDS = {bench.kind: bench for bench in (ViTBenchmark, DetBenchmark)}
+class SizesBenchmark:
+    """``--models sizes``: latency at the sizes people deploy, random weights (latency does
+    not depend on them): DeiT-S and ViT-B at 224x224, batch 1 and 32, and the Swin-T Mask
+    R-CNN's backbone and neck at 800x1344, batch 1. Each model W8A8 (weights per channel,
+    activations per tensor, 8-bit uniform post-softmax: every matmul can run as integers),
+    calibrated on a few random images, exported ``--int8``, against the FP32 export of the
+    same model, in onnxruntime at each ``--threads``; then onnxruntime's profile of one run of
+    each at batch 1 (1 thread): the time per operator type, which says what each float
+    island and each quantize costs."""
+
+    kind = "sizes"
+    defaults = {"threads": [1, 2], "out": "benchmarks/export_sizes"}
+    models = {
+        "DeiT-S": ("deit_small_patch16_224", (224, 224), (1, 32)),
+        "ViT-B": ("vit_base_patch16_224", (224, 224), (1, 32)),
+        "Swin-T Mask R-CNN backbone+neck": (SWIN_T_DETECTOR, (800, 1344), (1,)),
+    }
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+
+    def build(self, arch: str) -> torch.nn.Module:
+        if arch == SWIN_T_DETECTOR:
+            from mmdet.registry import MODELS
+            from mmdet.utils import register_all_modules
+
+            register_all_modules()
+            return DetectorFeatures(MODELS.build(Config.fromfile(arch).model)).eval()
+        return create_timm_model(arch).eval()
+
+    def run(self) -> int:
+        torch.manual_seed(0)
+        rows = []
+        for name, (arch, size, batches) in self.models.items():
+            print(f"{name}: building, calibrating and exporting", flush=True)
+            fp = self.build(arch)
+            files = {
+                key: ONNX_DIR / f"sizes_{arch.split('/')[-1]}_{key}.onnx"
+                for key in ("fp32", "int8")
+            }
+            fixed = arch == SWIN_T_DETECTOR  # Swin's window masks depend on the input size
+            example = torch.randn(1, 3, *size)
+            export_onnx(fp, example, files["fp32"], dynamic_batch=not fixed)
+            calib = [torch.randn(2, 3, *size) for _ in range(2)]
+            scope = ["backbone", "neck"] if fixed else None
+            config = QuantConfig(w_bits=8, a_bits=8, post_softmax="uniform")
+            prepare_calibrated(fp, config, lambda m, calib=calib: [m(x) for x in calib], scope)
+            report = export_onnx(fp, example, files["int8"], int8=True, dynamic_batch=not fixed)
+            ran = {key: optimized_op_counts(path) for key, path in files.items()}
+            for threads in self.args.threads:
+                for batch in batches:
+                    print(f"{name}: timing batch {batch}, {threads} thread(s)", flush=True)
+                    runners = {key: outputs_fn(path, threads) for key, path in files.items()}
+                    ms = latency_ms(runners, (batch, 3, *size), self.args.rounds, self.args.iters)
+                    rows.append(
+                        {
+                            "model": name,
+                            "arch": arch,
+                            "input_size": list(size),
+                            "batch": batch,
+                            "threads": threads,
+                            "fp32_ms": ms["fp32"],
+                            "int8_ms": ms["int8"],
+                            "speedup": ms["fp32"] / ms["int8"],
+                        }
+                    )
+            profiles = {key: op_time_shares(path, example) for key, path in files.items()}
+            rows[-1]["int8_export"] = {k: report[k] for k in ("quantizer_points", "bytes")}
+            for row in rows:
+                if row["model"] == name:
+                    row["onnxruntime_ops"] = ran
+                    row["profile_batch1_threads1"] = profiles
+        results = {
+            "models": rows,
+            "quantization": "W8A8, weights per channel, activations per tensor, 8-bit uniform "
+            "post-softmax; calibrated on 4 random images; random weights",
+            "latency_method": f"median of {self.args.rounds} rounds x {self.args.iters} calls, "
+            "FP32 and int8 interleaved",
+            "session_options": {t: describe_options(session_options(t)) for t in self.args.threads},
+            "machine": machine_record(),
+            "versions": package_versions((*PACKAGES, "onnxruntime", "numpy")),
+        }
+        print(write_benchmark(self.args.out, results, export_sizes_table(results)))
+        return 0
+
+
+def outputs_fn(path: Path, threads: int) -> Callable[[torch.Tensor], list[torch.Tensor]]:
+    session = cpu_session(path, threads)
+    return lambda x: run_outputs(session, x)
+
+
+KINDS = {bench.kind: bench for bench in (ViTBenchmark, DetBenchmark, SizesBenchmark)}
 
 
 def main(argv=None) -> int:
@@ -412,10 +509,14 @@ def main(argv=None) -> int:
     p.add_argument("--models", choices=sorted(KINDS), default="vit")
     p.add_argument("--w8", nargs=2, metavar=("CONFIG", "QUANTIZED"))
     p.add_argument("--w4", nargs=2, metavar=("CONFIG", "QUANTIZED"))
-    p.add_argument("--threads", nargs="+", type=int, help="default: 1 2 (vit), 1 (det)")
+    p.add_argument("--threads", nargs="+", type=int, help="default: 1 2 (vit, sizes), 1 (det)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--out", help="default: benchmarks/export (vit), benchmarks/export_det (det)")
+    p.add_argument(
+        "--out",
+        help="default: benchmarks/export (vit), benchmarks/export_det (det), "
+        "benchmarks/export_sizes (sizes)",
+    )
     args = p.parse_args(argv)
     bench = KINDS[args.models]
     for key, default in bench.defaults.items():

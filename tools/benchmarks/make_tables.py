@@ -27,6 +27,7 @@ from pfcr_mm.benchmark_tables import (
     METRICS,
     cache_table,
     export_det_table,
+    export_sizes_table,
     export_table,
     mean_spread,
     recon_table,
@@ -58,6 +59,7 @@ ORDER = [
     "cache",
     "export",
     "export_det",
+    "export_sizes",
 ]
 
 INTRO = """# Benchmarks
@@ -137,6 +139,8 @@ def table_for(data: dict) -> str:
         return step_table(data)
     if "spill_timing" in data or "settings" in data:
         return cache_table(data)
+    if "models" in data:
+        return export_sizes_table(data, latency=True)
     if "input_size" in data:
         return export_det_table(data, latency=True)
     if "variants" in data:

@@ -9,7 +9,8 @@ SRC is the unpacked source distribution; it is changed in place:
 - `mmcv/utils/ext_loader.py`: a function missing from the compiled extension becomes one that
   raises a one-line error naming it and how to build them all, so every `mmcv.ops` name still
   imports (mmcv's own loader asserts at import);
-- `mmcv/pfcr_ops.txt`: what was built (`all`, or the functions), read back by `tools/setup.sh`;
+- `mmcv/pfcr_ops.py`: what was built, `OPS` (`("all",)`, or the functions), read back by
+  `tools/setup.sh` (a module, so that the wheel carries it);
 - with an ops list: the sources the listed functions do not need are deleted and the extension's
   two registration files (`pybind.cpp`, the Python bindings, and `cuda/cudabind.cpp`, the CUDA
   implementations of every op) are cut down to what the kept sources define.
@@ -237,6 +238,13 @@ def patch_std(src: Path) -> None:
     path.write_text(text.replace("-std=c++17", "-std=c++20"))
 
 
+def write_marker(src: Path, ops: list[str]) -> None:
+    (src / "mmcv/pfcr_ops.py").write_text(
+        "# Written by pfcr_mm's tools/mmcv/prepare_source.py: the functions of the compiled ops\n"
+        f"# extension this build holds (all: every one).\nOPS = {tuple(ops)!r}\n"
+    )
+
+
 def read_ops(path: Path) -> set[str]:
     lines = (line.split("#", 1)[0].strip() for line in path.read_text().splitlines())
     return {line for line in lines if line}
@@ -255,7 +263,7 @@ def main(argv: list[str]) -> int:
     patch_std(args.src)
     patch_loader(args.src)
     if args.full:
-        (args.src / "mmcv/pfcr_ops.txt").write_text("all\n")
+        write_marker(args.src, ["all"])
         print("building every mmcv op")
         return 0
     wanted = read_ops(args.ops)
@@ -269,7 +277,7 @@ def main(argv: list[str]) -> int:
     for q in sources:
         if q.parent.name in ("", "pytorch", "cpu", "cuda") and q not in kept:
             q.unlink()
-    (args.src / "mmcv/pfcr_ops.txt").write_text("".join(f"{n}\n" for n in sorted(wanted)))
+    write_marker(args.src, sorted(wanted))
     names = sorted(str(q.relative_to(csrc)) for q in kept if q.exists())
     print(
         f"building the mmcv ops of {len(wanted)} functions ({' '.join(sorted(wanted))}) "
