@@ -51,7 +51,8 @@ if [ "$(built_ops)" = "$ops" ] || [ "$(built_ops)" = "all " ]; then
 else
   cuda=$("$venv/bin/python" -c "import torch; print(torch.version.cuda.replace('.', '') if torch.cuda.is_available() else '')")
   flavour=${cuda:+cu$cuda}; flavour=${flavour:-cpu}
-  ops_key=$(printf '%s' "$ops" | sha256sum | cut -c1-12)
+  # the cached wheel is the one of these ops, prepared by this version of prepare_source.py
+  ops_key=$({ printf '%s\n' "$ops"; cat "$root/tools/mmcv/prepare_source.py"; } | sha256sum | cut -c1-12)
   wheel_dir="$cache/mmcv-$MMCV-torch$TORCH-$flavour-ops-$ops_key"
   if ! ls "$wheel_dir"/mmcv-*.whl >/dev/null 2>&1; then
     build=$(mktemp -d)
