@@ -43,8 +43,9 @@ else
   prepare=(--ops "$root/tools/mmcv/ops.txt")
 fi
 built_ops() {  # what the installed mmcv was built with (mmcv/pfcr_ops.py), or nothing
-  "$venv/bin/python" -c "import mmcv, mmcv.ops, sys; sys.exit(mmcv.__version__ != '$MMCV')
-from mmcv.pfcr_ops import OPS; print(' '.join(sorted(OPS)) + ' ')" 2>/dev/null
+  "$venv/bin/python" -c "import mmcv, mmcv.ops
+from mmcv.pfcr_ops import OPS
+if mmcv.__version__ == '$MMCV': print(' '.join(sorted(OPS)) + ' ')" 2>/dev/null
 }
 if [ "$(built_ops)" = "$ops" ] || [ "$(built_ops)" = "all " ]; then
   say "mmcv $MMCV already installed with the ops of: $(built_ops)"
