@@ -277,12 +277,16 @@ def export_table(data: dict, latency: bool = False) -> str:
     )
 
 
+SIZES_EXPORTS = {"fp32": "FP32", "int8": "int8", "int8_signed": "int8, signed weights"}
+
+
 def export_sizes_table(data: dict, latency: bool = False) -> str:
     """``benchmark_export.py --models sizes``: FP32 and int8 onnxruntime latency per model,
     batch and thread count, then what the kernels' time goes to at batch 1 (the profile's
     operator types above 2 %); ``latency`` adds how the latency was measured to the setup
     line."""
-    head = ["model", "input", "batch", "threads", "FP32 ms", "int8 ms", "int8 speed-up"]
+    head = ["model", "input", "batch", "threads", "FP32 ms", "int8 ms", "speed-up"]
+    head += ["int8, signed weights ms", "speed-up"]
     rows = [
         [
             r["model"],
@@ -292,16 +296,16 @@ def export_sizes_table(data: dict, latency: bool = False) -> str:
             f"{r['fp32_ms']:.1f}",
             f"{r['int8_ms']:.1f}",
             f"{r['speedup']:.2f}x",
+            f"{r['int8_signed_ms']:.1f}",
+            f"{r['speedup_signed']:.2f}x",
         ]
         for r in data["models"]
     ]
-    profiles = []
-    for r in data["models"]:
-        if r["model"] in (p[0] for p in profiles):
-            continue
-        for key, shares in r["profile_batch1_threads1"].items():
-            top = ", ".join(f"{op} {share:.0f}" for op, share in shares.items() if share >= 2)
-            profiles.append([r["model"], "FP32" if key == "fp32" else "int8", top])
+    profiles = [
+        [name, SIZES_EXPORTS[key], ", ".join(f"{op} {v:.0f}" for op, v in shares.items() if v >= 2)]
+        for name, export in data["exports"].items()
+        for key, shares in export["profile_batch1_threads1"].items()
+    ]
     setup = f"{data['quantization']}; {_onnxruntime(data, latency)}"
     return _text(
         setup,

@@ -180,3 +180,36 @@ def test_the_profile_says_where_the_int8_and_fp32_time_goes(tiny_timm_vit, tmp_p
         else:
             assert not {"QuantizeLinear", "DequantizeLinear"} & set(shares)
             assert {"MatMul", "FusedMatMul", "Gemm"} & set(shares)
+
+
+@pytest.mark.slow
+def test_signed_weight_codes_are_the_same_weights_in_int8(tiny_timm_vit, tmp_path):
+    model, batches = _quantized(tiny_timm_vit, 8)
+    uniform_post_softmax(model, lambda m: [m(b) for b in batches])
+    x = torch.randn(8, 3, 32, 32)
+    paths = {signed: tmp_path / f"signed{signed}.onnx" for signed in (False, True)}
+    reports = {
+        signed: export_onnx(model, x[:2], path, int8=True, signed_weights=signed)
+        for signed, path in paths.items()
+    }
+    assert reports[True]["signed_weights"] and not reports[False]["signed_weights"]
+    graph = onnx.load(paths[True]).graph
+    inits = {t.name: t for t in graph.initializer}
+    weights = [
+        (inits[n.input[0]], inits[n.input[2]])
+        for n in graph.node
+        if n.op_type == "DequantizeLinear" and n.input[0] in inits
+    ]
+    assert len(weights) == reports[True]["integer_weight_layers"] == 4 * DEPTH + 2
+    for codes, zero_point in weights:  # int8 codes and zero points, using the signed range
+        assert codes.data_type == zero_point.data_type == onnx.TensorProto.INT8
+    lowest = min(int(numpy_helper.to_array(c).min()) for c, _ in weights)
+    assert lowest < 0
+    assert (
+        reports[True]["initializer_bytes"].get("uint8", 0)
+        < reports[False]["initializer_bytes"]["uint8"]
+    )
+    # the same weights: onnxruntime gives the same outputs
+    out = {s: run_session(cpu_session(p), x) for s, p in paths.items()}
+    torch.testing.assert_close(out[True], out[False], rtol=0, atol=1e-5)
+    assert set(integer_kernel_counts(optimized_op_counts(paths[True]))) >= {"MatMulIntegerToFloat"}

@@ -83,6 +83,7 @@ def export_quantized(
     out: str | Path,
     int8: bool = False,
     input_size: tuple[int, int] | None = None,
+    signed_weights: bool = False,
 ) -> dict:
     """Export the runner's quantized model to ``out`` and write the report next to it
     (``<out>`` with the suffix ``.json``): a classifier whole (:func:`export_classifier`), a
@@ -90,22 +91,25 @@ def export_quantized(
 
     int8: the log post-softmax quantizers become 8-bit uniform ones
     (:func:`switch_post_softmax`) and every point is written in 8-bit containers: the graph
-    onnxruntime runs with integer kernels. The report holds
+    onnxruntime runs with integer kernels. signed_weights: int8 weight codes
+    (:func:`pfcr_mm.export.export_onnx`). The report holds
     :func:`pfcr_mm.export.export_onnx`'s, the post-softmax switch per attention (``int8``) and
     the parity of onnxruntime against the PyTorch fake-quant model."""
     if is_detector(runner):
-        report = export_detector(runner, ptq, out, int8, input_size)
+        report = export_detector(runner, ptq, out, int8, input_size, signed_weights)
     elif input_size is not None:
         raise ValueError("--input-size is for detectors; a classifier is exported at any size")
     else:
-        report = export_classifier(runner, ptq, out, int8)
+        report = export_classifier(runner, ptq, out, int8, signed_weights)
     report.update(config=runner.cfg.filename, method=ptq.method, quant_config=ptq.quant.to_dict())
     with atomic_path(Path(out).with_suffix(".json")) as tmp:
         tmp.write_text(json.dumps(report, indent=1))
     return report
 
 
-def export_classifier(runner: Runner, ptq: PTQConfig, out: str | Path, int8: bool) -> dict:
+def export_classifier(
+    runner: Runner, ptq: PTQConfig, out: str | Path, int8: bool, signed_weights: bool = False
+) -> dict:
     """The whole classifier, dynamic batch; parity on the first test batch: maximum logit
     difference, top-1 agreement (in ``int8`` mode also against the fake-quant model before the
     post-softmax switch: what the switch costs there)."""
@@ -116,7 +120,7 @@ def export_classifier(runner: Runner, ptq: PTQConfig, out: str | Path, int8: boo
     switch = switch_post_softmax(runner, ptq) if int8 else []
     with torch.no_grad():
         fake = net(images)
-    report = export_onnx(net, images[:2], out, int8=int8)
+    report = export_onnx(net, images[:2], out, int8=int8, signed_weights=signed_weights)
     logits = run_session(cpu_session(out), images)
     report["post_softmax_switch"] = switch
     report["parity"] = {
@@ -180,6 +184,7 @@ def export_detector(
     out: str | Path,
     int8: bool,
     input_size: tuple[int, int] | None = None,
+    signed_weights: bool = False,
 ) -> dict:
     """The detector's backbone and neck (:class:`DetectorFeatures`) at a fixed input
     ``(1, 3, H, W)``: ``input_size``, by default the padded size of the first test batch.
@@ -200,7 +205,9 @@ def export_detector(
         parity["before_switch"] = mean_average_precisions(evaluate_detector(runner))
         switch = switch_post_softmax(runner, ptq)
     pytorch = mean_average_precisions(evaluate_detector(runner))
-    report = export_onnx(dense, padded[:1], out, int8=int8, dynamic_batch=False)
+    report = export_onnx(
+        dense, padded[:1], out, int8=int8, dynamic_batch=False, signed_weights=signed_weights
+    )
     onnx_features = FixedSizeRunner(cpu_session(out))
     with features_from(model, onnx_features):
         onnxruntime = mean_average_precisions(evaluate_detector(runner))

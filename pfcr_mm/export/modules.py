@@ -57,7 +57,8 @@ def dequantize(
 ) -> torch.Tensor:
     """``(codes - zero_point) * scale``, per channel along ``axis`` (``None``: per tensor);
     ``DequantizeLinear`` in an ONNX export. ``codes``/``zero_point``: uint8 tensors of
-    ``bits``-bit values, ``scale``: float of the shape of ``zero_point``."""
+    ``bits``-bit values (or int8 ones, the same values less 128: signed weight codes),
+    ``scale``: float of the shape of ``zero_point``."""
     if torch.onnx.is_in_onnx_export():
         return torch.onnx.ops.symbolic(
             "DequantizeLinear",
@@ -118,7 +119,9 @@ class QuantDequant(nn.Module):
 class IntegerWeights(nn.Module):
     """Integer weight codes with per-output-channel scales and zero points (along
     ``channel_axis`` of the stored codes), and the input quantizer point of a quantized layer;
-    ``transpose``: the codes are stored transposed (a linear's)."""
+    ``transpose``: the codes are stored transposed (a linear's); ``signed``: 8-bit containers
+    hold ``int8`` codes and zero points, both less 128 (the same weights: onnxruntime then
+    multiplies uint8 activations by int8 weights, the form VNNI/AMX CPUs run fastest)."""
 
     def __init__(
         self,
@@ -126,6 +129,7 @@ class IntegerWeights(nn.Module):
         int8: bool,
         channel_axis: int,
         transpose: bool = False,
+        signed: bool = False,
     ):
         super().__init__()
         wq = layer.weight_quantizer
@@ -133,9 +137,14 @@ class IntegerWeights(nn.Module):
         self.container = container_bits(self.bits, int8)
         self.channel_axis = channel_axis
         codes = wq.integer_weight(layer.weight.detach()).to(torch.uint8)
+        zero_point = wq.zero_point.detach().to(torch.uint8)
+        if signed and self.container == 8:
+            codes, zero_point = (
+                t.to(torch.int16).sub(128).to(torch.int8) for t in (codes, zero_point)
+            )
         self.register_buffer("codes", codes.t().contiguous() if transpose else codes)
         self.register_buffer("weight_scale", wq.scale.detach().float().reshape(-1).clone())
-        self.register_buffer("weight_zero_point", wq.zero_point.detach().to(torch.uint8))
+        self.register_buffer("weight_zero_point", zero_point)
         bias = None if layer.bias is None else layer.bias.detach().clone()
         self.register_buffer("bias", bias)
         self.input_quantizer = QuantDequant(layer.input_quantizer, int8)
@@ -157,8 +166,8 @@ class IntegerLinear(IntegerWeights):
     directly (onnxruntime fuses ``DequantizeLinear -> MatMul`` into an integer matmul).
     ``x``: ``(..., in)``, ``y``: ``(..., out)``."""
 
-    def __init__(self, layer: QuantLinear, int8: bool):
-        super().__init__(layer, int8, channel_axis=1, transpose=True)
+    def __init__(self, layer: QuantLinear, int8: bool, signed: bool = False):
+        super().__init__(layer, int8, channel_axis=1, transpose=True, signed=signed)
         shift = layer.input_shift
         self.register_buffer("input_shift", None if shift is None else shift.detach().clone())
 
@@ -178,8 +187,8 @@ class IntegerConv2d(IntegerWeights):
     """``y = conv2d(Q(x), W_hat) + b`` with the convolution's geometry; codes
     ``(out, in / groups, kh, kw)`` per output channel along axis 0. ``x``: ``(B, C, H, W)``."""
 
-    def __init__(self, layer: QuantConv2d, int8: bool):
-        super().__init__(layer, int8, channel_axis=0)
+    def __init__(self, layer: QuantConv2d, int8: bool, signed: bool = False):
+        super().__init__(layer, int8, channel_axis=0, signed=signed)
         if layer.padding_mode != "zeros":
             raise ValueError(f"padding_mode={layer.padding_mode!r} is not exported")
         self.stride, self.padding = layer.stride, layer.padding
@@ -207,8 +216,8 @@ class IntegerConvTranspose2d(IntegerWeights):
     1.32: off by 0.6 of a range of 9 at W4A4); the transposed convolution runs in floating
     point there either way."""
 
-    def __init__(self, layer: QuantConvTranspose2d, int8: bool):
-        super().__init__(layer, int8, channel_axis=1)
+    def __init__(self, layer: QuantConvTranspose2d, int8: bool, signed: bool = False):
+        super().__init__(layer, int8, channel_axis=1, signed=signed)
         self.stride, self.padding = layer.stride, layer.padding
         self.output_padding, self.dilation = layer.output_padding, layer.dilation
 

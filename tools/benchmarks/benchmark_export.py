@@ -415,8 +415,9 @@ class SizesBenchmark:
     not depend on them): DeiT-S and ViT-B at 224x224, batch 1 and 32, and the Swin-T Mask
     R-CNN's backbone and neck at 800x1344, batch 1. Each model W8A8 (weights per channel,
     activations per tensor, 8-bit uniform post-softmax: every matmul can run as integers),
-    calibrated on a few random images, exported ``--int8``, against the FP32 export of the
-    same model, in onnxruntime at each ``--threads``; then onnxruntime's profile of one run of
+    calibrated on a few random images, exported ``--int8`` with uint8 weight codes (the
+    default) and with int8 ones (``--signed-weights``), against the FP32 export of the same
+    model, in onnxruntime at each ``--threads``; then onnxruntime's profile of one run of
     each at batch 1 (1 thread): the time per operator type, which says what each float
     island and each quantize costs."""
 
@@ -442,13 +443,13 @@ class SizesBenchmark:
 
     def run(self) -> int:
         torch.manual_seed(0)
-        rows = []
+        rows, exports = [], {}
         for name, (arch, size, batches) in self.models.items():
             print(f"{name}: building, calibrating and exporting", flush=True)
             fp = self.build(arch)
             files = {
                 key: ONNX_DIR / f"sizes_{arch.split('/')[-1]}_{key}.onnx"
-                for key in ("fp32", "int8")
+                for key in ("fp32", "int8", "int8_signed")
             }
             fixed = arch == SWIN_T_DETECTOR  # Swin's window masks depend on the input size
             example = torch.randn(1, 3, *size)
@@ -457,8 +458,15 @@ class SizesBenchmark:
             scope = ["backbone", "neck"] if fixed else None
             config = QuantConfig(w_bits=8, a_bits=8, post_softmax="uniform")
             prepare_calibrated(fp, config, lambda m, calib=calib: [m(x) for x in calib], scope)
-            report = export_onnx(fp, example, files["int8"], int8=True, dynamic_batch=not fixed)
-            ran = {key: optimized_op_counts(path) for key, path in files.items()}
+            for key, signed in (("int8", False), ("int8_signed", True)):
+                export_onnx(
+                    fp,
+                    example,
+                    files[key],
+                    int8=True,
+                    dynamic_batch=not fixed,
+                    signed_weights=signed,
+                )
             for threads in self.args.threads:
                 for batch in batches:
                     print(f"{name}: timing batch {batch}, {threads} thread(s)", flush=True)
@@ -471,19 +479,25 @@ class SizesBenchmark:
                             "input_size": list(size),
                             "batch": batch,
                             "threads": threads,
-                            "fp32_ms": ms["fp32"],
-                            "int8_ms": ms["int8"],
+                            **{f"{key}_ms": t for key, t in ms.items()},
                             "speedup": ms["fp32"] / ms["int8"],
+                            "speedup_signed": ms["fp32"] / ms["int8_signed"],
                         }
                     )
-            profiles = {key: op_time_shares(path, example) for key, path in files.items()}
-            rows[-1]["int8_export"] = {k: report[k] for k in ("quantizer_points", "bytes")}
-            for row in rows:
-                if row["model"] == name:
-                    row["onnxruntime_ops"] = ran
-                    row["profile_batch1_threads1"] = profiles
+            outputs = {key: outputs_fn(files[key], 1)(example) for key in ("int8", "int8_signed")}
+            exports[name] = {
+                "bytes": {key: path.stat().st_size for key, path in files.items()},
+                "onnxruntime_ops": {key: optimized_op_counts(path) for key, path in files.items()},
+                "signed_vs_unsigned_max_abs_diff": max(
+                    float((a - b).abs().max()) for a, b in zip(*outputs.values())
+                ),
+                "profile_batch1_threads1": {
+                    key: op_time_shares(path, example) for key, path in files.items()
+                },
+            }
         results = {
             "models": rows,
+            "exports": exports,
             "quantization": "W8A8, weights per channel, activations per tensor, 8-bit uniform "
             "post-softmax; calibrated on 4 random images; random weights",
             "latency_method": f"median of {self.args.rounds} rounds x {self.args.iters} calls, "
