@@ -206,7 +206,7 @@ def export_detector(
         switch = switch_post_softmax(runner, ptq)
     pytorch = mean_average_precisions(evaluate_detector(runner))
     report = export_onnx(
-        dense, padded[:1], out, int8=int8, dynamic_batch=False, signed_weights=signed_weights
+        dense, padded[:1], out, int8, dynamic_batch=False, signed_weights=signed_weights
     )
     onnx_features = FixedSizeRunner(cpu_session(out))
     with features_from(model, onnx_features):
@@ -229,18 +229,23 @@ def export_detector(
     )
     report["post_softmax_switch"] = switch
     report["parity"] = parity
+    report["runs_in"] = _detector_runs_in(model)
+    return report
+
+
+def _detector_runs_in(model: nn.Module) -> dict:
+    """What of a detector the export holds, and what stays in PyTorch."""
     in_heads = [
         n
         for n, m in model.named_modules()
         if isinstance(m, QUANT_LAYERS) and not n.startswith(("backbone.", "neck."))
     ]
-    report["runs_in"] = {
+    return {
         "onnxruntime": "backbone and neck (image -> FPN levels)",
         "pytorch": "RPN head, RoI heads (RoIAlign, box and mask heads), NMS, box and mask "
         "post-processing",
         "pytorch_quantized_layers": in_heads,
     }
-    return report
 
 
 def mean_average_precisions(metrics: dict) -> dict:

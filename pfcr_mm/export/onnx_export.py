@@ -232,11 +232,9 @@ def export_onnx(
     range), the form onnxruntime runs with integer kernels; the default stores 4-bit codes
     as uint4. Log post-softmax quantizers stay exact either way; to run them as integers,
     call :func:`uniform_post_softmax` first.
-    signed_weights: 8-bit weight codes stored as ``int8`` (codes and zero points less 128: the
-    same weights), so that onnxruntime multiplies uint8 activations by int8 weights, its fast
-    path on CPUs with VNNI or AMX (1.7x the uint8 x uint8 matmuls on DeiT-S at batch 32,
-    ``benchmarks/export_sizes``). Leave it off for CPUs without VNNI: there onnxruntime's
-    uint8 x int8 kernel sums pairs of products in 16 bits, which can saturate.
+    signed_weights: 8-bit weight codes and zero points stored as ``int8``, less 128 (the same
+    weights): onnxruntime's fast uint8 x int8 path on CPUs with VNNI or AMX; not for CPUs
+    without VNNI, where it sums pairs of products in 16 bits (``docs/deploy.md``).
     dynamic_batch: the batch size is a dynamic dimension (else every shape is ``example``'s:
     a model whose graph depends on the input size, such as Swin's shifted-window masks, is
     exported at one size).
@@ -248,20 +246,14 @@ def export_onnx(
     layers = sum(isinstance(m, IntegerWeights) for m in net.modules())
     with torch.no_grad():
         outputs = net(example)
-    if isinstance(outputs, torch.Tensor):
-        output_names = ["output"]
-    else:
-        output_names = [f"output_{i}" for i in range(len(outputs))]
+    single = isinstance(outputs, torch.Tensor)
+    output_names = ["output"] if single else [f"output_{i}" for i in range(len(outputs))]
     proto = _traced(net, example, output_names, dynamic_batch)
     retyped = _store_low_bit_codes(proto.graph)
     _drop_trace_metadata(proto.graph)
     onnx.checker.check_model(proto)
     with atomic_path(path) as tmp:
         onnx.save(proto, tmp)
-    by_type = Counter()
-    for t in proto.graph.initializer:
-        by_type[onnx.TensorProto.DataType.Name(t.data_type).lower()] += _stored_bytes(t)
-    ops = Counter(node.op_type for node in proto.graph.node)
     return {
         "path": str(path),
         "bytes": path.stat().st_size,
@@ -274,8 +266,8 @@ def export_onnx(
         "integer_weight_layers": layers,
         "uint4_initializers": retyped,
         "post_softmax": describe_post_softmax(model),
-        "initializer_bytes": dict(sorted(by_type.items())),
-        "ops": dict(sorted(ops.items())),
+        "initializer_bytes": _initializer_bytes(proto.graph),
+        "ops": dict(sorted(Counter(node.op_type for node in proto.graph.node).items())),
         "bits_by_q_node": _bits_by_node(proto.graph),
     }
 
@@ -288,6 +280,14 @@ def _drop_trace_metadata(graph: onnx.GraphProto) -> None:
         del node.metadata_props[:]
         for key, value in keep:
             node.metadata_props.add(key=key, value=value)
+
+
+def _initializer_bytes(graph: onnx.GraphProto) -> dict[str, int]:
+    """The bytes the initializers take in the file, by data type (``uint8``, ``uint4``, ...)."""
+    by_type = Counter()
+    for t in graph.initializer:
+        by_type[onnx.TensorProto.DataType.Name(t.data_type).lower()] += _stored_bytes(t)
+    return dict(sorted(by_type.items()))
 
 
 def _stored_bytes(t: onnx.TensorProto) -> int:
