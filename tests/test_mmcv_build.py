@@ -55,7 +55,8 @@ REGISTER_DEVICE_IMPL(foo_forward_impl, CPU, foo_forward_cpu);
 void baz_impl(Tensor x);
 REGISTER_DEVICE_IMPL(baz_impl, CPU, baz_cpu);
 """,
-    "cuda/cudabind.cpp": """#include "pytorch_cpp_helper.hpp"
+    "cuda/cudabind.cpp": """// the CUDA bindings
+#include "pytorch_cpp_helper.hpp"
 void FooLauncher(Tensor x);
 void foo_check(Tensor x) { CHECK_CUDA(x); }
 void foo_forward_cuda(Tensor x) {
@@ -116,7 +117,7 @@ def test_a_dispatched_op_keeps_its_cpu_and_cuda_implementations_and_nothing_else
     assert (
         "baz_cuda(Tensor x) {" not in cudabind and "REGISTER_DEVICE_IMPL(baz_impl" not in cudabind
     )
-    assert cudabind.startswith('#include "pytorch_cpp_helper.hpp"')
+    assert cudabind.startswith('// the CUDA bindings\n#include "pytorch_cpp_helper.hpp"\n')
 
 
 def test_an_op_that_calls_its_cpu_function_directly_keeps_that_file(mmcv_source_tool, mmcv_tree):

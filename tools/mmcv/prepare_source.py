@@ -80,7 +80,7 @@ def statements(text: str) -> list[str]:
                 j += 2 if text[j] == "\\" else 1
             i = j + 1
             continue
-        if c == "#" and depth == 0 and text[start:i].strip() == "":
+        if c == "#" and depth == 0 and _head(text[start:i]).strip() == "":
             end = i
             while True:  # a preprocessor line, with its continuations
                 end = text.find("\n", end)
@@ -95,7 +95,7 @@ def statements(text: str) -> list[str]:
             depth += 1
         elif c == "}":
             depth -= 1
-            if depth == 0 and not text[start:i].rstrip().endswith("="):
+            if depth == 0:
                 j = i + 1
                 while j < n and text[j] in " \t":
                     j += 1
