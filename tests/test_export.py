@@ -192,7 +192,7 @@ def test_signed_weight_codes_are_the_same_weights_in_int8(tiny_timm_vit, tmp_pat
         signed: export_onnx(model, x[:2], path, int8=True, signed_weights=signed)
         for signed, path in paths.items()
     }
-    assert reports[True]["signed_weights"] and not reports[False]["signed_weights"]
+    assert reports[False]["signed_weight_layers"] == 0
     graph = onnx.load(paths[True]).graph
     inits = {t.name: t for t in graph.initializer}
     weights = [
@@ -200,7 +200,7 @@ def test_signed_weight_codes_are_the_same_weights_in_int8(tiny_timm_vit, tmp_pat
         for n in graph.node
         if n.op_type == "DequantizeLinear" and n.input[0] in inits
     ]
-    assert len(weights) == reports[True]["integer_weight_layers"] == 4 * DEPTH + 2
+    assert len(weights) == reports[True]["signed_weight_layers"] == 4 * DEPTH + 2
     for codes, zero_point in weights:  # int8 codes and zero points, using the signed range
         assert codes.data_type == zero_point.data_type == onnx.TensorProto.INT8
     lowest = min(int(numpy_helper.to_array(c).min()) for c, _ in weights)

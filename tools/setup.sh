@@ -38,17 +38,20 @@ say "installing torch==$TORCH torchvision==$TORCHVISION and build tools"
 # (those the tests, the demo and the demo detectors' training call), or every op.
 if [ "${PFCR_MMCV_FULL:-0}" = 1 ]; then
   ops=all; prepare=(--full)
-else
-  ops=$(sed -e 's/#.*//' -e '/^[[:space:]]*$/d' "$root/tools/mmcv/ops.txt" | LC_ALL=C sort | tr '\n' ' ')
+else  # the list as prepare_source.py reads it, sorted as built_ops prints it
+  ops=$("$venv/bin/python" -c "import sys; sys.path.insert(0, '$root/tools/mmcv')
+from prepare_source import read_ops; from pathlib import Path
+print(' '.join(sorted(read_ops(Path('$root/tools/mmcv/ops.txt')))))")
   prepare=(--ops "$root/tools/mmcv/ops.txt")
 fi
 built_ops() {  # what the installed mmcv was built with (mmcv/pfcr_ops.py), or nothing
   "$venv/bin/python" -c "import mmcv, mmcv.ops
 from mmcv.pfcr_ops import OPS
-if mmcv.__version__ == '$MMCV': print(' '.join(sorted(OPS)) + ' ')" 2>/dev/null
+if mmcv.__version__ == '$MMCV': print(' '.join(sorted(OPS)))" 2>/dev/null
 }
-if [ "$(built_ops)" = "$ops" ] || [ "$(built_ops)" = "all " ]; then
-  say "mmcv $MMCV already installed with the ops of: $(built_ops)"
+installed=$(built_ops || true)
+if [ -n "$installed" ] && { [ "$installed" = "$ops" ] || [ "$installed" = all ]; }; then
+  say "mmcv $MMCV already installed with the ops of: $installed"
 else
   cuda=$("$venv/bin/python" -c "import torch; print(torch.version.cuda.replace('.', '') if torch.cuda.is_available() else '')")
   flavour=${cuda:+cu$cuda}; flavour=${flavour:-cpu}
@@ -79,6 +82,11 @@ else
     say "using cached mmcv wheel from $wheel_dir"
   fi
   "${pip[@]}" install --no-deps --force-reinstall "$wheel_dir"/mmcv-*.whl
+  if ! "$venv/bin/python" -c "import mmcv._ext, mmcv.ops"; then
+    rm -rf "$wheel_dir"
+    say "the mmcv build does not load (see above); its cached wheel is removed. Build every op: PFCR_MMCV_FULL=1 bash tools/setup.sh"
+    exit 1
+  fi
 fi
 
 say "installing pfcr_mm and its pinned dependencies"

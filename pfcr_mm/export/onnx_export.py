@@ -233,8 +233,8 @@ def export_onnx(
     as uint4. Log post-softmax quantizers stay exact either way; to run them as integers,
     call :func:`uniform_post_softmax` first.
     signed_weights: 8-bit weight codes and zero points stored as ``int8``, less 128 (the same
-    weights): onnxruntime's fast uint8 x int8 path on CPUs with VNNI or AMX; not for CPUs
-    without VNNI, where it sums pairs of products in 16 bits (``docs/deploy.md``).
+    weights; codes in 4-bit containers stay unsigned): onnxruntime's fast uint8 x int8 path on
+    CPUs with VNNI or AMX; not for CPUs without VNNI (``docs/deploy.md``).
     dynamic_batch: the batch size is a dynamic dimension (else every shape is ``example``'s:
     a model whose graph depends on the input size, such as Swin's shifted-window masks, is
     exported at one size).
@@ -243,7 +243,7 @@ def export_onnx(
     path.parent.mkdir(parents=True, exist_ok=True)
     net = integer_model(model, int8, signed_weights)
     points = sum(isinstance(m, QuantDequant) for m in net.modules())
-    layers = sum(isinstance(m, IntegerWeights) for m in net.modules())
+    layers = [m for m in net.modules() if isinstance(m, IntegerWeights)]
     with torch.no_grad():
         outputs = net(example)
     single = isinstance(outputs, torch.Tensor)
@@ -259,11 +259,11 @@ def export_onnx(
         "bytes": path.stat().st_size,
         "opset": OPSET,
         "int8": int8,
-        "signed_weights": signed_weights,
+        "signed_weight_layers": sum(m.codes.dtype == torch.int8 for m in layers),
         "input_shape": ["batch", *example.shape[1:]] if dynamic_batch else list(example.shape),
         "outputs": output_names,
         "quantizer_points": points,
-        "integer_weight_layers": layers,
+        "integer_weight_layers": len(layers),
         "uint4_initializers": retyped,
         "post_softmax": describe_post_softmax(model),
         "initializer_bytes": _initializer_bytes(proto.graph),

@@ -29,6 +29,9 @@ from pathlib import Path
 
 # Always built: mmcv.ops.info calls them at import.
 ALWAYS = ("get_compiler_version", "get_compiling_cuda_version")
+# the sparse convolution ops (mmcv.ops.SparseConv*, SubMConv*): their CUDA code lives in
+# `namespace functor` blocks and explicit template instantiations, which select() does not read
+SPARSE_CONV = ("get_indice_pairs", "indice_conv", "fused_indice_conv", "indice_maxpool")
 FULL_BUILD_HINT = "PFCR_MMCV_FULL=1 bash tools/setup.sh"
 
 LOADER_PATCH = """
@@ -152,17 +155,16 @@ class Source:
         }
 
 
-def _bindings(pybind: Path) -> tuple[str, list[tuple[str, str]], str]:
+def _bindings(pybind: Path) -> tuple[str, list[tuple[str, str, str]], str]:
     """pybind.cpp split into the text before the module's body, its `m.def` statements (each with
-    the Python name it binds) and the closing brace."""
+    the Python name it binds and the C++ function it binds to) and the closing brace."""
     text = pybind.read_text()
     open_at = text.index("PYBIND11_MODULE(")
     body_at = text.index("{", open_at) + 1
     close_at = text.rindex("}")
+    binding = re.compile(r'm\.def\(\s*"(\w+)"\s*,\s*&\s*(\w+)')
     defs = [
-        (re.search(r'm\.def\(\s*"(\w+)"', s).group(1), s)
-        for s in statements(text[body_at:close_at])
-        if s.strip()
+        (*binding.search(s).groups(), s) for s in statements(text[body_at:close_at]) if s.strip()
     ]
     return text[:body_at], defs, text[close_at:]
 
@@ -173,17 +175,24 @@ def select(src: Path, wanted: set[str]) -> tuple[set[Path], dict[Path, str]]:
     csrc = src / "mmcv/ops/csrc/pytorch"
     pybind, cudabind = csrc / "pybind.cpp", csrc / "cuda/cudabind.cpp"
     before, defs, after = _bindings(pybind)
-    bound = {name for name, _ in defs}
+    bound = {name for name, _, _ in defs}
     unknown = sorted(wanted - bound)
     if unknown:
         raise ValueError(f"not functions of mmcv's ops extension: {', '.join(unknown)}")
+    unsupported = sorted(n for n in wanted if n.startswith(SPARSE_CONV))
+    if unsupported:
+        raise ValueError(
+            f"the sparse convolution ops ({', '.join(unsupported)}) are defined inside C++ "
+            f"namespaces this script does not follow; build every op with {FULL_BUILD_HINT}"
+        )
     keep_names = wanted | set(ALWAYS)
+    functions = {cpp for name, cpp, _ in defs if name in keep_names}  # what the bindings call
 
     tops = [Source(p) for p in sorted(csrc.glob("*.cpp")) if p != pybind]
     cpus = [Source(p) for p in sorted(csrc.glob("cpu/*.cpp"))]
     kernels = [Source(p) for p in sorted(csrc.glob("cuda/*.cu"))]
     cb = Source(cudabind) if cudabind.exists() else None
-    kept = {s.path for s in tops if s.defines & keep_names}
+    kept = {s.path for s in tops + cpus if s.defines & functions}
     while True:
         mine = [s for s in tops + cpus + kernels if s.path in kept]
         # what kept files call and do not define: the files that define it
@@ -207,7 +216,7 @@ def select(src: Path, wanted: set[str]) -> tuple[set[Path], dict[Path, str]]:
             break
         kept = grown
 
-    text = {pybind: before + "".join(s for name, s in defs if name in keep_names) + after}
+    text = {pybind: before + "".join(s for name, _, s in defs if name in keep_names) + after}
     if cb:
         text[cudabind] = "".join(
             s
@@ -267,6 +276,8 @@ def main(argv: list[str]) -> int:
         print("building every mmcv op")
         return 0
     wanted = read_ops(args.ops)
+    if not wanted:
+        p.error(f"{args.ops} lists no function (one per line; build every op with --full)")
     try:
         kept, text = select(args.src, wanted)
     except ValueError as e:

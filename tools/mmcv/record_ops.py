@@ -9,7 +9,9 @@ writes a function's name to a log the first time the process calls it.
     python tools/mmcv/record_ops.py --out tools/mmcv/ops.txt -- .venv/bin/python -m pytest -q
     python tools/mmcv/record_ops.py --out tools/mmcv/ops.txt --add -- .venv/bin/python tools/demo.py
 
-The command's own exit status is returned; the list is written only when it succeeds.
+The command's own exit status is returned; the list is written only when it succeeds. Record
+with every op built (`PFCR_MMCV_FULL=1 bash tools/setup.sh`): under the trimmed build a call to
+an op that is not built fails the command (the names it called are printed).
 """
 
 from __future__ import annotations
@@ -42,6 +44,12 @@ if _log:
         def __init__(self, module):
             self._module = module
             self._seen = set()
+
+        def __setattr__(self, name, value):  # the loader's stand-ins for ops not built
+            if name.startswith("_"):
+                object.__setattr__(self, name, value)
+            else:
+                setattr(self._module, name, value)
 
         def __getattr__(self, name):
             target = getattr(self._module, name)
@@ -90,7 +98,8 @@ def main(argv: list[str]) -> int:
         called = read_ops(log)
     if rc != 0:
         print(
-            f"record_ops: the command failed (exit {rc}); {args.out} left as it was",
+            f"record_ops: the command failed (exit {rc}); {args.out} left as it was; it called: "
+            f"{' '.join(sorted(called)) or 'nothing'}",
             file=sys.stderr,
         )
         return rc
