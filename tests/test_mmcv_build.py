@@ -256,3 +256,19 @@ def test_the_installed_mmcv_has_the_listed_ops_and_names_the_others_in_one_line(
     message = str(err.value)
     assert "\n" not in message and "'deform_conv_forward' is not built" in message
     assert "PFCR_MMCV_FULL=1 bash tools/setup.sh" in message
+
+
+@pytest.mark.skipif(
+    _built_ops() in (None, ["all"]), reason="mmcv was not built from tools/mmcv/ops.txt"
+)
+def test_the_recorder_names_an_op_that_is_not_built(tmp_path):
+    out = tmp_path / "ops.txt"
+    code = (
+        "import torch; from mmcv.ops import RoIPool; "
+        "RoIPool(2, 1.0)(torch.rand(1, 2, 8, 8), torch.tensor([[0, 1.0, 1, 5, 5]]))"
+    )
+    tool = [sys.executable, str(ROOT / "tools/mmcv/record_ops.py"), "--out", str(out)]
+    run = subprocess.run([*tool, "--", sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 1 and not out.exists()
+    assert "'roi_pool_forward' is not built" in run.stderr
+    assert run.stderr.strip().endswith("it called: roi_pool_forward")

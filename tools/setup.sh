@@ -82,14 +82,15 @@ else
     say "using cached mmcv wheel from $wheel_dir"
   fi
   "${pip[@]}" install --no-deps --force-reinstall "$wheel_dir"/mmcv-*.whl
-  if ! "$venv/bin/python" -c "import mmcv._ext, mmcv.ops"; then
-    rm -rf "$wheel_dir"
-    say "the mmcv build does not load (see above); its cached wheel is removed. Build every op: PFCR_MMCV_FULL=1 bash tools/setup.sh"
-    exit 1
-  fi
 fi
 
 say "installing pfcr_mm and its pinned dependencies"
 "${pip[@]}" install -e "$root[dev]"
-"$venv/bin/python" -c "import mmcv.ops, mmdet, timm, onnx, onnxruntime, onnxscript, pfcr_mm; from mmcv.ops import RoIAlign, nms"
+if ! "$venv/bin/python" -c "import mmcv._ext, mmcv.ops, mmdet, timm, onnx, onnxruntime, onnxscript, pfcr_mm; from mmcv.ops import RoIAlign, nms"; then
+  if [ -n "${wheel_dir:-}" ]; then  # an mmcv wheel installed by this run that does not load
+    rm -rf "$wheel_dir"
+    say "removed the cached mmcv wheel $wheel_dir; rerun, or build every op: PFCR_MMCV_FULL=1 bash tools/setup.sh"
+  fi
+  exit 1
+fi
 say "ready in $(( $(date +%s) - start )) s: $venv"
