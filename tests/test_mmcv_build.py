@@ -209,20 +209,25 @@ def test_bad_ops_lists_and_sources_stop_in_one_line(mmcv_source_tool, mmcv_tree,
     assert "is not an unpacked mmcv source distribution" in capsys.readouterr().err
 
 
+def _record(out: Path, code: str, *options: str) -> subprocess.CompletedProcess:
+    """`tools/mmcv/record_ops.py --out OUT [options] -- python -c CODE`, its output captured."""
+    tool = [sys.executable, str(ROOT / "tools/mmcv/record_ops.py"), "--out", str(out), *options]
+    return subprocess.run([*tool, "--", sys.executable, "-c", code], capture_output=True, text=True)
+
+
 def test_the_recorder_lists_the_ops_a_command_calls(tmp_path):
     out = tmp_path / "ops.txt"
     code = (
         "import torch; from mmcv.ops import nms; "
         "print(nms(torch.tensor([[0., 0, 4, 4], [1, 1, 5, 5]]), torch.tensor([0.9, 0.8]), 0.1)[1])"
     )
-    tool = [sys.executable, str(ROOT / "tools/mmcv/record_ops.py"), "--out", str(out)]
-    run = subprocess.run([*tool, "--", sys.executable, "-c", code], capture_output=True, text=True)
+    run = _record(out, code)
     assert run.returncode == 0, run.stderr
     assert "tensor([0])" in run.stdout
     lines = out.read_text().splitlines()
     assert [line for line in lines if not line.startswith("#")] == ["nms"]
     assert any(line.startswith("#   ") and "from mmcv.ops import nms" in line for line in lines)
-    failed = subprocess.run([*tool, "--add", "--", sys.executable, "-c", "raise SystemExit(5)"])
+    failed = _record(out, "raise SystemExit(5)", "--add")
     assert failed.returncode == 5 and out.read_text().splitlines() == lines  # left as it was
 
 
@@ -234,16 +239,19 @@ def _built_ops():
     return list(OPS)
 
 
-@pytest.mark.skipif(
+# the tests of the mmcv that tools/setup.sh builds from tools/mmcv/ops.txt
+trimmed_mmcv = pytest.mark.skipif(
     _built_ops() in (None, ["all"]), reason="mmcv was not built from tools/mmcv/ops.txt"
 )
-def test_the_installed_mmcv_has_the_listed_ops_and_names_the_others_in_one_line():
+
+
+@trimmed_mmcv
+def test_the_installed_mmcv_has_the_listed_ops_and_names_the_others_in_one_line(mmcv_source_tool):
     import mmcv.ops
     from mmcv.utils import ext_loader
 
     listed = ext_loader.load_ext("_ext", [])
-    ops = (ROOT / "tools/mmcv/ops.txt").read_text().split("\n")
-    wanted = sorted(line for line in ops if line and not line.startswith("#"))
+    wanted = sorted(mmcv_source_tool.read_ops(ROOT / "tools/mmcv/ops.txt"))
     assert _built_ops() == wanted
     for name in wanted:  # compiled, not the loader's stand-in
         assert type(getattr(listed, name)).__name__ == "builtin_function_or_method", name
@@ -258,17 +266,14 @@ def test_the_installed_mmcv_has_the_listed_ops_and_names_the_others_in_one_line(
     assert "PFCR_MMCV_FULL=1 bash tools/setup.sh" in message
 
 
-@pytest.mark.skipif(
-    _built_ops() in (None, ["all"]), reason="mmcv was not built from tools/mmcv/ops.txt"
-)
+@trimmed_mmcv
 def test_the_recorder_names_an_op_that_is_not_built(tmp_path):
     out = tmp_path / "ops.txt"
     code = (
         "import torch; from mmcv.ops import RoIPool; "
         "RoIPool(2, 1.0)(torch.rand(1, 2, 8, 8), torch.tensor([[0, 1.0, 1, 5, 5]]))"
     )
-    tool = [sys.executable, str(ROOT / "tools/mmcv/record_ops.py"), "--out", str(out)]
-    run = subprocess.run([*tool, "--", sys.executable, "-c", code], capture_output=True, text=True)
+    run = _record(out, code)
     assert run.returncode == 1 and not out.exists()
     assert "'roi_pool_forward' is not built" in run.stderr
     assert run.stderr.strip().endswith("it called: roi_pool_forward")

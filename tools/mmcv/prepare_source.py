@@ -142,17 +142,17 @@ class Source:
     def __init__(self, path: Path):
         self.path = path
         self.statements = statements(path.read_text())
-        self.defines = {name for s in self.statements if (name := defined_function(s))}
+        # each function it defines -> the identifiers its bodies use (overloads merged)
+        self.uses: dict[str, set[str]] = {}
+        for s in self.statements:
+            if name := defined_function(s):
+                self.uses.setdefault(name, set()).update(body_names(s))
+        self.defines = set(self.uses)
         self.registers = [m.groups() for s in self.statements for m in REGISTRATION.finditer(s)]
 
     def calls(self, names: set[str] | None = None) -> set[str]:
         """The identifiers used in the bodies of its definitions (those named in `names`)."""
-        return {
-            ident
-            for s in self.statements
-            if (name := defined_function(s)) and (names is None or name in names)
-            for ident in body_names(s)
-        }
+        return set().union(*(used for n, used in self.uses.items() if names is None or n in names))
 
 
 def _bindings(pybind: Path) -> tuple[str, list[tuple[str, str, str]], str]:
