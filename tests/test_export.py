@@ -139,8 +139,10 @@ def test_int8_mode_runs_every_matmul_as_integers(tiny_timm_vit, tmp_path, bits):
     ran = optimized_op_counts(path)
     # per block: qkv, proj, fc1, fc2 as integer x integer -> float matmuls, q @ k^T and
     # probs @ v with both operands quantized, and the head (not fused into a float Gemm:
-    # runtime.DISABLED_OPTIMIZERS); no float MatMul or Gemm and no Log left
-    assert sum(integer_kernel_counts(ran).values()) == 6 * DEPTH + 1
+    # runtime.DISABLED_OPTIMIZERS); the patch embedding an integer convolution; no float
+    # MatMul or Gemm and no Log left
+    assert sum(integer_kernel_counts(ran).values()) == 6 * DEPTH + 2
+    assert integer_kernel_counts(ran)["ConvInteger"] == 1
     assert not {"MatMul", "Gemm", "Log"} & set(ran)
 
 
@@ -200,7 +202,10 @@ def test_signed_weight_codes_are_the_same_weights_in_int8(tiny_timm_vit, tmp_pat
         for n in graph.node
         if n.op_type == "DequantizeLinear" and n.input[0] in inits
     ]
-    assert len(weights) == reports[True]["signed_weight_layers"] == 4 * DEPTH + 2
+    # the linears; the patch embedding is a ConvInteger, whose codes stay uint8
+    assert len(weights) == reports[True]["signed_weight_layers"] == 4 * DEPTH + 1
+    (conv,) = [n for n in graph.node if n.op_type == "ConvInteger"]
+    assert inits[conv.input[1]].data_type == onnx.TensorProto.UINT8
     for codes, zero_point in weights:  # int8 codes and zero points, using the signed range
         assert codes.data_type == zero_point.data_type == onnx.TensorProto.INT8
     lowest = min(int(numpy_helper.to_array(c).min()) for c, _ in weights)

@@ -24,7 +24,7 @@ from mmengine.config import Config
 from pfcr_mm.adapters import prepare_calibrated
 from pfcr_mm.engine.deploy import DetectorFeatures, features_from
 from pfcr_mm.export import export_onnx
-from pfcr_mm.export.runtime import FixedSizeRunner, cpu_session, pad_images
+from pfcr_mm.export.runtime import FixedSizeRunner, cpu_session, optimized_op_counts, pad_images
 from pfcr_mm.quant.modules import QuantConv2d, QuantLinear
 from pfcr_mm.settings import QuantConfig
 
@@ -92,3 +92,36 @@ def test_detector_features_through_onnxruntime(tmp_path):
     with features_from(model, run):
         assert model.extract_feat is run
     assert model.extract_feat.__func__ is type(model).extract_feat
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bits", [8, 4])
+def test_int8_detector_runs_its_convolutions_as_integers(tmp_path, bits):
+    """``int8=True``: every convolution of the backbone and neck (the patch embedding, the FPN's
+    1x1 lateral and 3x3 output convolutions, padded) is an onnxruntime ``ConvInteger``, and the
+    features are those of PyTorch within the bound above; the weight codes of the convolutions
+    stay unsigned under ``signed_weights`` (the linears' become int8)."""
+    model = _tiny_detector()
+    batches = [torch.randn(2, 3, *SIZE) for _ in range(2)]
+    prepare_calibrated(
+        model,
+        QuantConfig(w_bits=bits, a_bits=bits),
+        lambda m: [m.extract_feat(b) for b in batches],
+        ["backbone", "neck"],
+    )
+    dense = DetectorFeatures(model).eval()
+    convs = sum(isinstance(m, QuantConv2d) for m in dense.modules())
+    linears = sum(isinstance(m, QuantLinear) for m in dense.modules())
+    assert convs == 3  # patch embedding, the lateral and the output convolution (level 2: a pool)
+    path = tmp_path / "det.onnx"
+    report = export_onnx(
+        dense, torch.randn(1, 3, *SIZE), path, int8=True, dynamic_batch=False, signed_weights=True
+    )
+    assert report["signed_weight_layers"] == linears
+    assert report["ops"]["ConvInteger"] == convs and "Conv" in report["ops"]
+    ran = optimized_op_counts(path)
+    assert ran["ConvInteger"] == convs
+    images = torch.randn(3, 3, *SIZE)
+    with torch.no_grad():
+        ref = dense(images)
+    _assert_close(FixedSizeRunner(cpu_session(path))(images), ref)

@@ -89,18 +89,21 @@ class QuantDequant(nn.Module):
         self.register_buffer("zero_point", quantizer.zero_point.detach().to(torch.uint8))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        qmax = 2**self.bits - 1
         if not torch.onnx.is_in_onnx_export():
             shape = [1] * x.dim()
             if self.axis is not None:
                 shape[self.axis] = -1
             zp = self.zero_point.reshape(shape).float()
-            return quant_dequant(x, self.scale.reshape(shape), zp, qmax)
-        if self.bits < self.container:  # clip to this quantizer's own codes [0, qmax]
+            return quant_dequant(x, self.scale.reshape(shape), zp, 2**self.bits - 1)
+        return self.dequantize(self.quantize(x))
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        """The codes of ``x``: ``QuantizeLinear`` (in an ONNX export only)."""
+        if self.bits < self.container:  # clip to this quantizer's own codes [0, 2^b - 1]
             zp = self.zero_point.float()
-            x = torch.clamp(x, -zp * self.scale, (qmax - zp) * self.scale)
+            x = torch.clamp(x, -zp * self.scale, (2**self.bits - 1 - zp) * self.scale)
         meta = {BITS_KEY: str(self.bits), CONTAINER_KEY: str(self.container)}
-        codes = torch.onnx.ops.symbolic(
+        return torch.onnx.ops.symbolic(
             "QuantizeLinear",
             (x, self.scale, self.zero_point),
             _q_dq_attrs(self.axis),
@@ -109,6 +112,9 @@ class QuantDequant(nn.Module):
             version=OPSET,
             metadata_props=meta,
         )
+
+    def dequantize(self, codes: torch.Tensor) -> torch.Tensor:
+        """The values of the codes of :meth:`quantize`: ``DequantizeLinear``."""
         return dequantize(codes, self.scale, self.zero_point, self.axis, self.bits, self.container)
 
     def extra_repr(self) -> str:
@@ -185,16 +191,26 @@ class IntegerLinear(IntegerWeights):
 
 class IntegerConv2d(IntegerWeights):
     """``y = conv2d(Q(x), W_hat) + b`` with the convolution's geometry; codes
-    ``(out, in / groups, kh, kw)`` per output channel along axis 0. ``x``: ``(B, C, H, W)``."""
+    ``(out, in / groups, kh, kw)`` per output channel along axis 0. ``x``: ``(B, C, H, W)``.
+
+    In an ``int8`` export (8-bit containers, a per-tensor input point, ``groups=1``) the
+    convolution is written as integers, :meth:`integer_conv`; else as ``DequantizeLinear`` of
+    the codes into a float ``Conv`` (onnxruntime does not fuse that one into an integer
+    kernel). Its codes stay unsigned either way: onnxruntime 1.32's ``ConvInteger`` is 4x
+    slower with int8 weights than with uint8 ones (``docs/deploy.md``)."""
 
     def __init__(self, layer: QuantConv2d, int8: bool, signed: bool = False):
-        super().__init__(layer, int8, channel_axis=0, signed=signed)
+        integer = int8 and layer.groups == 1 and layer.input_quantizer.ch_axis is None
+        super().__init__(layer, int8, channel_axis=0, signed=signed and not integer)
         if layer.padding_mode != "zeros":
             raise ValueError(f"padding_mode={layer.padding_mode!r} is not exported")
+        self.integer = integer and self.container == self.input_quantizer.container == 8
         self.stride, self.padding = layer.stride, layer.padding
         self.dilation, self.groups = layer.dilation, layer.groups
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.integer and torch.onnx.is_in_onnx_export():
+            return self.integer_conv(x)
         return F.conv2d(
             self.input_quantizer(x),
             self.weight(),
@@ -204,6 +220,49 @@ class IntegerConv2d(IntegerWeights):
             self.dilation,
             self.groups,
         )
+
+    def integer_conv(self, x: torch.Tensor) -> torch.Tensor:
+        """The convolution as integers, for onnxruntime's ``ConvInteger``, which takes one
+        weight zero point per tensor (1.32 refuses per-channel ones):
+        ``sum (x - zx)(w - zw[c]) = ConvInteger(x, w, zx, 0) - zw[c] * sum (x - zx)``, the
+        second sum over the window and every input channel: a one-channel float ``Conv`` of
+        the dequantized input summed over channels, by a kernel of ones. Then
+        ``y = sx * sw[c] * (first - second) + b``, in one ``DequantizeLinear`` of the int32
+        accumulator and one ``Conv`` (1x1, ``zw * sw`` and ``-b``) that onnxruntime fuses
+        with the subtraction."""
+        q = self.input_quantizer
+        codes = q.quantize(x)
+        geometry = {
+            "strides": list(self.stride),
+            "pads": [*self.padding, *self.padding],
+            "dilations": list(self.dilation),
+        }
+        kh, kw = self.codes.shape[2:]
+        size = [
+            (n + 2 * p - d * (k - 1) - 1) // s + 1
+            for n, p, d, k, s in zip(x.shape[2:], self.padding, self.dilation, (kh, kw), self.stride)
+        ]
+        acc = torch.onnx.ops.symbolic(
+            "ConvInteger",
+            (codes, self.codes, q.zero_point),
+            geometry,
+            dtype=6,  # INT32
+            shape=(x.shape[0], self.codes.shape[0], *size),
+            version=OPSET,
+        )
+        scale = q.scale * self.weight_scale
+        main = dequantize(acc, scale, torch.zeros(scale.shape, dtype=torch.int32), 1, 32, 32)
+        window = F.conv2d(
+            q.dequantize(codes).sum(1, keepdim=True),
+            torch.ones(1, 1, kh, kw),
+            None,
+            self.stride,
+            self.padding,
+            self.dilation,
+        )
+        zw = (self.weight_zero_point.float() * self.weight_scale).view(-1, 1, 1, 1)
+        bias = None if self.bias is None else -self.bias
+        return main - F.conv2d(window, zw, bias)
 
 
 class IntegerConvTranspose2d(IntegerWeights):
