@@ -240,7 +240,9 @@ class IntegerConv2d(IntegerWeights):
         kh, kw = self.codes.shape[2:]
         size = [
             (n + 2 * p - d * (k - 1) - 1) // s + 1
-            for n, p, d, k, s in zip(x.shape[2:], self.padding, self.dilation, (kh, kw), self.stride)
+            for n, p, d, k, s in zip(
+                x.shape[2:], self.padding, self.dilation, (kh, kw), self.stride
+            )
         ]
         acc = torch.onnx.ops.symbolic(
             "ConvInteger",
