@@ -233,8 +233,9 @@ def export_onnx(
     as uint4. Log post-softmax quantizers stay exact either way; to run them as integers,
     call :func:`uniform_post_softmax` first.
     signed_weights: 8-bit weight codes and zero points stored as ``int8``, less 128 (the same
-    weights; codes in 4-bit containers stay unsigned): onnxruntime's fast uint8 x int8 path on
-    CPUs with VNNI or AMX; not for CPUs without VNNI (``docs/deploy.md``).
+    weights; codes in 4-bit containers, and those of the integer convolutions of an ``int8``
+    export, stay unsigned): onnxruntime's fast uint8 x int8 path on CPUs with VNNI or AMX; not
+    for CPUs without VNNI (``docs/deploy.md``).
     dynamic_batch: the batch size is a dynamic dimension (else every shape is ``example``'s:
     a model whose graph depends on the input size, such as Swin's shifted-window masks, is
     exported at one size).
