@@ -58,8 +58,10 @@ from .recon import (
     default_listeners,
     run_plan,
 )
+from .recon.compensate import correct_biases
 from .recon.data import default_run_batch
 from .recon.listeners import LOG_NAME
+from .recon.unit import eval_mode
 from .settings import PTQConfig
 
 
@@ -213,7 +215,14 @@ class _Reconstruction:
             records = run_plan(steps, source, listeners, resume.records if resume else ())
         finally:
             source.close()  # the caches the source still holds, and the spill folder
-        return records, self._summary(steps, records, source)
+        summary = self._summary(steps, records, source)
+        if recon.compensate == "bias":
+            with eval_mode(self.model):
+                summary["compensation"] = correct_biases(
+                    self.model, lambda: [self.run_batch(self.model, b) for b in batches]
+                )
+            self.print_fn(f"bias correction: {summary['compensation']}")
+        return records, summary
 
     def _summary(self, steps: ReconPlan, records: list[UnitRecord], source) -> dict:
         recon = self.config.recon

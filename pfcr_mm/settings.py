@@ -30,6 +30,7 @@ RANGE_CHOICES = ("mse", "percentile", "minmax")
 POS_STRATEGIES = ("none", "two_stage", "shrink", "anneal")
 BUDGET_UNITS = ("block_passes", "steps")
 NON_BLOCK = ("calib", "layerwise", "parts")
+COMPENSATE = ("none", "bias")  # closed-form steps after the reconstruction
 DOWNSTREAM_METRICS = ("mse", "kl")
 CACHE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 TOP = "top"  # max_level: one group per stage (the whole encoder of a ViT)
@@ -279,6 +280,8 @@ class ReconSettings(_Settings):
         detector's features) or ``kl`` (the Fisher of the KL divergence of the logits' softmax at
         this temperature; a classifier).
     downstream_min_level: the term applies to units of this level and coarser only.
+    compensate: after the reconstruction, ``"bias"`` corrects the output mean of every quantized
+        layer on the calibration images (:mod:`pfcr_mm.recon.compensate`); ``"none"``: off.
     cache: where the caches live (:class:`CacheSettings`).
     """
 
@@ -308,6 +311,7 @@ class ReconSettings(_Settings):
     downstream_temperature: float = 1.0
     downstream_min_level: int = 0
     roi_batch_size: int = 128
+    compensate: str = "none"
     cache: CacheSettings = field(default_factory=CacheSettings)
 
     def __post_init__(self) -> None:
@@ -320,6 +324,7 @@ class ReconSettings(_Settings):
         check_choice(self.pos, POS_STRATEGIES, "ReconSettings.pos")
         check_choice(self.budget_unit, BUDGET_UNITS, "ReconSettings.budget_unit")
         check_choice(self.non_block, NON_BLOCK, "ReconSettings.non_block")
+        check_choice(self.compensate, COMPENSATE, "ReconSettings.compensate")
         check_choice(self.cache_dtype, CACHE_DTYPES, "ReconSettings.cache_dtype")
         check_max_level(self.max_level)
         check_choice(self.downstream_metric, DOWNSTREAM_METRICS, "ReconSettings.downstream_metric")

@@ -151,7 +151,8 @@ class IntegerWeights(nn.Module):
         self.register_buffer("codes", codes.t().contiguous() if transpose else codes)
         self.register_buffer("weight_scale", wq.scale.detach().float().reshape(-1).clone())
         self.register_buffer("weight_zero_point", zero_point)
-        bias = None if layer.bias is None else layer.bias.detach().clone()
+        bias = layer.folded_bias()
+        bias = None if bias is None else bias.detach().clone()
         self.register_buffer("bias", bias)
         self.input_quantizer = QuantDequant(layer.input_quantizer, int8)
 

@@ -14,7 +14,32 @@ from torch import nn
 from .quantizers import AdaRoundWeightQuantizer, UniformQuantizer
 
 
-class QuantLinear(nn.Linear):
+class CorrectedBias(nn.Module):
+    """The optional bias correction of a quantized layer (``bias_correction``, set by
+    :func:`pfcr_mm.recon.compensate.correct_biases`): added to the bias only while the weights
+    are quantized, so that the model's floating-point state stays the FP model; the export and
+    :meth:`folded_bias` add it for good."""
+
+    bias_correction: torch.Tensor | None
+
+    def folded_bias(self) -> torch.Tensor | None:
+        """The bias with the correction added (``None``: neither)."""
+        c = self.bias_correction
+        if c is None:
+            return self.bias
+        return c if self.bias is None else self.bias + c
+
+    def active_bias(self) -> torch.Tensor | None:
+        """What the forward adds: :meth:`folded_bias` while the weights are quantized."""
+        return self.folded_bias() if self.weight_quantizer.state == "quant" else self.bias
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if prefix + "bias_correction" in state_dict and self.bias_correction is None:
+            self.bias_correction = torch.empty_like(state_dict[prefix + "bias_correction"])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class QuantLinear(CorrectedBias, nn.Linear):
     """``y = W_hat x_hat + b``; weights per output channel, input per tensor or per channel.
     ``range_method`` / ``weight_range``: range search of the input / the weights
     (``QuantConfig.act_range`` / ``weight_range``)."""
@@ -40,6 +65,7 @@ class QuantLinear(nn.Linear):
         )
         # Per-channel shift of the input set by the post-LayerNorm re-parameterization (reparam.py)
         self.register_buffer("input_shift", None)
+        self.register_buffer("bias_correction", None)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # re-parameterization adds an input shift, and a bias to a bias-free linear
@@ -52,10 +78,11 @@ class QuantLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_shift is not None:
             x = x + self.input_shift
-        return F.linear(self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias)
+        w = self.weight_quantizer(self.weight)
+        return F.linear(self.input_quantizer(x), w, self.active_bias())
 
 
-class QuantConv2d(nn.Conv2d):
+class QuantConv2d(CorrectedBias, nn.Conv2d):
     """Conv2d with per-output-channel weights and a per-tensor input quantizer."""
 
     def __init__(
@@ -81,12 +108,11 @@ class QuantConv2d(nn.Conv2d):
         _share_and_quantize(self, conv, w_bits, a_bits, range_method, weight_range, ch_axis=0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(
-            self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias
-        )
+        w = self.weight_quantizer(self.weight)
+        return self._conv_forward(self.input_quantizer(x), w, self.active_bias())
 
 
-class QuantConvTranspose2d(nn.ConvTranspose2d):
+class QuantConvTranspose2d(CorrectedBias, nn.ConvTranspose2d):
     """ConvTranspose2d with per-output-channel weights (axis 1 of its ``(in, out, kh, kw)``
     weight) and a per-tensor input quantizer; ungrouped, the output size from the layer's own
     ``output_padding``."""
@@ -117,10 +143,11 @@ class QuantConvTranspose2d(nn.ConvTranspose2d):
         _share_and_quantize(self, conv, w_bits, a_bits, range_method, weight_range, ch_axis=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight_quantizer(self.weight)
         return F.conv_transpose2d(
             self.input_quantizer(x),
-            self.weight_quantizer(self.weight),
-            self.bias,
+            w,
+            self.active_bias(),
             self.stride,
             self.padding,
             self.output_padding,
@@ -145,6 +172,7 @@ def _share_and_quantize(
     layer.weight_quantizer = AdaRoundWeightQuantizer(w_bits, ch_axis, weight_range)
     layer.weight_quantizer.calibrate_from(layer.weight)
     layer.input_quantizer = UniformQuantizer(a_bits, range_method=range_method)
+    layer.register_buffer("bias_correction", None)
 
 
 # every quantized layer class: an input quantizer, a weight quantizer, integer weight codes

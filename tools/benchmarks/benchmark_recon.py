@@ -81,6 +81,20 @@ METHODS = {
     # fine units (level 0) on the plain error, blocks and coarser on the output-aware one
     "pfcr_kl_coarse": ["ptq.method=pfcr", *KL, "ptq.recon.downstream_min_level=1"],
     "pfcr_kl_layerwise": ["ptq.method=pfcr", *KL, "ptq.recon.non_block=layerwise"],
+    # and the bias correction after the reconstruction (pfcr_mm.recon.compensate)
+    "block_bias": ["ptq.method=block", "ptq.recon.compensate=bias"],
+    "block_kl_layerwise_bias": [
+        "ptq.method=block",
+        *KL,
+        "ptq.recon.non_block=layerwise",
+        "ptq.recon.compensate=bias",
+    ],
+    "pfcr_kl_layerwise_bias": [
+        "ptq.method=pfcr",
+        *KL,
+        "ptq.recon.non_block=layerwise",
+        "ptq.recon.compensate=bias",
+    ],
     # where the error is: weights or activations at 8 bits, the other at the run's bits
     "block_w8": ["ptq.method=block", "ptq.quant.w_bits=8"],
     "block_a8": ["ptq.method=block", "ptq.quant.a_bits=8"],
