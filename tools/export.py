@@ -19,8 +19,8 @@ and codes of 4 bits and fewer are stored as uint4.
 --signed-weights: the linears' 8-bit weight codes stored as int8 (the same weights; those of
 integer convolutions stay uint8, onnxruntime's ConvInteger is slower with int8), so that
 onnxruntime multiplies uint8 activations by int8 weights: its fastest kernels on CPUs with
-VNNI or AMX (1.7x the default's matmuls on DeiT-S at batch 32). Not for CPUs without VNNI, where that
-kernel's 16-bit pair sums can saturate.
+VNNI or AMX (1.7x the default's matmuls on DeiT-S at batch 32). Not for CPUs without VNNI, where
+that kernel's 16-bit pair sums can saturate.
 """
 
 from __future__ import annotations
