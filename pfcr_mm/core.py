@@ -218,9 +218,7 @@ class _Reconstruction:
         summary = self._summary(steps, records, source)
         if recon.compensate == "bias":
             with eval_mode(self.model):
-                summary["compensation"] = correct_biases(
-                    self.model, lambda: [self.run_batch(self.model, b) for b in batches]
-                )
+                summary["compensation"] = correct_biases(self.model, batches, self.run_batch)
             self.print_fn(f"bias correction: {summary['compensation']}")
         return records, summary
 

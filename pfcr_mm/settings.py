@@ -367,6 +367,11 @@ class PTQConfig(_Settings):
 
     def __post_init__(self) -> None:
         check_choice(self.method, METHODS, "ptq.method")
+        if self.method == "calib" and self.recon.compensate != "none":
+            raise ValueError(
+                "ptq.recon.compensate runs after a reconstruction: use ptq.method='block' or "
+                "'pfcr', or leave compensate='none' with 'calib'"
+            )
         if not isinstance(self.scope, str) or not self.scope:
             raise ValueError(
                 f"ptq.scope must be a string like 'backbone+neck' or 'all', got {self.scope!r}"
