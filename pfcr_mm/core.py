@@ -149,7 +149,7 @@ def quantize(
     )
     calibration_seconds = time.perf_counter() - start
     if config.method == "calib":
-        return QuantResult(plan)
+        return _calibrated(model, plan, config, calib_data, run_batch, print_fn)
     # reconstruct and harden, on rank 0 with every calibration batch
     run = _Reconstruction(
         model, plan, config, recon_batch or run_batch, downstream, log_dir, print_fn
@@ -159,6 +159,30 @@ def quantize(
         "reconstruction on rank 0",
     )  # fmt: skip
     return QuantResult(plan, records, {**summary, "calibration_seconds": calibration_seconds})
+
+
+def _calibrated(model, plan, config, calib_data, run_batch, print_fn) -> QuantResult:
+    """The result of ``calib``, after the bias correction when ``recon.compensate='bias'``
+    (on rank 0 with every calibration batch)."""
+    if config.recon.compensate == "none":
+        return QuantResult(plan)
+
+    def correct(batches: list) -> dict:
+        return compensate(model, batches, run_batch, print_fn)
+
+    report = on_rank0_with_all_batches(
+        model, list(calib_data), correct, "bias correction on rank 0"
+    )
+    return QuantResult(plan, recon={"compensation": report})
+
+
+def compensate(model: nn.Module, batches: list, run_batch, print_fn) -> dict:
+    """The bias correction of ``ptq.recon.compensate='bias'`` over ``batches``, in eval mode;
+    its report."""
+    with eval_mode(model):
+        report = correct_biases(model, batches, run_batch)
+    print_fn(f"bias correction: {report}")
+    return report
 
 
 def _calibration_loop(calib_data, run_batch, print_fn) -> Callable[[nn.Module], None]:
@@ -217,9 +241,7 @@ class _Reconstruction:
             source.close()  # the caches the source still holds, and the spill folder
         summary = self._summary(steps, records, source)
         if recon.compensate == "bias":
-            with eval_mode(self.model):
-                summary["compensation"] = correct_biases(self.model, batches, self.run_batch)
-            self.print_fn(f"bias correction: {summary['compensation']}")
+            summary["compensation"] = compensate(self.model, batches, self.run_batch, self.print_fn)
         return records, summary
 
     def _summary(self, steps: ReconPlan, records: list[UnitRecord], source) -> dict:

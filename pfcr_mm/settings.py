@@ -280,8 +280,9 @@ class ReconSettings(_Settings):
         detector's features) or ``kl`` (the Fisher of the KL divergence of the logits' softmax at
         this temperature; a classifier).
     downstream_min_level: the term applies to units of this level and coarser only.
-    compensate: after the reconstruction, ``"bias"`` corrects the output mean of every quantized
-        layer on the calibration images (:mod:`pfcr_mm.recon.compensate`); ``"none"``: off.
+    compensate: after the reconstruction (after calibration with ``calib``), ``"bias"`` corrects
+        the output mean of every quantized layer on the calibration images
+        (:mod:`pfcr_mm.recon.compensate`); ``"none"``: off.
     cache: where the caches live (:class:`CacheSettings`).
     """
 
@@ -367,11 +368,6 @@ class PTQConfig(_Settings):
 
     def __post_init__(self) -> None:
         check_choice(self.method, METHODS, "ptq.method")
-        if self.method == "calib" and self.recon.compensate != "none":
-            raise ValueError(
-                "ptq.recon.compensate runs after a reconstruction: use ptq.method='block' or "
-                "'pfcr', or leave compensate='none' with 'calib'"
-            )
         if not isinstance(self.scope, str) or not self.scope:
             raise ValueError(
                 f"ptq.scope must be a string like 'backbone+neck' or 'all', got {self.scope!r}"

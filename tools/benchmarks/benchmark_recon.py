@@ -81,7 +81,8 @@ METHODS = {
     # fine units (level 0) on the plain error, blocks and coarser on the output-aware one
     "pfcr_kl_coarse": ["ptq.method=pfcr", *KL, "ptq.recon.downstream_min_level=1"],
     "pfcr_kl_layerwise": ["ptq.method=pfcr", *KL, "ptq.recon.non_block=layerwise"],
-    # and the bias correction after the reconstruction (pfcr_mm.recon.compensate)
+    # and the bias correction after calibration or reconstruction (pfcr_mm.recon.compensate)
+    "calib_bias": ["ptq.method=calib", "ptq.recon.compensate=bias"],
     "block_bias": ["ptq.method=block", "ptq.recon.compensate=bias"],
     "block_kl_layerwise_bias": [
         "ptq.method=block",
