@@ -168,7 +168,7 @@ def _calibrated(model, plan, config, calib_data, run_batch, print_fn) -> QuantRe
         return QuantResult(plan)
 
     def correct(batches: list) -> dict:
-        return compensate(model, batches, run_batch, print_fn)
+        return compensate(model, plan, batches, run_batch, print_fn)
 
     report = on_rank0_with_all_batches(
         model, list(calib_data), correct, "bias correction on rank 0"
@@ -176,11 +176,11 @@ def _calibrated(model, plan, config, calib_data, run_batch, print_fn) -> QuantRe
     return QuantResult(plan, recon={"compensation": report})
 
 
-def compensate(model: nn.Module, batches: list, run_batch, print_fn) -> dict:
-    """The bias correction of ``ptq.recon.compensate='bias'`` over ``batches``, in eval mode;
-    its report."""
+def compensate(model: nn.Module, plan: QuantPlan, batches: list, run_batch, print_fn) -> dict:
+    """The bias correction of ``ptq.recon.compensate='bias'`` over ``batches``, in eval mode,
+    the pinned modules (RoI heads) left out; its report."""
     with eval_mode(model):
-        report = correct_biases(model, batches, run_batch)
+        report = correct_biases(model, batches, run_batch, [m for m, _ in plan.pinned])
     print_fn(f"bias correction: {report}")
     return report
 
@@ -241,7 +241,9 @@ class _Reconstruction:
             source.close()  # the caches the source still holds, and the spill folder
         summary = self._summary(steps, records, source)
         if recon.compensate == "bias":
-            summary["compensation"] = compensate(self.model, batches, self.run_batch, self.print_fn)
+            summary["compensation"] = compensate(
+                self.model, self.plan, batches, self.run_batch, self.print_fn
+            )
         return records, summary
 
     def _summary(self, steps: ReconPlan, records: list[UnitRecord], source) -> dict:

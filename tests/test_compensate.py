@@ -9,7 +9,7 @@ from torch import nn
 from pfcr_mm import PTQConfig, ReconSettings
 from pfcr_mm.export.onnx_export import integer_model
 from pfcr_mm.quant.calibrate import quantizer_states
-from pfcr_mm.quant.modules import QuantLinear
+from pfcr_mm.quant.modules import QuantConv2d, QuantLinear
 from pfcr_mm.recon.compensate import correct_biases
 
 
@@ -84,3 +84,60 @@ def test_compensate_setting_is_checked():
     with pytest.raises(ValueError, match="compensate"):
         ReconSettings(compensate="weights")
     assert PTQConfig.from_dict({"recon": {"compensate": "bias"}}).recon.compensate == "bias"
+
+
+class _Twice(nn.Module):
+    """One linear run twice per forward (as a head shared by the FPN levels), then another."""
+
+    def __init__(self):
+        super().__init__()
+        self.shared = nn.Linear(16, 16)
+        self.out = nn.Linear(16, 8)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.shared(torch.relu(self.shared(x)))))
+
+
+def _quantize_all(net: nn.Module, x: torch.Tensor) -> None:
+    layers = [m for m in net.modules() if isinstance(m, QuantLinear | QuantConv2d)]
+    for m in layers:
+        m.input_quantizer.set_state("observe")
+    with torch.no_grad():
+        net(x)
+    for m in layers:
+        m.input_quantizer.finish_calibration()
+        m.input_quantizer.set_state("quant")
+        m.weight_quantizer.set_state("quant")
+
+
+def test_a_layer_run_twice_per_forward_is_measured_over_both_runs():
+    torch.manual_seed(0)
+    net = _Twice()
+    net.shared, net.out = QuantLinear(net.shared, 3, 3), QuantLinear(net.out, 3, 3)
+    x = torch.randn(512, 16) + 0.5
+    _quantize_all(net, x)
+    report = correct_biases(net, list(x.split(128)), lambda m, b: m(b))
+    # one correction serves both runs, so the shared layer's means cannot all be exact; the
+    # stop after its first run alone would leave most of the shift (measured: 0.90 of it)
+    assert report["layers"] == 2
+    assert report["relative_mean_shift_after"] < 0.3 * report["relative_mean_shift_before"]
+    assert float(_mean_gap(net, x).max()) < 1e-5  # the last layer's output means are the FP ones
+
+
+def test_convolutions_are_corrected_per_output_channel_and_excluded_parts_are_not():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    net[0], net[2] = QuantConv2d(net[0], 3, 3), QuantConv2d(net[2], 3, 3)
+    x = torch.randn(16, 3, 12, 12) + 0.5
+    _quantize_all(net, x)
+    with torch.no_grad():
+        with quantizer_states(net, weights=False, activations=False):
+            fp = net(x).mean((0, 2, 3))
+        before = (net(x).mean((0, 2, 3)) - fp).abs().max()
+    report = correct_biases(net, [x], lambda m, b: m(b), exclude=[net[2]])
+    assert report["layers"] == 1 and net[2].bias_correction is None
+    assert net[0].bias_correction.shape == (8,)
+    correct_biases(net, [x], lambda m, b: m(b))
+    with torch.no_grad():
+        after = (net(x).mean((0, 2, 3)) - fp).abs().max()
+    assert float(before) > 0.01 and float(after) < 1e-5 * float(before) + 1e-6

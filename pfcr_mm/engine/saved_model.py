@@ -19,18 +19,20 @@ from .runner_io import model_and_head
 
 # v2: the post-softmax quantizer chosen per attention is part of the state
 QUANTIZED_FORMAT = "pfcr_mm.quantized_model.v2"
+# settings added since files of this format were first written: what the older files hold
+SETTINGS_ADDED = {"ptq.recon.compensate": "none"}
 
 
 def quantization_settings(config: PTQConfig) -> dict:
     """The settings that decide what the quantized model is, as plain JSON values: all of
     ``config`` except what only the run uses (``eval_fp``, ``calib.heldout_images``,
     ``calib.num_workers``, where the reconstruction caches live: ``recon.cache``) and, for
-    ``calib``, the unused ``recon``."""
+    ``calib``, the unused ``recon`` settings (all but ``compensate``)."""
     settings = config.to_dict()
     del settings["eval_fp"], settings["calib"]["heldout_images"], settings["calib"]["num_workers"]
     del settings["recon"]["cache"]
-    if config.method == "calib":
-        del settings["recon"]
+    if config.method == "calib":  # of the reconstruction settings only the compensation
+        settings["recon"] = {"compensate": settings["recon"]["compensate"]}
     return json.loads(json.dumps(settings))
 
 
@@ -116,6 +118,7 @@ def read_quantized_model(
         saved.get("settings")
         or {"method": saved["method"], "scope": saved["scope"], "quant": saved["quant_config"]}
     )
+    made = {**SETTINGS_ADDED, **made}
     keys = made.keys() | wanted.keys() if "settings" in saved else made.keys()
     differ = differing_keys(made, wanted, keys, first="ptq.method")
     if differ:

@@ -201,7 +201,12 @@ class IntegerConv2d(IntegerWeights):
     slower with int8 weights than with uint8 ones (``docs/deploy.md``)."""
 
     def __init__(self, layer: QuantConv2d, int8: bool, signed: bool = False):
-        integer = int8 and layer.groups == 1 and layer.input_quantizer.ch_axis is None
+        integer = (
+            int8
+            and layer.groups == 1
+            and layer.input_quantizer.ch_axis is None
+            and not isinstance(layer.padding, str)  # 'same' / 'valid': the float form
+        )
         super().__init__(layer, int8, channel_axis=0, signed=signed and not integer)
         if layer.padding_mode != "zeros":
             raise ValueError(f"padding_mode={layer.padding_mode!r} is not exported")
@@ -254,10 +259,11 @@ class IntegerConv2d(IntegerWeights):
             version=OPSET,
         )
         scale = q.scale * self.weight_scale
-        main = dequantize(acc, scale, torch.zeros(scale.shape, dtype=torch.int32), 1, 32, 32)
+        zero = torch.zeros(scale.shape, dtype=torch.int32, device=scale.device)
+        main = dequantize(acc, scale, zero, 1, 32, 32)
         window = F.conv2d(
             q.dequantize(codes).sum(1, keepdim=True),
-            torch.ones(1, 1, kh, kw),
+            torch.ones(1, 1, kh, kw, dtype=x.dtype, device=x.device),
             None,
             self.stride,
             self.padding,

@@ -35,7 +35,8 @@ class CorrectedBias(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         if prefix + "bias_correction" in state_dict and self.bias_correction is None:
-            self.bias_correction = torch.empty_like(state_dict[prefix + "bias_correction"])
+            stored = state_dict[prefix + "bias_correction"]  # may come from another device
+            self.bias_correction = torch.empty_like(stored, device=self.weight.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 

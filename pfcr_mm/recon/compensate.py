@@ -11,14 +11,16 @@ FP model, the reference of every error we report) and which the export folds int
 A correction moves the inputs of every layer after it, so the layers are corrected one after
 the other in the order the forward reaches them, each measured with the corrections before it
 in place; the quantized pass of a layer stops at that layer (about half a forward pass per layer
-on average). Correcting all layers at once from one pass, repeated, converged too slowly: on
-the demo ViT the second round still moved the means by three quarters of the first and the
-held-out error rose.
+on average; a layer that runs several times per forward, as a head shared by the FPN levels,
+stops at its last run). A detector's RoI heads are left out: the FP and the quantized runs give
+them different proposals. Correcting all layers at once from one pass, repeated, converged too
+slowly: on the demo ViT the second round still moved the means by three quarters of the first
+and the held-out error rose.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -34,8 +36,10 @@ def _channel_axis(layer: nn.Module) -> int:
     return -1 if isinstance(layer, nn.Linear) else 1
 
 
-class _Reached(Exception):
-    """Raised by the hook of the layer being measured: the rest of the forward is not needed."""
+class _Reached(BaseException):
+    """Raised by the hook of the layer being measured once the layer has run as often as in
+    the FP run of the batch: the rest of the forward is not needed (a ``BaseException``, so
+    that code catching ``Exception`` on the way does not swallow it)."""
 
 
 @torch.no_grad()
@@ -44,12 +48,14 @@ def _output_means(
     layers: dict[str, nn.Module],
     batches: list,
     run_batch: Callable[[nn.Module, Any], Any],
-    stop: bool = False,
-) -> dict[str, torch.Tensor]:
+    stop_after: int = 0,
+) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
     """Per layer of ``layers`` that the forward reaches, in the order it first does: the mean
-    of its output per output channel (float64) over the batches. ``stop``: each batch's forward
-    ends at the (one) layer."""
+    of its output per output channel (float64) over the batches, and how many times it ran in
+    the last batch. ``stop_after``: each batch's forward ends when the (one) layer has run this
+    many times (a head shared by the FPN levels runs once per level)."""
     stats: dict[str, tuple] = {}
+    calls: dict[str, int] = {}
 
     def hook(name: str, layer: nn.Module):
         axis = _channel_axis(layer)
@@ -58,7 +64,8 @@ def _output_means(
             rows = out.detach().movedim(axis, -1).reshape(-1, out.shape[axis]).double()
             total, count = stats.get(name, (0.0, 0))
             stats[name] = (total + rows.sum(0), count + rows.shape[0])
-            if stop:
+            calls[name] = calls.get(name, 0) + 1
+            if calls[name] == stop_after:
                 raise _Reached
 
         return record
@@ -66,6 +73,7 @@ def _output_means(
     handles = [layer.register_forward_hook(hook(n, layer)) for n, layer in layers.items()]
     try:
         for batch in batches:
+            calls.clear()
             try:
                 run_batch(model, batch)
             except _Reached:
@@ -73,7 +81,7 @@ def _output_means(
     finally:
         for h in handles:
             h.remove()
-    return {n: total / count for n, (total, count) in stats.items()}
+    return {n: total / count for n, (total, count) in stats.items()}, dict(calls)
 
 
 def _relative_shift(fp: dict, quantized: dict) -> float:
@@ -84,31 +92,41 @@ def _relative_shift(fp: dict, quantized: dict) -> float:
 
 @torch.no_grad()
 def correct_biases(
-    model: nn.Module, batches: list, run_batch: Callable[[nn.Module, Any], Any]
+    model: nn.Module,
+    batches: list,
+    run_batch: Callable[[nn.Module, Any], Any],
+    exclude: Sequence[nn.Module] = (),
 ) -> dict:
     """Correct the output mean of every quantized layer of ``model`` (weights in the quantized
     state) that ``run_batch(model, batch)`` reaches over the calibration ``batches``, one
-    layer after the other. Returns the report: how many layers were corrected and the relative
-    shift of their output means from the FP ones (:func:`_relative_shift`) before and after.
+    layer after the other; not those inside ``exclude`` (a detector's RoI heads, whose inputs,
+    the proposals, the FP and the quantized runs do not share). Returns the report: how many
+    layers were corrected and the relative shift of their output means from the FP ones
+    (:func:`_relative_shift`) before and after.
     """
+    skipped = {id(m) for root in exclude for m in root.modules()}
     layers = {
         n: m
         for n, m in model.named_modules()
-        if isinstance(m, QUANT_LAYERS) and m.weight_quantizer.state == "quant"
+        if isinstance(m, QUANT_LAYERS)
+        and m.weight_quantizer.state == "quant"
+        and id(m) not in skipped
     }
     with quantizer_states(model, weights=False, activations=False):
-        fp = _output_means(model, layers, batches, run_batch)
-    before = _output_means(model, layers, batches, run_batch)
+        fp, calls = _output_means(model, layers, batches, run_batch)
+    before, _ = _output_means(model, layers, batches, run_batch)
     for name in fp:
         layer = layers[name]
-        q = _output_means(model, {name: layer}, batches, run_batch, stop=True)[name]
-        delta = (fp[name] - q).to(layer.weight.dtype)
+        q, _ = _output_means(model, {name: layer}, batches, run_batch, calls.get(name, 1))
+        if name not in q:  # the quantized run does not reach it: nothing to correct
+            continue
+        delta = (fp[name] - q[name]).to(layer.weight.dtype)
         old = layer.bias_correction
         layer.bias_correction = delta if old is None else old + delta
-    after = _output_means(model, layers, batches, run_batch)
+    after, _ = _output_means(model, layers, batches, run_batch)
     return {
         "method": "bias",
-        "layers": len(fp),
+        "layers": sum(layers[n].bias_correction is not None for n in fp),
         "relative_mean_shift_before": _relative_shift(fp, before),
         "relative_mean_shift_after": _relative_shift(fp, after),
     }
