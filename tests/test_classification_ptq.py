@@ -248,6 +248,11 @@ def test_saved_quantized_model_reloads_with_identical_metrics(reloaded):
             ["--cfg-options", "ptq.quant.w_bits=3"],
             "was quantized with ptq.quant.w_bits=4, but the config says 3",
         ),
+        # a calib model made without the bias correction
+        (
+            ["--cfg-options", "ptq.recon.compensate=bias"],
+            "was quantized with ptq.recon.compensate='none', but the config says 'bias'",
+        ),
         # one made from other calibration images
         (
             ["--cfg-options", "ptq.calib.seed=1"],
@@ -261,6 +266,16 @@ def test_a_mismatching_reload_is_refused(reloaded, ptq_tool, tmp_path, capsys, o
     assert ptq_tool.main([*argv, *options]) == 2
     assert message in capsys.readouterr().err
     assert not (work / "last_run").exists()  # no run finished
+
+
+@pytest.mark.slow
+def test_a_model_saved_before_the_bias_correction_existed_reloads(reloaded, ptq_tool, tmp_path):
+    payload = torch.load(reloaded.saved, weights_only=True)
+    del payload["settings"]["recon"]  # what a calib model saved before held
+    older = tmp_path / "older.pth"
+    torch.save(payload, older)
+    argv = [str(reloaded.cfg), "--work-dir", str(tmp_path / "w"), "--no-fp-eval"]
+    assert ptq_tool.main([*argv, "--quantized", str(older)]) == 0
 
 
 @pytest.mark.slow
