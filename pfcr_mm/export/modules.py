@@ -210,7 +210,7 @@ class IntegerConv2d(IntegerWeights):
         super().__init__(layer, int8, channel_axis=0, signed=signed and not integer)
         if layer.padding_mode != "zeros":
             raise ValueError(f"padding_mode={layer.padding_mode!r} is not exported")
-        self.integer = integer and self.container == self.input_quantizer.container == 8
+        self.integer = integer  # int8: the codes and the input point in 8-bit containers
         self.stride, self.padding = layer.stride, layer.padding
         self.dilation, self.groups = layer.dilation, layer.groups
 

@@ -21,6 +21,9 @@ class CorrectedBias(nn.Module):
     :meth:`folded_bias` add it for good."""
 
     bias_correction: torch.Tensor | None
+    # buffers that stay None until something sets them: loading a state dict that holds them
+    # creates them first, on the layer's device (a saved state may come from another)
+    optional_buffers: tuple[str, ...] = ("bias_correction",)
 
     def folded_bias(self) -> torch.Tensor | None:
         """The bias with the correction added (``None``: neither)."""
@@ -34,9 +37,10 @@ class CorrectedBias(nn.Module):
         return self.folded_bias() if self.weight_quantizer.state == "quant" else self.bias
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        if prefix + "bias_correction" in state_dict and self.bias_correction is None:
-            stored = state_dict[prefix + "bias_correction"]  # may come from another device
-            self.bias_correction = torch.empty_like(stored, device=self.weight.device)
+        for name in self.optional_buffers:
+            stored = state_dict.get(prefix + name)
+            if stored is not None and getattr(self, name) is None:
+                setattr(self, name, torch.empty_like(stored, device=self.weight.device))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
@@ -68,10 +72,11 @@ class QuantLinear(CorrectedBias, nn.Linear):
         self.register_buffer("input_shift", None)
         self.register_buffer("bias_correction", None)
 
+    # re-parameterization adds an input shift (reparam.py)
+    optional_buffers = ("input_shift", "bias_correction")
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # re-parameterization adds an input shift, and a bias to a bias-free linear
-        if prefix + "input_shift" in state_dict and self.input_shift is None:
-            self.input_shift = torch.empty_like(state_dict[prefix + "input_shift"])
+        # re-parameterization adds a bias to a bias-free linear
         if prefix + "bias" in state_dict and self.bias is None:
             self.bias = nn.Parameter(torch.empty_like(state_dict[prefix + "bias"]))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
