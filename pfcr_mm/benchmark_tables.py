@@ -362,3 +362,40 @@ def export_det_table(data: dict, latency: bool = False) -> str:
         f"onnxruntime at 1x3x{h}x{w}, RPN and RoI heads in PyTorch; {_onnxruntime(data, latency)}"
     )
     return _text(setup, table_lines(head, rows))
+
+
+def vitdet_parity_table(data: dict) -> str:
+    """``tools/check_vitdet_parity.py``: per image size, how far our ViTDet Mask R-CNN (loaded
+    strictly from a checkpoint of MMDetection's own modules) is from MMDetection's."""
+    head = [
+        "image",
+        "backbone map: rel. diff",
+        "neck maps: max rel. diff",
+        "detections (MMDetection / ours)",
+        "matched (same class, box within 0.01 px)",
+        "boxes: max diff (px)",
+        "scores: max diff",
+        "mask pixels differing (fraction)",
+    ]
+    rows = []
+    for r in data["parity"]:
+        same = "boxes_max_abs_diff_px" in r
+        rows.append(
+            [
+                "x".join(str(v) for v in r["size"]),
+                f"{r['backbone_rel_diff']:.1e}",
+                f"{max(r['neck_rel_diff']):.1e}",
+                " / ".join(str(n) for n in r["detections"]),
+                f"{r['matched_within_0.01px']} / {r['detections'][0]}" if same else "-",
+                f"{r['boxes_max_abs_diff_px']:.4f}" if same else "-",
+                f"{r['scores_max_abs_diff']:.1e}" if same else "-",
+                f"{r['mask_pixels_differing']:.1e}" if same else "-",
+            ]
+        )
+    commit = data.get("mmdet_root_commit") or "not a git checkout"
+    setup = (
+        f"`{data['config']}` against MMDetection's `{data['peer_config']}` (source at {commit}): "
+        f"{data['checkpoint_keys']} tensors ({data['checkpoint_parameters'] / 1e6:.1f} M "
+        f"values) loaded strictly; random image, seed {data['seed']}, {data['threads']} threads"
+    )
+    return _text(setup, table_lines(head, rows))

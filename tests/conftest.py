@@ -304,6 +304,12 @@ def convert_tool():
 
 
 @pytest.fixture(scope="session")
+def parity_tool():
+    """``tools/check_vitdet_parity.py``."""
+    return _load_tool("check_vitdet_parity")
+
+
+@pytest.fixture(scope="session")
 def mmcv_source_tool():
     """``tools/mmcv/prepare_source.py``."""
     return _load_tool("mmcv/prepare_source")

@@ -211,3 +211,64 @@ def test_simple_fpn_deconvolutions_quantized_as_one_part(bits):
         out = model(x)
     err = max(((o - r).pow(2).mean() / r.pow(2).mean()).item() for o, r in zip(out, ref))
     assert err < 0.01 if bits == 8 else err > 0.01
+
+
+def test_parity_tool_refuses_a_folder_without_mmdetection_projects(parity_tool, tmp_path, capsys):
+    assert parity_tool.main([str(tmp_path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not an MMDetection 3.x source checkout" in err[0]
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(SystemExit) as exit_:
+        parity_tool.main([str(tmp_path), "--sizes", "16x640"])
+    assert exit_.value.code == 2
+
+
+def test_parity_tool_pairs_detections_that_come_in_another_order(parity_tool):
+    """Two detections of near-equal scores swapped: both matched, the differences are the
+    boxes' and scores' own; a class that differs is not matched."""
+    from mmengine.structures import InstanceData
+
+    from pfcr_mm.benchmark_tables import vitdet_parity_table
+
+    def dets(boxes, scores, labels):
+        masks = torch.zeros(len(boxes), 4, 4, dtype=torch.bool)
+        masks[0, 0, 0] = True
+        return InstanceData(
+            bboxes=torch.tensor(boxes),
+            scores=torch.tensor(scores),
+            labels=torch.tensor(labels),
+            masks=masks,
+        )
+
+    theirs = dets([[0.0, 0.0, 10.0, 10.0], [5.0, 5.0, 20.0, 20.0]], [0.5, 0.49999], [1, 2])
+    ours = dets([[5.0, 5.0, 20.001, 20.0], [0.0, 0.0, 10.0, 10.0]], [0.49998, 0.5], [2, 1])
+    ours.masks[:] = False
+    ours.masks[1, 0, 0] = True
+    row = parity_tool._matched(theirs, ours)
+    assert row["matched_within_0.01px"] == 2
+    assert row["boxes_max_abs_diff_px"] == pytest.approx(0.001, abs=1e-5)
+    assert row["scores_max_abs_diff"] == pytest.approx(1e-5, abs=1e-7)
+    assert row["mask_pixels_differing"] == 0.0
+    ours.labels[0] = 3
+    assert parity_tool._matched(theirs, ours)["matched_within_0.01px"] == 1
+    table = vitdet_parity_table(
+        {
+            "parity": [
+                {
+                    "size": [64, 96],
+                    "backbone_rel_diff": 5e-7,
+                    "neck_rel_diff": [1e-6, 2e-6],
+                    "detections": [2, 2],
+                    **row,
+                }
+            ],
+            "config": "c.py",
+            "peer_config": "p.py",
+            "mmdet_root_commit": None,
+            "checkpoint_keys": 3,
+            "checkpoint_parameters": 2e6,
+            "seed": 0,
+            "threads": 1,
+        }
+    )
+    assert "| 64x96 | 5.0e-07 | 2.0e-06 | 2 / 2 | 2 / 2 | 0.0010 |" in table

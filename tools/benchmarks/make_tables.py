@@ -32,6 +32,7 @@ from pfcr_mm.benchmark_tables import (
     mean_spread,
     recon_table,
     step_table,
+    vitdet_parity_table,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -51,6 +52,7 @@ ORDER = [
     "demo_det_choice",
     "demo_det",
     "demo_det_vitdet",
+    "vitdet_parity",
     "demo_calib_choice",
     "demo_calib_choice_det",
     "demo_calib",
@@ -143,6 +145,8 @@ def table_for(data: dict) -> str:
         return export_sizes_table(data, latency=True)
     if "input_size" in data:
         return export_det_table(data, latency=True)
+    if "parity" in data:
+        return vitdet_parity_table(data)
     if "variants" in data:
         return export_table(data, latency=True)
     raise SystemExit("error: a benchmark.json of unknown form")
