@@ -102,16 +102,22 @@ def output_error(rows: list[dict], key: str = "output_rel_mse") -> str:
 
 
 def _recon_lines(
-    model: str, bits: int, method: str, runs: list[dict], with_kl: bool = False
+    model: str,
+    bits: int,
+    method: str,
+    runs: list[dict],
+    with_kl: bool = False,
+    with_map: bool = False,
 ) -> list[str]:
     """The lines of one (model, bits, method): one per metric, or one with the runs' errors;
-    ``with_kl``: with the held-out KL column."""
+    ``with_kl``: with the held-out KL column; ``with_map``: with the metric on held-out
+    calibration-split images (a detector's ``heldout_map``)."""
     ok = [r for r in runs if "error" not in r]
     head = [model, f"W{bits}A{bits}", method, str(len(ok))]
     if not ok:
         errors = "; ".join(r["error"] for r in runs if "error" in r)
         # empty cells of one space here, as in the tables written so far
-        return [f"{_line(head)} | | | {errors} |" + " |" * (6 + with_kl)]
+        return [f"{_line(head)} | | | {errors} |" + " |" * (6 + with_kl + with_map)]
     shared = [
         output_error(ok),
         output_error(ok, "heldout_rel_mse"),
@@ -126,7 +132,11 @@ def _recon_lines(
         quant = [r["quant"][metric] for r in ok]
         per_seed = " ".join(f"{pct * v:.1f}" for v in quant)
         fp = f"{pct * ok[0]['fp'][metric]:.1f}"
-        lines.append(_line([*head, metric, fp, mean_spread(quant, pct), per_seed, *shared]))
+        cells = [*head, metric, fp, mean_spread(quant, pct), per_seed, *shared]
+        if with_map:
+            held = [r["heldout_map"][metric] for r in ok if r.get("heldout_map")]
+            cells.insert(len(head) + 4, mean_spread(held, pct) if held else "-")
+        lines.append(_line(cells))
     return lines
 
 
@@ -137,12 +147,15 @@ def recon_table(rows: list[dict]) -> str:
     for r in rows:
         groups.setdefault((r["model"], r["bits"], r["method"]), []).append(r)
     with_kl = any(r.get("heldout_kl") is not None for r in rows)  # runs since it is measured
+    with_map = any(r.get("heldout_map") for r in rows)  # benchmark_recon.py --score-heldout
     head = list(RECON_HEAD)
     if with_kl:
         head.insert(head.index("held-out calib") + 1, "held-out KL")
+    if with_map:
+        head.insert(head.index("per seed") + 1, "on held-out calib images")
     lines = table_lines(head, [])
     for key, runs in groups.items():
-        lines += _recon_lines(*key, runs, with_kl)
+        lines += _recon_lines(*key, runs, with_kl, with_map)
     return "\n".join(lines) + "\n"
 
 

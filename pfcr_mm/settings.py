@@ -31,6 +31,7 @@ POS_STRATEGIES = ("none", "two_stage", "shrink", "anneal")
 BUDGET_UNITS = ("block_passes", "steps")
 NON_BLOCK = ("calib", "layerwise", "parts")
 COMPENSATE = ("none", "bias")  # closed-form steps after the reconstruction
+PART_LOSSES = ("mse", "task")  # what a detector's head parts are reconstructed against
 DOWNSTREAM_METRICS = ("mse", "kl")
 CACHE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 TOP = "top"  # max_level: one group per stage (the whole encoder of a ViT)
@@ -283,6 +284,11 @@ class ReconSettings(_Settings):
     compensate: after the reconstruction (after calibration with ``calib``), ``"bias"`` corrects
         the output mean of every quantized layer on the calibration images
         (:mod:`pfcr_mm.recon.compensate`); ``"none"``: off.
+    part_loss: what the parts whose outputs are the task's (a detector's RPN head, RoI box and
+        mask heads; ``non_block="parts"``) are reconstructed against: ``"mse"``, the squared
+        error of their outputs; ``"task"``, the divergence of the detector's predictions they
+        make (score distributions, and box deltas weighted by the FP scores; docs/method.md
+        section 4), scaled to the squared error at the first step.
     cache: where the caches live (:class:`CacheSettings`).
     """
 
@@ -313,6 +319,7 @@ class ReconSettings(_Settings):
     downstream_min_level: int = 0
     roi_batch_size: int = 128
     compensate: str = "none"
+    part_loss: str = "mse"
     cache: CacheSettings = field(default_factory=CacheSettings)
 
     def __post_init__(self) -> None:
@@ -326,6 +333,7 @@ class ReconSettings(_Settings):
         check_choice(self.budget_unit, BUDGET_UNITS, "ReconSettings.budget_unit")
         check_choice(self.non_block, NON_BLOCK, "ReconSettings.non_block")
         check_choice(self.compensate, COMPENSATE, "ReconSettings.compensate")
+        check_choice(self.part_loss, PART_LOSSES, "ReconSettings.part_loss")
         check_choice(self.cache_dtype, CACHE_DTYPES, "ReconSettings.cache_dtype")
         check_max_level(self.max_level)
         check_choice(self.downstream_metric, DOWNSTREAM_METRICS, "ReconSettings.downstream_metric")

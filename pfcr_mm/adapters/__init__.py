@@ -71,6 +71,16 @@ def available_parts() -> list[PartsAdapter]:
     ]
 
 
+def task_loss_of(part: nn.Module) -> Callable | None:
+    """The divergence of the task's predictions that ``part`` makes (a detector's RPN or RoI
+    head; :attr:`PartsAdapter.task_losses`), ``loss(out, target)``; ``None`` for other parts."""
+    for pa in available_parts():
+        for cls, make in pa.task_losses.items():
+            if isinstance(part, cls):
+                return make(part)
+    return None
+
+
 def supported_block_classes() -> list[str]:
     names = {
         "timm_vit": ["timm.models.vision_transformer.Block"],

@@ -54,6 +54,10 @@ class PartsAdapter:
         place, before quantization.
     deconv_parts: the parts whose transposed convolutions are quantized (ViTDet's simple
         FPN); elsewhere they stay in floating point (a mask head's upsampling).
+    task_losses: ``{class: f(part) -> loss(out, target)}``: for the parts whose outputs are the
+        task's predictions (a detector's RPN and RoI heads), the divergence of the predictions
+        made from the quantized outputs from the FP ones (``ReconSettings.part_loss="task"``);
+        ``out`` and ``target`` are the part unit's outputs, 4-D maps channels last.
     """
 
     name: str
@@ -62,6 +66,7 @@ class PartsAdapter:
     pinned: dict[type, int] = field(default_factory=dict)
     fold_norms: Callable[[nn.Module], list[str]] | None = None
     deconv_parts: tuple[type, ...] = ()
+    task_losses: dict[type, Callable[[nn.Module], Callable]] = field(default_factory=dict)
 
 
 def swap_attention(module: nn.Module, quant_class: type, cfg: QuantConfig) -> None:

@@ -8,6 +8,7 @@ the core never imports mmdet itself.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from mmcv.cnn import ConvModule
 from mmdet.models.dense_heads import RPNHead
 from mmdet.models.necks import FPN
@@ -49,6 +50,81 @@ def fold_batchnorm(model: nn.Module) -> list[str]:
     return folded
 
 
+def bernoulli_kl(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``KL(sigmoid(target) || sigmoid(out))`` elementwise, from the logits."""
+    p = torch.sigmoid(target)
+    # log sigmoid(x) = -softplus(-x), log(1 - sigmoid(x)) = -softplus(x)
+    return p * (F.softplus(-out) - F.softplus(-target)) + (1 - p) * (
+        F.softplus(out) - F.softplus(target)
+    )
+
+
+def _weighted_deltas(out: torch.Tensor, target: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """Squared error of box deltas ``(..., K * 4)`` summed per box, weighted by the probability
+    ``(..., K)`` of the object (class) each box belongs to."""
+    diff = (out - target).unflatten(-1, (-1, 4)).pow(2).sum(-1)
+    return p * diff
+
+
+def rpn_task_loss(head: RPNHead):
+    """The RPN's predictions: per anchor, the KL divergence of its objectness and its box
+    deltas' squared error weighted by the FP objectness (a background anchor's box is never
+    used); summed over anchors, averaged over images. Outputs per level ``(B, H, W, A)`` and
+    ``(B, H, W, 4 A)``; a softmax objectness (two logits per anchor) is compared as such."""
+    sigmoid = getattr(head, "use_sigmoid_cls", True)
+
+    def loss(out, target):
+        (cls_q, reg_q), (cls_t, reg_t) = out, target
+        total = 0.0
+        for cq, rq, ct, rt in zip(cls_q, reg_q, cls_t, reg_t, strict=True):
+            if sigmoid:
+                kl, p = bernoulli_kl(cq, ct), torch.sigmoid(ct)
+            else:  # (..., 2 A): object and background logits per anchor (mmdet's order)
+                lq, lt = cq.unflatten(-1, (-1, 2)), ct.unflatten(-1, (-1, 2))
+                kl = _softmax_kl(lq, lt)
+                p = lt.softmax(-1)[..., 0]
+            total = total + (kl.sum() + _weighted_deltas(rq, rt, p).sum()) / ct.shape[0]
+        return total
+
+    return loss
+
+
+def _softmax_kl(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``KL(softmax(target) || softmax(out))`` over the last axis."""
+    log_t = target.log_softmax(-1)
+    return (log_t.exp() * (log_t - out.log_softmax(-1))).sum(-1)
+
+
+def bbox_task_loss(head: BBoxHead):
+    """A RoI box head's predictions: per RoI, the KL divergence of its class scores (softmax
+    over the classes and the background, or a sigmoid per class) and its box deltas' squared
+    error weighted by the FP probability of the class each box is for (class-agnostic: of any
+    object); averaged over RoIs."""
+    sigmoid = getattr(head.loss_cls, "use_sigmoid", False)
+
+    def loss(out, target):
+        (cls_q, reg_q), (cls_t, reg_t) = out, target
+        if sigmoid:
+            kl, p = bernoulli_kl(cls_q, cls_t).sum(-1), torch.sigmoid(cls_t)
+        else:
+            kl, p = _softmax_kl(cls_q, cls_t), cls_t.softmax(-1)[:, :-1]
+        if reg_t.shape[-1] == 4:  # class-agnostic boxes
+            p = p.sum(-1, keepdim=True)
+        return (kl + _weighted_deltas(reg_q, reg_t, p).sum(-1)).mean()
+
+    return loss
+
+
+def mask_task_loss(head: FCNMaskHead):
+    """A RoI mask head's predictions: the KL divergence of every mask pixel's sigmoid, summed
+    over pixels and classes, averaged over RoIs."""
+
+    def loss(out, target):
+        return bernoulli_kl(out, target).sum() / target.shape[0]
+
+    return loss
+
+
 PARTS = PartsAdapter(
     name="mmdet neck and heads",
     parts=(FPN, RPNHead, BBoxHead, FCNMaskHead),
@@ -58,4 +134,5 @@ PARTS = PartsAdapter(
     # stage (Cascade's later stages regress them from the quantized heads' outputs)
     pinned={BaseRoIHead: 1, BaseRoIExtractor: 1},
     fold_norms=fold_batchnorm,
+    task_losses={RPNHead: rpn_task_loss, BBoxHead: bbox_task_loss, FCNMaskHead: mask_task_loss},
 )

@@ -20,7 +20,7 @@ from .runner_io import model_and_head
 # v2: the post-softmax quantizer chosen per attention is part of the state
 QUANTIZED_FORMAT = "pfcr_mm.quantized_model.v2"
 # settings added since files of this format were first written: what the older files hold
-SETTINGS_ADDED = {"ptq.recon.compensate": "none"}
+SETTINGS_ADDED = {"ptq.recon.compensate": "none", "ptq.recon.part_loss": "mse"}
 
 
 def quantization_settings(config: PTQConfig) -> dict:
@@ -118,7 +118,7 @@ def read_quantized_model(
         saved.get("settings")
         or {"method": saved["method"], "scope": saved["scope"], "quant": saved["quant_config"]}
     )
-    made = {**SETTINGS_ADDED, **made}
+    made = {**{k: v for k, v in SETTINGS_ADDED.items() if k in wanted}, **made}
     keys = made.keys() | wanted.keys() if "settings" in saved else made.keys()
     differ = differing_keys(made, wanted, keys, first="ptq.method")
     if differ:

@@ -10,9 +10,15 @@ For a unit ``u`` with FP targets ``y = u_fp(x)``, at iteration ``t``::
 tokens (the scale the regularizer weight 0.01 was chosen against); ``w`` are per-element output
 weights and ``b`` balances the two error terms at the first iteration; the regularizer is off
 during the warm-up, then its temperature ``beta`` follows the unit's share of the decay.
+
+A unit with a task loss ``D`` (a detector head under ``part_loss="task"``) has ``c * D`` in
+place of ``rec``, ``c = rec / D`` at the first iteration, so that the regularizer keeps the
+balance it has against the squared error.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -55,12 +61,19 @@ class ReconLoss:
     weight_quantizers: the unit's AdaRound quantizers (the regularizer; none: no regularizer).
     weighted: whether output weights are cached (the output-aware term is on when they are
         and ``settings.downstream_weight > 0``).
+    task_loss: ``D(out, target)`` in place of the squared error (scaled to it), or ``None``.
     """
 
     def __init__(
-        self, settings: ReconSettings, recipe: UnitRecipe, weight_quantizers: list, weighted: bool
+        self,
+        settings: ReconSettings,
+        recipe: UnitRecipe,
+        weight_quantizers: list,
+        weighted: bool,
+        task_loss: Callable | None = None,
     ):
-        self.settings, self.recipe = settings, recipe
+        self.settings, self.recipe, self.task_loss = settings, recipe, task_loss
+        self.task_scale: float | None = None  # rec / D at the first iteration
         self.quantizers = weight_quantizers
         self.regularized = bool(weight_quantizers) and settings.round_weight != 0
         self.weighted = weighted and settings.downstream_weight > 0
@@ -70,6 +83,11 @@ class ReconLoss:
         """``(L, rec)`` at iteration ``it``; ``weights``: the output weights of the batch."""
         rec = reconstruction_loss(out, target)
         loss = rec
+        if self.task_loss is not None:
+            task = self.task_loss(out, target)
+            if self.task_scale is None:
+                self.task_scale = float(rec.detach()) / max(float(task.detach()), 1e-30)
+            loss = self.task_scale * task
         if self.weighted:
             term = ((out - target).pow(2) * weights).sum(-1).mean()
             if self.balance is None:

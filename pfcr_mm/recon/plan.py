@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..adapters import QuantPlan
+from ..adapters import QuantPlan, task_loss_of
 from ..settings import ReconSettings
 from .pos import UnitRecipe, block_passes, layer_recipe, level_recipes
 from .units import FineToCoarseSchedule, LayerUnit, leaves
@@ -210,7 +210,8 @@ class OutsideUnits:
             return None
         seen.add(name)
         rows = self.settings.roi_batch_size if per_roi else None
-        return LayerUnit(name, part, channels_first=True, rows_per_step=rows)
+        task = task_loss_of(part) if self.settings.part_loss == "task" else None
+        return LayerUnit(name, part, channels_first=True, rows_per_step=rows, task_loss=task)
 
     def layers_of(self, module: nn.Module) -> list[str]:
         """The names of the plan's layers outside the blocks that ``module`` is or holds."""

@@ -306,7 +306,8 @@ def reconstruct_unit(
     recipe, device = recipe or UnitRecipe(settings.iters), next(unit.parameters()).device
     batch_size = getattr(unit, "rows_per_step", None) or settings.batch_size
     weights, act_quantizers, acts = _learned_quantizers(unit, caches, device)
-    loss_fn = ReconLoss(settings, recipe, [q for q, _ in weights], caches.weights is not None)
+    task = getattr(unit, "task_loss", None)  # a detector head's (part_loss="task")
+    loss_fn = ReconLoss(settings, recipe, [q for q, _ in weights], caches.weights is not None, task)
     hard_before = hard_error(unit, caches, weights, device)
     seed = unit_seed(name, settings.seed)
     sampler = torch.Generator().manual_seed(seed)

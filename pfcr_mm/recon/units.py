@@ -65,6 +65,8 @@ class LayerUnit(nn.Module):
     rows_per_step: how many rows of the cached inputs an optimizer step draws; ``None``:
     ``ReconSettings.batch_size`` (images or samples). A RoI head's rows are RoIs
     (``ReconSettings.roi_batch_size`` of them).
+    task_loss: ``loss(out, target)`` the unit is reconstructed against in place of the squared
+    error (``ReconSettings.part_loss="task"``: the divergence of a detector head's predictions).
     """
 
     level = -1
@@ -75,10 +77,12 @@ class LayerUnit(nn.Module):
         layer: nn.Module,
         channels_first: bool | None = None,
         rows_per_step: int | None = None,
+        task_loss: Callable | None = None,
     ):
         super().__init__()
         self.name = name
         self.layer = layer
+        self.task_loss = task_loss
         self.channels_first = (
             isinstance(layer, nn.Conv2d) if channels_first is None else channels_first
         )
