@@ -30,13 +30,17 @@ ptq = dict(
         ),
     ),
     # neck, RPN head, RoI box and mask heads reconstructed as one unit each after the backbone
-    # blocks (the heads on the FP model's RoIs), PatchMerging within its stage's order
+    # blocks (the heads on the FP model's RoIs, 32 RoIs per step), PatchMerging within its
+    # stage's order; the heads against the divergence of their predictions (part_loss="task",
+    # chosen on held-out calibration images: benchmarks/demo_det_heads)
     # cache limit_gb=None: every cache in memory; e.g. 8 keeps at most 8 GB there, the rest on disk
     recon=dict(
         iters=20000,
         batch_size=1,
         cache_dtype="float16",
         non_block="parts",
+        part_loss="task",
+        roi_batch_size=32,
         cache=dict(limit_gb=None),
     ),
 )

@@ -96,15 +96,16 @@ METHODS = {
         "ptq.recon.non_block=layerwise",
         "ptq.recon.compensate=bias",
     ],
-    # a detector's RPN and RoI heads reconstructed against their predictions' divergence
-    "block_task": ["ptq.method=block", "ptq.recon.part_loss=task"],
-    # and a quarter of the RoIs per step of the RoI heads (the mask head is most of the run)
+    # what a detector's RPN and RoI heads are reconstructed against, pinned whatever the
+    # config's defaults: their outputs' squared error or their predictions' divergence (the
+    # detection configs' default since benchmarks/demo_det_heads), 128 or 32 RoIs per step
+    "block_mse": ["ptq.method=block", "ptq.recon.part_loss=mse", "ptq.recon.roi_batch_size=128"],
+    "block_task": ["ptq.method=block", "ptq.recon.part_loss=task", "ptq.recon.roi_batch_size=128"],
     "block_task_roi32": [
         "ptq.method=block",
         "ptq.recon.part_loss=task",
         "ptq.recon.roi_batch_size=32",
     ],
-    "pfcr_task": ["ptq.method=pfcr", "ptq.recon.pos=anneal", "ptq.recon.part_loss=task"],
     # where the error is: weights or activations at 8 bits, the other at the run's bits
     "block_w8": ["ptq.method=block", "ptq.quant.w_bits=8"],
     "block_a8": ["ptq.method=block", "ptq.quant.a_bits=8"],

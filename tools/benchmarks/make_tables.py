@@ -49,6 +49,7 @@ ORDER = [
     "demo_recon_current",
     "demo_recon_fast",
     "demo_recon",
+    "demo_det_heads",
     "demo_det_choice",
     "demo_det",
     "demo_det_vitdet",
