@@ -184,6 +184,26 @@ def run_one(model: str, bits: int, method: str, seed: int, preset: dict, out: Pa
     }
 
 
+def _row_run(path: Path, r: dict) -> Path:
+    """The run folder of row ``r`` of the benchmark.json ``path`` (as :func:`run_one` named it)."""
+    return last_run_dir(
+        path.parent / f"{r['model']}_w{r['bits']}a{r['bits']}_{r['method']}_seed{r['seed']}"
+    )
+
+
+def _evaluate_saved(path: Path, r: dict, preset: dict, suffix: str, options=()) -> dict:
+    """``ptq_results.json`` of the saved quantized model of row ``r`` evaluated again
+    (``tools/ptq.py --quantized``, no calibration, no FP evaluation), in a work dir beside the
+    run's named with ``suffix``, with the row's settings and the extra ``options``."""
+    run = _row_run(path, r)
+    work = run.parent.with_name(f"{run.parent.name}_{suffix}")
+    cmd = [sys.executable, str(ROOT / "tools/ptq.py"), MODELS[r["model"]], "--no-fp-eval"]
+    cmd += ["--work-dir", str(work), "--quantized", str(run / "quantized_model.pth")]
+    cmd += ["--cfg-options", *_options(r["model"], r["bits"], r["method"], r["seed"], preset)]
+    subprocess.run([*cmd, *options], cwd=ROOT, check=True, capture_output=True)
+    return json.loads((last_run_dir(work) / "ptq_results.json").read_text())
+
+
 def rescore(path: Path) -> dict:
     """Fill in the output error of rows run before it was measured, by re-evaluating each run's
     saved quantized model (``tools/ptq.py --quantized``, no calibration); rewrites ``path`` and
@@ -193,40 +213,35 @@ def rescore(path: Path) -> dict:
     for r in data["rows"]:
         if "error" in r or r.get("output_rel_mse") is not None:
             continue
-        name = f"{r['model']}_w{r['bits']}a{r['bits']}_{r['method']}_seed{r['seed']}"
-        saved = last_run_dir(path.parent / name) / "quantized_model.pth"
-        work = path.parent / f"{name}_rescore"
-        cmd = [sys.executable, str(ROOT / "tools/ptq.py"), MODELS[r["model"]]]
-        cmd += ["--work-dir", str(work), "--no-fp-eval", "--quantized", str(saved)]
-        cmd += ["--cfg-options", *_options(r["model"], r["bits"], r["method"], r["seed"], preset)]
-        print(f"rescoring {name} ...", flush=True)
-        subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
-        res = json.loads((last_run_dir(work) / "ptq_results.json").read_text())
+        run = _row_run(path, r)
+        print(f"rescoring {run.parent.name} ...", flush=True)
+        res = _evaluate_saved(path, r, preset, "rescore")
         if res["quant"] != r["quant"]:
+            saved = run / "quantized_model.pth"
             raise SystemExit(f"error: {saved} does not reproduce the metrics of its row")
         r["output_rel_mse"] = res["output_error"]["relative_mse"]
         write_json(path, data)
     return data
 
 
-def heldout_annotations(run: Path) -> Path:
+def heldout_annotations(run: Path, drawn: dict) -> tuple[Path, int]:
     """A COCO annotation file of the calibration-split images that the run's calibration did
-    not draw (``calib_indices.json``), written into the run folder."""
+    not draw (``drawn``: its ``calib_indices.json``), written into the run folder; its path and
+    number of images."""
     from mmdet.registry import DATASETS
     from mmdet.utils import register_all_modules
 
     register_all_modules()
-    drawn = json.loads((run / "calib_indices.json").read_text())
     root = ROOT / drawn["dataset"]["data_root"]  # relative to the repository (or absolute)
     dataset = DATASETS.build({**drawn["dataset"], "data_root": str(root), "pipeline": []})
     used = {dataset.get_data_info(i)["img_id"] for i in drawn["indices"]}
     ann = json.loads(Path(dataset.ann_file).read_text())
-    keep = {im["id"] for im in ann["images"] if im["id"] not in used}
-    ann["images"] = [im for im in ann["images"] if im["id"] in keep]
+    ann["images"] = [im for im in ann["images"] if im["id"] not in used]
+    keep = {im["id"] for im in ann["images"]}
     ann["annotations"] = [a for a in ann["annotations"] if a["image_id"] in keep]
-    path = run / "heldout_annotations.json"
-    write_json(path, ann)
-    return path
+    out = run / "heldout_annotations.json"
+    write_json(out, ann)
+    return out, len(keep)
 
 
 def score_heldout(path: Path) -> dict:
@@ -240,24 +255,17 @@ def score_heldout(path: Path) -> dict:
     for r in data["rows"]:
         if "error" in r or not r["model"].startswith("det") or r.get("heldout_map"):
             continue
-        name = f"{r['model']}_w{r['bits']}a{r['bits']}_{r['method']}_seed{r['seed']}"
-        run = last_run_dir(path.parent / name)
-        ann = heldout_annotations(run)
-        drawn = json.loads((run / "calib_indices.json").read_text())["dataset"]
-        work = path.parent / f"{name}_heldout"
-        cmd = [sys.executable, str(ROOT / "tools/ptq.py"), MODELS[r["model"]], "--no-fp-eval"]
-        cmd += ["--work-dir", str(work), "--quantized", str(run / "quantized_model.pth")]
-        cmd += ["--cfg-options", *_options(r["model"], r["bits"], r["method"], r["seed"], preset)]
-        cmd += [
+        run = _row_run(path, r)
+        drawn = json.loads((run / "calib_indices.json").read_text())
+        ann, n_images = heldout_annotations(run, drawn)
+        options = [
             f"test_dataloader.dataset.ann_file={ann}",
-            f"test_dataloader.dataset.data_prefix.img={drawn['data_prefix']['img']}",
+            f"test_dataloader.dataset.data_prefix.img={drawn['dataset']['data_prefix']['img']}",
             f"test_evaluator.ann_file={ann}",
         ]
-        print(f"scoring {name} on held-out calibration-split images ...", flush=True)
-        subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
-        res = json.loads((last_run_dir(work) / "ptq_results.json").read_text())
-        r["heldout_map"] = res["quant"]
-        r["heldout_images"] = len(json.loads(ann.read_text())["images"])
+        print(f"scoring {run.parent.name} on held-out calibration-split images ...", flush=True)
+        r["heldout_map"] = _evaluate_saved(path, r, preset, "heldout", options)["quant"]
+        r["heldout_images"] = n_images
         write_json(path, data)
     return data
 
