@@ -292,6 +292,12 @@ def step_tool():
 
 
 @pytest.fixture(scope="session")
+def recon_tool():
+    """``tools/benchmarks/benchmark_recon.py`` (its ``main(argv)`` returns the exit code)."""
+    return _load_tool("benchmarks/benchmark_recon")
+
+
+@pytest.fixture(scope="session")
 def export_tool():
     """``tools/export.py`` (its ``main(argv)`` returns the exit code)."""
     return _load_tool("export")

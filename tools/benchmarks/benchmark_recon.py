@@ -81,6 +81,12 @@ METHODS = {
     # fine units (level 0) on the plain error, blocks and coarser on the output-aware one
     "pfcr_kl_coarse": ["ptq.method=pfcr", *KL, "ptq.recon.downstream_min_level=1"],
     "pfcr_kl_layerwise": ["ptq.method=pfcr", *KL, "ptq.recon.non_block=layerwise"],
+    "pfcr_kl_coarse_layerwise": [
+        "ptq.method=pfcr",
+        *KL,
+        "ptq.recon.downstream_min_level=1",
+        "ptq.recon.non_block=layerwise",
+    ],
     # and the bias correction after calibration or reconstruction (pfcr_mm.recon.compensate)
     "calib_bias": ["ptq.method=calib", "ptq.recon.compensate=bias"],
     "block_bias": ["ptq.method=block", "ptq.recon.compensate=bias"],
@@ -143,6 +149,7 @@ def _options(model: str, bits: int, method: str, seed: int, preset: dict) -> lis
         # detection: a batch is a few whole images (peers use 1-2), classification 32 images
         f"ptq.recon.batch_size={4 if det else 32}",
         *METHODS[method],
+        *preset.get("options", ()),
     ]
 
 
@@ -204,12 +211,20 @@ def _evaluate_saved(path: Path, r: dict, preset: dict, suffix: str, options=()) 
     return json.loads((last_run_dir(work) / "ptq_results.json").read_text())
 
 
+def _preset_of(data: dict) -> dict:
+    """The preset a benchmark.json was run with, with its command line's additions."""
+    return {
+        **PRESETS[data["preset"]],
+        **{k: data[k] for k in ("cls_heldout", "options") if k in data},
+    }
+
+
 def rescore(path: Path) -> dict:
     """Fill in the output error of rows run before it was measured, by re-evaluating each run's
     saved quantized model (``tools/ptq.py --quantized``, no calibration); rewrites ``path`` and
     returns its contents."""
     data = json.loads(path.read_text())
-    preset = PRESETS[data["preset"]]
+    preset = _preset_of(data)
     for r in data["rows"]:
         if "error" in r or r.get("output_rel_mse") is not None:
             continue
@@ -251,7 +266,7 @@ def score_heldout(path: Path) -> dict:
     rewrites ``path`` and returns its contents."""
     path = path.resolve()
     data = json.loads(path.read_text())
-    preset = PRESETS[data["preset"]]
+    preset = _preset_of(data)
     for r in data["rows"]:
         if "error" in r or not r["model"].startswith("det") or r.get("heldout_map"):
             continue
@@ -297,6 +312,21 @@ def main(argv=None) -> int:
         help="run nothing new: add to the detector rows of a benchmark.json the box and mask\n"
         "mAP of their saved models on the calibration-split images calibration did not draw",
     )
+    p.add_argument(
+        "--heldout",
+        type=int,
+        metavar="N",
+        help="held-out calibration-split images of the classifier's rows (the output error\n"
+        "where defaults are chosen; default: the preset's, 32 where it has none)",
+    )
+    p.add_argument(
+        "--options",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config options added to every run after the method's (e.g. the learning rates\n"
+        "of a config at another preset's budget); recorded in benchmark.json",
+    )
     args = p.parse_args(argv)
     out = ROOT / args.out
     if args.score_heldout:
@@ -311,15 +341,21 @@ def main(argv=None) -> int:
         return 0
     if args.merge:
         parts = [json.loads(Path(f).read_text()) for f in args.merge]
-        if len({part["preset"] for part in parts}) != 1:
-            raise SystemExit("error: --merge needs benchmark.json files of one preset")
+        if len({json.dumps(_preset_of(part), sort_keys=True) for part in parts}) != 1:
+            raise SystemExit(
+                "error: --merge needs benchmark.json files of one preset (and --heldout, --options)"
+            )
         rows = [r for part in parts for r in part["rows"]]
         seeds = sorted({r["seed"] for r in rows})
         merged = {**parts[0], "seeds": seeds, "rows": rows, "merged_from": args.merge}
         print(recon_table(rows), end="")
         print(write_benchmark(out, merged, recon_table(rows)))
         return 0
-    preset = PRESETS[args.preset]
+    preset = {
+        **PRESETS[args.preset],
+        **({"cls_heldout": args.heldout} if args.heldout else {}),
+        **({"options": args.options} if args.options else {}),
+    }
     meta = {"preset": args.preset, **preset, "seeds": args.seeds}
     rows, written = [], None
     for model in args.models:
