@@ -32,6 +32,7 @@ BUDGET_UNITS = ("block_passes", "steps")
 NON_BLOCK = ("calib", "layerwise", "parts")
 COMPENSATE = ("none", "bias")  # closed-form steps after the reconstruction
 PART_LOSSES = ("mse", "task")  # what a detector's head parts are reconstructed against
+A_LR_MODES = ("absolute", "relative")  # how a_lr applies to the activation step sizes
 DOWNSTREAM_METRICS = ("mse", "kl")
 CACHE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 TOP = "top"  # max_level: one group per stage (the whole encoder of a ViT)
@@ -258,6 +259,10 @@ class ReconSettings(_Settings):
     w_lr / a_lr: Adam learning rates of the AdaRound variables and of the activation step sizes
         (cosine-annealed to 0 over a unit). The defaults are the peers' for 20k steps per unit;
         short runs need larger ones (the demo's fast budget: 1e-2 / 4e-4).
+    a_lr_mode: ``"absolute"`` (the peers'): ``a_lr`` is the rate of every step size in its own
+        units, so Adam moves a step of 0.01 and one of 6 by the same amount per iteration;
+        ``"relative"``: each step size's rate is ``a_lr`` times its size when its unit starts,
+        so every step can move by the same fraction of itself (docs/method.md section 4).
     round_weight: weight of the AdaRound regularizer.
     beta_start / beta_end / warmup: the regularizer temperature decays linearly from beta_start
         to beta_end after the first ``warmup`` fraction of a unit's iterations (regularizer off).
@@ -300,6 +305,7 @@ class ReconSettings(_Settings):
     batch_size: int = 32
     w_lr: float = 1e-3
     a_lr: float = 4e-5
+    a_lr_mode: str = "absolute"
     round_weight: float = 0.01
     beta_start: float = 20.0
     beta_end: float = 2.0
@@ -334,6 +340,7 @@ class ReconSettings(_Settings):
         check_choice(self.non_block, NON_BLOCK, "ReconSettings.non_block")
         check_choice(self.compensate, COMPENSATE, "ReconSettings.compensate")
         check_choice(self.part_loss, PART_LOSSES, "ReconSettings.part_loss")
+        check_choice(self.a_lr_mode, A_LR_MODES, "ReconSettings.a_lr_mode")
         check_choice(self.cache_dtype, CACHE_DTYPES, "ReconSettings.cache_dtype")
         check_max_level(self.max_level)
         check_choice(self.downstream_metric, DOWNSTREAM_METRICS, "ReconSettings.downstream_metric")

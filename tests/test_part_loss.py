@@ -138,7 +138,10 @@ def test_the_demo_detector_heads_get_their_task_losses():
         ReconSettings(part_loss="kl")
 
 
-def test_a_block_model_saved_before_part_loss_existed_reads_as_mse(tmp_path):
+@pytest.mark.parametrize(
+    "key, before, other", [("part_loss", "mse", "task"), ("a_lr_mode", "absolute", "relative")]
+)
+def test_a_block_model_saved_before_a_setting_existed_reads_as_it_ran(tmp_path, key, before, other):
     from pfcr_mm import PTQConfig
     from pfcr_mm.engine.saved_model import (
         QUANTIZED_FORMAT,
@@ -148,11 +151,9 @@ def test_a_block_model_saved_before_part_loss_existed_reads_as_mse(tmp_path):
 
     config = PTQConfig(method="block")
     older = quantization_settings(config)
-    del older["recon"]["part_loss"]
+    del older["recon"][key]
     path = tmp_path / "older.pth"
     torch.save({"format": QUANTIZED_FORMAT, "settings": older, "state_dict": {}}, path)
     assert read_quantized_model(config, path)["settings"] == older
-    with pytest.raises(ValueError, match="ptq.recon.part_loss='mse', but the config says 'task'"):
-        read_quantized_model(
-            PTQConfig.from_dict({"method": "block", "recon": {"part_loss": "task"}}), path
-        )
+    with pytest.raises(ValueError, match=f"ptq.recon.{key}='{before}', but the config says"):
+        read_quantized_model(PTQConfig.from_dict({"method": "block", "recon": {key: other}}), path)

@@ -266,3 +266,22 @@ def test_output_aware_settings_are_checked():
         ReconSettings(downstream_temperature=0)
     with pytest.raises(ValueError, match="downstream_min_level must be a level >= 0"):
         ReconSettings(downstream_min_level=-1)
+
+
+@pytest.mark.parametrize("mode", ["absolute", "relative"])
+def test_step_sizes_move_by_a_lr_or_by_a_lr_times_their_size(quantized_vit, mode):
+    """Adam's first step moves each learned step size by its rate: ``a_lr`` for all, or ``a_lr``
+    times the step's own size (a step of 0.01 and one of 6 move by the same fraction)."""
+    model, plan, batches = quantized_vit()
+    unit = plan.units[1]  # blocks.0.mlp: the inputs of fc1 and fc2
+    q, x, y, args = unit_caches(model, plan, batches, unit)
+    acts = [unit.block.mlp.fc1.input_quantizer, unit.block.mlp.fc2.input_quantizer]
+    before = [float(a.scale) for a in acts]
+    assert max(before) > 1.5 * min(before)  # sizes that differ, or the test shows nothing
+    settings = ReconSettings(iters=1, batch_size=8, a_lr=1e-2, a_lr_mode=mode, drop_prob=0.0)
+    reconstruct_unit(unit, UnitCaches(q, x, y, args), settings)
+    moved = [abs(float(a.scale) - b) for a, b in zip(acts, before)]
+    expected = [1e-2 * (b if mode == "relative" else 1.0) for b in before]
+    assert moved == pytest.approx(expected, rel=2e-2)  # Adam: |g| / (|g| + eps) of tiny g
+    with pytest.raises(ValueError, match="a_lr_mode"):
+        ReconSettings(a_lr_mode="scaled")

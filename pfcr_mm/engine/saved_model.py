@@ -20,7 +20,11 @@ from .runner_io import model_and_head
 # v2: the post-softmax quantizer chosen per attention is part of the state
 QUANTIZED_FORMAT = "pfcr_mm.quantized_model.v2"
 # settings added since files of this format were first written: what the older files hold
-SETTINGS_ADDED = {"ptq.recon.compensate": "none", "ptq.recon.part_loss": "mse"}
+SETTINGS_ADDED = {
+    "ptq.recon.compensate": "none",
+    "ptq.recon.part_loss": "mse",
+    "ptq.recon.a_lr_mode": "absolute",
+}
 
 
 def quantization_settings(config: PTQConfig) -> dict:

@@ -199,10 +199,20 @@ class _Rollback:
                 q.scale.copy_(scale)
 
 
+def step_size_groups(scales: list[torch.Tensor], settings: ReconSettings) -> list[dict]:
+    """Adam's parameter groups of the learned step sizes: one rate ``a_lr`` for all
+    (``a_lr_mode="absolute"``), or each its own, ``a_lr`` times its mean size now
+    (``"relative"``)."""
+    if settings.a_lr_mode == "absolute":
+        return [{"params": scales, "lr": settings.a_lr}]
+    return [{"params": [s], "lr": settings.a_lr * float(s.detach().abs().mean())} for s in scales]
+
+
 class _Session:
     """The optimization of one unit: Adam on the AdaRound variables (``w_lr``) and on the step
-    sizes (``a_lr``, cosine-annealed to 0 over the unit, kept positive); and the two-stage
-    regime of POS (activations in floating point during the first ``fp_act_iters``)."""
+    sizes (``a_lr`` and ``a_lr_mode``, cosine-annealed to 0 over the unit, kept positive); and
+    the two-stage regime of POS (activations in floating point during the first
+    ``fp_act_iters``)."""
 
     def __init__(self, alphas: list, scales: list, act_quantizers: list, fp_act_iters: int,
                  settings: ReconSettings, iters: int):  # fmt: skip
@@ -211,7 +221,7 @@ class _Session:
             self.opts.append(torch.optim.Adam(alphas, lr=settings.w_lr))
         self.scales, self.sched = scales, None
         if scales:
-            opt_a = torch.optim.Adam(scales, lr=settings.a_lr)
+            opt_a = torch.optim.Adam(step_size_groups(scales, settings))
             self.opts.append(opt_a)
             self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt_a, T_max=iters, eta_min=0)
         self.act_quantizers, self.fp_act_iters = act_quantizers, fp_act_iters
