@@ -46,6 +46,7 @@ HEADLINE_END = "<!-- headline:end -->"
 # the order of docs/benchmarks.md; every benchmarks/<name>/ must be listed (checked)
 ORDER = [
     "demo_recon_objectives",
+    "demo_recon_quick_w3a3",
     "demo_recon_current",
     "demo_recon_fast",
     "demo_recon",
@@ -130,6 +131,7 @@ def recon_settings(data: dict) -> str:
     keys = ["preset", "iters", "cls_images", "det_images", "cls_heldout", "w_lr", "a_lr"]
     keys += ["max_level"]
     parts = [f"`{k}={data[k]}`" for k in keys if k in data]
+    parts += [f"`{o}`" for o in data.get("options", [])]  # --options, after each method's
     seeds = " ".join(str(s) for s in data["seeds"])
     return f"Settings in the JSON: {', '.join(parts)}; seeds {seeds}.\n"
 
