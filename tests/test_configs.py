@@ -39,8 +39,8 @@ def test_config_ptq_section_matches_its_name(path):
         assert "pfcr" in name and settings.method == "pfcr"
         recon = settings.recon
         if name.startswith("demo_vit"):  # benchmark_recon.py's "fast" preset (tools/benchmarks)
-            fast = (recon.iters, recon.w_lr, recon.a_lr, recon.max_level)
-            assert fast == (100, 1e-2, 4e-4, 1)
+            fast = (recon.iters, recon.w_lr, recon.max_level)
+            assert fast == (100, 1e-2, 1) and (recon.a_lr, recon.a_lr_mode) == (5e-3, "relative")
         elif name.startswith("demo_"):
             assert recon.iters == 300  # benchmark_recon.py's "quick" preset (tools/benchmarks)
         else:
