@@ -292,6 +292,15 @@ def step_tool():
 
 
 @pytest.fixture(scope="session")
+def signed_int8_exact() -> bool:
+    """Whether onnxruntime computes int8-weight (u8s8) products exactly on this CPU: with VNNI
+    or AMX; on AVX2 without them its kernel can saturate 16-bit sums (docs/deploy.md)."""
+    from pfcr_mm.provenance import cpu_flags
+
+    return any("vnni" in f or f.startswith("amx") for f in cpu_flags())
+
+
+@pytest.fixture(scope="session")
 def recon_tool():
     """``tools/benchmarks/benchmark_recon.py`` (its ``main(argv)`` returns the exit code)."""
     return _load_tool("benchmarks/benchmark_recon")

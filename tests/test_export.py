@@ -185,7 +185,9 @@ def test_the_profile_says_where_the_int8_and_fp32_time_goes(tiny_timm_vit, tmp_p
 
 
 @pytest.mark.slow
-def test_signed_weight_codes_are_the_same_weights_in_int8(tiny_timm_vit, tmp_path):
+def test_signed_weight_codes_are_the_same_weights_in_int8(
+    tiny_timm_vit, tmp_path, signed_int8_exact
+):
     model, batches = _quantized(tiny_timm_vit, 8)
     uniform_post_softmax(model, lambda m: [m(b) for b in batches])
     x = torch.randn(8, 3, 32, 32)
@@ -214,6 +216,8 @@ def test_signed_weight_codes_are_the_same_weights_in_int8(tiny_timm_vit, tmp_pat
         reports[True]["initializer_bytes"].get("uint8", 0)
         < reports[False]["initializer_bytes"]["uint8"]
     )
+    if not signed_int8_exact:
+        pytest.skip("no VNNI/AMX: onnxruntime's u8s8 kernel may saturate (the codes were checked)")
     # the same weights: onnxruntime gives the same outputs
     out = {s: run_session(cpu_session(p), x) for s, p in paths.items()}
     torch.testing.assert_close(out[True], out[False], rtol=0, atol=1e-5)
