@@ -51,6 +51,7 @@ ORDER = [
     "demo_recon_current",
     "demo_recon_fast",
     "demo_recon",
+    "demo_det_step_rate",
     "demo_det_heads",
     "demo_det_choice",
     "demo_det",
