@@ -131,6 +131,7 @@ METHODS = {
         "ptq.recon.roi_batch_size=32",
         *REL_DET,
     ],
+    "pfcr_anneal_rel": ["ptq.method=pfcr", "ptq.recon.pos=anneal", *REL_DET],
     # where the error is: weights or activations at 8 bits, the other at the run's bits
     "block_w8": ["ptq.method=block", "ptq.quant.w_bits=8"],
     "block_a8": ["ptq.method=block", "ptq.quant.a_bits=8"],
