@@ -47,6 +47,7 @@ HEADLINE_END = "<!-- headline:end -->"
 ORDER = [
     "demo_recon_objectives",
     "demo_recon_quick_w3a3",
+    "demo_recon_quick_w3a3_rel",
     "demo_recon_step_rate",
     "demo_recon_current",
     "demo_recon_fast",
