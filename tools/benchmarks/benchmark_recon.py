@@ -132,6 +132,8 @@ METHODS = {
         *REL_DET,
     ],
     "pfcr_anneal_rel": ["ptq.method=pfcr", "ptq.recon.pos=anneal", *REL_DET],
+    # the larger w_lr alone, the step sizes at the peers' absolute rate
+    "pfcr_anneal_wlr": ["ptq.method=pfcr", "ptq.recon.pos=anneal", "ptq.recon.w_lr=0.01"],
     # where the error is: weights or activations at 8 bits, the other at the run's bits
     "block_w8": ["ptq.method=block", "ptq.quant.w_bits=8"],
     "block_a8": ["ptq.method=block", "ptq.quant.a_bits=8"],
