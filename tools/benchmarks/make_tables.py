@@ -57,6 +57,7 @@ ORDER = [
     "demo_det_choice",
     "demo_det",
     "demo_det_vitdet",
+    "demo_det_vitdet_step_rate",
     "vitdet_parity",
     "demo_calib_choice",
     "demo_calib_choice_det",
