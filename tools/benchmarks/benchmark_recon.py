@@ -45,7 +45,8 @@ KL = [
 # the step sizes' rate relative to their size (recon.a_lr_mode), tried on seed 0's held-out
 # images (demo ViT, fast preset: a_lr 0.002 / 0.005 / 0.015; the detector at the quick preset)
 REL_CLS = ["ptq.recon.a_lr_mode=relative", "ptq.recon.a_lr=0.005"]
-REL_DET = ["ptq.recon.w_lr=0.01", "ptq.recon.a_lr_mode=relative", "ptq.recon.a_lr=0.002"]
+W_LR_DET = "ptq.recon.w_lr=0.01"  # the fast preset's w_lr, on the detectors at the quick one
+REL_DET = [W_LR_DET, "ptq.recon.a_lr_mode=relative", "ptq.recon.a_lr=0.002"]
 METHODS = {
     "calib": ["ptq.method=calib"],  # post_softmax "auto", the default
     # calibration with one fixed post-softmax quantizer for every attention
@@ -133,7 +134,7 @@ METHODS = {
     ],
     "pfcr_anneal_rel": ["ptq.method=pfcr", "ptq.recon.pos=anneal", *REL_DET],
     # the larger w_lr alone, the step sizes at the peers' absolute rate
-    "pfcr_anneal_wlr": ["ptq.method=pfcr", "ptq.recon.pos=anneal", "ptq.recon.w_lr=0.01"],
+    "pfcr_anneal_wlr": ["ptq.method=pfcr", "ptq.recon.pos=anneal", W_LR_DET],
     # where the error is: weights or activations at 8 bits, the other at the run's bits
     "block_w8": ["ptq.method=block", "ptq.quant.w_bits=8"],
     "block_a8": ["ptq.method=block", "ptq.quant.a_bits=8"],
