@@ -273,7 +273,8 @@ class ReconSettings(_Settings):
         only, 1: up to blocks, ...).
     non_block: layers outside the blocks: ``"calib"`` (calibrated only), ``"layerwise"`` (a
         unit each) or ``"parts"`` (a unit per part an adapter declares: a detector's neck, RPN
-        head, RoI heads); ``iters`` iterations per unit, outside the block budget.
+        head, RoI heads); ``outside_iters`` iterations per unit, outside the block budget.
+    outside_iters: optimizer steps of each unit outside the blocks; ``None``: ``iters``.
     drop_prob: probability that an input element comes from the FP input (QDrop); 0: off.
     cache_dtype: dtype of the cached inputs and targets (``float32`` or ``float16``).
     seed: seeds the sampling of batches and QDrop masks (per unit, combined with its name).
@@ -314,6 +315,7 @@ class ReconSettings(_Settings):
     pos: str = "anneal"
     max_level: int | str = TOP
     non_block: str = "calib"
+    outside_iters: int | None = None
     drop_prob: float = 0.5
     cache_dtype: str = "float32"
     seed: int = 0
@@ -331,6 +333,10 @@ class ReconSettings(_Settings):
     def __post_init__(self) -> None:
         if self.iters < 1 or self.batch_size < 1 or self.roi_batch_size < 1:
             raise ValueError("ReconSettings.iters, batch_size and roi_batch_size must be >= 1")
+        if self.outside_iters is not None and self.outside_iters < 1:
+            raise ValueError(
+                f"ReconSettings.outside_iters must be >= 1 or None, got {self.outside_iters}"
+            )
         if not 0.0 <= self.warmup < 1.0:
             raise ValueError(f"ReconSettings.warmup must be in [0, 1), got {self.warmup}")
         if not 0.0 <= self.drop_prob <= 1.0:

@@ -102,7 +102,9 @@ def test_ptq_config_round_trips_and_names_the_close_key():
         scope="backbone+neck",
         quant=QuantConfig(w_bits=3, a_bits=3),
         calib=CalibSettings(num_images=64, dataset={"split": "train"}),
-        recon=ReconSettings(iters=10, pos="shrink", max_level=2, non_block="layerwise"),
+        recon=ReconSettings(
+            iters=10, pos="shrink", max_level=2, non_block="layerwise", outside_iters=3
+        ),
     )
     again = PTQConfig.from_dict(config.to_dict())
     assert again == config
@@ -120,6 +122,8 @@ def test_ptq_config_round_trips_and_names_the_close_key():
         PTQConfig.from_dict({"calib": {"num_images": 0}})
     with pytest.raises(ValueError, match="non_block must be one of"):
         PTQConfig.from_dict({"recon": {"non_block": "all"}})
+    with pytest.raises(ValueError, match="outside_iters must be >= 1 or None, got 0"):
+        PTQConfig.from_dict({"recon": {"outside_iters": 0}})
     with pytest.raises(ValueError, match="max_level must be a level >= 0"):
         PTQConfig.from_dict({"recon": {"max_level": -1}})
 

@@ -139,7 +139,12 @@ def test_the_demo_detector_heads_get_their_task_losses():
 
 
 @pytest.mark.parametrize(
-    "key, before, other", [("part_loss", "mse", "task"), ("a_lr_mode", "absolute", "relative")]
+    "key, before, other",
+    [
+        ("part_loss", "mse", "task"),
+        ("a_lr_mode", "absolute", "relative"),
+        ("outside_iters", None, 900),
+    ],
 )
 def test_a_block_model_saved_before_a_setting_existed_reads_as_it_ran(tmp_path, key, before, other):
     from pfcr_mm import PTQConfig
@@ -155,5 +160,5 @@ def test_a_block_model_saved_before_a_setting_existed_reads_as_it_ran(tmp_path, 
     path = tmp_path / "older.pth"
     torch.save({"format": QUANTIZED_FORMAT, "settings": older, "state_dict": {}}, path)
     assert read_quantized_model(config, path)["settings"] == older
-    with pytest.raises(ValueError, match=f"ptq.recon.{key}='{before}', but the config says"):
+    with pytest.raises(ValueError, match=f"ptq.recon.{key}={before!r}, but the config says"):
         read_quantized_model(PTQConfig.from_dict({"method": "block", "recon": {key: other}}), path)

@@ -1,8 +1,18 @@
 """Progressive optimization strategies (pfcr_mm/recon/pos.py): how one iteration budget and
 the temperature decay are spread over the levels."""
 
-from pfcr_mm.recon import FineToCoarseSchedule, UnitRecipe, layer_recipe, level_recipes
+from torch import nn
+
+from pfcr_mm.recon import (
+    OUTSIDE,
+    FineToCoarseSchedule,
+    UnitRecipe,
+    layer_recipe,
+    level_recipes,
+    order_steps,
+)
 from pfcr_mm.recon.pos import block_passes
+from pfcr_mm.settings import ReconSettings
 
 
 def test_level_recipes_spread_one_budget_as_pos_says(fake_units):
@@ -40,3 +50,23 @@ def test_level_recipes_spread_one_budget_as_pos_says(fake_units):
     assert {r.iters for r in level_recipes(levels, "anneal", 7, None).values()} == {7}
     assert layer_recipe("two_stage", 9) == UnitRecipe(9, (0.0, 1.0), 4)
     assert layer_recipe("anneal", 9) == UnitRecipe(9)
+
+
+def test_units_outside_the_blocks_get_outside_iters(fake_units):
+    units, _ = fake_units([2])
+    levels = list(FineToCoarseSchedule(units, max_level=1))
+    stem, head = nn.Linear(2, 2), nn.Linear(2, 2)
+
+    def iters(settings):
+        steps, _ = order_steps(levels, settings, 1000, before=[stem], after=[head])
+        return [(s.level, s.recipe.iters) for s in steps]
+
+    # the block budget is spread as before; each unit outside the blocks gets iters, or
+    # outside_iters when set
+    blocks = [(0, 250)] * 4 + [(1, 250)] * 2
+    assert iters(ReconSettings(iters=500)) == [(OUTSIDE, 500), *blocks, (OUTSIDE, 500)]
+    assert iters(ReconSettings(iters=500, outside_iters=30)) == [
+        (OUTSIDE, 30),
+        *blocks,
+        (OUTSIDE, 30),
+    ]

@@ -24,6 +24,7 @@ SETTINGS_ADDED = {
     "ptq.recon.compensate": "none",
     "ptq.recon.part_loss": "mse",
     "ptq.recon.a_lr_mode": "absolute",
+    "ptq.recon.outside_iters": None,
 }
 
 

@@ -99,12 +99,13 @@ def order_steps(
         ``settings.iters`` for every unit.
     before / after: units reconstructed before the first level and after the last one.
     between: ``(unit, block)`` pairs: ``unit`` goes just before the first unit holding
-        ``block``. Units outside the blocks get ``settings.iters`` each, outside the budget.
+        ``block``. Units outside the blocks get ``settings.outside_iters`` (default
+        ``settings.iters``) each, outside the budget.
     """
     levels = [(k, list(units)) for k, units in levels]
     cost = (lambda u: 1) if settings.budget_unit == "steps" else block_passes
     recipes = level_recipes(levels, settings.pos, settings.iters, budget, cost)
-    layer = layer_recipe(settings.pos, settings.iters)
+    layer = layer_recipe(settings.pos, settings.outside_iters or settings.iters)
     steps = [ReconStep(OUTSIDE, u, layer) for u in before]
     pending = list(between)
     for k, units in levels:
