@@ -132,14 +132,17 @@ METHODS = {
         "ptq.recon.roi_batch_size=32",
         *REL_DET,
     ],
-    # the neck and heads (the units outside the blocks) at three times the steps
-    "block_task_roi32_rel_out900": [
-        "ptq.method=block",
-        "ptq.recon.part_loss=task",
-        "ptq.recon.roi_batch_size=32",
-        *REL_DET,
-        "ptq.recon.outside_iters=900",
-    ],
+    # the neck and heads (the units outside the blocks) at two and three times the steps
+    **{
+        f"block_task_roi32_rel_out{n}": [
+            "ptq.method=block",
+            "ptq.recon.part_loss=task",
+            "ptq.recon.roi_batch_size=32",
+            *REL_DET,
+            f"ptq.recon.outside_iters={n}",
+        ]
+        for n in (600, 900)
+    },
     "pfcr_anneal_rel": ["ptq.method=pfcr", "ptq.recon.pos=anneal", *REL_DET],
     # the larger w_lr alone, the step sizes at the peers' absolute rate
     "pfcr_anneal_wlr": ["ptq.method=pfcr", "ptq.recon.pos=anneal", W_LR_DET],
