@@ -47,6 +47,10 @@ KL = [
 REL_CLS = ["ptq.recon.a_lr_mode=relative", "ptq.recon.a_lr=0.005"]
 W_LR_DET = "ptq.recon.w_lr=0.01"  # the fast preset's w_lr, on the detectors at the quick one
 REL_DET = [W_LR_DET, "ptq.recon.a_lr_mode=relative", "ptq.recon.a_lr=0.002"]
+# block with the detection configs' objective: the heads against their predictions' divergence,
+# 32 RoIs per step; and with REL_DET
+BLOCK_TASK = ["ptq.method=block", "ptq.recon.part_loss=task", "ptq.recon.roi_batch_size=32"]
+BLOCK_TASK_REL = [*BLOCK_TASK, *REL_DET]
 METHODS = {
     "calib": ["ptq.method=calib"],  # post_softmax "auto", the default
     # calibration with one fixed post-softmax quantizer for every attention
@@ -112,11 +116,7 @@ METHODS = {
     # detection configs' default since benchmarks/demo_det_heads), 128 or 32 RoIs per step
     "block_mse": ["ptq.method=block", "ptq.recon.part_loss=mse", "ptq.recon.roi_batch_size=128"],
     "block_task": ["ptq.method=block", "ptq.recon.part_loss=task", "ptq.recon.roi_batch_size=128"],
-    "block_task_roi32": [
-        "ptq.method=block",
-        "ptq.recon.part_loss=task",
-        "ptq.recon.roi_batch_size=32",
-    ],
+    "block_task_roi32": BLOCK_TASK,
     # each activation step size learned at a rate relative to its size (recon.a_lr_mode),
     # after the objectives above; the detector's with the fast preset's larger w_lr too
     "block_kl_layerwise_rel": [
@@ -126,21 +126,10 @@ METHODS = {
         *REL_CLS,
     ],
     "pfcr_kl_layerwise_rel": ["ptq.method=pfcr", *KL, "ptq.recon.non_block=layerwise", *REL_CLS],
-    "block_task_roi32_rel": [
-        "ptq.method=block",
-        "ptq.recon.part_loss=task",
-        "ptq.recon.roi_batch_size=32",
-        *REL_DET,
-    ],
+    "block_task_roi32_rel": BLOCK_TASK_REL,
     # the neck and heads (the units outside the blocks) at two and three times the steps
     **{
-        f"block_task_roi32_rel_out{n}": [
-            "ptq.method=block",
-            "ptq.recon.part_loss=task",
-            "ptq.recon.roi_batch_size=32",
-            *REL_DET,
-            f"ptq.recon.outside_iters={n}",
-        ]
+        f"block_task_roi32_rel_out{n}": [*BLOCK_TASK_REL, f"ptq.recon.outside_iters={n}"]
         for n in (600, 900)
     },
     "pfcr_anneal_rel": ["ptq.method=pfcr", "ptq.recon.pos=anneal", *REL_DET],
