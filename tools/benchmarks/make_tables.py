@@ -54,6 +54,7 @@ ORDER = [
     "demo_recon",
     "demo_det_step_rate",
     "demo_det_outside_iters",
+    "demo_det_outside_iters_calib64",
     "demo_det_heads",
     "demo_det_choice",
     "demo_det",
