@@ -125,6 +125,18 @@ def dataclass_from_dict(cls: type, d, what: str):
     return cls(**d)
 
 
+def dotted(d: dict, prefix: str = "") -> dict:
+    """``d`` with nested non-empty dicts flattened into dotted keys after ``prefix``:
+    ``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (how ``--cfg-options
+    recon.outside_iters.roi_head.bbox_head=900`` arrives; settings compared key by key)."""
+    flat = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        nested = isinstance(value, dict) and value
+        flat.update(dotted(value, f"{name}.") if nested else {name: value})
+    return flat
+
+
 class _Settings:
     """``from_dict`` / ``to_dict`` of a settings dataclass."""
 
@@ -274,7 +286,9 @@ class ReconSettings(_Settings):
     non_block: layers outside the blocks: ``"calib"`` (calibrated only), ``"layerwise"`` (a
         unit each) or ``"parts"`` (a unit per part an adapter declares: a detector's neck, RPN
         head, RoI heads); ``outside_iters`` iterations per unit, outside the block budget.
-    outside_iters: optimizer steps of each unit outside the blocks; ``None``: ``iters``.
+    outside_iters: optimizer steps of each unit outside the blocks: one number for all, or a
+        dict from unit names (``neck``, ``roi_head.bbox_head``; nested dicts read as dotted names)
+        to steps, the units it does not name getting ``iters``; ``None``: ``iters``.
     drop_prob: probability that an input element comes from the FP input (QDrop); 0: off.
     cache_dtype: dtype of the cached inputs and targets (``float32`` or ``float16``).
     seed: seeds the sampling of batches and QDrop masks (per unit, combined with its name).
@@ -315,7 +329,7 @@ class ReconSettings(_Settings):
     pos: str = "anneal"
     max_level: int | str = TOP
     non_block: str = "calib"
-    outside_iters: int | None = None
+    outside_iters: int | dict | None = None
     drop_prob: float = 0.5
     cache_dtype: str = "float32"
     seed: int = 0
@@ -333,9 +347,17 @@ class ReconSettings(_Settings):
     def __post_init__(self) -> None:
         if self.iters < 1 or self.batch_size < 1 or self.roi_batch_size < 1:
             raise ValueError("ReconSettings.iters, batch_size and roi_batch_size must be >= 1")
-        if self.outside_iters is not None and self.outside_iters < 1:
+        if isinstance(self.outside_iters, dict):
+            self.outside_iters = dotted(self.outside_iters)
+        steps = (
+            self.outside_iters.values()
+            if isinstance(self.outside_iters, dict)
+            else [self.outside_iters]
+        )
+        if self.outside_iters is not None and not all(_fits(n, int) and n >= 1 for n in steps):
             raise ValueError(
-                f"ReconSettings.outside_iters must be >= 1 or None, got {self.outside_iters}"
+                "ReconSettings.outside_iters must be >= 1, a dict of unit names to steps >= 1, "
+                f"or None, got {self.outside_iters}"
             )
         if not 0.0 <= self.warmup < 1.0:
             raise ValueError(f"ReconSettings.warmup must be in [0, 1), got {self.warmup}")

@@ -130,6 +130,12 @@ CASES = [
         "unknown ptq.recon setting(s) 'iter' " "(did you mean 'iters'?)",
     ),
     (
+        "cfg_option_below_a_number",
+        "ptq = dict(recon=dict(outside_iters=30))",
+        ["--cfg-options", "ptq.recon.outside_iters.neck=60"],
+        "--cfg-options: outside_iters={'neck': 60} in child config cannot inherit",
+    ),
+    (
         "model_field_typo",
         "model = dict(model_kwarg=dict())",
         [],

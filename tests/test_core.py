@@ -122,8 +122,17 @@ def test_ptq_config_round_trips_and_names_the_close_key():
         PTQConfig.from_dict({"calib": {"num_images": 0}})
     with pytest.raises(ValueError, match="non_block must be one of"):
         PTQConfig.from_dict({"recon": {"non_block": "all"}})
-    with pytest.raises(ValueError, match="outside_iters must be >= 1 or None, got 0"):
+    with pytest.raises(ValueError, match="outside_iters must be >= 1, a dict .* got 0"):
         PTQConfig.from_dict({"recon": {"outside_iters": 0}})
+    # by unit name; nested dicts (--cfg-options recon.outside_iters.roi_head.bbox_head=900)
+    # read as dotted names, and the dotted form round-trips
+    per_unit = PTQConfig.from_dict(
+        {"recon": {"outside_iters": {"neck": 600, "roi_head": {"bbox_head": 900}}}}
+    )
+    assert per_unit.recon.outside_iters == {"neck": 600, "roi_head.bbox_head": 900}
+    assert PTQConfig.from_dict(per_unit.to_dict()) == per_unit
+    with pytest.raises(ValueError, match=r"a dict .* got \{'neck': 0\}"):
+        PTQConfig.from_dict({"recon": {"outside_iters": {"neck": 0}}})
     with pytest.raises(ValueError, match="max_level must be a level >= 0"):
         PTQConfig.from_dict({"recon": {"max_level": -1}})
 

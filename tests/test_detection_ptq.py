@@ -123,11 +123,14 @@ def test_whole_detector_reconstructed_in_forward_order(ptq_tool, demo_setup, tmp
     cfg = _config(demo_setup)
     work = tmp_path / "pfcr"
     opts = ["ptq.method=pfcr", "ptq.recon.iters=2", "ptq.recon.batch_size=1"]
+    opts.append("ptq.recon.outside_iters.roi_head.bbox_head=3")  # one part's steps by name
     argv = [str(cfg), "--work-dir", str(work), "--no-fp-eval", "--eval-images", "2"]
     assert ptq_tool.main([*argv, "--cfg-options", *opts]) == 0
     run = last_run_dir(work)
     recon = json.loads((run / "ptq_results.json").read_text())["recon"]
     log = json.loads((run / "recon" / "recon_log.json").read_text())
+    outside_steps = {u["name"]: u["iters"] for u in log["units"] if u["level"] == -1}
+    assert outside_steps.pop("roi_head.bbox_head") == 3 and set(outside_steps.values()) == {2}
     order = [(u["name"].removeprefix("backbone."), u["level"]) for u in log["units"]]
     stage = [
         (f"stages.{s}.blocks.{b}.{part}", 0)

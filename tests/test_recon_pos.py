@@ -1,6 +1,7 @@
 """Progressive optimization strategies (pfcr_mm/recon/pos.py): how one iteration budget and
 the temperature decay are spread over the levels."""
 
+import pytest
 from torch import nn
 
 from pfcr_mm.recon import (
@@ -70,3 +71,9 @@ def test_units_outside_the_blocks_get_outside_iters(fake_units):
         *blocks,
         (OUTSIDE, 30),
     ]
+    # by unit name: the units it does not name get iters
+    stem.name, head.name = "stem", "roi_head.bbox_head"
+    by_name = ReconSettings(iters=500, outside_iters={"roi_head": {"bbox_head": 900}})
+    assert iters(by_name) == [(OUTSIDE, 500), *blocks, (OUTSIDE, 900)]
+    with pytest.raises(ValueError, match=r"names 'roi_head.bbox' \(did you mean 'roi_head.bbox"):
+        iters(ReconSettings(iters=500, outside_iters={"roi_head.bbox": 900}))

@@ -156,7 +156,10 @@ def _checked_config(path: str, options: dict) -> tuple[Config, PTQConfig]:
     """The config file with ``options`` merged in, its ``ptq`` settings and every key checked."""
     check_is_file(path, "config file")
     cfg = Config.fromfile(path)
-    cfg.merge_from_dict(options)
+    try:
+        cfg.merge_from_dict(options)
+    except TypeError as err:  # a dotted key below a value that is not a dict
+        raise ValueError(f"--cfg-options: {err}") from None
     if "ptq" not in cfg:
         raise KeyError(f"{path} has no 'ptq' section; see configs/ for examples")
     config = PTQConfig.from_dict(cfg.ptq)

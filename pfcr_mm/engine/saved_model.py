@@ -13,7 +13,7 @@ from mmengine.dist import is_main_process
 from ..adapters import QuantPlan, prepare
 from ..atomic import atomic_path
 from ..quant.modules import QUANT_LAYERS
-from ..settings import PTQConfig
+from ..settings import PTQConfig, dotted
 from .checkpoint import load_checkpoint_file
 from .runner_io import model_and_head
 
@@ -43,13 +43,7 @@ def quantization_settings(config: PTQConfig) -> dict:
 
 def flat_settings(settings: dict, prefix: str = "ptq") -> dict:
     """``{'ptq.recon.iters': 300, ...}``: the leaves of nested settings by their config key."""
-    out = {}
-    for key, value in settings.items():
-        if isinstance(value, dict) and value:
-            out.update(flat_settings(value, f"{prefix}.{key}"))
-        else:
-            out[f"{prefix}.{key}"] = value
-    return out
+    return dotted(settings, f"{prefix}.")
 
 
 def differing_keys(was: dict, now: dict, keys, first: str) -> list[str]:

@@ -17,6 +17,7 @@ A new schedule changes the plan, never the loop that runs it.
 
 from __future__ import annotations
 
+import difflib
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -105,19 +106,47 @@ def order_steps(
     levels = [(k, list(units)) for k, units in levels]
     cost = (lambda u: 1) if settings.budget_unit == "steps" else block_passes
     recipes = level_recipes(levels, settings.pos, settings.iters, budget, cost)
-    layer = layer_recipe(settings.pos, settings.outside_iters or settings.iters)
-    steps = [ReconStep(OUTSIDE, u, layer) for u in before]
+    outside = OutsideSteps(settings)
+    steps = [outside.step(u) for u in before]
     pending = list(between)
     for k, units in levels:
         for unit in units:
             holds = {id(leaf.block) for leaf in leaves(unit)}
-            steps += [ReconStep(OUTSIDE, lu, layer) for lu, block in pending if id(block) in holds]
+            steps += [outside.step(lu) for lu, block in pending if id(block) in holds]
             pending = [(lu, block) for lu, block in pending if id(block) not in holds]
             steps.append(ReconStep(k, unit, recipes[k]))
     if pending:
         raise ValueError(f"no unit holds the block after layer {pending[0][0].name!r}")
-    steps += [ReconStep(OUTSIDE, u, layer) for u in after]
+    steps += [outside.step(u) for u in after]
+    outside.check_named(steps)
     return steps, recipes
+
+
+class OutsideSteps:
+    """The recipe of each unit outside the blocks: ``settings.outside_iters`` steps (one number
+    for all, or by unit name), else ``settings.iters``; outside the block budget."""
+
+    def __init__(self, settings: ReconSettings):
+        self.settings = settings
+        per = settings.outside_iters
+        self.by_name = per if isinstance(per, dict) else {}
+        self.all = settings.iters if isinstance(per, dict) else per or settings.iters
+
+    def step(self, unit: nn.Module) -> ReconStep:
+        iters = self.by_name.get(getattr(unit, "name", None), self.all)
+        return ReconStep(OUTSIDE, unit, layer_recipe(self.settings.pos, iters))
+
+    def check_named(self, steps: list[ReconStep]) -> None:
+        """Raise ValueError if ``outside_iters`` names a unit the plan does not have."""
+        names = [s.name for s in steps if s.level == OUTSIDE]
+        unknown = sorted(set(self.by_name) - set(names))
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], names, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(
+                f"recon.outside_iters names {unknown[0]!r}{hint}, not a unit outside the blocks "
+                f"of this run; they are: {names or 'none (non_block=calib?)'}"
+            )
 
 
 def build_plan(
