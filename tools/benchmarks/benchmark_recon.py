@@ -132,6 +132,13 @@ METHODS = {
         f"block_task_roi32_rel_out{n}": [*BLOCK_TASK_REL, f"ptq.recon.outside_iters={n}"]
         for n in (600, 900)
     },
+    # steps by unit: 900 for the neck and the RoI box head (where 900 steps for all paid), 150
+    # for the RPN and RoI mask heads (where they did not)
+    "block_task_roi32_rel_nb900_rm150": [
+        *BLOCK_TASK_REL,
+        *(f"ptq.recon.outside_iters.{u}=900" for u in ("neck", "roi_head.bbox_head")),
+        *(f"ptq.recon.outside_iters.{u}=150" for u in ("rpn_head", "roi_head.mask_head")),
+    ],
     "pfcr_anneal_rel": ["ptq.method=pfcr", "ptq.recon.pos=anneal", *REL_DET],
     # the larger w_lr alone, the step sizes at the peers' absolute rate
     "pfcr_anneal_wlr": ["ptq.method=pfcr", "ptq.recon.pos=anneal", W_LR_DET],
