@@ -51,6 +51,7 @@ REL_DET = [W_LR_DET, "ptq.recon.a_lr_mode=relative", "ptq.recon.a_lr=0.002"]
 # 32 RoIs per step; and with REL_DET
 BLOCK_TASK = ["ptq.method=block", "ptq.recon.part_loss=task", "ptq.recon.roi_batch_size=32"]
 BLOCK_TASK_REL = [*BLOCK_TASK, *REL_DET]
+NECK_BOX_900 = [f"ptq.recon.outside_iters.{u}=900" for u in ("neck", "roi_head.bbox_head")]
 METHODS = {
     "calib": ["ptq.method=calib"],  # post_softmax "auto", the default
     # calibration with one fixed post-softmax quantizer for every attention
@@ -132,11 +133,12 @@ METHODS = {
         f"block_task_roi32_rel_out{n}": [*BLOCK_TASK_REL, f"ptq.recon.outside_iters={n}"]
         for n in (600, 900)
     },
-    # steps by unit: 900 for the neck and the RoI box head (where 900 steps for all paid), 150
-    # for the RPN and RoI mask heads (where they did not)
+    # steps by unit: 900 for the neck and the RoI box head (where 900 steps for all paid), the
+    # RPN and RoI mask heads (where they did not) at 300, or at 150
+    "block_task_roi32_rel_nb900": [*BLOCK_TASK_REL, *NECK_BOX_900],
     "block_task_roi32_rel_nb900_rm150": [
         *BLOCK_TASK_REL,
-        *(f"ptq.recon.outside_iters.{u}=900" for u in ("neck", "roi_head.bbox_head")),
+        *NECK_BOX_900,
         *(f"ptq.recon.outside_iters.{u}=150" for u in ("rpn_head", "roi_head.mask_head")),
     ],
     "pfcr_anneal_rel": ["ptq.method=pfcr", "ptq.recon.pos=anneal", *REL_DET],
