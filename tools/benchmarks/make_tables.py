@@ -55,6 +55,7 @@ ORDER = [
     "demo_det_step_rate",
     "demo_det_outside_iters",
     "demo_det_outside_iters_calib64",
+    "demo_det_outside_iters_by_unit",
     "demo_det_heads",
     "demo_det_choice",
     "demo_det",
