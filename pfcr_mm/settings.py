@@ -67,11 +67,14 @@ def check_keys(d: dict, known, what: str) -> None:
     """Raise KeyError on a key of ``d`` that is not in ``known``, naming the closest known key."""
     unknown = sorted(set(d) - set(known))
     if unknown:
-        hints = []
-        for key in unknown:
-            close = difflib.get_close_matches(str(key), sorted(known), n=1)
-            hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-        raise KeyError(f"unknown {what} setting(s) {', '.join(hints)}; known: {sorted(known)}")
+        hints = ", ".join(with_closest(key, known) for key in unknown)
+        raise KeyError(f"unknown {what} setting(s) {hints}; known: {sorted(known)}")
+
+
+def with_closest(key, known) -> str:
+    """``'key'``, followed by `` (did you mean 'x'?)`` when ``x`` of ``known`` is close to it."""
+    close = difflib.get_close_matches(str(key), sorted(known), n=1)
+    return f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
 
 
 def _fits(value, annotation) -> bool:

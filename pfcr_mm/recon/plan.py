@@ -17,7 +17,6 @@ A new schedule changes the plan, never the loop that runs it.
 
 from __future__ import annotations
 
-import difflib
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -27,7 +26,7 @@ import torch
 from torch import nn
 
 from ..adapters import QuantPlan, task_loss_of
-from ..settings import ReconSettings
+from ..settings import ReconSettings, with_closest
 from .pos import UnitRecipe, block_passes, layer_recipe, level_recipes
 from .units import FineToCoarseSchedule, LayerUnit, leaves
 
@@ -141,11 +140,9 @@ class OutsideSteps:
         names = [s.name for s in steps if s.level == OUTSIDE]
         unknown = sorted(set(self.by_name) - set(names))
         if unknown:
-            close = difflib.get_close_matches(unknown[0], names, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ValueError(
-                f"recon.outside_iters names {unknown[0]!r}{hint}, not a unit outside the blocks "
-                f"of this run; they are: {names or 'none (non_block=calib?)'}"
+                f"recon.outside_iters names {with_closest(unknown[0], names)}, not a unit "
+                f"outside the blocks of this run; they are: {names or 'none (non_block=calib?)'}"
             )
 
 
