@@ -281,6 +281,9 @@ class ReconSettings(_Settings):
     round_weight: weight of the AdaRound regularizer.
     beta_start / beta_end / warmup: the regularizer temperature decays linearly from beta_start
         to beta_end after the first ``warmup`` fraction of a unit's iterations (regularizer off).
+    hard_tail: the last fraction of a unit's iterations runs its weights with the rounding they
+        will be hardened to (``V >= 0``), the AdaRound variables learning through it with the
+        soft rounding's gradient (straight-through); 0: off (docs/method.md section 4).
     budget_unit: ``"block_passes"`` (a step costs the blocks its unit holds) or ``"steps"``.
     pos: the progressive optimization strategy (``none``, ``two_stage``, ``shrink``,
         ``anneal``: :mod:`pfcr_mm.recon.pos`).
@@ -328,6 +331,7 @@ class ReconSettings(_Settings):
     beta_start: float = 20.0
     beta_end: float = 2.0
     warmup: float = 0.2
+    hard_tail: float = 0.0
     budget_unit: str = "block_passes"
     pos: str = "anneal"
     max_level: int | str = TOP
@@ -364,6 +368,8 @@ class ReconSettings(_Settings):
             )
         if not 0.0 <= self.warmup < 1.0:
             raise ValueError(f"ReconSettings.warmup must be in [0, 1), got {self.warmup}")
+        if not 0.0 <= self.hard_tail < 1.0:
+            raise ValueError(f"ReconSettings.hard_tail must be in [0, 1), got {self.hard_tail!r}")
         if not 0.0 <= self.drop_prob <= 1.0:
             raise ValueError(f"ReconSettings.drop_prob must be in [0, 1], got {self.drop_prob}")
         check_choice(self.pos, POS_STRATEGIES, "ReconSettings.pos")

@@ -130,6 +130,33 @@ def test_adaround_soft_init_reproduces_weight_and_hard_is_nearest():
     assert torch.equal(ints, ints.round()) and ints.min() >= 0 and ints.max() <= 15
 
 
+def test_adaround_hard_ste_forward_is_hard_and_gradient_is_soft():
+    """The hard tail's rounding: the weights the deployed model will have in the forward, the
+    soft rounding's gradient to V."""
+    torch.manual_seed(0)
+    w = torch.randn(8, 16) * 0.1
+    q = AdaRoundWeightQuantizer(3)
+    q.calibrate_from(w)
+    q.set_state("quant")
+    q.init_adaround(w)
+    q.alpha.data += torch.randn_like(q.alpha)  # some V on either side of 0
+    upstream = torch.randn_like(w)
+    grads = {}
+    for mode in ("soft", "hard", "hard_ste"):
+        q.rounding = mode
+        q.alpha.grad = None
+        out = q(w)
+        grads[mode] = out.detach()
+        if mode != "hard":
+            (out * upstream).sum().backward()
+            grads[mode + "_grad"] = q.alpha.grad.clone()
+    assert torch.equal(grads["hard_ste"], grads["hard"])
+    assert not torch.equal(grads["hard"], grads["soft"])
+    # the soft codes' gradient (the hard ones clipped to [0, qmax] or not)
+    assert torch.equal(grads["hard_ste_grad"], grads["soft_grad"])
+    assert (grads["soft_grad"] != 0).float().mean() > 0.5
+
+
 def test_adaround_regularizer_zero_when_binary():
     q = AdaRoundWeightQuantizer(4)
     w = torch.randn(4, 4)

@@ -97,6 +97,26 @@ def test_pos_two_stage_learns_rounding_with_fp_activations_first(quantized_vit):
     assert all(not torch.equal(a.scale, s) for a, s in zip(acts, scales))
 
 
+def test_hard_tail_runs_the_last_steps_on_the_hardened_weights(quantized_vit):
+    model, plan, batches = quantized_vit()
+    unit = plan.units[1]  # blocks.0.mlp
+    q, x, y, args = unit_caches(model, plan, batches, unit)
+    fc1 = unit.block.mlp.fc1
+    modes = []  # fc1's rounding at every forward of the unit
+    hook = fc1.register_forward_pre_hook(lambda m, a: modes.append(m.weight_quantizer.rounding))
+    settings = ReconSettings(iters=10, batch_size=8, w_lr=1e-2, hard_tail=0.3)
+    record = reconstruct_unit(unit, UnitCaches(q, x, y, args), settings)
+    hook.remove()
+    # a probe forward and the integer-weight error before (rounding to nearest: 2 batches), 7
+    # soft steps, 3 on the hardened weights, the integer-weight error after (made hard)
+    assert modes == ["nearest"] * 3 + ["soft"] * 7 + ["hard_ste"] * 3 + ["hard"] * 2
+    assert fc1.weight_quantizer.rounding == "soft"  # what a next level learns from
+    assert math.isfinite(record.hard_after) and len(record.losses) == 10
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="hard_tail must be in"):
+            ReconSettings(hard_tail=bad)
+
+
 def test_batches_of_different_sizes_and_fp16_caches(quantized_vit):
     # pooled: same per-sample shape and extra args -> rows drawn across the cached batches
     same = [torch.arange(4.0).reshape(4, 1) + 10 * i for i in range(3)]

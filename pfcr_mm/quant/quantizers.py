@@ -286,12 +286,14 @@ class AdaRoundWeightQuantizer(UniformQuantizer):
     After :meth:`init_adaround`, ``fake_quant`` uses ``floor(W / s) + h(V)`` instead of
     ``round(W / s)``, where ``h(V) = clamp(sigmoid(V) * (ZETA - GAMMA) + GAMMA, 0, 1)`` and ``V``
     starts where ``h(V)`` equals the fractional part, so that the soft-quantized weight first
-    equals the clipped FP weight. :meth:`harden` fixes ``h`` to ``V >= 0``.
+    equals the clipped FP weight. :meth:`harden` fixes ``h`` to ``V >= 0``. The rounding
+    ``"hard_ste"`` (the hard tail of a unit's reconstruction) computes the hard weights and
+    passes the soft rounding's gradient to ``V`` (straight-through).
     """
 
     def __init__(self, bits: int, ch_axis: int = 0, range_method: str = "mse"):
         super().__init__(bits, ch_axis, range_method)
-        self.rounding = "nearest"  # "nearest" | "soft" | "hard"
+        self.rounding = "nearest"  # "nearest" | "soft" | "hard" | "hard_ste"
         self.alpha: nn.Parameter | None = None
 
     def init_adaround(self, weight: torch.Tensor) -> None:
@@ -337,8 +339,14 @@ class AdaRoundWeightQuantizer(UniformQuantizer):
         shape = self._param_shape(x)
         scale = self.scale.reshape(shape)
         zp = self.zero_point.reshape(shape)
-        h = self.soft_rounding() if self.rounding == "soft" else (self.alpha >= 0).to(x.dtype)
-        q = torch.clamp(torch.floor(x / scale) + h + zp, 0, self.qmax)
+        down = torch.floor(x / scale)
+        if self.rounding == "hard":
+            q = torch.clamp(down + (self.alpha >= 0).to(x.dtype) + zp, 0, self.qmax)
+        else:
+            q = torch.clamp(down + self.soft_rounding() + zp, 0, self.qmax)
+            if self.rounding == "hard_ste":  # the hard codes, the soft codes' gradient
+                hard = torch.clamp(down + (self.alpha >= 0).to(x.dtype) + zp, 0, self.qmax)
+                q = hard + (q - q.detach())
         return (q - zp) * scale
 
     def integer_weight(self, weight: torch.Tensor) -> torch.Tensor:

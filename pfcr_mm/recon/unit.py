@@ -210,30 +210,36 @@ def step_size_groups(scales: list[torch.Tensor], settings: ReconSettings) -> lis
 
 class _Session:
     """The optimization of one unit: Adam on the AdaRound variables (``w_lr``) and on the step
-    sizes (``a_lr`` and ``a_lr_mode``, cosine-annealed to 0 over the unit, kept positive); and
-    the two-stage regime of POS (activations in floating point during the first
-    ``fp_act_iters``)."""
+    sizes (``a_lr`` and ``a_lr_mode``, cosine-annealed to 0 over the unit, kept positive); the
+    two-stage regime of POS (activations in floating point during the first ``fp_act_iters``);
+    and the hard tail (the weights rounded as they will be hardened, from ``hard_from``)."""
 
-    def __init__(self, alphas: list, scales: list, act_quantizers: list, fp_act_iters: int,
+    def __init__(self, weights: list, scales: list, act_quantizers: list, fp_act_iters: int,
                  settings: ReconSettings, iters: int):  # fmt: skip
         self.opts = []
-        if alphas:
-            self.opts.append(torch.optim.Adam(alphas, lr=settings.w_lr))
+        if weights:
+            self.opts.append(torch.optim.Adam([q.alpha for q in weights], lr=settings.w_lr))
         self.scales, self.sched = scales, None
         if scales:
             opt_a = torch.optim.Adam(step_size_groups(scales, settings))
             self.opts.append(opt_a)
             self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt_a, T_max=iters, eta_min=0)
         self.act_quantizers, self.fp_act_iters = act_quantizers, fp_act_iters
+        self.weights = weights
+        self.hard_from = iters - round(settings.hard_tail * iters) if settings.hard_tail else None
 
     def stage(self, it: int) -> None:
-        """Activations in floating point from iteration 0 until ``fp_act_iters``."""
+        """Activations in floating point from iteration 0 until ``fp_act_iters``; the weights'
+        rounding hard in the forward (straight-through) from ``hard_from`` on."""
         if it == 0 and self.fp_act_iters:
             for q in self.act_quantizers:
                 q.state = "fp"
         if it == self.fp_act_iters:
             for q in self.act_quantizers:
                 q.state = "quant"
+        if it == self.hard_from:
+            for q in self.weights:
+                q.rounding = "hard_ste"
 
     def step(self, loss: torch.Tensor) -> None:
         for opt in self.opts:
@@ -250,8 +256,9 @@ class _Session:
 
 def _start_learning(unit: nn.Module, weights: list, acts: list) -> tuple[list, list]:
     """Make the AdaRound variables and step sizes the only trainable tensors of ``unit``;
-    returns them. A layer's V is initialized on its first reconstruction; afterwards a copy of
-    the V the previous level learned is trained (the original is put back on failure)."""
+    returns the weight quantizers and the step sizes. A layer's V is initialized on its first
+    reconstruction; afterwards a copy of the V the previous level learned is trained (the
+    original is put back on failure)."""
     for q, layer in weights:
         if q.alpha is None:
             q.init_adaround(layer.weight)
@@ -260,28 +267,30 @@ def _start_learning(unit: nn.Module, weights: list, acts: list) -> tuple[list, l
         q.rounding = "soft"  # a level learns from the soft state the previous one left
     for p in unit.parameters():
         p.requires_grad_(False)
-    alphas = [q.alpha for q, _ in weights]
     scales = [q.scale for q in acts]
-    for p in alphas + scales:
+    for p in [q.alpha for q, _ in weights] + scales:
         p.requires_grad_(True)
-    return alphas, scales
+    return [q for q, _ in weights], scales
 
 
 @contextmanager
 def learning(unit: nn.Module, weights: list, act_quantizers: list, acts: list,
              settings: ReconSettings, recipe: UnitRecipe) -> Iterator[_Session]:  # fmt: skip
     """Inside: ``unit`` in eval mode with gradients on its AdaRound variables and learned step
-    sizes only, and the :class:`_Session` that steps them. A failure restores everything the
-    session changed; the trainable flags are restored in any case."""
+    sizes only, and the :class:`_Session` that steps them. On success the weights are left in
+    the soft rounding (a hard tail ends there); a failure restores everything the session
+    changed; the trainable flags are restored in any case."""
     rollback = _Rollback(weights, act_quantizers, acts)
     saved_grad = [(p, p.requires_grad) for p in unit.parameters()]
     # rounding learned alone first only where there is rounding to learn
     fp_act_iters = recipe.fp_act_iters if weights else 0
     try:
-        alphas, scales = _start_learning(unit, weights, acts)
-        session = _Session(alphas, scales, act_quantizers, fp_act_iters, settings, recipe.iters)
+        quantizers, scales = _start_learning(unit, weights, acts)
+        session = _Session(quantizers, scales, act_quantizers, fp_act_iters, settings, recipe.iters)
         with torch.enable_grad(), eval_mode(unit):
             yield session
+        for q in quantizers:
+            q.rounding = "soft"  # after a hard tail: the state the next level learns from
     except BaseException:
         rollback.restore()
         raise

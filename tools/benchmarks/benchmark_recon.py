@@ -51,6 +51,7 @@ REL_DET = [W_LR_DET, "ptq.recon.a_lr_mode=relative", "ptq.recon.a_lr=0.002"]
 # 32 RoIs per step; and with REL_DET
 BLOCK_TASK = ["ptq.method=block", "ptq.recon.part_loss=task", "ptq.recon.roi_batch_size=32"]
 BLOCK_TASK_REL = [*BLOCK_TASK, *REL_DET]
+HARD_TAIL = "ptq.recon.hard_tail=0.3"
 NECK_BOX_900 = [f"ptq.recon.outside_iters.{u}=900" for u in ("neck", "roi_head.bbox_head")]
 METHODS = {
     "calib": ["ptq.method=calib"],  # post_softmax "auto", the default
@@ -140,6 +141,24 @@ METHODS = {
         *BLOCK_TASK_REL,
         *NECK_BOX_900,
         *(f"ptq.recon.outside_iters.{u}=150" for u in ("rpn_head", "roi_head.mask_head")),
+    ],
+    # the last 30 % of every unit's steps on the weights as they will be hardened (straight-
+    # through: recon.hard_tail); on the detector and on the demo ViT's objective
+    "block_task_roi32_rel_ht30": [*BLOCK_TASK_REL, HARD_TAIL],
+    "pfcr_anneal_rel_ht30": ["ptq.method=pfcr", "ptq.recon.pos=anneal", *REL_DET, HARD_TAIL],
+    "block_kl_layerwise_rel_ht30": [
+        "ptq.method=block",
+        *KL,
+        "ptq.recon.non_block=layerwise",
+        *REL_CLS,
+        HARD_TAIL,
+    ],
+    "pfcr_kl_layerwise_rel_ht30": [
+        "ptq.method=pfcr",
+        *KL,
+        "ptq.recon.non_block=layerwise",
+        *REL_CLS,
+        HARD_TAIL,
     ],
     "pfcr_anneal_rel": ["ptq.method=pfcr", "ptq.recon.pos=anneal", *REL_DET],
     # the larger w_lr alone, the step sizes at the peers' absolute rate
