@@ -19,7 +19,7 @@ CONFIGS = sorted(
 
 
 def test_every_config_is_listed():
-    assert len(CONFIGS) == 41  # all but _base_ and the demo training config
+    assert len(CONFIGS) == 42  # all but _base_ and the demo training config
     assert "configs/pfcr_mask_rcnn_swin_t_w4a4.py" in CONFIGS
 
 
