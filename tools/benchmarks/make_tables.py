@@ -105,14 +105,21 @@ Regenerate after a benchmark run with `.venv/bin/python tools/benchmarks/make_ta
 # The README's headline, one line per (model, metric, bits): FP and, per column, the mean ± std
 # over the seeds of one method of one benchmark. The ViT's calib column comes from the
 # calibration benchmark (the reconstruction benchmark ran calib on one seed only).
-HEADLINE_COLUMNS = ["calib", "block", "pfcr", "pfcr, KL + layers"]
+# The last column: the settings of each model's demo PFCR config today (the ViT's and ViTDet's
+# W4A4 configs at both widths; the Swin detector's W4A4 and W3A3 configs).
+CONFIG = "pfcr, demo config"
+HEADLINE_COLUMNS = ["calib", "block", "pfcr", "pfcr, KL + layers", CONFIG]
 VIT_COLUMNS = {
     "calib": ("demo_calib_choice", "calib"),
     "block": "block",
     "pfcr": "pfcr_anneal",
     "pfcr, KL + layers": "pfcr_kl_layerwise",
+    CONFIG: ("demo_recon_step_rate", "pfcr_kl_layerwise_rel"),
 }
 DET_COLUMNS = {"calib": "calib", "block": "block", "pfcr": "pfcr_anneal"}  # no KL: no logits
+SWIN_W4 = {**DET_COLUMNS, CONFIG: ("demo_det_step_rate", "pfcr_anneal")}
+SWIN_W3 = {**DET_COLUMNS, CONFIG: ("demo_det_hard_tail", "pfcr_anneal_rel_ht30")}
+VITDET_COLUMNS = {**DET_COLUMNS, CONFIG: ("demo_det_vitdet_step_rate", "pfcr_anneal_rel")}
 SWIN, VITDET = "Demo Mask R-CNN Swin", "Demo Mask R-CNN ViTDet"
 BOX, MASK = "coco/bbox_mAP", "coco/segm_mAP"
 # (label, model, bits, benchmark, metric, {column: method, or (benchmark, method); a column
@@ -120,14 +127,14 @@ BOX, MASK = "coco/bbox_mAP", "coco/segm_mAP"
 HEADLINE = [
     ("Demo ViT, top-1 (%)", "cls", 4, "demo_recon_objectives", "accuracy/top1", VIT_COLUMNS),
     ("Demo ViT, top-1 (%)", "cls", 3, "demo_recon_objectives", "accuracy/top1", VIT_COLUMNS),
-    (f"{SWIN}, box mAP (%)", "det", 4, "demo_det_choice", BOX, DET_COLUMNS),
-    (f"{SWIN}, mask mAP (%)", "det", 4, "demo_det_choice", MASK, DET_COLUMNS),
-    (f"{SWIN}, box mAP (%)", "det", 3, "demo_det", BOX, DET_COLUMNS),
-    (f"{SWIN}, mask mAP (%)", "det", 3, "demo_det", MASK, DET_COLUMNS),
-    (f"{VITDET}, box mAP (%)", "det_vitdet", 4, "demo_det_vitdet", BOX, DET_COLUMNS),
-    (f"{VITDET}, mask mAP (%)", "det_vitdet", 4, "demo_det_vitdet", MASK, DET_COLUMNS),
-    (f"{VITDET}, box mAP (%)", "det_vitdet", 3, "demo_det_vitdet", BOX, DET_COLUMNS),
-    (f"{VITDET}, mask mAP (%)", "det_vitdet", 3, "demo_det_vitdet", MASK, DET_COLUMNS),
+    (f"{SWIN}, box mAP (%)", "det", 4, "demo_det_choice", BOX, SWIN_W4),
+    (f"{SWIN}, mask mAP (%)", "det", 4, "demo_det_choice", MASK, SWIN_W4),
+    (f"{SWIN}, box mAP (%)", "det", 3, "demo_det", BOX, SWIN_W3),
+    (f"{SWIN}, mask mAP (%)", "det", 3, "demo_det", MASK, SWIN_W3),
+    (f"{VITDET}, box mAP (%)", "det_vitdet", 4, "demo_det_vitdet", BOX, VITDET_COLUMNS),
+    (f"{VITDET}, mask mAP (%)", "det_vitdet", 4, "demo_det_vitdet", MASK, VITDET_COLUMNS),
+    (f"{VITDET}, box mAP (%)", "det_vitdet", 3, "demo_det_vitdet", BOX, VITDET_COLUMNS),
+    (f"{VITDET}, mask mAP (%)", "det_vitdet", 3, "demo_det_vitdet", MASK, VITDET_COLUMNS),
 ]
 
 
