@@ -144,6 +144,7 @@ def test_the_demo_detector_heads_get_their_task_losses():
         ("part_loss", "mse", "task"),
         ("a_lr_mode", "absolute", "relative"),
         ("outside_iters", None, 900),
+        ("hard_tail", 0.0, 0.3),
     ],
 )
 def test_a_block_model_saved_before_a_setting_existed_reads_as_it_ran(tmp_path, key, before, other):

@@ -25,6 +25,7 @@ SETTINGS_ADDED = {
     "ptq.recon.part_loss": "mse",
     "ptq.recon.a_lr_mode": "absolute",
     "ptq.recon.outside_iters": None,
+    "ptq.recon.hard_tail": 0.0,
 }
 
 
