@@ -64,6 +64,7 @@ ORDER = [
     "demo_det",
     "demo_det_vitdet",
     "demo_det_vitdet_step_rate",
+    "demo_det_vitdet_hard_tail",
     "vitdet_parity",
     "demo_calib_choice",
     "demo_calib_choice_det",
