@@ -340,13 +340,17 @@ class AdaRoundWeightQuantizer(UniformQuantizer):
         scale = self.scale.reshape(shape)
         zp = self.zero_point.reshape(shape)
         down = torch.floor(x / scale)
+
+        def codes(h: torch.Tensor) -> torch.Tensor:
+            return torch.clamp(down + h + zp, 0, self.qmax)
+
+        hard = (self.alpha >= 0).to(x.dtype)
         if self.rounding == "hard":
-            q = torch.clamp(down + (self.alpha >= 0).to(x.dtype) + zp, 0, self.qmax)
+            q = codes(hard)
         else:
-            q = torch.clamp(down + self.soft_rounding() + zp, 0, self.qmax)
+            q = codes(self.soft_rounding())
             if self.rounding == "hard_ste":  # the hard codes, the soft codes' gradient
-                hard = torch.clamp(down + (self.alpha >= 0).to(x.dtype) + zp, 0, self.qmax)
-                q = hard + (q - q.detach())
+                q = codes(hard) + (q - q.detach())
         return (q - zp) * scale
 
     def integer_weight(self, weight: torch.Tensor) -> torch.Tensor:
