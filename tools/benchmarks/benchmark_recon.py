@@ -142,24 +142,6 @@ METHODS = {
         *NECK_BOX_900,
         *(f"ptq.recon.outside_iters.{u}=150" for u in ("rpn_head", "roi_head.mask_head")),
     ],
-    # the last 30 % of every unit's steps on the weights as they will be hardened (straight-
-    # through: recon.hard_tail); on the detector and on the demo ViT's objective
-    "block_task_roi32_rel_ht30": [*BLOCK_TASK_REL, HARD_TAIL],
-    "pfcr_anneal_rel_ht30": ["ptq.method=pfcr", "ptq.recon.pos=anneal", *REL_DET, HARD_TAIL],
-    "block_kl_layerwise_rel_ht30": [
-        "ptq.method=block",
-        *KL,
-        "ptq.recon.non_block=layerwise",
-        *REL_CLS,
-        HARD_TAIL,
-    ],
-    "pfcr_kl_layerwise_rel_ht30": [
-        "ptq.method=pfcr",
-        *KL,
-        "ptq.recon.non_block=layerwise",
-        *REL_CLS,
-        HARD_TAIL,
-    ],
     "pfcr_anneal_rel": ["ptq.method=pfcr", "ptq.recon.pos=anneal", *REL_DET],
     # the larger w_lr alone, the step sizes at the peers' absolute rate
     "pfcr_anneal_wlr": ["ptq.method=pfcr", "ptq.recon.pos=anneal", W_LR_DET],
@@ -167,6 +149,19 @@ METHODS = {
     "block_w8": ["ptq.method=block", "ptq.quant.w_bits=8"],
     "block_a8": ["ptq.method=block", "ptq.quant.a_bits=8"],
 }
+# those methods with the last 30 % of every unit's steps on the weights as they will be hardened
+# (straight-through: recon.hard_tail); on the detector and on the demo ViT's objective
+METHODS.update(
+    {
+        f"{m}_ht30": [*METHODS[m], HARD_TAIL]
+        for m in (
+            "block_task_roi32_rel",
+            "pfcr_anneal_rel",
+            "block_kl_layerwise_rel",
+            "pfcr_kl_layerwise_rel",
+        )
+    }
+)
 # iterations per block, calibration images, held-out calibration-split images (where defaults
 # are chosen; 32 when unset) and learning rates (ReconSettings' when unset); "paper" follows
 # method.md (20k iterations). "fast" is the budget of configs/demo/demo_vit_shapes_pfcr_w4a4.py.
