@@ -214,18 +214,19 @@ class _Session:
     two-stage regime of POS (activations in floating point during the first ``fp_act_iters``);
     and the hard tail (the weights rounded as they will be hardened, from ``hard_from``)."""
 
-    def __init__(self, weights: list, scales: list, act_quantizers: list, fp_act_iters: int,
-                 settings: ReconSettings, iters: int):  # fmt: skip
+    def __init__(self, weight_quantizers: list, scales: list, act_quantizers: list,
+                 fp_act_iters: int, settings: ReconSettings, iters: int):  # fmt: skip
         self.opts = []
-        if weights:
-            self.opts.append(torch.optim.Adam([q.alpha for q in weights], lr=settings.w_lr))
+        if weight_quantizers:
+            alphas = [q.alpha for q in weight_quantizers]
+            self.opts.append(torch.optim.Adam(alphas, lr=settings.w_lr))
         self.scales, self.sched = scales, None
         if scales:
             opt_a = torch.optim.Adam(step_size_groups(scales, settings))
             self.opts.append(opt_a)
             self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt_a, T_max=iters, eta_min=0)
         self.act_quantizers, self.fp_act_iters = act_quantizers, fp_act_iters
-        self.weights = weights
+        self.weight_quantizers = weight_quantizers
         self.hard_from = iters - round(settings.hard_tail * iters) if settings.hard_tail else None
 
     def stage(self, it: int) -> None:
@@ -238,7 +239,7 @@ class _Session:
             for q in self.act_quantizers:
                 q.state = "quant"
         if it == self.hard_from:
-            for q in self.weights:
+            for q in self.weight_quantizers:
                 q.rounding = "hard_ste"
 
     def step(self, loss: torch.Tensor) -> None:
