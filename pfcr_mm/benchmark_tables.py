@@ -142,7 +142,7 @@ def _recon_lines(
 
 def recon_table(rows: list[dict]) -> str:
     """``benchmark_recon.py``: one line per (model, bits, method, metric), in the order first
-    run: mean ± sample std over the seeds run, in percent."""
+    run: mean ± sample std over the seeds run, in percent; the per-seed values in seed order."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["model"], r["bits"], r["method"]), []).append(r)
@@ -155,7 +155,7 @@ def recon_table(rows: list[dict]) -> str:
         head.insert(head.index("per seed") + 1, "on held-out calib images")
     lines = table_lines(head, [])
     for key, runs in groups.items():
-        lines += _recon_lines(*key, runs, with_kl, with_map)
+        lines += _recon_lines(*key, sorted(runs, key=lambda r: r["seed"]), with_kl, with_map)
     return "\n".join(lines) + "\n"
 
 

@@ -126,7 +126,8 @@ def quantize(
     calib_data: the calibration batches, re-iterable in a fixed order (a list, or a loader
         without shuffling); a reconstruction run keeps them in memory.
     run_batch / recon_batch / downstream: see the module docstring.
-    head: a classification head, quantized with ``config.quant.head_bits`` if set.
+    head: a classification head, quantized with ``config.quant.head_bits`` if set (as a
+        detector's prediction layers are, found by the adapters).
     log_dir: where ``recon_log.json`` and ``recon_loss.png`` go (``None``: nowhere).
     resume: continue a reconstruction that stopped (same config, model and batches): its
         quantizer state is loaded after calibration and its finished units are skipped.

@@ -170,7 +170,8 @@ class QuantConfig(_Settings):
         and the linear (per tensor at inference, RepQ-ViT); ``per_channel`` keeps them per
         channel; ``per_tensor`` calibrates them per tensor.
     first_layer_a_bits: input bits of the patch-embedding conv (the image).
-    head_bits: weight/input bits of a classification head; ``None`` uses w_bits/a_bits.
+    head_bits: weight/input bits of the prediction layers (a classifier's head; a detector's
+        RPN, RoI box and mask logits); ``None`` uses w_bits/a_bits.
     act_range / weight_range: range search (``mse``, ``percentile``, ``minmax``).
     """
 

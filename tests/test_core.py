@@ -145,7 +145,7 @@ def test_head_bits_without_a_head_fails_before_the_model_changes(tiny_timm_vit):
     model = tiny_timm_vit()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     config = PTQConfig(quant=QuantConfig(head_bits=8))
-    with pytest.raises(ValueError, match="head_bits is set but the model has no classification"):
+    with pytest.raises(ValueError, match="head_bits is set but the model has neither a class"):
         quantize(model, config, [torch.randn(2, 3, 32, 32)])
     assert model.state_dict().keys() == before.keys()  # no quantizer was added
     # with the head named, the head gets 8 bits and the rest the model's bits

@@ -13,7 +13,7 @@ from mmdet.utils import register_all_modules
 from mmengine.config import Config
 from torch import nn
 
-from pfcr_mm.adapters import prepare_calibrated
+from pfcr_mm.adapters import prepare, prepare_calibrated
 from pfcr_mm.adapters.mmdet_parts import fold_batchnorm
 from pfcr_mm.recon import ChainDataSource, LayerUnit, ReconSettings, run_reconstruction
 from pfcr_mm.settings import QuantConfig
@@ -43,6 +43,27 @@ def test_batchnorm_folding_is_exact_in_fp():
         after = head(x)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in head.modules())
     torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
+
+
+def test_head_bits_apply_to_the_detectors_prediction_layers():
+    """quant.head_bits: the RPN's and the RoI heads' prediction layers at 8 bits, weights and
+    inputs; every other layer at the model's bits; refused where the scope holds none of them."""
+    register_all_modules()
+    model = MODELS.build(Config.fromfile(DEMO).model).eval()
+    prepare(model, QuantConfig(w_bits=4, a_bits=4, head_bits=8))
+    bits = {
+        name: (m.weight_quantizer.bits, m.input_quantizer.bits)
+        for name, m in model.named_modules()
+        if hasattr(m, "weight_quantizer")
+    }
+    heads = ["rpn_head.rpn_cls", "rpn_head.rpn_reg", "roi_head.bbox_head.fc_cls"]
+    heads += ["roi_head.bbox_head.fc_reg", "roi_head.mask_head.conv_logits"]
+    assert {bits.pop(name) for name in heads} == {(8, 8)}
+    assert bits.pop("backbone.patch_embed.projection") == (4, 8)  # the image: first_layer_a_bits
+    assert set(bits.values()) == {(4, 4)} and len(bits) == 37
+    backbone_only = MODELS.build(Config.fromfile(DEMO).model).eval()
+    with pytest.raises(ValueError, match="head_bits is set but the model has neither"):
+        prepare(backbone_only, QuantConfig(head_bits=8), scope=["backbone"])
 
 
 def _calibrated_w4a4(model, size: int):

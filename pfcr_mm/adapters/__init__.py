@@ -164,13 +164,18 @@ def prepare(
     """Swap modules in place for quantized ones (all quantizers start in floating point).
 
     scope: names of the sub-modules to quantize (``None``: the whole model); ``""`` is the root.
-    head: a classification head, quantized with ``cfg.head_bits`` if set.
+    head: a classification head, quantized with ``cfg.head_bits`` if set, as are the prediction
+        layers of a detector's heads (:attr:`PartsAdapter.output_layers`) in ``scope``.
     Raises :class:`UnsupportedModelError` when the model holds no supported transformer block,
-    ValueError when ``cfg.head_bits`` is set without a ``head``.
+    ValueError when ``cfg.head_bits`` is set and there is neither.
     """
-    if cfg.head_bits is not None and head is None:
-        raise ValueError("quant.head_bits is set but the model has no classification head")
     roots, blocks = find_blocks(model, scope)
+    heads = _output_layers(roots) | ({id(head)} if head is not None else set())
+    if cfg.head_bits is not None and not heads:
+        raise ValueError(
+            "quant.head_bits is set but the model has neither a classification head nor "
+            "detector prediction layers in the quantized scope; remove quant.head_bits"
+        )
     named_roots = list(zip(roots, scope or [""]))
     units = []  # built first: an unsupported chain fails before the model is changed
     for i, (_, name, block, ad) in enumerate(blocks):
@@ -191,7 +196,7 @@ def prepare(
     for root, root_name in named_roots:
         for name, parent in list(root.named_modules()):
             for attr, child in list(parent.named_children()):
-                new = _quantized_layer(child, cfg, head, per_channel, first_convs, deconvs)
+                new = _quantized_layer(child, cfg, heads, per_channel, first_convs, deconvs)
                 if new is not None:
                     setattr(parent, attr, new)
                     replaced[id(child)] = new
@@ -228,6 +233,20 @@ def _swap_attention_and_find_inputs(
     return post_ln, first_convs
 
 
+def _output_layers(roots: list[nn.Module]) -> set[int]:
+    """The ids of the prediction layers of the parts that declare theirs (a detector's logits)."""
+    named = [(cls, names) for pa in available_parts() for cls, names in pa.output_layers.items()]
+    return {
+        id(layer)
+        for root in roots
+        for m in root.modules()
+        for cls, names in named
+        if isinstance(m, cls)
+        for name in names
+        if (layer := getattr(m, name, None)) is not None
+    }
+
+
 def _quantized_deconvs(roots: list[nn.Module]) -> set[int]:
     """The ids of the transposed convolutions inside the parts that quantize theirs."""
     classes = tuple(c for pa in available_parts() for c in pa.deconv_parts)
@@ -244,16 +263,16 @@ def _quantized_deconvs(roots: list[nn.Module]) -> set[int]:
 def _quantized_layer(
     child: nn.Module,
     cfg: QuantConfig,
-    head,
+    heads: set[int],
     per_channel: set[int],
     first_convs: set[int],
     deconvs: set[int],
 ) -> nn.Module | None:
     """The quantized replacement of a linear, conv or listed transposed conv (``None``: none of
-    them, or already quantized): a head at ``head_bits``, a patch-embedding conv's input at
-    ``first_layer_a_bits``."""
+    them, or already quantized): a head (``heads``: ids) at ``head_bits``, a patch-embedding
+    conv's input at ``first_layer_a_bits``."""
     w, a = cfg.w_bits, cfg.a_bits
-    if child is head and cfg.head_bits is not None:
+    if id(child) in heads and cfg.head_bits is not None:
         w = a = cfg.head_bits
     if isinstance(child, nn.Linear) and not isinstance(child, QuantLinear):
         return QuantLinear(child, w, a, id(child) in per_channel, cfg.act_range, cfg.weight_range)

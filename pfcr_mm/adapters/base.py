@@ -58,6 +58,9 @@ class PartsAdapter:
         task's predictions (a detector's RPN and RoI heads), the divergence of the predictions
         made from the quantized outputs from the FP ones (``ReconSettings.part_loss="task"``);
         ``out`` and ``target`` are the part unit's outputs, 4-D maps channels last.
+    output_layers: ``{class: attribute names}``: the layers that make the task's predictions
+        (a detector's classification, box and mask logits), quantized with
+        ``QuantConfig.head_bits`` as a classifier's head is.
     """
 
     name: str
@@ -67,6 +70,7 @@ class PartsAdapter:
     fold_norms: Callable[[nn.Module], list[str]] | None = None
     deconv_parts: tuple[type, ...] = ()
     task_losses: dict[type, Callable[[nn.Module], Callable]] = field(default_factory=dict)
+    output_layers: dict[type, tuple[str, ...]] = field(default_factory=dict)
 
 
 def swap_attention(module: nn.Module, quant_class: type, cfg: QuantConfig) -> None:

@@ -135,4 +135,9 @@ PARTS = PartsAdapter(
     pinned={BaseRoIHead: 1, BaseRoIExtractor: 1},
     fold_norms=fold_batchnorm,
     task_losses={RPNHead: rpn_task_loss, BBoxHead: bbox_task_loss, FCNMaskHead: mask_task_loss},
+    output_layers={
+        RPNHead: ("rpn_cls", "rpn_reg"),
+        BBoxHead: ("fc_cls", "fc_reg"),
+        FCNMaskHead: ("conv_logits",),
+    },
 )

@@ -162,6 +162,15 @@ METHODS.update(
         )
     }
 )
+# and with the prediction layers at 8 bits (a classifier's head; a detector's RPN, box and mask
+# logits: quant.head_bits)
+METHODS.update(
+    {
+        f"{m}_h8": [*METHODS[m], "ptq.quant.head_bits=8"]
+        for m in list(METHODS)
+        if m.endswith("_ht30")
+    }
+)
 # iterations per block, calibration images, held-out calibration-split images (where defaults
 # are chosen; 32 when unset) and learning rates (ReconSettings' when unset); "paper" follows
 # method.md (20k iterations). "fast" is the budget of configs/demo/demo_vit_shapes_pfcr_w4a4.py.

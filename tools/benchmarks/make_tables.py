@@ -49,11 +49,13 @@ ORDER = [
     "demo_recon_quick_w3a3",
     "demo_recon_quick_w3a3_rel",
     "demo_recon_hard_tail",
+    "demo_recon_head_bits",
     "demo_recon_step_rate",
     "demo_recon_current",
     "demo_recon_fast",
     "demo_recon",
     "demo_det_w3a3_config",
+    "demo_det_head_bits",
     "demo_det_hard_tail",
     "demo_det_step_rate",
     "demo_det_outside_iters",
@@ -119,8 +121,8 @@ VIT_COLUMNS = {
     CONFIG: ("demo_recon_step_rate", "pfcr_kl_layerwise_rel"),
 }
 DET_COLUMNS = {"calib": "calib", "block": "block", "pfcr": "pfcr_anneal"}  # no KL: no logits
-SWIN_W4 = {**DET_COLUMNS, CONFIG: ("demo_det_step_rate", "pfcr_anneal")}
-SWIN_W3 = {**DET_COLUMNS, CONFIG: ("demo_det_w3a3_config", "pfcr_anneal_rel_ht30")}
+SWIN_W4 = {**DET_COLUMNS, CONFIG: ("demo_det_head_bits", "pfcr_anneal_rel_ht30_h8")}
+SWIN_W3 = {**DET_COLUMNS, CONFIG: ("demo_det_w3a3_config", "pfcr_anneal_rel_ht30_h8")}
 VITDET_COLUMNS = {**DET_COLUMNS, CONFIG: ("demo_det_vitdet_step_rate", "pfcr_anneal_rel")}
 SWIN, VITDET = "Demo Mask R-CNN Swin", "Demo Mask R-CNN ViTDet"
 BOX, MASK = "coco/bbox_mAP", "coco/segm_mAP"
