@@ -61,6 +61,7 @@ def main(argv=None) -> int:
                         "peak_mem_mb",
                     )
                 },
+                "head_bits": res["quant_config"]["head_bits"],
             }
         )
     summary = {"rows": rows, "wall_s": time.time() - start}
@@ -69,9 +70,11 @@ def main(argv=None) -> int:
     for r in rows:
         for metric, value in r["quant"].items():
             if metric.endswith(("top1", "bbox_mAP", "segm_mAP")):
+                head = "" if r["head_bits"] is None else f", prediction layers {r['head_bits']}-bit"
                 print(
                     f"{Path(r['config']).stem:40s} {metric:22s} {r['fp'][metric]:8.4g} "
                     f"{value:8.4g}  W{r['w_bits']}A{r['a_bits']} {r['method']}, scope {r['scope']}"
+                    f"{head}"
                 )
     print(f"demo wall time {summary['wall_s']:.0f} s; summary: {args.work_dir}/summary.json")
     return 0

@@ -163,12 +163,12 @@ METHODS.update(
     }
 )
 # and with the prediction layers at 8 bits (a classifier's head; a detector's RPN, box and mask
-# logits: quant.head_bits)
+# logits: quant.head_bits); also the demo ViTDet PFCR config's settings (no tail)
 METHODS.update(
     {
         f"{m}_h8": [*METHODS[m], "ptq.quant.head_bits=8"]
         for m in list(METHODS)
-        if m.endswith("_ht30")
+        if m.endswith("_ht30") or m == "pfcr_anneal_rel"
     }
 )
 # iterations per block, calibration images, held-out calibration-split images (where defaults
