@@ -6,7 +6,7 @@
 # layers (the RPN's, box head's and mask head's logits) at 8 bits (quant.head_bits; every other
 # layer of the detector at 4). Chosen on held-out calibration-split images
 # (benchmarks/demo_det_head_bits): box mAP 73.7 over three seeds, against 72.5 with those
-# layers at 4 bits and 72.4 with the peers' rates and no tail.
+# layers at 4 bits and 72.4 with the previous config (the peers' rates, no tail, 4 bits).
 _base_ = ["./demo_mask_rcnn_swin_shapes_w4a4.py"]
 
 ptq = dict(

@@ -174,7 +174,7 @@ def prepare(
     if cfg.head_bits is not None and not heads:
         raise ValueError(
             "quant.head_bits is set but the model has neither a classification head nor "
-            "detector prediction layers in the quantized scope; remove quant.head_bits"
+            "detector prediction layers in the quantized scope; set quant.head_bits=None"
         )
     named_roots = list(zip(roots, scope or [""]))
     units = []  # built first: an unsupported chain fails before the model is changed
@@ -234,7 +234,8 @@ def _swap_attention_and_find_inputs(
 
 
 def _output_layers(roots: list[nn.Module]) -> set[int]:
-    """The ids of the prediction layers of the parts that declare theirs (a detector's logits)."""
+    """The ids of the prediction layers of the parts that declare theirs (a detector's logits),
+    those that are linears or convolutions (the layers ``head_bits`` can apply to)."""
     named = [(cls, names) for pa in available_parts() for cls, names in pa.output_layers.items()]
     return {
         id(layer)
@@ -243,7 +244,7 @@ def _output_layers(roots: list[nn.Module]) -> set[int]:
         for cls, names in named
         if isinstance(m, cls)
         for name in names
-        if (layer := getattr(m, name, None)) is not None
+        if isinstance(layer := getattr(m, name, None), (nn.Linear, nn.Conv2d))
     }
 
 

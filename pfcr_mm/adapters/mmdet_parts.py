@@ -138,6 +138,6 @@ PARTS = PartsAdapter(
     output_layers={
         RPNHead: ("rpn_cls", "rpn_reg"),
         BBoxHead: ("fc_cls", "fc_reg"),
-        FCNMaskHead: ("conv_logits",),
+        FCNMaskHead: ("conv_logits", "fc_logits"),  # fc_logits: PointRend's coarse mask head
     },
 )
