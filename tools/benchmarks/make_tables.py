@@ -67,6 +67,7 @@ ORDER = [
     "demo_det_vitdet",
     "demo_det_vitdet_step_rate",
     "demo_det_vitdet_hard_tail",
+    "demo_det_vitdet_head_bits",
     "vitdet_parity",
     "demo_calib_choice",
     "demo_calib_choice_det",
@@ -123,7 +124,7 @@ VIT_COLUMNS = {
 DET_COLUMNS = {"calib": "calib", "block": "block", "pfcr": "pfcr_anneal"}  # no KL: no logits
 SWIN_W4 = {**DET_COLUMNS, CONFIG: ("demo_det_head_bits", "pfcr_anneal_rel_ht30_h8")}
 SWIN_W3 = {**DET_COLUMNS, CONFIG: ("demo_det_w3a3_config", "pfcr_anneal_rel_ht30_h8")}
-VITDET_COLUMNS = {**DET_COLUMNS, CONFIG: ("demo_det_vitdet_step_rate", "pfcr_anneal_rel")}
+VITDET_COLUMNS = {**DET_COLUMNS, CONFIG: ("demo_det_vitdet_head_bits", "pfcr_anneal_rel_h8")}
 SWIN, VITDET = "Demo Mask R-CNN Swin", "Demo Mask R-CNN ViTDet"
 BOX, MASK = "coco/bbox_mAP", "coco/segm_mAP"
 # (label, model, bits, benchmark, metric, {column: method, or (benchmark, method); a column
