@@ -48,10 +48,16 @@ ptq = dict(calib=dict(num_images=3, batch_size=1))
     return cfg
 
 
+def _bits_of(run: Path, module: str) -> int:
+    summary = json.loads((run / "quant_summary.json").read_text())
+    return next(r["bits"] for r in summary["quantizers"] if r["module"] == module)
+
+
 def test_ptq_end_to_end_and_reload(ptq_tool, demo_setup, tmp_path):
     cfg = _config(demo_setup)
     work = tmp_path / "run"
-    assert ptq_tool.main([str(cfg), "--work-dir", str(work)]) == 0
+    head_bits = ["--cfg-options", "ptq.quant.head_bits=8"]  # the prediction layers at 8 bits
+    assert ptq_tool.main([str(cfg), "--work-dir", str(work), *head_bits]) == 0
     res = json.loads((last_run_dir(work) / "ptq_results.json").read_text())
     assert res["task"] == "detection" and res["scope"] == "all"
     for part in ("fp", "quant"):
@@ -73,12 +79,16 @@ def test_ptq_end_to_end_and_reload(ptq_tool, demo_setup, tmp_path):
                 "--no-fp-eval",
                 "--quantized",
                 str(last_run_dir(work) / "quantized_model.pth"),
+                *head_bits,
             ]
         )
         == 0
     )
     res2 = json.loads((last_run_dir(again) / "ptq_results.json").read_text())
     assert res2["quant"] == res["quant"]
+    assert res2["quant_config"]["head_bits"] == 8  # rebuilt with the 8-bit prediction layers
+    assert _bits_of(last_run_dir(work), "roi_head.bbox_head.fc_cls.weight_quantizer") == 8
+    assert _bits_of(last_run_dir(work), "roi_head.bbox_head.shared_fcs.0.weight_quantizer") == 4
 
 
 def test_subset_evaluation_uses_subset_annotations(ptq_tool, demo_setup, tmp_path):
