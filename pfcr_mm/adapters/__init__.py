@@ -170,7 +170,9 @@ def prepare(
     ValueError when ``cfg.head_bits`` is set and there is neither.
     """
     roots, blocks = find_blocks(model, scope)
-    heads = _output_layers(roots) | ({id(head)} if head is not None else set())
+    heads = set()  # the ids of the layers at head_bits
+    if cfg.head_bits is not None:
+        heads = _output_layers(roots) | ({id(head)} if head is not None else set())
     if cfg.head_bits is not None and not heads:
         raise ValueError(
             "quant.head_bits is set but the model has neither a classification head nor "
@@ -270,10 +272,10 @@ def _quantized_layer(
     deconvs: set[int],
 ) -> nn.Module | None:
     """The quantized replacement of a linear, conv or listed transposed conv (``None``: none of
-    them, or already quantized): a head (``heads``: ids) at ``head_bits``, a patch-embedding
-    conv's input at ``first_layer_a_bits``."""
+    them, or already quantized): a head (``heads``: ids, empty without ``head_bits``) at
+    ``head_bits``, a patch-embedding conv's input at ``first_layer_a_bits``."""
     w, a = cfg.w_bits, cfg.a_bits
-    if id(child) in heads and cfg.head_bits is not None:
+    if id(child) in heads:
         w = a = cfg.head_bits
     if isinstance(child, nn.Linear) and not isinstance(child, QuantLinear):
         return QuantLinear(child, w, a, id(child) in per_channel, cfg.act_range, cfg.weight_range)
