@@ -1,10 +1,14 @@
 """Calibration statistics see every value: exact bounds, percentiles to within a bin, exact
 merging across batches and processes."""
 
+import math
+
 import pytest
 import torch
 
 from pfcr_mm.quant.histogram import (
+    EXP_MAX,
+    EXP_MIN,
     MANTISSA_BITS_PER_TENSOR,
     ValueHistogram,
     WeightedValues,
@@ -55,6 +59,55 @@ def test_zero_and_tiny_values_count_as_zero_and_signs_sort():
     zero = stats.values[:, 0] == 0
     assert stats.counts[zero].item() == 2  # 0 and 1e-20
     assert stats.values[0, 0].item() == -3.0 and stats.values[-1, 0].item() == 2.5  # clamped
+
+
+def _reference_bin(x: float, m: int, half: int) -> int:
+    """The bin of the module docstring, from Python's own ``math.frexp``."""
+    if x == 0:
+        return half
+    mant, exp = math.frexp(abs(x))  # |x| = mant 2^exp, mant in [0.5, 1)
+    e, f = exp - 1, 2 * mant - 1
+    if e < EXP_MIN:
+        return half
+    mag = min(((e - EXP_MIN) << m) + math.floor(f * 2**m), half - 1)
+    return half + 1 + mag if x > 0 else half - 1 - mag
+
+
+def test_bins_are_those_of_the_exponent_and_top_mantissa_bits():
+    """Edges included: powers of two, the smallest counted magnitude and just below it, float32
+    subnormals, the top bin, float16 and float64 inputs (counted as float32)."""
+    edges = [
+        1.0,
+        -1.0,
+        0.5,
+        1.5,
+        0.75,
+        2.0**EXP_MIN,
+        -(2.0**EXP_MIN),
+        2.0**EXP_MIN * 0.99999,
+        2.0**EXP_MAX,
+        2.0**EXP_MAX * 0.99999,
+        -3e38,
+        1e-45,
+        -1e-40,
+        0.0,
+        -0.0,
+        7.0,
+        -1000.25,
+    ]
+    g = torch.Generator().manual_seed(0)
+    spread = torch.randn(2000, generator=g) * 10.0 ** torch.randint(-14, 14, (2000,), generator=g)
+    values = torch.cat([torch.tensor(edges), spread])
+    for m in (2, 4, MANTISSA_BITS_PER_TENSOR):
+        for dtype in (torch.float32, torch.float64, torch.float16):
+            rows = values.to(dtype).clamp(-6e4, 6e4) if dtype == torch.float16 else values
+            rows = rows.to(dtype).reshape(-1, 1)
+            h = ValueHistogram(1, m)
+            h.add(rows)
+            expected = torch.zeros_like(h.counts)
+            for x in rows.float().flatten().tolist():
+                expected[0, _reference_bin(x, m, h.half)] += 1
+            assert torch.equal(h.counts, expected), (m, dtype)
 
 
 def test_non_finite_values_refused():

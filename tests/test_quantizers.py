@@ -82,6 +82,67 @@ def test_lsq_step_gradient_scaled():
     assert q.scale.grad.item() == pytest.approx(raw / math.sqrt(2 * 15), rel=1e-5)
 
 
+def _lsq_by_autograd(x, scale, zp, qmax):
+    """The uniform quantizer as a chain of autograd ops: round with a straight-through
+    gradient, clamp, and LSQ's step-gradient scale."""
+    gs = 1 / math.sqrt(x.numel() * qmax)
+    s = (scale - scale * gs).detach() + scale * gs
+    v = x / s
+    q = torch.clamp((v.round() - v).detach() + v + zp, 0, qmax)
+    return (q - zp) * s
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_fake_quant_gradients_match_the_chain_of_autograd_ops(per_channel):
+    """Values and gradients to the input and to the learned step, per tensor and per channel
+    (axis 1), against the chain of autograd ops, on inputs whose codes are not the two end codes
+    (where the chain's clamp decides by float rounding noise of ``(round(v) - v) + v``)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 5, 7, generator=g) * 3
+    q = UniformQuantizer(4, ch_axis=1 if per_channel else None)
+    scale = torch.rand(5 if per_channel else (), generator=g) * 0.2 + 0.2
+    zp = torch.full_like(scale, 6.0)
+    q.set_params(scale, zp)
+    q.scale.requires_grad_(True)
+    q.set_state("quant")
+    shape = [1, -1, 1] if per_channel else []
+    codes = torch.round(x / scale.reshape(shape)) + zp.reshape(shape)
+    x = torch.where((codes == 0) | (codes == 15), x * 1.7, x)  # off the end codes
+    weights = torch.randn(x.shape, generator=g)
+    results = []
+    for forward in (
+        q,
+        lambda t: _lsq_by_autograd(t, q.scale.reshape(shape), zp.reshape(shape), 15),
+    ):
+        xs = x.clone().requires_grad_(True)
+        q.scale.grad = None
+        out = forward(xs)
+        (out * weights).sum().backward()
+        results.append((out.detach(), xs.grad, q.scale.grad.clone()))
+    (out, gx, gs), (ref_out, ref_gx, ref_gs) = results
+    inside = (codes > 0) & (codes < 15)
+    assert 0 < int(inside.sum()) < x.numel()  # both sides of the range are exercised
+    assert torch.allclose(out, ref_out, atol=1e-6)
+    assert torch.equal(gx == 0, ref_gx == 0) and torch.allclose(gx, ref_gx, rtol=1e-6)
+    assert torch.allclose(gs, ref_gs, rtol=1e-5, atol=1e-7)
+
+
+def test_fake_quant_gradient_stops_at_the_end_codes():
+    """A value whose code is 0 or qmax gets no input gradient (as ``torch.clamp``'s, which is 0
+    at its bounds), and its step gradient is ``q - z``."""
+    q = UniformQuantizer(2, range_method="minmax")  # codes 0..3, zero point 1
+    q.set_params(torch.tensor(1.0), torch.tensor(1.0))
+    q.scale.requires_grad_(True)
+    q.set_state("quant")
+    x = torch.tensor([-1.4, 1.7, 2.2, -0.6, 0.3], requires_grad=True)
+    out = q(x)
+    out.sum().backward()
+    assert out.tolist() == [-1.0, 2.0, 2.0, -1.0, 0.0]  # codes 0, 3, 3, 0, 1
+    assert x.grad.tolist() == [0.0, 0.0, 0.0, 0.0, 1.0]
+    raw = -1.0 + 2.0 + 2.0 - 1.0 + (0.0 - 0.3)
+    assert q.scale.grad.item() == pytest.approx(raw / math.sqrt(5 * 3), rel=1e-6)
+
+
 def test_log2_hand_values():
     q = LogQuantizer(3)  # codes 0..7, delta = 1
     q.calibrated = True

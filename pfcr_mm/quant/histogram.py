@@ -90,32 +90,34 @@ class ValueHistogram:
     def count(self) -> int:
         return int(self.counts[0].sum())
 
-    def _bin(self, rows: torch.Tensor) -> torch.Tensor:
-        """The bin index of each element of ``rows``."""
-        mant, exp = torch.frexp(rows.abs())  # |x| = mant 2^exp, mant in [0.5, 1)
-        e = exp.long() - 1  # |x| = (2 mant) 2^e, 2 mant in [1, 2)
-        frac = ((2 * mant - 1) * (1 << self.mantissa_bits)).long()
-        mag = ((e - EXP_MIN) << self.mantissa_bits) + frac
+    def _bin(self, bits: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
+        """The bin index of each element, from the magnitude's float32 bit pattern ``bits``
+        (sign cleared, as int32): its exponent and top ``m`` mantissa bits are ``(e, floor(f
+        2^m))`` of ``|x| = (1 + f) 2^e``, read off by one shift (exact; what ``frexp`` gives)."""
+        mag = (bits >> (23 - self.mantissa_bits)) - ((127 + EXP_MIN) << self.mantissa_bits)
+        small = mag < 0  # |x| < 2^EXP_MIN, zero and float32 subnormals included
         mag = mag.clamp(max=self.half - 1)
-        signed = torch.where(rows >= 0, self.half + 1 + mag, self.half - 1 - mag)
-        small = (e < EXP_MIN) | (rows == 0)  # frexp(0) has exponent 0: not a magnitude bin
-        return torch.where(small, torch.full_like(signed, self.half), signed)
+        signed = torch.where(negative, self.half - 1 - mag, self.half + 1 + mag)
+        return torch.where(small, self.half, signed)
 
     @torch.no_grad()
     def add(self, rows: torch.Tensor) -> None:
-        """Count the rows ``(n, C)`` (any device; the counts stay on the CPU)."""
+        """Count the rows ``(n, C)`` (any device and float dtype, counted as float32; the counts
+        stay on the CPU)."""
         if rows.shape[1] != self.channels:
             raise ValueError(f"expected {self.channels} channels, got rows of shape {rows.shape}")
-        if not torch.isfinite(rows).all():
+        if rows.numel() == 0:
+            return
+        rows32 = rows.float().contiguous()
+        bits = rows32.view(torch.int32) & 0x7FFFFFFF
+        if bool((bits >= 0x7F800000).any()):  # exponent all ones: Inf or NaN
             raise ValueError(
                 "non-finite values (NaN or Inf) reached a quantizer during calibration: check "
                 "the checkpoint's weights and the input images"
             )
-        if rows.numel() == 0:
-            return
         nbins = self.counts.shape[1]
-        offsets = torch.arange(self.channels, device=rows.device) * nbins
-        flat = (self._bin(rows) + offsets).reshape(-1)
+        offsets = torch.arange(self.channels, device=rows.device, dtype=torch.int32) * nbins
+        flat = (self._bin(bits, rows32 < 0) + offsets).reshape(-1)
         self.counts += (
             torch.bincount(flat, minlength=self.counts.numel()).view_as(self.counts).cpu()
         )
