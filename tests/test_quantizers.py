@@ -218,6 +218,66 @@ def test_adaround_hard_ste_forward_is_hard_and_gradient_is_soft():
     assert (grads["soft_grad"] != 0).float().mean() > 0.5
 
 
+def _adaround_by_autograd(q, w, hard_forward):
+    """AdaRound's weight as the chain of autograd ops: floor, rectified sigmoid, clamp."""
+    scale, zp = q.scale.reshape(-1, 1), q.zero_point.reshape(-1, 1)
+    down = torch.floor(w / scale)
+    codes = torch.clamp(down + q.soft_rounding() + zp, 0, q.qmax)
+    if hard_forward:
+        hard = torch.clamp(down + (q.alpha >= 0).to(w.dtype) + zp, 0, q.qmax)
+        codes = hard + (codes - codes.detach())
+    return (codes - zp) * scale
+
+
+@pytest.mark.parametrize("rounding", ["soft", "hard_ste"])
+def test_adaround_values_and_gradient_match_the_chain_of_autograd_ops(rounding):
+    """Soft and hard-tail rounding against the chain of ops, with weights beyond the range
+    (codes clipped at 0 and qmax) and ``V`` far enough out for ``h`` to sit at 0 or 1."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(8, 16, generator=g) * 0.1
+    q = AdaRoundWeightQuantizer(3)
+    q.calibrate_from(w * 0.6)  # a range narrower than the weights: some codes clip
+    q.set_state("quant")
+    q.init_adaround(w)
+    q.alpha.data += torch.randn(q.alpha.shape, generator=g) * 4  # h at 0 or 1 for some
+    q.rounding = rounding
+    upstream = torch.randn(w.shape, generator=g)
+    results = []
+    for forward in (q, lambda t: _adaround_by_autograd(q, t, rounding == "hard_ste")):
+        q.alpha.grad = None
+        out = forward(w)
+        (out * upstream).sum().backward()
+        results.append((out.detach(), q.alpha.grad.clone()))
+    (out, grad), (ref_out, ref_grad) = results
+    scale, zp = q.scale.reshape(-1, 1), q.zero_point.reshape(-1, 1)
+    codes = torch.floor(w / scale) + q.soft_rounding().detach() + zp
+    assert ((codes <= 0) | (codes >= q.qmax)).any()  # clipped codes are exercised
+    h = q.soft_rounding().detach()
+    assert ((h == 0) | (h == 1)).any() and ((h > 0) & (h < 1)).any()
+    assert torch.equal(out, ref_out)
+    assert torch.equal(grad == 0, ref_grad == 0)
+    assert torch.allclose(grad, ref_grad, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("beta", [2.0, 7.3, 20.0])
+def test_adaround_regularizer_and_gradient_match_the_chain_of_autograd_ops(beta):
+    g = torch.Generator().manual_seed(0)
+    q = AdaRoundWeightQuantizer(4)
+    w = torch.randn(16, 32, generator=g)
+    q.calibrate_from(w)
+    q.init_adaround(w)
+    q.alpha.data = torch.randn(q.alpha.shape, generator=g) * 3  # h at 0 or 1 for some
+    h = q.soft_rounding()
+    chain = (1 - (2 * h - 1).abs().pow(beta)).sum()
+    (ref_grad,) = torch.autograd.grad(chain, q.alpha)
+    loss = q.rounding_loss(beta)
+    (grad,) = torch.autograd.grad(loss, q.alpha)
+    assert ((h == 0) | (h == 1)).any()
+    assert loss.item() == pytest.approx(chain.item(), rel=1e-6)
+    assert torch.equal(grad == 0, ref_grad == 0)
+    assert torch.allclose(grad, ref_grad, rtol=1e-5, atol=1e-9)
+
+
 def test_adaround_regularizer_zero_when_binary():
     q = AdaRoundWeightQuantizer(4)
     w = torch.randn(4, 4)

@@ -64,6 +64,58 @@ class _LsqFakeQuant(torch.autograd.Function):
         return grad_x, grad_s, None, None, None
 
 
+class _AdaRoundFakeQuant(torch.autograd.Function):
+    """AdaRound's weight ``(clamp(floor(W / s) + h(V) + z, 0, qmax) - z) * s`` with its gradient
+    to ``V`` in one node: ``s h'(V)`` where ``h``'s clamp and the codes' clamp are both strictly
+    inside their bounds (0 elsewhere, as ``torch.clamp``'s gradient); none to ``W``, ``s``, ``z``
+    (the floor's gradient is 0; neither is learned with the rounding). ``hard_forward``: the
+    value with ``h = 1[V >= 0]``, the gradient still the soft rounding's (straight-through: the
+    hard tail). The values and gradients of the chain of autograd ops it replaced, in fewer
+    passes over the weights."""
+
+    @staticmethod
+    def forward(ctx, alpha, weight, scale, zero_point, qmax: int, hard_forward: bool):
+        down = torch.floor(weight / scale)
+        sig = torch.sigmoid(alpha)
+        h_raw = sig * (ADAROUND_ZETA - ADAROUND_GAMMA) + ADAROUND_GAMMA
+        h = h_raw.clamp(0, 1)
+        code = down + h + zero_point
+        passes = (code > 0) & (code < qmax) & (h_raw > 0) & (h_raw < 1)
+        slope = sig * (1 - sig) * (ADAROUND_ZETA - ADAROUND_GAMMA) * scale
+        ctx.save_for_backward(torch.where(passes, slope, 0))
+        if hard_forward:
+            code = down + (alpha >= 0).to(weight.dtype) + zero_point
+        return (code.clamp_(0, qmax) - zero_point) * scale
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.saved_tensors[0], None, None, None, None, None
+
+
+class _RoundingRegularizer(torch.autograd.Function):
+    """AdaRound's regularizer ``sum(1 - |2 h(V) - 1|^beta)`` and its gradient to ``V`` in one
+    node: ``-2 beta |d|^(beta - 1) sign(d) h'(V)`` with ``d = 2 h - 1``, where ``h``'s clamp is
+    strictly inside ``[0, 1]`` (0 elsewhere and where ``d = 0``, as the chain of autograd ops
+    it replaced gives for ``beta > 1``), with one power instead of two."""
+
+    @staticmethod
+    def forward(ctx, alpha, beta: float):
+        sig = torch.sigmoid(alpha)
+        h_raw = sig * (ADAROUND_ZETA - ADAROUND_GAMMA) + ADAROUND_GAMMA
+        d = 2 * h_raw.clamp(0, 1) - 1
+        r = d.abs()
+        r_beta = r.pow(beta)
+        if ctx.needs_input_grad[0]:
+            inside = (h_raw > 0) & (h_raw < 1) & (r > 0)
+            slope = sig * (1 - sig) * (-2 * beta * (ADAROUND_ZETA - ADAROUND_GAMMA))
+            ctx.save_for_backward(torch.where(inside, slope * (r_beta / r) * d.sign(), 0))
+        return (1 - r_beta).sum()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.saved_tensors[0], None
+
+
 class BaseQuantizer(nn.Module):
     """State handling and the observed statistics shared by all quantizers.
 
@@ -331,7 +383,7 @@ class AdaRoundWeightQuantizer(UniformQuantizer):
 
     def rounding_loss(self, beta: float) -> torch.Tensor:
         """AdaRound regularizer ``sum(1 - |2 h(V) - 1|^beta)``: pushes ``h`` to 0 or 1."""
-        return (1 - (2 * self.soft_rounding() - 1).abs().pow(beta)).sum()
+        return _RoundingRegularizer.apply(self.alpha, beta)
 
     def harden(self) -> None:
         """Fix the learned rounding (a no-op when no rounding was learned)."""
@@ -357,19 +409,12 @@ class AdaRoundWeightQuantizer(UniformQuantizer):
         shape = self._param_shape(x)
         scale = self.scale.reshape(shape)
         zp = self.zero_point.reshape(shape)
+        if self.rounding != "hard" and torch.is_grad_enabled() and self.alpha.requires_grad:
+            hard_forward = self.rounding == "hard_ste"
+            return _AdaRoundFakeQuant.apply(self.alpha, x, scale, zp, self.qmax, hard_forward)
         down = torch.floor(x / scale)
-
-        def codes(h: torch.Tensor) -> torch.Tensor:
-            return torch.clamp(down + h + zp, 0, self.qmax)
-
-        hard = (self.alpha >= 0).to(x.dtype)
-        if self.rounding == "hard":
-            q = codes(hard)
-        else:
-            q = codes(self.soft_rounding())
-            if self.rounding == "hard_ste":  # the hard codes, the soft codes' gradient
-                q = codes(hard) + (q - q.detach())
-        return (q - zp) * scale
+        h = (self.alpha >= 0).to(x.dtype) if self.rounding == "hard" else self.soft_rounding()
+        return (torch.clamp(down + h + zp, 0, self.qmax) - zp) * scale
 
     def integer_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """The integer codes ``q`` in ``[0, 2^b - 1]`` that ``fake_quant`` dequantizes."""
