@@ -54,6 +54,8 @@ ORDER = [
     "demo_recon_current",
     "demo_recon_fast",
     "demo_recon",
+    "demo_det_config_levels",
+    "demo_det_speed",
     "demo_det_w3a3_config",
     "demo_det_head_steps",
     "demo_det_head_bits",
@@ -123,7 +125,7 @@ VIT_COLUMNS = {
     CONFIG: ("demo_recon_step_rate", "pfcr_kl_layerwise_rel"),
 }
 DET_COLUMNS = {"calib": "calib", "block": "block", "pfcr": "pfcr_anneal"}  # no KL: no logits
-SWIN_W4 = {**DET_COLUMNS, CONFIG: ("demo_det_head_steps", "pfcr_anneal_rel_ht30_h8")}
+SWIN_W4 = {**DET_COLUMNS, CONFIG: ("demo_det_config_levels", "pfcr_anneal_rel_ht30_h8")}
 SWIN_W3 = {**DET_COLUMNS, CONFIG: ("demo_det_w3a3_config", "pfcr_anneal_rel_ht30_h8")}
 VITDET_COLUMNS = {**DET_COLUMNS, CONFIG: ("demo_det_vitdet_head_bits", "pfcr_anneal_rel_h8")}
 SWIN, VITDET = "Demo Mask R-CNN Swin", "Demo Mask R-CNN ViTDet"
