@@ -41,8 +41,19 @@ def test_config_ptq_section_matches_its_name(path):
         if name.startswith("demo_vit"):  # benchmark_recon.py's "fast" preset (tools/benchmarks)
             fast = (recon.iters, recon.w_lr, recon.max_level)
             assert fast == (100, 1e-2, 1) and (recon.a_lr, recon.a_lr_mode) == (5e-3, "relative")
+        elif name == "demo_mask_rcnn_swin_shapes_pfcr_w4a4":
+            # the quick preset's 100 steps per unit, at two levels, and its 300 for the neck and
+            # box head (benchmarks/demo_det_config_levels)
+            assert (recon.iters, recon.max_level) == (200, 1)
+            assert recon.outside_iters == {
+                "neck": 300,
+                "rpn_head": 150,
+                "roi_head.bbox_head": 300,
+                "roi_head.mask_head": 150,
+            }
         elif name.startswith("demo_"):
             assert recon.iters == 300  # benchmark_recon.py's "quick" preset (tools/benchmarks)
+            assert recon.max_level == "top"
         else:
             assert recon.iters == 20000 and recon.cache_dtype == "float16"  # paper-grade
 

@@ -110,9 +110,10 @@ def test_bins_are_those_of_the_exponent_and_top_mantissa_bits():
             assert torch.equal(h.counts, expected), (m, dtype)
 
 
-def test_non_finite_values_refused():
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf"), -float("nan")])
+def test_non_finite_values_refused(bad):
     with pytest.raises(ValueError, match="non-finite"):
-        ValueHistogram(1, 4).add(torch.tensor([[1.0], [float("nan")]]))
+        ValueHistogram(1, 4).add(torch.tensor([[1.0], [bad]]))
 
 
 @pytest.mark.parametrize("method", ["mse", "percentile"])

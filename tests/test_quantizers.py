@@ -95,8 +95,8 @@ def _lsq_by_autograd(x, scale, zp, qmax):
 @pytest.mark.parametrize("per_channel", [False, True])
 def test_fake_quant_gradients_match_the_chain_of_autograd_ops(per_channel):
     """Values and gradients to the input and to the learned step, per tensor and per channel
-    (axis 1), against the chain of autograd ops, on inputs whose codes are not the two end codes
-    (where the chain's clamp decides by float rounding noise of ``(round(v) - v) + v``)."""
+    (axis 1), against the chain of autograd ops, on inputs inside, at the ends of and beyond the
+    range of codes."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(6, 5, 7, generator=g) * 3
     q = UniformQuantizer(4, ch_axis=1 if per_channel else None)
@@ -107,7 +107,6 @@ def test_fake_quant_gradients_match_the_chain_of_autograd_ops(per_channel):
     q.set_state("quant")
     shape = [1, -1, 1] if per_channel else []
     codes = torch.round(x / scale.reshape(shape)) + zp.reshape(shape)
-    x = torch.where((codes == 0) | (codes == 15), x * 1.7, x)  # off the end codes
     weights = torch.randn(x.shape, generator=g)
     results = []
     for forward in (
@@ -120,8 +119,8 @@ def test_fake_quant_gradients_match_the_chain_of_autograd_ops(per_channel):
         (out * weights).sum().backward()
         results.append((out.detach(), xs.grad, q.scale.grad.clone()))
     (out, gx, gs), (ref_out, ref_gx, ref_gs) = results
-    inside = (codes > 0) & (codes < 15)
-    assert 0 < int(inside.sum()) < x.numel()  # both sides of the range are exercised
+    ends = (codes == 0) | (codes == 15)
+    assert ends.any() and ((codes > 0) & (codes < 15)).any() and ((codes < 0) | (codes > 15)).any()
     assert torch.allclose(out, ref_out, atol=1e-6)
     assert torch.equal(gx == 0, ref_gx == 0) and torch.allclose(gx, ref_gx, rtol=1e-6)
     assert torch.allclose(gs, ref_gs, rtol=1e-5, atol=1e-7)
@@ -276,6 +275,25 @@ def test_adaround_regularizer_and_gradient_match_the_chain_of_autograd_ops(beta)
     assert loss.item() == pytest.approx(chain.item(), rel=1e-6)
     assert torch.equal(grad == 0, ref_grad == 0)
     assert torch.allclose(grad, ref_grad, rtol=1e-5, atol=1e-9)
+
+
+def test_adaround_hard_ste_without_learning_is_hard():
+    """Outside the learning path (no gradient, or ``V`` frozen) the hard tail's rounding still
+    gives the hard weights."""
+    torch.manual_seed(0)
+    w = torch.randn(8, 16) * 0.1
+    q = AdaRoundWeightQuantizer(3)
+    q.calibrate_from(w)
+    q.set_state("quant")
+    q.init_adaround(w)
+    q.alpha.data += torch.randn_like(q.alpha)
+    q.rounding = "hard"
+    hard = q(w).detach()
+    q.rounding = "hard_ste"
+    with torch.no_grad():
+        assert torch.equal(q(w), hard)
+    q.alpha.requires_grad_(False)
+    assert torch.equal(q(w), hard)
 
 
 def test_adaround_regularizer_zero_when_binary():

@@ -80,6 +80,8 @@ class ValueHistogram:
     """
 
     def __init__(self, channels: int, mantissa_bits: int):
+        if not 0 <= mantissa_bits <= 23:
+            raise ValueError(f"mantissa_bits must be in [0, 23] (float32's), got {mantissa_bits}")
         self.channels, self.mantissa_bits = channels, mantissa_bits
         self.half = (EXP_MAX - EXP_MIN) << mantissa_bits  # magnitude bins per sign
         self.counts = torch.zeros(channels, 2 * self.half + 1, dtype=torch.int64)
@@ -110,10 +112,10 @@ class ValueHistogram:
             return
         rows32 = rows.float().contiguous()
         bits = rows32.view(torch.int32) & 0x7FFFFFFF
-        if bool((bits >= 0x7F800000).any()):  # exponent all ones: Inf or NaN
+        if bool((bits >= 0x7F800000).any()):  # exponent all ones: Inf or NaN (in float32)
             raise ValueError(
-                "non-finite values (NaN or Inf) reached a quantizer during calibration: check "
-                "the checkpoint's weights and the input images"
+                "non-finite values (NaN or Inf, or beyond float32's range) reached a quantizer "
+                "during calibration: check the checkpoint's weights and the input images"
             )
         nbins = self.counts.shape[1]
         offsets = torch.arange(self.channels, device=rows.device, dtype=torch.int32) * nbins

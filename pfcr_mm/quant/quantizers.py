@@ -39,7 +39,8 @@ class _LsqFakeQuant(torch.autograd.Function):
     qmax)`` (0 at and beyond the two end codes, as ``torch.clamp``'s gradient); to ``s``, ``(q -
     z) - x / s`` there and ``q - z`` elsewhere, summed to ``s``'s shape and times
     ``grad_scale``. The values and gradients of the chain of autograd ops it replaced (round with
-    a straight-through gradient, then clamp), in half the time and memory."""
+    a straight-through gradient, then clamp), to within float rounding, in fewer passes over the
+    tensor and with less kept for the backward."""
 
     @staticmethod
     def forward(ctx, x, scale, zero_point, qmax: int, grad_scale: float):
@@ -67,11 +68,12 @@ class _LsqFakeQuant(torch.autograd.Function):
 class _AdaRoundFakeQuant(torch.autograd.Function):
     """AdaRound's weight ``(clamp(floor(W / s) + h(V) + z, 0, qmax) - z) * s`` with its gradient
     to ``V`` in one node: ``s h'(V)`` where ``h``'s clamp and the codes' clamp are both strictly
-    inside their bounds (0 elsewhere, as ``torch.clamp``'s gradient); none to ``W``, ``s``, ``z``
-    (the floor's gradient is 0; neither is learned with the rounding). ``hard_forward``: the
-    value with ``h = 1[V >= 0]``, the gradient still the soft rounding's (straight-through: the
-    hard tail). The values and gradients of the chain of autograd ops it replaced, in fewer
-    passes over the weights."""
+    inside their bounds (0 elsewhere, as ``torch.clamp``'s gradient); none to ``W`` (the floor's
+    gradient is 0) nor to ``s`` and ``z``, so it serves only while the step ``s`` is not learned
+    (the caller's condition). ``hard_forward``: the value with ``h = 1[V >= 0]``, the gradient
+    still the soft rounding's (straight-through: the hard tail). The values and gradients of the
+    chain of autograd ops it replaced, to within float rounding, in fewer passes over the
+    weights."""
 
     @staticmethod
     def forward(ctx, alpha, weight, scale, zero_point, qmax: int, hard_forward: bool):
@@ -409,11 +411,12 @@ class AdaRoundWeightQuantizer(UniformQuantizer):
         shape = self._param_shape(x)
         scale = self.scale.reshape(shape)
         zp = self.zero_point.reshape(shape)
-        if self.rounding != "hard" and torch.is_grad_enabled() and self.alpha.requires_grad:
-            hard_forward = self.rounding == "hard_ste"
+        hard_forward = self.rounding in ("hard", "hard_ste")
+        learning = torch.is_grad_enabled() and self.alpha.requires_grad
+        if self.rounding != "hard" and learning and not scale.requires_grad:
             return _AdaRoundFakeQuant.apply(self.alpha, x, scale, zp, self.qmax, hard_forward)
         down = torch.floor(x / scale)
-        h = (self.alpha >= 0).to(x.dtype) if self.rounding == "hard" else self.soft_rounding()
+        h = (self.alpha >= 0).to(x.dtype) if hard_forward else self.soft_rounding()
         return (torch.clamp(down + h + zp, 0, self.qmax) - zp) * scale
 
     def integer_weight(self, weight: torch.Tensor) -> torch.Tensor:
