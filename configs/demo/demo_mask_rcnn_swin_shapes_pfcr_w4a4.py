@@ -8,8 +8,8 @@
 # prediction layers at 8 bits, box mAP 73.7 over three seeds against 72.5 at 4 bits
 # (benchmarks/demo_det_head_bits); the RPN and mask heads at 150 steps, 74.1 against 73.7 with
 # 300 (benchmarks/demo_det_head_steps); without the third level (groups of blocks, 100 steps per
-# unit at each level as before), 74.1 against 73.9 and a lower held-out feature error on every
-# seed, in 0.78x the quantization time (benchmarks/demo_det_config_levels).
+# unit at each level as before), 74.1 against 73.9 and a held-out feature error no worse, in
+# 0.84x the quantization time (benchmarks/demo_det_config_levels).
 _base_ = ["./demo_mask_rcnn_swin_shapes_w4a4.py"]
 
 ptq = dict(
