@@ -56,6 +56,8 @@ ORDER = [
     "demo_recon",
     "demo_det_config_levels",
     "demo_det_speed",
+    "demo_det_w3a3_levels",
+    "demo_det_w3a3_speed",
     "demo_det_w3a3_config",
     "demo_det_head_steps",
     "demo_det_head_bits",
@@ -126,7 +128,7 @@ VIT_COLUMNS = {
 }
 DET_COLUMNS = {"calib": "calib", "block": "block", "pfcr": "pfcr_anneal"}  # no KL: no logits
 SWIN_W4 = {**DET_COLUMNS, CONFIG: ("demo_det_config_levels", "pfcr_anneal_rel_ht30_h8")}
-SWIN_W3 = {**DET_COLUMNS, CONFIG: ("demo_det_w3a3_config", "pfcr_anneal_rel_ht30_h8")}
+SWIN_W3 = {**DET_COLUMNS, CONFIG: ("demo_det_w3a3_levels", "pfcr_anneal_rel_ht30_h8")}
 VITDET_COLUMNS = {**DET_COLUMNS, CONFIG: ("demo_det_vitdet_head_bits", "pfcr_anneal_rel_h8")}
 SWIN, VITDET = "Demo Mask R-CNN Swin", "Demo Mask R-CNN ViTDet"
 BOX, MASK = "coco/bbox_mAP", "coco/segm_mAP"
