@@ -55,6 +55,7 @@ ORDER = [
     "demo_recon_fast",
     "demo_recon",
     "demo_det_config_levels",
+    "demo_det_block_200",
     "demo_det_speed",
     "demo_det_w3a3_levels",
     "demo_det_w3a3_speed",
