@@ -190,16 +190,22 @@ def test_adaround_soft_init_reproduces_weight_and_hard_is_nearest():
     assert torch.equal(ints, ints.round()) and ints.min() >= 0 and ints.max() <= 15
 
 
-def test_adaround_hard_ste_forward_is_hard_and_gradient_is_soft():
-    """The hard tail's rounding: the weights the deployed model will have in the forward, the
-    soft rounding's gradient to V."""
+def _learning_3bit_adaround():
+    """A 3-bit AdaRound quantizer of random weights ``w``, its ``V`` moved to either side of 0."""
     torch.manual_seed(0)
     w = torch.randn(8, 16) * 0.1
     q = AdaRoundWeightQuantizer(3)
     q.calibrate_from(w)
     q.set_state("quant")
     q.init_adaround(w)
-    q.alpha.data += torch.randn_like(q.alpha)  # some V on either side of 0
+    q.alpha.data += torch.randn_like(q.alpha)
+    return q, w
+
+
+def test_adaround_hard_ste_forward_is_hard_and_gradient_is_soft():
+    """The hard tail's rounding: the weights the deployed model will have in the forward, the
+    soft rounding's gradient to V."""
+    q, w = _learning_3bit_adaround()
     upstream = torch.randn_like(w)
     grads = {}
     for mode in ("soft", "hard", "hard_ste"):
@@ -280,13 +286,7 @@ def test_adaround_regularizer_and_gradient_match_the_chain_of_autograd_ops(beta)
 def test_adaround_hard_ste_without_learning_is_hard():
     """Outside the learning path (no gradient, or ``V`` frozen) the hard tail's rounding still
     gives the hard weights."""
-    torch.manual_seed(0)
-    w = torch.randn(8, 16) * 0.1
-    q = AdaRoundWeightQuantizer(3)
-    q.calibrate_from(w)
-    q.set_state("quant")
-    q.init_adaround(w)
-    q.alpha.data += torch.randn_like(q.alpha)
+    q, w = _learning_3bit_adaround()
     q.rounding = "hard"
     hard = q(w).detach()
     q.rounding = "hard_ste"
