@@ -33,6 +33,13 @@ ADAROUND_ZETA = 1.1
 ADAROUND_GAMMA = -0.1
 
 
+def _rectified_sigmoid(alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sigmoid(V), sigmoid(V) (ZETA - GAMMA) + GAMMA)``: AdaRound's ``h(V)`` before its clamp
+    to ``[0, 1]``, and the sigmoid its gradient needs."""
+    sig = torch.sigmoid(alpha)
+    return sig, sig * (ADAROUND_ZETA - ADAROUND_GAMMA) + ADAROUND_GAMMA
+
+
 class _LsqFakeQuant(torch.autograd.Function):
     """``(clamp(round(x / s) + z, 0, qmax) - z) * s`` with LSQ's gradients, in one node: to
     ``x``, straight through where the code ``round(x / s) + z`` lies strictly inside ``(0,
@@ -78,8 +85,7 @@ class _AdaRoundFakeQuant(torch.autograd.Function):
     @staticmethod
     def forward(ctx, alpha, weight, scale, zero_point, qmax: int, hard_forward: bool):
         down = torch.floor(weight / scale)
-        sig = torch.sigmoid(alpha)
-        h_raw = sig * (ADAROUND_ZETA - ADAROUND_GAMMA) + ADAROUND_GAMMA
+        sig, h_raw = _rectified_sigmoid(alpha)
         h = h_raw.clamp(0, 1)
         code = down + h + zero_point
         passes = (code > 0) & (code < qmax) & (h_raw > 0) & (h_raw < 1)
@@ -102,8 +108,7 @@ class _RoundingRegularizer(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, alpha, beta: float):
-        sig = torch.sigmoid(alpha)
-        h_raw = sig * (ADAROUND_ZETA - ADAROUND_GAMMA) + ADAROUND_GAMMA
+        sig, h_raw = _rectified_sigmoid(alpha)
         d = 2 * h_raw.clamp(0, 1) - 1
         r = d.abs()
         r_beta = r.pow(beta)
@@ -379,9 +384,7 @@ class AdaRoundWeightQuantizer(UniformQuantizer):
 
     def soft_rounding(self) -> torch.Tensor:
         assert self.alpha is not None
-        return torch.clamp(
-            torch.sigmoid(self.alpha) * (ADAROUND_ZETA - ADAROUND_GAMMA) + ADAROUND_GAMMA, 0, 1
-        )
+        return torch.clamp(_rectified_sigmoid(self.alpha)[1], 0, 1)
 
     def rounding_loss(self, beta: float) -> torch.Tensor:
         """AdaRound regularizer ``sum(1 - |2 h(V) - 1|^beta)``: pushes ``h`` to 0 or 1."""
