@@ -50,6 +50,7 @@ ORDER = [
     "demo_recon_quick_w3a3_rel",
     "demo_recon_hard_tail",
     "demo_recon_head_bits",
+    "demo_recon_val10k",
     "demo_recon_step_rate",
     "demo_recon_current",
     "demo_recon_fast",
