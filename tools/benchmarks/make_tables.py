@@ -51,6 +51,8 @@ ORDER = [
     "demo_recon_hard_tail",
     "demo_recon_head_bits",
     "demo_recon_val10k",
+    "demo_recon_val10k_quick",
+    "demo_recon_vit_config",
     "demo_recon_step_rate",
     "demo_recon_current",
     "demo_recon_fast",
@@ -126,8 +128,9 @@ VIT_COLUMNS = {
     "block": "block",
     "pfcr": "pfcr_anneal",
     "pfcr, KL + layers": "pfcr_kl_layerwise",
-    CONFIG: ("demo_recon_step_rate", "pfcr_kl_layerwise_rel"),
 }
+VIT_W4 = {**VIT_COLUMNS, CONFIG: ("demo_recon_vit_config", "pfcr_kl_layerwise_rel_ht30_h8")}
+VIT_W3 = {**VIT_COLUMNS, CONFIG: ("demo_recon_head_bits", "pfcr_kl_layerwise_rel_ht30_h8")}
 DET_COLUMNS = {"calib": "calib", "block": "block", "pfcr": "pfcr_anneal"}  # no KL: no logits
 SWIN_W4 = {**DET_COLUMNS, CONFIG: ("demo_det_config_levels", "pfcr_anneal_rel_ht30_h8")}
 SWIN_W3 = {**DET_COLUMNS, CONFIG: ("demo_det_w3a3_levels", "pfcr_anneal_rel_ht30_h8")}
@@ -137,8 +140,8 @@ BOX, MASK = "coco/bbox_mAP", "coco/segm_mAP"
 # (label, model, bits, benchmark, metric, {column: method, or (benchmark, method); a column
 # left out: -})
 HEADLINE = [
-    ("Demo ViT, top-1 (%)", "cls", 4, "demo_recon_objectives", "accuracy/top1", VIT_COLUMNS),
-    ("Demo ViT, top-1 (%)", "cls", 3, "demo_recon_objectives", "accuracy/top1", VIT_COLUMNS),
+    ("Demo ViT, top-1 (%)", "cls", 4, "demo_recon_objectives", "accuracy/top1", VIT_W4),
+    ("Demo ViT, top-1 (%)", "cls", 3, "demo_recon_objectives", "accuracy/top1", VIT_W3),
     (f"{SWIN}, box mAP (%)", "det", 4, "demo_det_choice", BOX, SWIN_W4),
     (f"{SWIN}, mask mAP (%)", "det", 4, "demo_det_choice", MASK, SWIN_W4),
     (f"{SWIN}, box mAP (%)", "det", 3, "demo_det", BOX, SWIN_W3),
