@@ -10,8 +10,8 @@
 # step size learned at a rate of a_lr times its own size (benchmarks/demo_recon_step_rate: W3A3
 # held-out logit error -12 % with block, -7 % with pfcr; W4A4 within the spread). The head at
 # 8 bits and the last 30 % of each unit's steps on the hardened rounding
-# (benchmarks/demo_recon_vit_config: held-out logit error lower on every seed, W4A4 and W3A3;
-# benchmarks/demo_recon_val10k: W3A3 top-1 +0.2 to +0.5 on 10,000 val images).
+# (held-out logit error lower on every seed: W4A4 benchmarks/demo_recon_vit_config, W3A3
+# benchmarks/demo_recon_val10k; there W3A3 top-1 +0.2 to +0.4 on 10,000 val images).
 _base_ = ["./demo_vit_shapes_w4a4.py"]
 
 ptq = dict(
