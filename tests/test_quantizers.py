@@ -255,9 +255,9 @@ def test_adaround_values_and_gradient_match_the_chain_of_autograd_ops(rounding):
         results.append((out.detach(), q.alpha.grad.clone()))
     (out, grad), (ref_out, ref_grad) = results
     scale, zp = q.scale.reshape(-1, 1), q.zero_point.reshape(-1, 1)
-    codes = torch.floor(w / scale) + q.soft_rounding().detach() + zp
-    assert ((codes <= 0) | (codes >= q.qmax)).any()  # clipped codes are exercised
     h = q.soft_rounding().detach()
+    codes = torch.floor(w / scale) + h + zp
+    assert ((codes <= 0) | (codes >= q.qmax)).any()  # clipped codes are exercised
     assert ((h == 0) | (h == 1)).any() and ((h > 0) & (h < 1)).any()
     assert torch.equal(out, ref_out)
     assert torch.equal(grad == 0, ref_grad == 0)

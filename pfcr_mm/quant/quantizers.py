@@ -40,6 +40,12 @@ def _rectified_sigmoid(alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return sig, sig * (ADAROUND_ZETA - ADAROUND_GAMMA) + ADAROUND_GAMMA
 
 
+def _rectified_sigmoid_slope(sig: torch.Tensor, factor: float = 1.0) -> torch.Tensor:
+    """``factor`` times the derivative of the rectified sigmoid before its clamp,
+    ``sig (1 - sig) (ZETA - GAMMA)``, from ``sig = sigmoid(V)`` (:func:`_rectified_sigmoid`)."""
+    return sig * (1 - sig) * (factor * (ADAROUND_ZETA - ADAROUND_GAMMA))
+
+
 class _LsqFakeQuant(torch.autograd.Function):
     """``(clamp(round(x / s) + z, 0, qmax) - z) * s`` with LSQ's gradients, in one node: to
     ``x``, straight through where the code ``round(x / s) + z`` lies strictly inside ``(0,
@@ -89,7 +95,7 @@ class _AdaRoundFakeQuant(torch.autograd.Function):
         h = h_raw.clamp(0, 1)
         code = down + h + zero_point
         passes = (code > 0) & (code < qmax) & (h_raw > 0) & (h_raw < 1)
-        slope = sig * (1 - sig) * (ADAROUND_ZETA - ADAROUND_GAMMA) * scale
+        slope = _rectified_sigmoid_slope(sig) * scale
         ctx.save_for_backward(torch.where(passes, slope, 0))
         if hard_forward:
             code = down + (alpha >= 0).to(weight.dtype) + zero_point
@@ -114,7 +120,7 @@ class _RoundingRegularizer(torch.autograd.Function):
         r_beta = r.pow(beta)
         if ctx.needs_input_grad[0]:
             inside = (h_raw > 0) & (h_raw < 1) & (r > 0)
-            slope = sig * (1 - sig) * (-2 * beta * (ADAROUND_ZETA - ADAROUND_GAMMA))
+            slope = _rectified_sigmoid_slope(sig, -2 * beta)
             ctx.save_for_backward(torch.where(inside, slope * (r_beta / r) * d.sign(), 0))
         return (1 - r_beta).sum()
 
