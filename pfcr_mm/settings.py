@@ -26,6 +26,7 @@ import torch
 METHODS = ("calib", "block", "pfcr")
 POST_SOFTMAX_CHOICES = ("auto", "log2", "log_sqrt2", "uniform")
 POST_LN_CHOICES = ("reparam", "per_channel", "per_tensor")
+POST_GELU_CHOICES = ("uniform", "auto", "shift_log2", "shift_log_sqrt2")
 RANGE_CHOICES = ("mse", "percentile", "minmax")
 POS_STRATEGIES = ("none", "two_stage", "shrink", "anneal")
 BUDGET_UNITS = ("block_passes", "steps")
@@ -169,6 +170,10 @@ class QuantConfig(_Settings):
         ``reparam`` calibrates them per channel and folds the channel scales into the LayerNorm
         and the linear (per tensor at inference, RepQ-ViT); ``per_channel`` keeps them per
         channel; ``per_tensor`` calibrates them per tensor.
+    post_gelu: inputs of the MLPs' second linears, after GELU: ``uniform``; ``auto`` (each
+        chooses among uniform and log quantizers above GELU's minimum, as ``post_softmax``
+        chooses, :mod:`pfcr_mm.quant.post_gelu`); or one log quantizer for all,
+        ``shift_log2`` or ``shift_log_sqrt2``.
     first_layer_a_bits: input bits of the patch-embedding conv (the image).
     head_bits: weight/input bits of the prediction layers (a classifier's head; a detector's
         RPN, RoI box and mask logits); ``None`` uses w_bits/a_bits.
@@ -181,6 +186,7 @@ class QuantConfig(_Settings):
     a_bits: int = 4
     post_softmax: str = "auto"
     post_ln: str = "reparam"
+    post_gelu: str = "uniform"
     first_layer_a_bits: int = 8
     head_bits: int | None = None
     act_range: str = "percentile"
@@ -196,6 +202,7 @@ class QuantConfig(_Settings):
             check_bits(self.head_bits)
         check_choice(self.post_softmax, POST_SOFTMAX_CHOICES, "QuantConfig.post_softmax")
         check_choice(self.post_ln, POST_LN_CHOICES, "QuantConfig.post_ln")
+        check_choice(self.post_gelu, POST_GELU_CHOICES, "QuantConfig.post_gelu")
         check_choice(self.act_range, RANGE_CHOICES, "QuantConfig.act_range")
         check_choice(self.weight_range, RANGE_CHOICES, "QuantConfig.weight_range")
 

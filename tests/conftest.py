@@ -328,3 +328,20 @@ def parity_tool():
 def mmcv_source_tool():
     """``tools/mmcv/prepare_source.py``."""
     return _load_tool("mmcv/prepare_source")
+
+
+@pytest.fixture
+def recorded_scores(monkeypatch):
+    """``{id(point): first-stage scores}`` of every quantizer choice made while the test runs
+    (:meth:`pfcr_mm.quant.choice.QuantizerChoice.choose` is wrapped)."""
+    from pfcr_mm.quant.choice import QuantizerChoice
+
+    scored = {}
+    choose = QuantizerChoice.choose
+
+    def recording(self, scores, downstream=None):
+        scored[id(self)] = list(scores)
+        choose(self, scores, downstream)
+
+    monkeypatch.setattr(QuantizerChoice, "choose", recording)
+    return scored

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pfcr_mm.adapters import prepare, prepare_calibrated
-from pfcr_mm.quant import attention
+from pfcr_mm.quant import choice
 from pfcr_mm.quant.attention import POST_SOFTMAX_CANDIDATES, AttentionQuantizers
 from pfcr_mm.quant.calibrate import (
     DownstreamOutputs,
@@ -22,20 +22,13 @@ def _attentions(model):
 
 
 @pytest.mark.parametrize("bits", [3, 8])
-def test_each_attention_keeps_the_candidate_of_least_output_error(tiny_timm_vit, monkeypatch, bits):
+def test_each_attention_keeps_the_candidate_of_least_output_error(
+    tiny_timm_vit, monkeypatch, recorded_scores, bits
+):
     """Without the model's outputs the choice is the least ``probs @ v`` error."""
     x = torch.randn(8, 3, 32, 32)
     model = tiny_timm_vit()
-    scored = {}
-    choose = AttentionQuantizers.choose
-    monkeypatch.setattr(
-        AttentionQuantizers,
-        "choose",
-        lambda self, scores, downstream=None: (
-            scored.__setitem__(id(self), list(scores)),
-            choose(self, scores, downstream),
-        ),
-    )
+    scored = recorded_scores
     cfg = QuantConfig(w_bits=bits, a_bits=bits, post_softmax="auto")
     prepare_calibrated(model, cfg, lambda m: m(x))
     attentions = _attentions(model)
@@ -107,14 +100,14 @@ def _logit_error(model, att, index, x):
 # (shortlist ratio, attentions decided by the outputs): 1 shortlists only the best candidate
 # of each attention, the default ratio the best two (at most 2x the best error, here 1.7x-2x)
 @pytest.mark.parametrize(
-    "ratio, by_outputs", [(1.0, 0), (attention.SHORTLIST_RATIO, 4), (float("inf"), 4)]
+    "ratio, by_outputs", [(1.0, 0), (choice.SHORTLIST_RATIO, 4), (float("inf"), 4)]
 )
 def test_close_calls_are_decided_by_the_error_at_the_outputs(
     tiny_timm_vit, monkeypatch, ratio, by_outputs
 ):
     """Candidates within SHORTLIST_RATIO of the best probs @ v error are each tried alone, and the
     one of least logit error is kept; the summary records both errors and how it was chosen."""
-    monkeypatch.setattr(attention, "SHORTLIST_RATIO", ratio)
+    monkeypatch.setattr(choice, "SHORTLIST_RATIO", ratio)
     batches = [
         torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in (0, 1)
     ]
@@ -139,7 +132,8 @@ def test_close_calls_are_decided_by_the_error_at_the_outputs(
     decided, tried = 0, 0
     for name, att in _attentions(model).items():
         record = rows[f"{name}.probs"]["choice"]
-        pv, down = record["probs_v_error"], record["downstream_error"]
+        pv, down = record["consumer_error"], record["downstream_error"]
+        assert record["consumer"] == "probs @ v"
         short = [i for i, s in enumerate(pv) if s <= ratio * min(pv)]
         if len(short) == 1:
             assert record["chosen_by"] == "probs @ v" and down is None
@@ -159,7 +153,7 @@ def test_close_calls_are_decided_by_the_error_at_the_outputs(
             att.probs = chosen
     assert decided == by_outputs
     # the outputs are computed only when there is a candidate to try
-    progress = [f"post-softmax choice: batch 2/2, {tried} candidates tried"] if decided else []
+    progress = [f"quantizer choice: batch 2/2, {tried} candidates tried"] if decided else []
     assert lines[-1:] == progress
 
 
@@ -171,5 +165,5 @@ def test_outputs_that_are_not_tensors_are_refused(tiny_timm_vit):
     with pytest.raises(TypeError, match="pass quantize\\(downstream=f\\)"):
         # every candidate tried, so the outputs are compared whatever the scores
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(attention, "SHORTLIST_RATIO", float("inf"))
+            mp.setattr(choice, "SHORTLIST_RATIO", float("inf"))
             calibrate_activations(model, lambda m: m(x), outputs)

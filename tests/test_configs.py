@@ -43,6 +43,7 @@ def test_config_ptq_section_matches_its_name(path):
             assert fast == (100, 1e-2, 1) and (recon.a_lr, recon.a_lr_mode) == (5e-3, "relative")
             # benchmarks/demo_recon_vit_config
             assert (recon.hard_tail, settings.quant.head_bits) == (0.3, 8)
+            assert settings.quant.post_gelu == "auto"  # benchmarks/demo_recon_post_gelu
         elif name.startswith("demo_mask_rcnn_swin_shapes_pfcr"):
             # the quick preset's 100 steps per unit, at two levels, every unit outside the blocks
             # but the patch embedding and reductions named (benchmarks/demo_det_config_levels,

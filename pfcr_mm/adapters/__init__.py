@@ -23,6 +23,7 @@ from torch import nn
 
 from ..quant.calibrate import DownstreamOutputs, calibrate_activations, set_quant_state
 from ..quant.modules import QuantConv2d, QuantConvTranspose2d, QuantLinear
+from ..quant.post_gelu import PostGeluLinear
 from ..quant.reparam import reparameterize_post_ln
 from ..settings import QuantConfig
 from .base import ArchAdapter, PartsAdapter, ReconUnit, swap_attention
@@ -193,12 +194,14 @@ def prepare(
     ]
     post_ln, first_convs = _swap_attention_and_find_inputs(roots, cfg)
     per_channel = {id(lin) for _, lin in post_ln} if cfg.post_ln != "per_tensor" else set()
-    deconvs = _quantized_deconvs(roots)
+    special = _SpecialLayers(heads, per_channel, first_convs, _quantized_deconvs(roots))
+    if cfg.post_gelu != "uniform":
+        special.post_gelu = {id(lin) for _, _, b, ad in blocks for lin in ad.post_gelu(b)}
     replaced, quantized = {}, []
     for root, root_name in named_roots:
         for name, parent in list(root.named_modules()):
             for attr, child in list(parent.named_children()):
-                new = _quantized_layer(child, cfg, heads, per_channel, first_convs, deconvs)
+                new = _quantized_layer(child, cfg, special)
                 if new is not None:
                     setattr(parent, attr, new)
                     replaced[id(child)] = new
@@ -263,27 +266,39 @@ def _quantized_deconvs(roots: list[nn.Module]) -> set[int]:
     }
 
 
+@dataclass
+class _SpecialLayers:
+    """The ids of the layers quantized other than at ``w_bits``/``a_bits`` per tensor: the
+    prediction layers at ``head_bits`` (empty without it), the linears with per-channel inputs,
+    the patch-embedding convs, the quantized transposed convs, the post-GELU linears of a
+    ``post_gelu`` other than ``uniform``."""
+
+    heads: set[int]
+    per_channel: set[int]
+    first_convs: set[int]
+    deconvs: set[int]
+    post_gelu: set[int] = field(default_factory=set)
+
+
 def _quantized_layer(
-    child: nn.Module,
-    cfg: QuantConfig,
-    heads: set[int],
-    per_channel: set[int],
-    first_convs: set[int],
-    deconvs: set[int],
+    child: nn.Module, cfg: QuantConfig, special: _SpecialLayers
 ) -> nn.Module | None:
     """The quantized replacement of a linear, conv or listed transposed conv (``None``: none of
-    them, or already quantized): a head (``heads``: ids, empty without ``head_bits``) at
-    ``head_bits``, a patch-embedding conv's input at ``first_layer_a_bits``."""
+    them, or already quantized): a head at ``head_bits``, a patch-embedding conv's input at
+    ``first_layer_a_bits``, a post-GELU linear's input by ``post_gelu``."""
     w, a = cfg.w_bits, cfg.a_bits
-    if id(child) in heads:
+    if id(child) in special.heads:
         w = a = cfg.head_bits
     if isinstance(child, nn.Linear) and not isinstance(child, QuantLinear):
-        return QuantLinear(child, w, a, id(child) in per_channel, cfg.act_range, cfg.weight_range)
+        if id(child) in special.post_gelu:
+            return PostGeluLinear(child, cfg, w, a)
+        per_channel = id(child) in special.per_channel
+        return QuantLinear(child, w, a, per_channel, cfg.act_range, cfg.weight_range)
     if isinstance(child, nn.Conv2d) and not isinstance(child, QuantConv2d):
-        if id(child) in first_convs:
+        if id(child) in special.first_convs:
             a = cfg.first_layer_a_bits
         return QuantConv2d(child, w, a, cfg.act_range, cfg.weight_range)
-    if id(child) in deconvs and not isinstance(child, QuantConvTranspose2d):
+    if id(child) in special.deconvs and not isinstance(child, QuantConvTranspose2d):
         return QuantConvTranspose2d(child, w, a, cfg.act_range, cfg.weight_range)
     return None
 

@@ -20,6 +20,7 @@ class ArchAdapter:
     attn_unit / mlp_unit: ``f(block, x, *args) -> y``, the block's MHSA and MLP each with its
         shortcut; applied in order they compute ``block(x, *args)``.
     post_ln: ``f(block) -> [(layer_norm, linear)]``, the linears fed by a LayerNorm.
+    post_gelu: ``f(block) -> [linear]``, the linears fed by a GELU (``QuantConfig.post_gelu``).
     patch_merging: ``{class: (norm attribute, linear attribute)}`` of the downsampling layers.
     patch_embed: ``{class: conv attribute}`` of the layers whose conv sees the image.
     stage_link: ``f(root, last block name, next block name) -> link`` for blocks in different
@@ -34,6 +35,7 @@ class ArchAdapter:
     attn_unit: Callable
     mlp_unit: Callable
     post_ln: Callable[[nn.Module], list[tuple[nn.Module, nn.Linear]]]
+    post_gelu: Callable[[nn.Module], list[nn.Linear]]
     patch_merging: dict[type, tuple[str, str]] = field(default_factory=dict)
     patch_embed: dict[type, str] = field(default_factory=dict)
     stage_link: Callable[[nn.Module, str, str], Callable] | None = None

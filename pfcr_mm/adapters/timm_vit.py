@@ -51,5 +51,6 @@ ADAPTER = ArchAdapter(
     attn_unit=attn_unit,
     mlp_unit=mlp_unit,
     post_ln=lambda b: [(b.norm1, b.attn.qkv), (b.norm2, b.mlp.fc1)],
+    post_gelu=lambda b: [b.mlp.fc2],
     patch_embed={PatchEmbed: "proj"},
 )

@@ -34,6 +34,7 @@ ADAPTER = ArchAdapter(
     attn_unit=Block.attn_residual,  # x: (B, H, W, C)
     mlp_unit=Block.mlp_residual,
     post_ln=lambda b: [(b.norm1, b.attn.qkv), (b.norm2, b.mlp.fc1)],
+    post_gelu=lambda b: [b.mlp.fc2],
     patch_embed={PatchEmbed: "proj"},
 )
 

@@ -26,6 +26,7 @@ SETTINGS_ADDED = {
     "ptq.recon.a_lr_mode": "absolute",
     "ptq.recon.outside_iters": None,
     "ptq.recon.hard_tail": 0.0,
+    "ptq.quant.post_gelu": "uniform",
 }
 
 

@@ -12,8 +12,9 @@ Each module runs in PyTorch (the reference the exported graph is checked against
   :meth:`~pfcr_mm.quant.AdaRoundWeightQuantizer.integer_weight`) with per-output-channel
   scales and zero points, dequantized by ``DequantizeLinear``, after a :class:`QuantDequant`
   of the input;
-* :class:`LogQuantDequant`: the log post-softmax quantizer, which has no linear Q/DQ form, in
-  elementary operators (``Div``, ``Log``, ``Round``, ``Clip``, ``Gather``).
+* :class:`LogQuantDequant`: a log quantizer (post-softmax, or above the minimum at a post-GELU
+  linear's input), which has no linear Q/DQ form, in elementary operators (``Div``, ``Log``,
+  ``Round``, ``Clip``, ``Gather``).
 
 Codes are stored in a container of ``container`` bits: ``uint8``, or ``uint4`` (ONNX opset 21,
 two codes per byte in the file) for 4 bits and fewer. A quantizer of fewer bits than its
@@ -154,7 +155,10 @@ class IntegerWeights(nn.Module):
         bias = layer.folded_bias()
         bias = None if bias is None else bias.detach().clone()
         self.register_buffer("bias", bias)
-        self.input_quantizer = QuantDequant(layer.input_quantizer, int8)
+        q = layer.input_quantizer
+        self.input_quantizer = (
+            LogQuantDequant(q) if isinstance(q, LogQuantizer) else QuantDequant(q, int8)
+        )
 
     def weight(self) -> torch.Tensor:
         return dequantize(
@@ -304,9 +308,9 @@ class IntegerConvTranspose2d(IntegerWeights):
 
 
 class LogQuantDequant(nn.Module):
-    """The log post-softmax quantizer's value (:meth:`~pfcr_mm.quant.LogQuantizer.quant_dequant`),
-    which the exporter writes as elementary ONNX operators: the log-domain code, rounded and
-    clipped, indexes a table of the ``2^b`` levels and 0."""
+    """A log quantizer's value (:meth:`~pfcr_mm.quant.LogQuantizer.quant_dequant`), which the
+    exporter writes as elementary ONNX operators: the log-domain code, rounded and clipped,
+    indexes a table of the ``2^b`` levels and 0 (above the offset of a shifted one)."""
 
     def __init__(self, quantizer: LogQuantizer):
         super().__init__()

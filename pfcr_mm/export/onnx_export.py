@@ -31,6 +31,7 @@ from torch import nn
 from ..atomic import atomic_path
 from ..quant.attention import AttentionQuantizers
 from ..quant.calibrate import quantizer_states
+from ..quant.choice import QuantizerChoice
 from ..quant.modules import QuantConv2d, QuantConvTranspose2d, QuantLinear
 from ..quant.quantizers import LogQuantizer, UniformQuantizer
 from .modules import (
@@ -69,9 +70,7 @@ def integer_model(model: nn.Module, int8: bool = False, signed_weights: bool = F
     Raises ValueError when a quantizer is not calibrated or an attention's post-softmax
     quantizer was never chosen (export a model after :func:`pfcr_mm.quantize` or a load).
     """
-    pending = [
-        n for n, m in model.named_modules() if isinstance(m, AttentionQuantizers) and m.choosing
-    ]
+    pending = [n for n, m in model.named_modules() if isinstance(m, QuantizerChoice) and m.choosing]
     pending += [
         n
         for n, m in model.named_modules()

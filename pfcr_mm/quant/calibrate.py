@@ -15,7 +15,7 @@ from torch import nn
 from ..atomic import atomic_path
 from ..distributed import distributed_world, gathered, raise_if_any_failed
 from ..tree import flat_tensors
-from .attention import AttentionQuantizers
+from .choice import QuantizerChoice
 from .quantizers import AdaRoundWeightQuantizer, BaseQuantizer
 
 
@@ -99,8 +99,8 @@ def hard_rounding(modules: nn.Module | Iterable[nn.Module]) -> Iterator[None]:
 
 @dataclass
 class DownstreamOutputs:
-    """The model's outputs on the calibration batches, by which the post-softmax choice is made
-    where the ``probs @ v`` scores leave it close (:mod:`pfcr_mm.quant.attention`).
+    """The model's outputs on the calibration batches, by which a quantizer choice (``"auto"``)
+    is made where the scores of its first stage leave it close (:mod:`pfcr_mm.quant.choice`).
 
     batches: the calibration batches (this process's share), re-iterable.
     outputs: ``f(model, batch)``: a tensor or (nested) tuple of tensors, e.g. a classifier's
@@ -120,11 +120,12 @@ def calibrate_activations(
     downstream: DownstreamOutputs | None = None,
 ) -> None:
     """Run ``forward_loop(model)`` in floating point while every activation quantizer counts its
-    inputs (:mod:`pfcr_mm.quant.histogram`), then choose every range. Where an attention's
-    post-softmax quantizer is ``"auto"``, a second pass of ``forward_loop`` scores the
-    candidates by the error of that attention's output ``probs @ v``; where more than one come
-    close and ``downstream`` is given, a third pass tries each of those alone and keeps the one
-    of least error at ``downstream``'s outputs (:mod:`pfcr_mm.quant.attention`).
+    inputs (:mod:`pfcr_mm.quant.histogram`), then choose every range. Where a point's quantizer
+    is ``"auto"`` (an attention's probabilities, a post-GELU linear's input), a second pass of
+    ``forward_loop`` scores the candidates by the error in the output of what consumes the point
+    (``probs @ v``, the linear); where more than one come close and ``downstream`` is given, a
+    third pass tries each of those alone and keeps the one of least error at ``downstream``'s
+    outputs (:mod:`pfcr_mm.quant.choice`).
 
     Under ``torch.distributed`` each process runs its own share of the calibration batches; the
     histograms and scores are summed across processes (exact integer counts), so every process
@@ -158,22 +159,23 @@ def calibrate_activations(
         )
     for _, q in quantizers:
         q.finish_calibration()
-    _choose_post_softmax(model, forward_loop, downstream)
+    _choose_quantizers(model, forward_loop, downstream)
 
 
-def _choose_post_softmax(
+def _choose_quantizers(
     model: nn.Module,
     forward_loop: Callable[[nn.Module], None],
     downstream: DownstreamOutputs | None,
 ) -> None:
-    """Every ``"auto"`` post-softmax quantizer chosen: scored by ``probs @ v`` on a pass of
-    ``forward_loop``, the close candidates then tried alone at ``downstream``'s outputs."""
-    choosing = [m for m in model.modules() if isinstance(m, AttentionQuantizers) and m.choosing]
+    """Every ``"auto"`` quantizer point (post-softmax, post-GELU) chosen: scored by the error in
+    its consumer's output on a pass of ``forward_loop``, the close candidates then tried alone at
+    ``downstream``'s outputs (:mod:`pfcr_mm.quant.choice`)."""
+    choosing = [m for m in model.modules() if isinstance(m, QuantizerChoice) and m.choosing]
     if not choosing:
         return
     for m in choosing:
         m.start_scoring()
-    _run_everywhere(model, forward_loop, "post-softmax scoring")
+    _run_everywhere(model, forward_loop, "quantizer choice scoring")
     scores = {m: [sum(s) for s in zip(*gathered(m.scores))] for m in choosing}
     for m in choosing:
         m.scores = None  # the scoring pass is over
@@ -189,9 +191,9 @@ def _choose_post_softmax(
 
 
 def _downstream_errors(
-    model: nn.Module, trials: list[tuple[AttentionQuantizers, int]], downstream: DownstreamOutputs
+    model: nn.Module, trials: list[tuple[QuantizerChoice, int]], downstream: DownstreamOutputs
 ) -> list[float]:
-    """For each ``(attention, candidate)`` of ``trials``, the squared error at ``downstream``'s
+    """For each ``(point, candidate)`` of ``trials``, the squared error at ``downstream``'s
     outputs over this process's batches when only that candidate quantizes (all else FP)."""
     errors = [0.0] * len(trials)
 
@@ -201,19 +203,19 @@ def _downstream_errors(
             ref = flat_tensors(downstream.outputs(m, batch))
             if not all(isinstance(r, torch.Tensor) and r.is_floating_point() for r in ref):
                 raise TypeError(
-                    "post_softmax='auto' compares the model's outputs, but they are not float "
-                    f"tensors ({type(ref[0]).__name__}): pass quantize(downstream=f) with "
-                    "f(model, batch) returning tensors, or fix QuantConfig.post_softmax"
+                    "a quantizer choice ('auto') compares the model's outputs, but they are not "
+                    f"float tensors ({type(ref[0]).__name__}): pass quantize(downstream=f) with "
+                    "f(model, batch) returning tensors, or fix QuantConfig.post_softmax/post_gelu"
                 )
-            for t, (attention, index) in enumerate(trials):
-                with attention.trying(index):
+            for t, (point, index) in enumerate(trials):
+                with point.trying(index):
                     out = flat_tensors(downstream.outputs(m, batch))
                 errors[t] += sum(float((o - r).pow(2).sum()) for o, r in zip(out, ref))
             downstream.progress(
-                f"post-softmax choice: batch {b + 1}/{total}, {len(trials)} candidates tried"
+                f"quantizer choice: batch {b + 1}/{total}, {len(trials)} candidates tried"
             )
 
-    _run_everywhere(model, loop, "post-softmax choice")
+    _run_everywhere(model, loop, "quantizer choice")
     return errors
 
 
@@ -240,9 +242,9 @@ def _run_everywhere(model: nn.Module, forward_loop: Callable[[nn.Module], None],
 def quant_summary(model: nn.Module) -> list[dict]:
     """One row per enabled quantizer: module, bits, granularity, scale and range."""
     choices = {
-        f"{name}.probs": m.choice_record
+        f"{name}.{m.choice_slot}": m.choice_record
         for name, m in model.named_modules()
-        if isinstance(m, AttentionQuantizers) and m.choice_record is not None
+        if isinstance(m, QuantizerChoice) and m.choice_record is not None
     }
     rows = []
     for name, q in named_quantizers(model):

@@ -484,16 +484,19 @@ class LogQuantizer(BaseQuantizer):
         best = None
         for p in RANGE_PERCENTILES:
             delta = stats.quantile(p).reshape(()).clamp(min=1e-8)
-            err = float(stats.squared_error(self.quant_dequant(stats.values, delta)).sum())
+            err = float(stats.squared_error(self._levels(stats.values, delta)).sum())
             if best is None or err < best[0]:
                 best = (err, delta)
         self.delta = best[1].to(self.delta.device)
         self.calibrated = True
 
-    def quant_dequant(self, x: torch.Tensor, delta: torch.Tensor | None = None) -> torch.Tensor:
-        """The quantized value of ``x`` (no gradient path) with ``delta`` (default: the
-        calibrated one); the exported model computes exactly this."""
-        delta = self.delta if delta is None else delta
+    def quant_dequant(self, x: torch.Tensor) -> torch.Tensor:
+        """The quantized value of ``x`` (no gradient path); the exported model computes exactly
+        this."""
+        return self._levels(x, self.delta)
+
+    def _levels(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """``x`` to the nearest of the levels of ``delta`` in the log domain."""
         levels = 2**self.bits - 1
         code = -self.k * torch.log2(torch.clamp(x / delta, min=1e-30))
         # the 2^b levels and 0 as a table: one gather instead of a pow and a where over every
@@ -522,3 +525,37 @@ class LogQuantizer(BaseQuantizer):
             "range_min": float(self.delta * 2 ** (-(2**self.bits - 1) / self.k)),
             "range_max": float(self.delta),
         }
+
+
+class ShiftedLogQuantizer(LogQuantizer):
+    """Log quantizer of base ``2^(1/k)`` above an offset, for the one-sided, heavy-tailed
+    inputs of an MLP's second linear after GELU (whose minimum is about -0.17):
+    ``x_hat = offset + delta * 2^(-q / k)`` with ``q`` the log code of ``x - offset`` as in
+    :class:`LogQuantizer` (fine steps near the offset, coarse ones over the tail; inputs at or
+    below the offset become the offset). ``offset`` is the exact observed minimum; ``delta`` is
+    chosen above it as :class:`LogQuantizer` chooses its own (shift-log2 of ADFQ-ViT and
+    AdaLog's bases, with our choice of base).
+    """
+
+    def __init__(self, bits: int, k: float = 1.0, enabled: bool = True):
+        super().__init__(bits, k, enabled)
+        self.register_buffer("offset", torch.zeros(()))
+
+    @property
+    def name(self) -> str:
+        return "shift_" + super().name
+
+    def calibrate_from_stats(self, stats: WeightedValues) -> None:
+        offset = stats.lo.reshape(())
+        lo, hi = stats.lo - offset, stats.hi - offset
+        super().calibrate_from_stats(WeightedValues(stats.values - offset, stats.counts, lo, hi))
+        self.offset = offset.clone().to(self.delta.device)
+
+    def quant_dequant(self, x: torch.Tensor) -> torch.Tensor:
+        return self.offset + self._levels(x - self.offset, self.delta)
+
+    def describe(self) -> dict:
+        info = super().describe()
+        info["range_min"] = float(self.offset)
+        info["range_max"] = float(self.offset + self.delta)
+        return info

@@ -171,6 +171,14 @@ METHODS.update(
         if m.endswith("_ht30") or m == "pfcr_anneal_rel"
     }
 )
+# and with each post-GELU input point's quantizer chosen (quant.post_gelu='auto'), after
+# calibration alone and with the demo ViT and Swin detector PFCR configs' settings
+METHODS.update(
+    {
+        f"{m}_ga": [*METHODS[m], "ptq.quant.post_gelu=auto"]
+        for m in ("calib", "pfcr_kl_layerwise_rel_ht30_h8", "pfcr_anneal_rel_ht30_h8")
+    }
+)
 # iterations per block, calibration images, held-out calibration-split images (where defaults
 # are chosen; 32 when unset) and learning rates (ReconSettings' when unset); "paper" follows
 # method.md (20k iterations). "fast" is the budget of configs/demo/demo_vit_shapes_pfcr_w4a4.py.
