@@ -59,6 +59,7 @@ ORDER = [
     "demo_recon_fast",
     "demo_recon",
     "demo_det_config_levels",
+    "demo_det_post_gelu",
     "demo_det_block_200",
     "demo_det_speed",
     "demo_det_w3a3_levels",
