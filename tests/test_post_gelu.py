@@ -16,6 +16,18 @@ from pfcr_mm.quant.quantizers import ShiftedLogQuantizer, UniformQuantizer
 from pfcr_mm.settings import QuantConfig
 
 
+def test_a_loaded_base_brings_its_own_levels():
+    """Loading the state of a log quantizer of another base rebuilds the level table."""
+    a, b = ShiftedLogQuantizer(4, k=2.0), ShiftedLogQuantizer(4, k=1.0)
+    for q in (a, b):
+        q.delta.fill_(4.0)
+        q.offset.fill_(-0.17)
+        q.calibrated = True
+    b.load_state_dict(a.state_dict())
+    x = torch.linspace(-0.2, 4, 9)
+    assert b.k == 2.0 and torch.equal(b.quant_dequant(x), a.quant_dequant(x))
+
+
 def test_shifted_log_levels_sit_above_the_minimum():
     q = ShiftedLogQuantizer(3, k=1.0)  # codes 0..7: offset + delta * 2^-q, and the offset
     values = torch.tensor([-0.25, 0.0, 0.5, 1.75]).reshape(-1, 1)
@@ -122,7 +134,10 @@ def test_the_choice_is_saved_and_exported(tiny_timm_vit, tmp_path):
     path = tmp_path / "post_gelu.onnx"
     logs = sum(isinstance(f.input_quantizer, ShiftedLogQuantizer) for f in _fc2s(model))
     for int8 in (False, True):  # 4-bit containers, and every point in 8-bit ones
-        export_onnx(model, x[:2], path, int8=int8)
+        report = export_onnx(model, x[:2], path, int8=int8)
+        assert [r["kind"] for r in report["post_gelu"]] == [
+            f.chosen()["kind"] for f in _fc2s(model)
+        ]
         ops = [n.op_type for n in onnx.load(path).graph.node]
         assert ops.count("Log") == 4 + logs  # the log2 post-softmax points and the shifted ones
         out = run_session(cpu_session(path), x)

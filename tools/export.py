@@ -13,8 +13,9 @@ onnxruntime for a detector) goes next to the file as ``<out>.json``.
 
 --int8: log post-softmax quantizers become 8-bit uniform ones (calibrated on the run's
 calibration images) and every point is written in 8-bit containers, so that onnxruntime runs
-every matmul with integer kernels; without it the log quantizers are exact, in elementary ops,
-and codes of 4 bits and fewer are stored as uint4.
+every matmul with integer kernels (but a linear after a log post-GELU point, quant.post_gelu,
+which stays exact: a float matmul); without it the log quantizers are exact, in elementary
+ops, and codes of 4 bits and fewer are stored as uint4.
 
 --signed-weights: the linears' 8-bit weight codes stored as int8 (the same weights; those of
 integer convolutions stay uint8, onnxruntime's ConvInteger is slower with int8), so that

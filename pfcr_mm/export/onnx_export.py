@@ -33,6 +33,7 @@ from ..quant.attention import AttentionQuantizers
 from ..quant.calibrate import quantizer_states
 from ..quant.choice import QuantizerChoice
 from ..quant.modules import QuantConv2d, QuantConvTranspose2d, QuantLinear
+from ..quant.post_gelu import PostGeluLinear
 from ..quant.quantizers import LogQuantizer, UniformQuantizer
 from .modules import (
     BITS_KEY,
@@ -92,14 +93,26 @@ def attention_points(model: nn.Module) -> list[tuple[str, AttentionQuantizers]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, AttentionQuantizers)]
 
 
+def _point(q: nn.Module) -> dict:
+    exported = "elementary ops (Log, Round, Gather)" if isinstance(q, LogQuantizer) else "Q/DQ"
+    return {"bits": q.bits, "exported_as": exported}
+
+
 def describe_post_softmax(model: nn.Module) -> list[dict]:
     """Per attention: its post-softmax quantizer and how the export writes it."""
-    rows = []
-    for name, m in attention_points(model):
-        q = m.probs
-        exported = "elementary ops (Log, Round, Gather)" if isinstance(q, LogQuantizer) else "Q/DQ"
-        rows.append({"attention": name, **m.chosen(), "bits": q.bits, "exported_as": exported})
-    return rows
+    return [
+        {"attention": name, **m.chosen(), **_point(m.probs)} for name, m in attention_points(model)
+    ]
+
+
+def describe_post_gelu(model: nn.Module) -> list[dict]:
+    """Per linear after GELU whose input quantizer was chosen or fixed (``quant.post_gelu``
+    other than ``uniform``): that quantizer and how the export writes it."""
+    return [
+        {"layer": name, **m.chosen(), **_point(m.input_quantizer)}
+        for name, m in model.named_modules()
+        if isinstance(m, PostGeluLinear)
+    ]
 
 
 @torch.no_grad()
@@ -218,10 +231,9 @@ def export_onnx(
     dynamic_batch: bool = True,
     signed_weights: bool = False,
 ) -> dict:
-    """Export the quantized ``model`` (input like ``example``, ``(B, ...)``) to ``path``;
-    returns the export report: opset, how many quantizer points and integer-weight layers,
-    per attention how its post-softmax quantizer is written, and the initializer bytes by
-    data type.
+    """Export the quantized ``model`` (input like ``example``, ``(B, ...)``) to ``path``; returns
+    the report: opset, quantizer points, integer-weight layers, how each post-softmax and
+    post-GELU point is written, the initializer bytes by data type.
 
     The graph has one input, ``input``, and one output per output tensor of the model:
     ``output`` for a tensor, ``output_0``, ``output_1``, ... for a tuple or list of tensors
@@ -229,7 +241,7 @@ def export_onnx(
 
     int8: every point in 8-bit containers (4-bit codes stay 4-bit values, clipped to their
     range), the form onnxruntime runs with integer kernels; the default stores 4-bit codes
-    as uint4. Log post-softmax quantizers stay exact either way; to run them as integers,
+    as uint4. Log quantizers stay exact either way; to run the post-softmax ones as integers,
     call :func:`uniform_post_softmax` first.
     signed_weights: 8-bit weight codes and zero points stored as ``int8``, less 128 (the same
     weights; codes in 4-bit containers, and those of the integer convolutions of an ``int8``
@@ -266,6 +278,7 @@ def export_onnx(
         "integer_weight_layers": len(layers),
         "uint4_initializers": retyped,
         "post_softmax": describe_post_softmax(model),
+        "post_gelu": describe_post_gelu(model),
         "initializer_bytes": _initializer_bytes(proto.graph),
         "ops": dict(sorted(Counter(node.op_type for node in proto.graph.node).items())),
         "bits_by_q_node": _bits_by_node(proto.graph),

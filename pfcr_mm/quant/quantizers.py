@@ -464,13 +464,18 @@ class LogQuantizer(BaseQuantizer):
         super().__init__(bits, None, enabled)
         if not k > 0:
             raise ValueError(f"the log base exponent k must be positive, got {k!r}")
-        self.k = float(k)
         self.register_buffer("delta", torch.ones(()))
-        # 2^(-q/k) of the 2^b codes, and 0 (codes that round beyond the last level), from
-        # Python floats: an exporter folds them into the graph as these same float32 values
-        # (a pow in torch and one in the exporter's constant folding differ in the last bit)
-        powers = [2.0 ** (-q / self.k) for q in range(2**bits)] + [0.0]
-        self.register_buffer("powers", torch.tensor(powers), persistent=False)
+        self.register_buffer("powers", torch.empty(0), persistent=False)
+        self._set_k(k)
+
+    def _set_k(self, k: float) -> None:
+        """The base, and ``powers``: 2^(-q/k) of the 2^b codes, and 0 (codes that round beyond
+        the last level), from Python floats: an exporter folds them into the graph as these same
+        float32 values (a pow in torch and one in the exporter's constant folding differ in the
+        last bit)."""
+        self.k = float(k)
+        powers = [2.0 ** (-q / self.k) for q in range(2**self.bits)] + [0.0]
+        self.powers = torch.tensor(powers, device=self.delta.device)
 
     @property
     def name(self) -> str:
@@ -513,7 +518,7 @@ class LogQuantizer(BaseQuantizer):
 
     def set_extra_state(self, extra: dict) -> None:
         super().set_extra_state(extra)
-        self.k = extra["k"]
+        self._set_k(extra["k"])  # a saved state of another base brings its own levels
 
     def describe(self) -> dict:
         return {

@@ -54,6 +54,7 @@ ORDER = [
     "demo_recon_val10k_quick",
     "demo_recon_vit_config",
     "demo_recon_post_gelu",
+    "demo_recon_post_gelu_quick",
     "demo_recon_step_rate",
     "demo_recon_current",
     "demo_recon_fast",
