@@ -1,6 +1,11 @@
 """The post-GELU input points (QuantConfig.post_gelu): the log quantizer above the minimum, the
 choice per linear, saving, export."""
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import onnx
 import pytest
 import torch
@@ -14,6 +19,8 @@ from pfcr_mm.quant.modules import QuantLinear
 from pfcr_mm.quant.post_gelu import POST_GELU_CANDIDATES, PostGeluLinear
 from pfcr_mm.quant.quantizers import ShiftedLogQuantizer, UniformQuantizer
 from pfcr_mm.settings import QuantConfig
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_a_loaded_base_brings_its_own_levels():
@@ -170,3 +177,32 @@ def test_swin_mlps_choose_their_post_gelu_point(family, tiny_timm_swin, tiny_mmd
         out = model(x)
     outs = [out] if isinstance(out, torch.Tensor) else list(out)  # mmdet's: one map per stage
     assert outs and all(torch.isfinite(o).all() for o in outs)
+
+
+@pytest.mark.slow
+def test_quantize_and_export_from_the_command_line(
+    tmp_path, ptq_tool, make_image_folder, write_vit_config
+):
+    """tools/ptq.py with post_gelu='auto', then tools/export.py of its saved model: the choice
+    travels through the file, the report lists it, onnxruntime agrees with the fake-quant
+    model; the config without the setting is refused."""
+    make_image_folder(tmp_path / "data")
+    cfg, work = write_vit_config(tmp_path), tmp_path / "work"
+    option = ["--cfg-options", "ptq.quant.post_gelu=auto"]
+    assert ptq_tool.main([str(cfg), "--work-dir", str(work), "--no-fp-eval", *option]) == 0
+    summary = json.loads(next(work.rglob("quant_summary.json")).read_text())["quantizers"]
+    chosen = [r["quantizer"] for r in summary if r["module"].endswith("mlp.fc2.input_quantizer")]
+    assert chosen and all("choice" in r for r in summary if "fc2.input" in r["module"])
+    out = tmp_path / "vit.onnx"
+    cmd = [sys.executable, "tools/export.py", str(cfg), "--quantized", str(work), "--out", str(out)]
+    refused = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "ptq.quant.post_gelu=auto" in refused.stderr
+    proc = subprocess.run([*cmd, *option], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.with_suffix(".json").read_text())
+    names = {"uniform": "uniform", 1.0: "shift_log2", 2**0.5: "shift_log_k1.41421"}
+    names[2.0] = "shift_log_sqrt2"
+    assert [names[r.get("k", r["kind"])] for r in report["post_gelu"]] == chosen
+    parity = report["parity"]
+    assert parity["top1_agreement"] == 1.0
+    assert parity["max_abs_logit_diff"] <= 0.02 * parity["logit_range"]
