@@ -194,9 +194,12 @@ def prepare(
     ]
     post_ln, first_convs = _swap_attention_and_find_inputs(roots, cfg)
     per_channel = {id(lin) for _, lin in post_ln} if cfg.post_ln != "per_tensor" else set()
-    special = _SpecialLayers(heads, per_channel, first_convs, _quantized_deconvs(roots))
-    if cfg.post_gelu != "uniform":
-        special.post_gelu = {id(lin) for _, _, b, ad in blocks for lin in ad.post_gelu(b)}
+    post_gelu = (
+        {id(lin) for _, _, b, ad in blocks for lin in ad.post_gelu(b)}
+        if cfg.post_gelu != "uniform"
+        else set()
+    )
+    special = _SpecialLayers(heads, per_channel, first_convs, _quantized_deconvs(roots), post_gelu)
     replaced, quantized = {}, []
     for root, root_name in named_roots:
         for name, parent in list(root.named_modules()):
@@ -277,7 +280,7 @@ class _SpecialLayers:
     per_channel: set[int]
     first_convs: set[int]
     deconvs: set[int]
-    post_gelu: set[int] = field(default_factory=set)
+    post_gelu: set[int]
 
 
 def _quantized_layer(

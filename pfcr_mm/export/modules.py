@@ -155,10 +155,7 @@ class IntegerWeights(nn.Module):
         bias = layer.folded_bias()
         bias = None if bias is None else bias.detach().clone()
         self.register_buffer("bias", bias)
-        q = layer.input_quantizer
-        self.input_quantizer = (
-            LogQuantDequant(q) if isinstance(q, LogQuantizer) else QuantDequant(q, int8)
-        )
+        self.input_quantizer = activation_point(layer.input_quantizer, int8)
 
     def weight(self) -> torch.Tensor:
         return dequantize(
@@ -318,3 +315,11 @@ class LogQuantDequant(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.log.quant_dequant(x)
+
+
+def activation_point(quantizer: LogQuantizer | UniformQuantizer, int8: bool) -> nn.Module:
+    """The integer form of an activation quantizer point: :class:`LogQuantDequant` of a log
+    quantizer, :class:`QuantDequant` of a uniform one."""
+    if isinstance(quantizer, LogQuantizer):
+        return LogQuantDequant(quantizer)
+    return QuantDequant(quantizer, int8)

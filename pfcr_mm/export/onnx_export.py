@@ -43,8 +43,8 @@ from .modules import (
     IntegerConvTranspose2d,
     IntegerLinear,
     IntegerWeights,
-    LogQuantDequant,
     QuantDequant,
+    activation_point,
 )
 
 
@@ -56,10 +56,8 @@ def _integer_module(child: nn.Module, int8: bool, signed_weights: bool) -> nn.Mo
         return IntegerConv2d(child, int8, signed_weights)
     if isinstance(child, QuantConvTranspose2d):
         return IntegerConvTranspose2d(child, int8, signed_weights)
-    if isinstance(child, LogQuantizer):
-        return LogQuantDequant(child) if child.enabled else nn.Identity()
-    if isinstance(child, UniformQuantizer):  # an activation point (weights are in the layers)
-        return QuantDequant(child, int8) if child.enabled else nn.Identity()
+    if isinstance(child, (LogQuantizer, UniformQuantizer)):  # weights are in the layers
+        return activation_point(child, int8) if child.enabled else nn.Identity()
     return None
 
 
@@ -68,8 +66,8 @@ def integer_model(model: nn.Module, int8: bool = False, signed_weights: bool = F
     """A copy of the quantized ``model`` in integer form (the model is not changed); ``int8``
     and ``signed_weights`` as for :func:`export_onnx`.
 
-    Raises ValueError when a quantizer is not calibrated or an attention's post-softmax
-    quantizer was never chosen (export a model after :func:`pfcr_mm.quantize` or a load).
+    Raises ValueError when a quantizer is not calibrated or an ``"auto"`` point (post-softmax,
+    post-GELU) was never chosen (export a model after :func:`pfcr_mm.quantize` or a load).
     """
     pending = [n for n, m in model.named_modules() if isinstance(m, QuantizerChoice) and m.choosing]
     pending += [

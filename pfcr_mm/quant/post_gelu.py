@@ -7,7 +7,7 @@ quantizer spends its levels evenly over that range; a log quantizer above the mi
 ``post_gelu="auto"`` each such linear chooses among :data:`POST_GELU_CANDIDATES` as
 :mod:`pfcr_mm.quant.choice` chooses: scored by the squared error each causes in the linear's own
 output, the close calls tried alone at the model's outputs. The tensor error alone would choose
-wrong (``docs/method.md``: clipping the rare large values lowers it and doubles the model's).
+wrong (``docs/method.md``: clipping the rare large values lowers it and raises the model's).
 """
 
 from __future__ import annotations
