@@ -58,7 +58,7 @@ from .recon import (
     default_listeners,
     run_plan,
 )
-from .recon.compensate import correct_biases
+from .recon.compensate import correct_biases, gptq_weights
 from .recon.data import default_run_batch
 from .recon.listeners import LOG_NAME
 from .recon.unit import eval_mode
@@ -163,26 +163,31 @@ def quantize(
 
 
 def _calibrated(model, plan, config, calib_data, run_batch, print_fn) -> QuantResult:
-    """The result of ``calib``, after the bias correction when ``recon.compensate='bias'``
-    (on rank 0 with every calibration batch)."""
-    if config.recon.compensate == "none":
+    """The result of ``calib``, after the compensation of ``recon.compensate`` if any (on
+    rank 0 with every calibration batch)."""
+    how = config.recon.compensate
+    if how == "none":
         return QuantResult(plan)
 
     def correct(batches: list) -> dict:
-        return compensate(model, plan, batches, run_batch, print_fn)
+        return compensate(model, plan, how, batches, run_batch, print_fn)
 
-    report = on_rank0_with_all_batches(
-        model, list(calib_data), correct, "bias correction on rank 0"
-    )
+    report = on_rank0_with_all_batches(model, list(calib_data), correct, f"{how} on rank 0")
     return QuantResult(plan, recon={"compensation": report})
 
 
-def compensate(model: nn.Module, plan: QuantPlan, batches: list, run_batch, print_fn) -> dict:
-    """The bias correction of ``ptq.recon.compensate='bias'`` over ``batches``, in eval mode,
-    the pinned modules (RoI heads) left out; its report."""
+def compensate(
+    model: nn.Module, plan: QuantPlan, how: str, batches: list, run_batch, print_fn
+) -> dict:
+    """The closed-form step ``how`` of ``ptq.recon.compensate`` over ``batches``, in eval mode:
+    ``gptq`` rounds the weights, ``bias`` corrects the biases (the pinned modules, RoI heads,
+    left out); its report."""
     with eval_mode(model):
-        report = correct_biases(model, batches, run_batch, [m for m, _ in plan.pinned])
-    print_fn(f"bias correction: {report}")
+        if how == "gptq":
+            report = gptq_weights(model, batches, run_batch, print_fn)
+        else:
+            report = correct_biases(model, batches, run_batch, [m for m, _ in plan.pinned])
+    print_fn(f"compensation: {report}")
     return report
 
 
@@ -213,6 +218,8 @@ class _Reconstruction:
     ) -> tuple[list[UnitRecord], dict]:
         """The records and the summary of the run on ``batches``."""
         recon = self.config.recon
+        # the reconstruction starts from GPTQ's rounding; the bias correction comes after it
+        report = self._compensate(batches) if recon.compensate == "gptq" else None
         steps = build_plan(
             self.model, self.plan, self.config.method, recon, self.run_batch, batches[0]
         )
@@ -242,10 +249,14 @@ class _Reconstruction:
             source.close()  # the caches the source still holds, and the spill folder
         summary = self._summary(steps, records, source)
         if recon.compensate == "bias":
-            summary["compensation"] = compensate(
-                self.model, self.plan, batches, self.run_batch, self.print_fn
-            )
+            report = self._compensate(batches)
+        if report is not None:
+            summary["compensation"] = report
         return records, summary
+
+    def _compensate(self, batches: list) -> dict:
+        how = self.config.recon.compensate
+        return compensate(self.model, self.plan, how, batches, self.run_batch, self.print_fn)
 
     def _summary(self, steps: ReconPlan, records: list[UnitRecord], source) -> dict:
         recon = self.config.recon

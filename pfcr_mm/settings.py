@@ -31,7 +31,7 @@ RANGE_CHOICES = ("mse", "percentile", "minmax")
 POS_STRATEGIES = ("none", "two_stage", "shrink", "anneal")
 BUDGET_UNITS = ("block_passes", "steps")
 NON_BLOCK = ("calib", "layerwise", "parts")
-COMPENSATE = ("none", "bias")  # closed-form steps after the reconstruction
+COMPENSATE = ("none", "bias", "gptq")  # closed-form steps (pfcr_mm.recon.compensate)
 PART_LOSSES = ("mse", "task")  # what a detector's head parts are reconstructed against
 A_LR_MODES = ("absolute", "relative")  # how a_lr applies to the activation step sizes
 DOWNSTREAM_METRICS = ("mse", "kl")
@@ -315,9 +315,11 @@ class ReconSettings(_Settings):
         detector's features) or ``kl`` (the Fisher of the KL divergence of the logits' softmax at
         this temperature; a classifier).
     downstream_min_level: the term applies to units of this level and coarser only.
-    compensate: after the reconstruction (after calibration with ``calib``), ``"bias"`` corrects
-        the output mean of every quantized layer on the calibration images
-        (:mod:`pfcr_mm.recon.compensate`); ``"none"``: off.
+    compensate: closed-form compensation on the calibration images
+        (:mod:`pfcr_mm.recon.compensate`): ``"gptq"`` rounds the weights with GPTQ after
+        calibration (the reconstruction starts from its weights); ``"bias"`` corrects the output
+        mean of every quantized layer after the reconstruction (after calibration with
+        ``calib``); ``"none"``: off.
     part_loss: what the parts whose outputs are the task's (a detector's RPN head, RoI box and
         mask heads; ``non_block="parts"``) are reconstructed against: ``"mse"``, the squared
         error of their outputs; ``"task"``, the divergence of the detector's predictions they

@@ -67,7 +67,7 @@ def save_quantized_model(
         return path
     model, _ = model_and_head(runner)
     integer = {
-        name: m.weight_quantizer.integer_weight(m.weight.detach()).to(torch.uint8)
+        name: m.weight_quantizer.integer_weight(m.corrected_weight().detach()).to(torch.uint8)
         for name, m in model.named_modules()
         if isinstance(m, QUANT_LAYERS)
     }

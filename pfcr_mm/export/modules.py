@@ -143,7 +143,7 @@ class IntegerWeights(nn.Module):
         self.bits = wq.bits
         self.container = container_bits(self.bits, int8)
         self.channel_axis = channel_axis
-        codes = wq.integer_weight(layer.weight.detach()).to(torch.uint8)
+        codes = wq.integer_weight(layer.corrected_weight().detach()).to(torch.uint8)
         zero_point = wq.zero_point.detach().to(torch.uint8)
         if signed and self.container == 8:
             codes, zero_point = (

@@ -14,16 +14,18 @@ from torch import nn
 from .quantizers import AdaRoundWeightQuantizer, UniformQuantizer
 
 
-class CorrectedBias(nn.Module):
-    """The optional bias correction of a quantized layer (``bias_correction``, set by
-    :func:`pfcr_mm.recon.compensate.correct_biases`): added to the bias only while the weights
-    are quantized, so that the model's floating-point state stays the FP model; the export and
-    :meth:`folded_bias` add it for good."""
+class Compensated(nn.Module):
+    """The optional closed-form corrections of a quantized layer (:mod:`pfcr_mm.recon.compensate`):
+    ``weight_correction``, added to the weight before its quantizer (GPTQ's updates), and
+    ``bias_correction``, added to the bias. Both apply only while the weights are quantized, so
+    that the model's floating-point state stays the FP model; the saved integer codes, the export
+    and :meth:`folded_bias` / :meth:`corrected_weight` include them for good."""
 
+    weight_correction: torch.Tensor | None
     bias_correction: torch.Tensor | None
     # buffers that stay None until something sets them: loading a state dict that holds them
     # creates them first, on the layer's device (a saved state may come from another)
-    optional_buffers: tuple[str, ...] = ("bias_correction",)
+    optional_buffers: tuple[str, ...] = ("weight_correction", "bias_correction")
 
     def folded_bias(self) -> torch.Tensor | None:
         """The bias with the correction added (``None``: neither)."""
@@ -32,9 +34,20 @@ class CorrectedBias(nn.Module):
             return self.bias
         return c if self.bias is None else self.bias + c
 
+    def corrected_weight(self) -> torch.Tensor:
+        """The weight the quantizer rounds: the FP weight plus the correction, if any."""
+        c = self.weight_correction
+        return self.weight if c is None else self.weight + c
+
     def active_bias(self) -> torch.Tensor | None:
         """What the forward adds: :meth:`folded_bias` while the weights are quantized."""
         return self.folded_bias() if self.weight_quantizer.state == "quant" else self.bias
+
+    def active_weight(self) -> torch.Tensor:
+        """What the forward multiplies by: the quantized :meth:`corrected_weight` while the
+        weights are quantized, the FP weight otherwise."""
+        quantizing = self.weight_quantizer.state == "quant"
+        return self.weight_quantizer(self.corrected_weight() if quantizing else self.weight)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         for name in self.optional_buffers:
@@ -44,7 +57,7 @@ class CorrectedBias(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
-class QuantLinear(CorrectedBias, nn.Linear):
+class QuantLinear(Compensated, nn.Linear):
     """``y = W_hat x_hat + b``; weights per output channel, input per tensor or per channel.
     ``range_method`` / ``weight_range``: range search of the input / the weights
     (``QuantConfig.act_range`` / ``weight_range``)."""
@@ -70,10 +83,11 @@ class QuantLinear(CorrectedBias, nn.Linear):
         )
         # Per-channel shift of the input set by the post-LayerNorm re-parameterization (reparam.py)
         self.register_buffer("input_shift", None)
+        self.register_buffer("weight_correction", None)
         self.register_buffer("bias_correction", None)
 
     # re-parameterization adds an input shift (reparam.py)
-    optional_buffers = ("input_shift", "bias_correction")
+    optional_buffers = ("input_shift", *Compensated.optional_buffers)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # re-parameterization adds a bias to a bias-free linear
@@ -84,11 +98,11 @@ class QuantLinear(CorrectedBias, nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_shift is not None:
             x = x + self.input_shift
-        w = self.weight_quantizer(self.weight)
+        w = self.active_weight()
         return F.linear(self.input_quantizer(x), w, self.active_bias())
 
 
-class QuantConv2d(CorrectedBias, nn.Conv2d):
+class QuantConv2d(Compensated, nn.Conv2d):
     """Conv2d with per-output-channel weights and a per-tensor input quantizer."""
 
     def __init__(
@@ -114,11 +128,11 @@ class QuantConv2d(CorrectedBias, nn.Conv2d):
         _share_and_quantize(self, conv, w_bits, a_bits, range_method, weight_range, ch_axis=0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight_quantizer(self.weight)
+        w = self.active_weight()
         return self._conv_forward(self.input_quantizer(x), w, self.active_bias())
 
 
-class QuantConvTranspose2d(CorrectedBias, nn.ConvTranspose2d):
+class QuantConvTranspose2d(Compensated, nn.ConvTranspose2d):
     """ConvTranspose2d with per-output-channel weights (axis 1 of its ``(in, out, kh, kw)``
     weight) and a per-tensor input quantizer; ungrouped, the output size from the layer's own
     ``output_padding``."""
@@ -149,7 +163,7 @@ class QuantConvTranspose2d(CorrectedBias, nn.ConvTranspose2d):
         _share_and_quantize(self, conv, w_bits, a_bits, range_method, weight_range, ch_axis=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight_quantizer(self.weight)
+        w = self.active_weight()
         return F.conv_transpose2d(
             self.input_quantizer(x),
             w,
@@ -178,6 +192,7 @@ def _share_and_quantize(
     layer.weight_quantizer = AdaRoundWeightQuantizer(w_bits, ch_axis, weight_range)
     layer.weight_quantizer.calibrate_from(layer.weight)
     layer.input_quantizer = UniformQuantizer(a_bits, range_method=range_method)
+    layer.register_buffer("weight_correction", None)
     layer.register_buffer("bias_correction", None)
 
 

@@ -262,7 +262,7 @@ def _start_learning(unit: nn.Module, weights: list, acts: list) -> tuple[list, l
     original is put back on failure)."""
     for q, layer in weights:
         if q.alpha is None:
-            q.init_adaround(layer.weight)
+            q.init_adaround(layer.corrected_weight())
         else:
             q.alpha = nn.Parameter(q.alpha.detach().clone())
         q.rounding = "soft"  # a level learns from the soft state the previous one left

@@ -179,6 +179,19 @@ METHODS.update(
         for m in ("calib", "pfcr_kl_layerwise_rel_ht30_h8", "pfcr_anneal_rel_ht30_h8")
     }
 )
+# and with the weights rounded by GPTQ after calibration (recon.compensate='gptq'): calibration
+# alone, and the reconstruction of the demo ViT and Swin detector PFCR configs starting from it
+METHODS.update(
+    {
+        f"{m}_gq": [*METHODS[m], "ptq.recon.compensate=gptq"]
+        for m in (
+            "calib",
+            "calib_ga",
+            "pfcr_kl_layerwise_rel_ht30_h8_ga",
+            "pfcr_anneal_rel_ht30_h8",
+        )
+    }
+)
 # iterations per block, calibration images, held-out calibration-split images (where defaults
 # are chosen; 32 when unset) and learning rates (ReconSettings' when unset); "paper" follows
 # method.md (20k iterations). "fast" is the budget of configs/demo/demo_vit_shapes_pfcr_w4a4.py.
