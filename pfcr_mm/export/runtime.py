@@ -23,8 +23,12 @@ import torch
 # size) MatMulAddFusion turns every linear's ``MatMul`` + bias ``Add`` into a float ``Gemm``
 # before the Q/DQ fusions run, so ``DequantizeLinear -> MatMul`` never becomes the integer
 # ``MatMulIntegerToFloat`` (measured on the demo detector: 26 float Gemm instead of 26 integer
-# matmuls). With a dynamic batch the fusion does not apply anyway.
-DISABLED_OPTIMIZERS = ["MatMulAddFusion"]
+# matmuls). With a dynamic batch the fusion does not apply anyway. ClipQuantRewrite (drop a
+# Clip before a QuantizeLinear whose range it contains) fails the session's creation on a uint4
+# zero point ("Unexpected data type for QuantizeLinear input y_zero_point of 21", onnxruntime
+# 1.32), and every point of a 3-bit model has one: its codes are clipped to 0..7 before the
+# 4-bit container's QuantizeLinear.
+DISABLED_OPTIMIZERS = ["MatMulAddFusion", "ClipQuantRewrite"]
 # A linear whose input is a log point (post_gelu) takes a float input, so onnxruntime turns its
 # 4-bit ``DequantizeLinear -> MatMul`` into ``MatMulNBits``, which by default (accuracy level 4)
 # re-quantizes that input to 8 bits per block: the demo-sized test ViT's logits moved by a third
