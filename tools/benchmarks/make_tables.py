@@ -55,6 +55,7 @@ ORDER = [
     "demo_recon_vit_config",
     "demo_recon_post_gelu",
     "demo_recon_post_gelu_quick",
+    "demo_recon_gptq",
     "demo_recon_step_rate",
     "demo_recon_current",
     "demo_recon_fast",
@@ -81,6 +82,8 @@ ORDER = [
     "demo_det_vitdet_hard_tail",
     "demo_det_vitdet_head_bits",
     "vitdet_parity",
+    "demo_calib_gptq",
+    "demo_det_calib_gptq",
     "demo_calib_choice",
     "demo_calib_choice_det",
     "demo_calib",
@@ -121,13 +124,17 @@ Regenerate after a benchmark run with `.venv/bin/python tools/benchmarks/make_ta
 
 # The README's headline, one line per (model, metric, bits): FP and, per column, the mean ± std
 # over the seeds of one method of one benchmark. The ViT's calib column comes from the
-# calibration benchmark (the reconstruction benchmark ran calib on one seed only).
+# calibration benchmark (the reconstruction benchmark ran calib on one seed only); the calib +
+# GPTQ column from the GPTQ benchmarks (not run on the ViTDet detector), and the Swin detector's
+# calib column too (the same runs, this code).
 # The last column: the settings of each model's demo PFCR config today (the ViT's and ViTDet's
 # W4A4 configs at both widths; the Swin detector's W4A4 and W3A3 configs).
 CONFIG = "pfcr, demo config"
-HEADLINE_COLUMNS = ["calib", "block", "pfcr", "pfcr, KL + layers", CONFIG]
+GPTQ = "calib + GPTQ"
+HEADLINE_COLUMNS = ["calib", GPTQ, "block", "pfcr", "pfcr, KL + layers", CONFIG]
 VIT_COLUMNS = {
     "calib": ("demo_calib_choice", "calib"),
+    GPTQ: ("demo_calib_gptq", "calib_gq"),
     "block": "block",
     "pfcr": "pfcr_anneal",
     "pfcr, KL + layers": "pfcr_kl_layerwise",
@@ -135,8 +142,13 @@ VIT_COLUMNS = {
 VIT_W4 = {**VIT_COLUMNS, CONFIG: ("demo_recon_vit_config", "pfcr_kl_layerwise_rel_ht30_h8")}
 VIT_W3 = {**VIT_COLUMNS, CONFIG: ("demo_recon_head_bits", "pfcr_kl_layerwise_rel_ht30_h8")}
 DET_COLUMNS = {"calib": "calib", "block": "block", "pfcr": "pfcr_anneal"}  # no KL: no logits
-SWIN_W4 = {**DET_COLUMNS, CONFIG: ("demo_det_config_levels", "pfcr_anneal_rel_ht30_h8")}
-SWIN_W3 = {**DET_COLUMNS, CONFIG: ("demo_det_w3a3_levels", "pfcr_anneal_rel_ht30_h8")}
+SWIN_COLUMNS = {
+    **DET_COLUMNS,
+    "calib": ("demo_det_calib_gptq", "calib"),
+    GPTQ: ("demo_det_calib_gptq", "calib_gq"),
+}
+SWIN_W4 = {**SWIN_COLUMNS, CONFIG: ("demo_det_config_levels", "pfcr_anneal_rel_ht30_h8")}
+SWIN_W3 = {**SWIN_COLUMNS, CONFIG: ("demo_det_w3a3_levels", "pfcr_anneal_rel_ht30_h8")}
 VITDET_COLUMNS = {**DET_COLUMNS, CONFIG: ("demo_det_vitdet_head_bits", "pfcr_anneal_rel_h8")}
 SWIN, VITDET = "Demo Mask R-CNN Swin", "Demo Mask R-CNN ViTDet"
 BOX, MASK = "coco/bbox_mAP", "coco/segm_mAP"
