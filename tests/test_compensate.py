@@ -228,6 +228,11 @@ def test_gptq_on_a_convolution_unfolds_its_inputs():
     before = conv_error(net[0])
     report = gptq_weights(net, [x], lambda m, b: m(b), print_fn=lambda s: None)
     assert report["layers"] == 2
+    # a padding F.unfold does not reproduce: that convolution keeps round-to-nearest
+    same = QuantConv2d(nn.Conv2d(3, 4, 3, padding="same", padding_mode="reflect"), 3, 8)
+    _quantize_all(same, x)
+    assert gptq_weights(same, [x], lambda m, b: m(b), print_fn=lambda s: None)["layers"] == 0
+    assert same.weight_correction is None
     # the error the report computes from the unfolded moments is the convolution's own
     assert conv_error(net[0]) < 0.8 * before
 

@@ -139,12 +139,16 @@ GPTQ_DAMPING = 0.01
 
 
 def _gptq_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """The layers :func:`gptq_weights` rounds: quantized linears and ungrouped convolutions."""
+    """The layers :func:`gptq_weights` rounds: quantized linears, and the convolutions whose
+    patches ``F.unfold`` reproduces (ungrouped, zero or numeric padding)."""
+
+    def unfoldable(m: nn.Module) -> bool:
+        return m.groups == 1 and m.padding_mode == "zeros" and not isinstance(m.padding, str)
+
     return {
         n: m
         for n, m in model.named_modules()
-        if isinstance(m, (QuantLinear, QuantConv2d))
-        and getattr(m, "groups", 1) == 1
+        if (isinstance(m, QuantLinear) or isinstance(m, QuantConv2d) and unfoldable(m))
         and m.weight_quantizer.enabled
     }
 
