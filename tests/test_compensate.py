@@ -320,14 +320,17 @@ def test_a_reconstruction_starts_from_the_gptq_weights(demo_vit_and_images):
     layer = model.blocks[0].mlp.fc1
     wq = layer.weight_quantizer
     assert wq.rounding == "hard" and layer.weight_correction is not None
-    # GPTQ moved some weights by more than one step (measured: up to 2.1 in this layer), and the
-    # learned rounding is of the corrected weight: one step at most from GPTQ's codes
+    # GPTQ moved some weights by more than one step (measured: up to 2.1 in this layer)
     steps = layer.weight_correction / wq.scale.detach().reshape(-1, 1)
     assert float(steps.abs().max()) > 1.5
-    corrected = layer.corrected_weight().detach()
-    gptq_codes = torch.clamp(
-        torch.round(corrected / wq.scale.detach().reshape(-1, 1)) + wq.zero_point.reshape(-1, 1),
-        0,
-        wq.qmax,
-    )
-    assert float((wq.integer_weight(corrected) - gptq_codes).abs().max()) <= 1
+    # AdaRound started on the corrected weights, so after 20 steps the hardened codes are still
+    # GPTQ's almost everywhere (measured: 99.6 % over the linears; 67-75 % when it started on
+    # the FP weights' fractional parts)
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            q, corrected = m.weight_quantizer, m.corrected_weight().detach()
+            zero = q.zero_point.reshape(-1, 1)
+            gptq = torch.clamp(
+                torch.round(corrected / q.scale.detach().reshape(-1, 1)) + zero, 0, q.qmax
+            )
+            assert float((q.integer_weight(corrected) == gptq).float().mean()) > 0.95, m
