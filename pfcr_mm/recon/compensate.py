@@ -86,6 +86,15 @@ def _output_means(
     return {n: total / count for n, (total, count) in stats.items()}, dict(calls)
 
 
+def _quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The quantized layers of ``model`` whose weights are in the quantized state, by name."""
+    return {
+        n: m
+        for n, m in model.named_modules()
+        if isinstance(m, QUANT_LAYERS) and m.weight_quantizer.state == "quant"
+    }
+
+
 def _relative_shift(fp: dict, quantized: dict) -> float:
     """``sum ||fp - q||^2 / sum ||fp||^2`` over the layers' output means."""
     num = sum(float((fp[n] - q).pow(2).sum()) for n, q in quantized.items())
@@ -107,13 +116,7 @@ def correct_biases(
     (:func:`_relative_shift`) before and after.
     """
     skipped = {id(m) for root in exclude for m in root.modules()}
-    layers = {
-        n: m
-        for n, m in model.named_modules()
-        if isinstance(m, QUANT_LAYERS)
-        and m.weight_quantizer.state == "quant"
-        and id(m) not in skipped
-    }
+    layers = {n: m for n, m in _quantized_layers(model).items() if id(m) not in skipped}
     with quantizer_states(model, weights=False, activations=False):
         fp, calls = _output_means(model, layers, batches, run_batch)
     before, _ = _output_means(model, layers, batches, run_batch)
@@ -139,17 +142,16 @@ GPTQ_DAMPING = 0.01
 
 
 def _gptq_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """The layers :func:`gptq_weights` rounds: quantized linears, and the convolutions whose
-    patches ``F.unfold`` reproduces (ungrouped, zero or numeric padding)."""
+    """The layers :func:`gptq_weights` rounds: of :func:`_quantized_layers`, the linears and the
+    convolutions whose patches ``F.unfold`` reproduces (ungrouped, zero or numeric padding)."""
 
     def unfoldable(m: nn.Module) -> bool:
         return m.groups == 1 and m.padding_mode == "zeros" and not isinstance(m.padding, str)
 
     return {
         n: m
-        for n, m in model.named_modules()
-        if (isinstance(m, QuantLinear) or isinstance(m, QuantConv2d) and unfoldable(m))
-        and m.weight_quantizer.enabled
+        for n, m in _quantized_layers(model).items()
+        if isinstance(m, QuantLinear) or isinstance(m, QuantConv2d) and unfoldable(m)
     }
 
 
