@@ -31,7 +31,7 @@ RANGE_CHOICES = ("mse", "percentile", "minmax")
 POS_STRATEGIES = ("none", "two_stage", "shrink", "anneal")
 BUDGET_UNITS = ("block_passes", "steps")
 NON_BLOCK = ("calib", "layerwise", "parts")
-COMPENSATE = ("none", "bias", "gptq")  # closed-form steps (pfcr_mm.recon.compensate)
+COMPENSATE = ("auto", "none", "bias", "gptq")  # closed-form steps (pfcr_mm.recon.compensate)
 PART_LOSSES = ("mse", "task")  # what a detector's head parts are reconstructed against
 A_LR_MODES = ("absolute", "relative")  # how a_lr applies to the activation step sizes
 DOWNSTREAM_METRICS = ("mse", "kl")
@@ -319,7 +319,10 @@ class ReconSettings(_Settings):
         (:mod:`pfcr_mm.recon.compensate`): ``"gptq"`` rounds the weights with GPTQ after
         calibration (the reconstruction starts from its weights); ``"bias"`` corrects the output
         mean of every quantized layer after the reconstruction (after calibration with
-        ``calib``); ``"none"``: off.
+        ``calib``); ``"none"``: off; ``"auto"`` (the default): ``"gptq"`` with ``calib``, where it
+        gained on every model and seed measured, ``"none"`` with ``block`` and ``pfcr``, whose
+        reconstruction it did not help (``docs/method.md`` section 4; :class:`PTQConfig`
+        resolves it).
     part_loss: what the parts whose outputs are the task's (a detector's RPN head, RoI box and
         mask heads; ``non_block="parts"``) are reconstructed against: ``"mse"``, the squared
         error of their outputs; ``"task"``, the divergence of the detector's predictions they
@@ -357,7 +360,7 @@ class ReconSettings(_Settings):
     downstream_temperature: float = 1.0
     downstream_min_level: int = 0
     roi_batch_size: int = 128
-    compensate: str = "none"
+    compensate: str = "auto"
     part_loss: str = "mse"
     cache: CacheSettings = field(default_factory=CacheSettings)
 
@@ -430,6 +433,9 @@ class PTQConfig(_Settings):
 
     def __post_init__(self) -> None:
         check_choice(self.method, METHODS, "ptq.method")
+        if self.recon.compensate == "auto":  # a copy: the caller's settings stay as given
+            how = "gptq" if self.method == "calib" else "none"
+            self.recon = dataclasses.replace(self.recon, compensate=how)
         if not isinstance(self.scope, str) or not self.scope:
             raise ValueError(
                 f"ptq.scope must be a string like 'backbone+neck' or 'all', got {self.scope!r}"

@@ -248,10 +248,10 @@ def test_saved_quantized_model_reloads_with_identical_metrics(reloaded):
             ["--cfg-options", "ptq.quant.w_bits=3"],
             "was quantized with ptq.quant.w_bits=4, but the config says 3",
         ),
-        # a calib model made without the bias correction
+        # a calib model made with GPTQ (compensate "auto"), not the bias correction
         (
             ["--cfg-options", "ptq.recon.compensate=bias"],
-            "was quantized with ptq.recon.compensate='none', but the config says 'bias'",
+            "was quantized with ptq.recon.compensate='gptq', but the config says 'bias'",
         ),
         # one made from other calibration images
         (
@@ -269,13 +269,19 @@ def test_a_mismatching_reload_is_refused(reloaded, ptq_tool, tmp_path, capsys, o
 
 
 @pytest.mark.slow
-def test_a_model_saved_before_the_bias_correction_existed_reloads(reloaded, ptq_tool, tmp_path):
+def test_a_model_saved_before_the_bias_correction_existed_reloads(
+    reloaded, ptq_tool, tmp_path, capsys
+):
     payload = torch.load(reloaded.saved, weights_only=True)
-    del payload["settings"]["recon"]  # what a calib model saved before held
+    del payload["settings"]["recon"]  # what a calib model saved before held: no compensation
     older = tmp_path / "older.pth"
     torch.save(payload, older)
     argv = [str(reloaded.cfg), "--work-dir", str(tmp_path / "w"), "--no-fp-eval"]
-    assert ptq_tool.main([*argv, "--quantized", str(older)]) == 0
+    argv += ["--quantized", str(older)]
+    # calib's default is GPTQ now: the command tells the user how to evaluate the older model
+    assert ptq_tool.main(argv) == 2
+    assert "pass --cfg-options ptq.recon.compensate=none" in capsys.readouterr().err
+    assert ptq_tool.main([*argv, "--cfg-options", "ptq.recon.compensate=none"]) == 0
 
 
 @pytest.mark.slow
@@ -284,8 +290,8 @@ def test_the_saved_model_holds_4_bit_codes_its_settings_and_its_config(reloaded)
     codes = payload["integer_weights"]["net.blocks.0.attn.qkv"]
     assert codes.dtype == torch.uint8 and int(codes.max()) <= 15
     assert payload["settings"]["calib"]["seed"] == 0
-    # of the reconstruction settings a calib model records only the bias correction
-    assert payload["settings"]["recon"] == {"compensate": "none"}
+    # of the reconstruction settings a calib model records only the compensation ("auto": GPTQ)
+    assert payload["settings"]["recon"] == {"compensate": "gptq"}
     assert payload["config_sha256"] == hashlib.sha256(payload["config"].encode()).hexdigest()
 
 

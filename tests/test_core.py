@@ -48,7 +48,8 @@ SCRIPT = textwrap.dedent(
         config = pfcr_mm.PTQConfig(
             method=method,
             quant=pfcr_mm.QuantConfig(w_bits=3, a_bits=3),
-            recon=pfcr_mm.ReconSettings(iters=50, batch_size=32, log_every=0),
+            # calibration alone (no GPTQ, which "auto" gives calib): what pfcr starts from
+            recon=pfcr_mm.ReconSettings(iters=50, batch_size=32, log_every=0, compensate="none"),
         )
         result = pfcr_mm.quantize(model, config, list(calib.split(40)), print_fn=lambda s: None)
         with torch.no_grad():

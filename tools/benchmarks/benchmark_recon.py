@@ -53,12 +53,15 @@ BLOCK_TASK = ["ptq.method=block", "ptq.recon.part_loss=task", "ptq.recon.roi_bat
 BLOCK_TASK_REL = [*BLOCK_TASK, *REL_DET]
 HARD_TAIL = "ptq.recon.hard_tail=0.3"
 NECK_BOX_900 = [f"ptq.recon.outside_iters.{u}=900" for u in ("neck", "roi_head.bbox_head")]
+# calibration alone: without the GPTQ rounding that recon.compensate="auto" gives calib since
+# benchmarks/demo_calib_gptq (the methods ending in _gq have it)
+CALIB = ["ptq.method=calib", "ptq.recon.compensate=none"]
 METHODS = {
-    "calib": ["ptq.method=calib"],  # post_softmax "auto", the default
+    "calib": CALIB,  # post_softmax "auto", the default
     # calibration with one fixed post-softmax quantizer for every attention
-    "calib_log2": ["ptq.method=calib", "ptq.quant.post_softmax=log2"],
-    "calib_log_sqrt2": ["ptq.method=calib", "ptq.quant.post_softmax=log_sqrt2"],
-    "calib_uniform": ["ptq.method=calib", "ptq.quant.post_softmax=uniform"],
+    "calib_log2": [*CALIB, "ptq.quant.post_softmax=log2"],
+    "calib_log_sqrt2": [*CALIB, "ptq.quant.post_softmax=log_sqrt2"],
+    "calib_uniform": [*CALIB, "ptq.quant.post_softmax=uniform"],
     "block": ["ptq.method=block"],
     "pfcr_nopos": ["ptq.method=pfcr", "ptq.recon.pos=none"],
     "pfcr_two_stage": ["ptq.method=pfcr", "ptq.recon.pos=two_stage"],

@@ -130,10 +130,10 @@ Regenerate after a benchmark run with `.venv/bin/python tools/benchmarks/make_ta
 # The last column: the settings of each model's demo PFCR config today (the ViT's and ViTDet's
 # W4A4 configs at both widths; the Swin detector's W4A4 and W3A3 configs).
 CONFIG = "pfcr, demo config"
-GPTQ = "calib + GPTQ"
-HEADLINE_COLUMNS = ["calib", GPTQ, "block", "pfcr", "pfcr, KL + layers", CONFIG]
+CALIB, GPTQ = "calib alone", "calib + GPTQ (default)"
+HEADLINE_COLUMNS = [CALIB, GPTQ, "block", "pfcr", "pfcr, KL + layers", CONFIG]
 VIT_COLUMNS = {
-    "calib": ("demo_calib_choice", "calib"),
+    CALIB: ("demo_calib_choice", "calib"),
     GPTQ: ("demo_calib_gptq", "calib_gq"),
     "block": "block",
     "pfcr": "pfcr_anneal",
@@ -141,10 +141,10 @@ VIT_COLUMNS = {
 }
 VIT_W4 = {**VIT_COLUMNS, CONFIG: ("demo_recon_vit_config", "pfcr_kl_layerwise_rel_ht30_h8")}
 VIT_W3 = {**VIT_COLUMNS, CONFIG: ("demo_recon_head_bits", "pfcr_kl_layerwise_rel_ht30_h8")}
-DET_COLUMNS = {"calib": "calib", "block": "block", "pfcr": "pfcr_anneal"}  # no KL: no logits
+DET_COLUMNS = {CALIB: "calib", "block": "block", "pfcr": "pfcr_anneal"}  # no KL: no logits
 SWIN_COLUMNS = {
     **DET_COLUMNS,
-    "calib": ("demo_det_calib_gptq", "calib"),
+    CALIB: ("demo_det_calib_gptq", "calib"),
     GPTQ: ("demo_det_calib_gptq", "calib_gq"),
 }
 SWIN_W4 = {**SWIN_COLUMNS, CONFIG: ("demo_det_config_levels", "pfcr_anneal_rel_ht30_h8")}
