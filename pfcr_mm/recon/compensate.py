@@ -174,11 +174,14 @@ def _input_moments(
 
     def hook(name: str, layer: nn.Module):
         def record(module, args, out):
-            rows = _input_rows(layer, out.detach().float())
-            if name in moments:
-                moments[name].addmm_(rows.T, rows)
-            else:
-                moments[name] = rows.T @ rows
+            x = out.detach().float()
+            # a convolution's patches image by image: they are k*k times the size of its input
+            for part in x.split(1) if isinstance(layer, nn.Conv2d) else [x]:
+                rows = _input_rows(layer, part)
+                if name in moments:
+                    moments[name].addmm_(rows.T, rows)
+                else:
+                    moments[name] = rows.T @ rows
 
         return record
 
@@ -235,9 +238,10 @@ def gptq_weights(
     summed over the layers, with round-to-nearest and with GPTQ's rounding."""
     layers = _gptq_layers(model)
     moments = _input_moments(model, layers, batches, run_batch)
+    reached = list(moments)
     before = after = ref = 0.0
-    for i, (name, moment) in enumerate(moments.items()):
-        layer = layers[name]
+    for i, name in enumerate(reached):
+        moment, layer = moments.pop(name), layers[name]  # each layer's H freed after its solve
         correction = _gptq_correction(layer, moment)
         weight = layer.weight.detach()
         nearest = layer.weight_quantizer.fake_quant(weight)
@@ -246,10 +250,10 @@ def gptq_weights(
         before += _moment_norm(nearest - weight, moment)
         after += _moment_norm(rounded - weight, moment)
         layer.weight_correction = correction
-        print_fn(f"gptq: {i + 1}/{len(moments)} {name}")
+        print_fn(f"gptq: {i + 1}/{len(reached)} {name}")
     return {
         "method": "gptq",
-        "layers": len(moments),
+        "layers": len(reached),
         "relative_output_error_nearest": before / max(ref, 1e-30),
         "relative_output_error_gptq": after / max(ref, 1e-30),
     }
