@@ -84,6 +84,7 @@ ORDER = [
     "vitdet_parity",
     "demo_calib_gptq",
     "demo_det_calib_gptq",
+    "demo_det_vitdet_calib_gptq",
     "demo_calib_choice",
     "demo_calib_choice_det",
     "demo_calib",
@@ -125,8 +126,8 @@ Regenerate after a benchmark run with `.venv/bin/python tools/benchmarks/make_ta
 # The README's headline, one line per (model, metric, bits): FP and, per column, the mean ± std
 # over the seeds of one method of one benchmark. The ViT's calib column comes from the
 # calibration benchmark (the reconstruction benchmark ran calib on one seed only); the calib +
-# GPTQ column from the GPTQ benchmarks (not run on the ViTDet detector), and the Swin detector's
-# calib column too (the same runs, this code).
+# GPTQ column from the GPTQ benchmarks, and the detectors' calib columns too (the same runs,
+# this code).
 # The last column: the settings of each model's demo PFCR config today (the ViT's and ViTDet's
 # W4A4 configs at both widths; the Swin detector's W4A4 and W3A3 configs).
 CONFIG = "pfcr, demo config"
@@ -149,7 +150,12 @@ SWIN_COLUMNS = {
 }
 SWIN_W4 = {**SWIN_COLUMNS, CONFIG: ("demo_det_config_levels", "pfcr_anneal_rel_ht30_h8")}
 SWIN_W3 = {**SWIN_COLUMNS, CONFIG: ("demo_det_w3a3_levels", "pfcr_anneal_rel_ht30_h8")}
-VITDET_COLUMNS = {**DET_COLUMNS, CONFIG: ("demo_det_vitdet_head_bits", "pfcr_anneal_rel_h8")}
+VITDET_COLUMNS = {
+    **DET_COLUMNS,
+    CALIB: ("demo_det_vitdet_calib_gptq", "calib"),
+    GPTQ: ("demo_det_vitdet_calib_gptq", "calib_gq"),
+    CONFIG: ("demo_det_vitdet_head_bits", "pfcr_anneal_rel_h8"),
+}
 SWIN, VITDET = "Demo Mask R-CNN Swin", "Demo Mask R-CNN ViTDet"
 BOX, MASK = "coco/bbox_mAP", "coco/segm_mAP"
 # (label, model, bits, benchmark, metric, {column: method, or (benchmark, method); a column
