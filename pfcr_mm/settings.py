@@ -320,9 +320,10 @@ class ReconSettings(_Settings):
         calibration (the reconstruction starts from its weights); ``"bias"`` corrects the output
         mean of every quantized layer after the reconstruction (after calibration with
         ``calib``); ``"none"``: off; ``"auto"`` (the default): ``"gptq"`` with ``calib``, where it
-        gained on every model and seed measured, ``"none"`` with ``block`` and ``pfcr``, whose
-        reconstruction it did not help (``docs/method.md`` section 4; :class:`PTQConfig`
-        resolves it).
+        lowered the held-out error of every demo model on every seed, ``"none"`` with ``block``
+        and ``pfcr``, whose reconstruction it did not help (``docs/method.md`` section 4).
+        :class:`PTQConfig` resolves it once, at construction: a config whose ``method`` is
+        changed afterwards (or a resolved dict edited) keeps the resolved value.
     part_loss: what the parts whose outputs are the task's (a detector's RPN head, RoI box and
         mask heads; ``non_block="parts"``) are reconstructed against: ``"mse"``, the squared
         error of their outputs; ``"task"``, the divergence of the detector's predictions they
@@ -415,7 +416,8 @@ class ReconSettings(_Settings):
 class PTQConfig(_Settings):
     """Everything a post-training quantization run is given.
 
-    method: ``calib`` (ranges only, RepQ-ViT-like), ``block`` (every transformer block
+    method: ``calib`` (ranges, then GPTQ's rounding by default; RepQ-ViT-like with
+        ``recon.compensate="none"``), ``block`` (every transformer block
         reconstructed once, QDrop/BRECQ-like) or ``pfcr`` (fine to coarse).
     scope: the sub-modules to quantize, joined by ``+`` (``"backbone+neck"``), or ``"all"``.
     quant / calib / recon: :class:`QuantConfig`, :class:`CalibSettings`, :class:`ReconSettings`.

@@ -90,6 +90,21 @@ def test_compensate_setting_is_checked():
     assert PTQConfig.from_dict({"recon": {"compensate": "bias"}}).recon.compensate == "bias"
 
 
+@pytest.mark.parametrize(
+    "method, resolved", [("calib", "gptq"), ("block", "none"), ("pfcr", "none")]
+)
+def test_compensate_auto_is_gptq_for_calib_only_and_resolved_once(method, resolved):
+    given = ReconSettings()
+    assert given.compensate == "auto"
+    config = PTQConfig(method=method, recon=given)
+    assert config.recon.compensate == resolved
+    assert given.compensate == "auto"  # the caller's settings are not changed
+    assert PTQConfig.from_dict(config.to_dict()) == config  # the resolved value round-trips
+    # an explicit value is kept whatever the method
+    explicit = PTQConfig(method=method, recon=ReconSettings(compensate="bias"))
+    assert explicit.recon.compensate == "bias"
+
+
 class _Twice(nn.Module):
     """One linear run twice per forward (as a head shared by the FPN levels), then another."""
 
@@ -336,26 +351,32 @@ def test_a_reconstruction_starts_from_the_gptq_weights(demo_vit_and_images):
             assert float((q.integer_weight(corrected) == gptq).float().mean()) > 0.95, m
 
 
-def test_gptq_in_blocks_of_columns_is_gptq_column_by_column():
+@pytest.mark.parametrize("kind", ["linear", "conv1x1"])
+def test_gptq_in_blocks_of_columns_is_gptq_column_by_column(kind):
     # 300 inputs: blocks of 128, 128 and 44 columns; the reference takes each column's error out
     # of every later column at once
     torch.manual_seed(0)
-    layer = QuantLinear(nn.Linear(300, 6, bias=False), 3, 8)
-    x = torch.randn(2048, 300) @ (torch.eye(300) + 0.1 * torch.randn(300, 300))
+    rows = torch.randn(2048, 300) @ (torch.eye(300) + 0.1 * torch.randn(300, 300))
+    if kind == "linear":
+        layer, x = QuantLinear(nn.Linear(300, 6, bias=False), 3, 8), rows
+    else:  # 8 images of 16x16 pixels: a pixel's channels are a row of the weight's input
+        layer = QuantConv2d(nn.Conv2d(300, 6, 1, bias=False), 3, 8)
+        x = rows.reshape(8, 16, 16, 300).permute(0, 3, 1, 2).contiguous()
     net = nn.Sequential(layer)
     _quantize_all(net, x)
     gptq_weights(net, [x], lambda m, b: m(b), print_fn=lambda s: None)
     with torch.no_grad():
         xq = layer.input_quantizer(x).double()
+    xq = xq if kind == "linear" else xq.permute(0, 2, 3, 1).reshape(-1, 300)
     h = xq.T @ xq
     h.diagonal().add_(GPTQ_DAMPING * h.diagonal().mean())
     u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     wq = layer.weight_quantizer
     s, z = wq.scale.detach().double().reshape(-1, 1), wq.zero_point.double().reshape(-1, 1)
-    w = layer.weight.detach().double().clone()
+    w = layer.weight.detach().double().reshape(6, 300).clone()
     for i in range(300):
         e = w[:, i : i + 1] - (torch.clamp(torch.round(w[:, i : i + 1] / s) + z, 0, 7) - z) * s
         w[:, i + 1 :] -= e / u[i, i] * u[i : i + 1, i + 1 :]
-    expected = w - layer.weight.detach().double()
+    expected = w - layer.weight.detach().double().reshape(6, 300)
     assert expected.abs().max() > 0.5 * float(s.min())  # GPTQ moved weights: the check can fail
-    assert torch.allclose(layer.weight_correction.double(), expected, atol=1e-5)
+    assert torch.allclose(layer.weight_correction.double().reshape(6, 300), expected, atol=1e-5)

@@ -8,7 +8,8 @@
 # 24.9 GB the neck, 14.5 GB the RoI box head, 9.9 GB a stage-1 block unit, plus about 6 GB for
 # the rest of the process: ~32 GB of host memory. recon.cache.limit_gb caps the caches in memory
 # and writes the rest to memory-mapped files in recon.cache.dir (default: the run's recon/
-# folder). Baselines: --cfg-options ptq.method=calib (ranges only) or ptq.method=block.
+# folder). Baselines: --cfg-options ptq.method=calib (ranges, then GPTQ's rounding; add
+# ptq.recon.compensate=none for ranges only) or ptq.method=block.
 # Expected layout: data/coco/annotations/instances_{train,val}2017.json,
 # data/coco/{train,val}2017/*.jpg.
 custom_imports = dict(imports=["pfcr_mm.engine"], allow_failed_imports=False)

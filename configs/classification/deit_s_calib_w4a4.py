@@ -8,4 +8,6 @@ model = dict(
     arch="deit_small_patch16_224",
     checkpoint="checkpoints/deit_small_patch16_224.safetensors",
 )
-ptq = dict(quant=dict(w_bits=4, a_bits=4))
+# calibration alone, as RepQ-ViT, to compare with its published numbers (docs/method.md
+# section 6); without this line calib rounds the weights with GPTQ (recon.compensate "auto")
+ptq = dict(quant=dict(w_bits=4, a_bits=4), recon=dict(compensate="none"))

@@ -1,7 +1,7 @@
 # The embedded ViTDet demo: the tiny ViTDet Mask R-CNN of demo_mask_rcnn_vitdet_shapes.py
-# (checkpoint committed), the whole detector at W4A4, calibration only (ranges, no
-# reconstruction) on 64 seeded demo train images through the test pipeline, evaluated on the 100
-# val images.
+# (checkpoint committed), the whole detector at W4A4, calibration only (ranges, then GPTQ's
+# rounding of the weights: calib's default; no reconstruction) on 64 seeded demo train images
+# through the test pipeline, evaluated on the 100 val images.
 _base_ = ["./demo_mask_rcnn_vitdet_shapes.py", "../_base_/ptq_coco.py"]
 
 load_from = "checkpoints/demo_mask_rcnn_vitdet_shapes.pth"

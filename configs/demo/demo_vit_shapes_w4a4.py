@@ -1,6 +1,7 @@
 # The embedded classification demo: a tiny timm ViT (trained by tools/train/train_demo_classifier.py,
 # checkpoint committed) on the synthetic shapes set (tools/make_demo_data.py writes it to
-# data/demo_shapes). Calibration-only W4A4 on 256 train images, evaluation on the val split.
+# data/demo_shapes). Calibration-only W4A4 (ranges, then GPTQ's rounding of the weights: calib's
+# default) on 256 train images, evaluation on the val split.
 _base_ = ["../_base_/imagenet_timm.py"]
 
 data_root = "data/demo_shapes"

@@ -239,7 +239,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     load = os.getloadavg()[0]  # other work on the cores inflates the times: recorded
     try:
         check_args(args)
-        config = PTQConfig(method="calib", quant=QuantConfig(w_bits=args.bits, a_bits=args.bits))
+        config = PTQConfig(  # calibration alone: the units start as block and pfcr start them
+            method="calib",
+            quant=QuantConfig(w_bits=args.bits, a_bits=args.bits),
+            recon=ReconSettings(compensate="none"),
+        )
         model, report, batches = load_demo(args)
         print(f"calibrating {report['arch']} {report['model_kwargs']} at W{args.bits}A{args.bits}")
         plan = quantize(model, config, batches).plan
