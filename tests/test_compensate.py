@@ -188,9 +188,15 @@ def test_gptq_rounds_each_weight_below_round_to_nearest_and_keeps_the_fp_model()
         nearest_error = float((net(x) - fp).pow(2).sum())
     first_nearest = _weight_error(net[0], x)
 
-    report = gptq_weights(net, list(x.split(256)), lambda m, b: m(b), print_fn=lambda s: None)
+    lines = []
+    report = gptq_weights(net, list(x.split(256)), lambda m, b: m(b), print_fn=lines.append)
 
     assert report["layers"] == 2
+    # progress: a line per batch of the inputs' pass, then one per layer solved
+    assert lines == [f"gptq: inputs of batch {i}/4" for i in (1, 2, 3, 4)] + [
+        "gptq: 1/2 0",
+        "gptq: 2/2 2",
+    ]
     assert report["relative_output_error_gptq"] < 0.85 * report["relative_output_error_nearest"]
     assert _weight_error(net[0], x) < 0.85 * first_nearest
     with torch.no_grad():

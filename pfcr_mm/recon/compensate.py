@@ -167,10 +167,11 @@ def _input_rows(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def _input_moments(
-    model: nn.Module, layers: dict[str, nn.Module], batches: list, run_batch
+    model: nn.Module, layers: dict[str, nn.Module], batches: list, run_batch, print_fn=print
 ) -> dict[str, torch.Tensor]:
     """Per layer of ``layers`` that the forward reaches, in the order it first does: ``sum x
-    x^T`` over every quantized input row ``x`` of the layer on ``batches`` (float32)."""
+    x^T`` over every quantized input row ``x`` of the layer on ``batches`` (float32); a progress
+    line per batch."""
     moments: dict[str, torch.Tensor] = {}
 
     def hook(name: str, layer: nn.Module):
@@ -189,8 +190,9 @@ def _input_moments(
     quantizers = {n: m.input_quantizer for n, m in layers.items()}
     handles = [q.register_forward_hook(hook(n, layers[n])) for n, q in quantizers.items()]
     try:
-        for batch in batches:
+        for i, batch in enumerate(batches):
             run_batch(model, batch)
+            print_fn(f"gptq: inputs of batch {i + 1}/{len(batches)}")
     finally:
         for h in handles:
             h.remove()
@@ -247,7 +249,7 @@ def gptq_weights(
     weights add to the layers' outputs (their inputs quantized), relative to the outputs',
     summed over the layers, with round-to-nearest and with GPTQ's rounding."""
     layers = _gptq_layers(model)
-    moments = _input_moments(model, layers, batches, run_batch)
+    moments = _input_moments(model, layers, batches, run_batch, print_fn)
     reached = list(moments)
     before = after = ref = 0.0
     for i, name in enumerate(reached):
