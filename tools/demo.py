@@ -1,6 +1,6 @@
 """The embedded demo end to end: generate the demo data, then for each demo config evaluate the FP
 model, quantize it and evaluate the quantized model (``tools/ptq.py``), and print one table. By
-default both demo models at W4A4, each with calibration only (and GPTQ's rounding, ``calib``'s
+default both demo models at W4A4, each with ``calib`` (calibration, then GPTQ's rounding: its
 default) and with PFCR reconstruction.
 
     python tools/demo.py [--configs CONFIG ...] [--work-dir work_dirs/demo]

@@ -30,6 +30,7 @@ from torch import nn
 
 from ..quant.calibrate import quantizer_states
 from ..quant.modules import QUANT_LAYERS, QuantConv2d, QuantLinear
+from ..quant.quantizers import quant_dequant
 
 
 def _channel_axis(layer: nn.Module) -> int:
@@ -223,8 +224,7 @@ def _gptq_correction(layer: nn.Module, moments: torch.Tensor) -> torch.Tensor:
         errors = torch.empty_like(block)
         for i in range(end - start):
             col = block[:, i : i + 1]
-            rounded = (torch.clamp(torch.round(col / scale) + zero, 0, wq.qmax) - zero) * scale
-            errors[:, i : i + 1] = (col - rounded) / ub[i, i]
+            errors[:, i : i + 1] = (col - quant_dequant(col, scale, zero, wq.qmax)) / ub[i, i]
             block[:, i + 1 :] -= errors[:, i : i + 1] * ub[i : i + 1, i + 1 :]
         w[:, end:] -= errors @ u[start:end, end:]
     return (w - weight).reshape(layer.weight.shape).to(layer.weight.dtype)

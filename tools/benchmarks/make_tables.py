@@ -142,18 +142,20 @@ VIT_COLUMNS = {
 }
 VIT_W4 = {**VIT_COLUMNS, CONFIG: ("demo_recon_vit_config", "pfcr_kl_layerwise_rel_ht30_h8")}
 VIT_W3 = {**VIT_COLUMNS, CONFIG: ("demo_recon_head_bits", "pfcr_kl_layerwise_rel_ht30_h8")}
-DET_COLUMNS = {CALIB: "calib", "block": "block", "pfcr": "pfcr_anneal"}  # no KL: no logits
-SWIN_COLUMNS = {
-    **DET_COLUMNS,
-    CALIB: ("demo_det_calib_gptq", "calib"),
-    GPTQ: ("demo_det_calib_gptq", "calib_gq"),
-}
+DET_COLUMNS = {"block": "block", "pfcr": "pfcr_anneal"}  # no KL: no logits
+
+
+def calib_columns(benchmark: str) -> dict:
+    """The two calibration columns from one GPTQ benchmark: calibration alone and with GPTQ."""
+    return {CALIB: (benchmark, "calib"), GPTQ: (benchmark, "calib_gq")}
+
+
+SWIN_COLUMNS = {**DET_COLUMNS, **calib_columns("demo_det_calib_gptq")}
 SWIN_W4 = {**SWIN_COLUMNS, CONFIG: ("demo_det_config_levels", "pfcr_anneal_rel_ht30_h8")}
 SWIN_W3 = {**SWIN_COLUMNS, CONFIG: ("demo_det_w3a3_levels", "pfcr_anneal_rel_ht30_h8")}
 VITDET_COLUMNS = {
     **DET_COLUMNS,
-    CALIB: ("demo_det_vitdet_calib_gptq", "calib"),
-    GPTQ: ("demo_det_vitdet_calib_gptq", "calib_gq"),
+    **calib_columns("demo_det_vitdet_calib_gptq"),
     CONFIG: ("demo_det_vitdet_head_bits", "pfcr_anneal_rel_h8"),
 }
 SWIN, VITDET = "Demo Mask R-CNN Swin", "Demo Mask R-CNN ViTDet"
