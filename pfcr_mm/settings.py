@@ -166,6 +166,8 @@ class QuantConfig(_Settings):
     post_softmax: quantizer of the attention probabilities: ``auto`` (each attention chooses
         among log quantizers of several bases and a uniform one, :mod:`pfcr_mm.quant.attention`),
         or one fixed for all: ``log2``, ``log_sqrt2``, ``uniform``.
+    post_softmax_renorm: divide each row of ``probs @ v`` by the sum of that row's quantized
+        probabilities, which rounding moves away from 1 (:mod:`pfcr_mm.quant.attention`).
     post_ln: inputs of the linears after a LayerNorm (qkv, fc1, PatchMerging reduction):
         ``reparam`` calibrates them per channel and folds the channel scales into the LayerNorm
         and the linear (per tensor at inference, RepQ-ViT); ``per_channel`` keeps them per
@@ -185,6 +187,7 @@ class QuantConfig(_Settings):
     w_bits: int = 4
     a_bits: int = 4
     post_softmax: str = "auto"
+    post_softmax_renorm: bool = False
     post_ln: str = "reparam"
     post_gelu: str = "uniform"
     first_layer_a_bits: int = 8

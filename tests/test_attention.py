@@ -21,15 +21,21 @@ def _attentions(model):
     return {n: m for n, m in model.named_modules() if isinstance(m, AttentionQuantizers)}
 
 
-@pytest.mark.parametrize("bits", [3, 8])
+def _renormalized_product(probs, v):
+    """The reference of ``post_softmax_renorm``: each row of ``probs`` divided by its sum."""
+    return (probs / probs.sum(-1, keepdim=True)) @ v
+
+
+@pytest.mark.parametrize("bits, renorm", [(3, False), (8, False), (3, True)])
 def test_each_attention_keeps_the_candidate_of_least_output_error(
-    tiny_timm_vit, monkeypatch, recorded_scores, bits
+    tiny_timm_vit, monkeypatch, recorded_scores, bits, renorm
 ):
-    """Without the model's outputs the choice is the least ``probs @ v`` error."""
+    """Without the model's outputs the choice is the least ``probs @ v`` error (with the
+    renormalization, of the renormalized product: the choice scores what runs)."""
     x = torch.randn(8, 3, 32, 32)
     model = tiny_timm_vit()
     scored = recorded_scores
-    cfg = QuantConfig(w_bits=bits, a_bits=bits, post_softmax="auto")
+    cfg = QuantConfig(w_bits=bits, a_bits=bits, post_softmax="auto", post_softmax_renorm=renorm)
     prepare_calibrated(model, cfg, lambda m: m(x))
     attentions = _attentions(model)
     assert len(attentions) == len(scored) == 4  # depth 4
@@ -52,10 +58,39 @@ def test_each_attention_keeps_the_candidate_of_least_output_error(
         assert m.chosen() == ({"kind": "log", "k": k} if kind == "log" else {"kind": "uniform"})
         # the chosen quantizer's score is the squared error it causes in probs @ v
         probs, v = seen[id(m)]
-        error = (m.probs.fake_quant(probs) @ v - probs @ v).pow(2).sum().item()
+        product = _renormalized_product if renorm else torch.matmul
+        error = (product(m.probs.fake_quant(probs), v) - probs @ v).pow(2).sum().item()
         assert scores[best] == pytest.approx(error, rel=1e-4)
     names = {r["quantizer"] for r in quant_summary(model) if r["module"].endswith(".probs")}
     assert names == {m.probs.describe()["quantizer"] for m in attentions.values()}
+
+
+def test_renormalization_divides_each_row_by_its_quantized_sum():
+    """``post_softmax_renorm``: ``(P_q @ V_q) / rowsum(P_q)``; a row that quantizes to all 0
+    stays 0 (no division by 0); off, the plain product."""
+    torch.manual_seed(0)
+    probs, v = (3 * torch.randn(2, 2, 6, 6)).softmax(-1), torch.randn(2, 2, 6, 4)
+    attention = {}
+    for renorm in (False, True):
+        cfg = QuantConfig(w_bits=3, a_bits=3, post_softmax="log2", post_softmax_renorm=renorm)
+        att = attention[renorm] = AttentionQuantizers(cfg)
+        for q, x in ((att.probs, probs), (att.v, v)):
+            q.observe(x)
+            q.calibrate_from_stats(q.take_observed())
+            q.set_state("quant")
+    plain = attention[False]
+    pq, vq = plain.probs(probs), plain.v(v)
+    assert (pq.sum(-1) - 1).abs().max() > 0.1  # 3-bit log2 rounding moves the row sums off 1
+    with torch.no_grad():
+        ref, out = plain.attend(probs, v), attention[True].attend(probs, v)
+    assert torch.equal(ref, pq @ vq)
+    torch.testing.assert_close(out, _renormalized_product(pq, vq))
+    # here the renormalized product is nearer the FP one
+    fp = probs @ v
+    assert (out - fp).pow(2).sum() < 0.8 * (ref - fp).pow(2).sum()
+    # a row whose probabilities all quantize to 0 has nothing to rescale
+    zero = torch.zeros(1, 1, 1, 6)
+    assert torch.equal(attention[True].attend(zero, v[:1, :1]), torch.zeros(1, 1, 1, 4))
 
 
 def test_the_choice_is_saved_with_the_model(tiny_timm_vit):

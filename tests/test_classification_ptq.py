@@ -253,6 +253,11 @@ def test_saved_quantized_model_reloads_with_identical_metrics(reloaded):
             ["--cfg-options", "ptq.recon.compensate=bias"],
             "was quantized with ptq.recon.compensate='gptq', but the config says 'bias'",
         ),
+        # one whose attention products are not renormalized
+        (
+            ["--cfg-options", "ptq.quant.post_softmax_renorm=True"],
+            "was quantized with ptq.quant.post_softmax_renorm=False, but the config says True",
+        ),
         # one made from other calibration images
         (
             ["--cfg-options", "ptq.calib.seed=1"],
@@ -274,7 +279,8 @@ def test_a_model_saved_before_the_bias_correction_existed_reloads(
 ):
     payload = torch.load(reloaded.saved, weights_only=True)
     del payload["settings"]["recon"]  # what a calib model saved before held: no compensation,
-    state = payload["state_dict"]  # and so no GPTQ correction in its state
+    state = payload["state_dict"]  # and so no GPTQ correction in its state; nor the setting
+    del payload["settings"]["quant"]["post_softmax_renorm"]  # of the renormalization (off)
     for key in [k for k in state if k.endswith("weight_correction")]:
         del state[key]
     older = tmp_path / "older.pth"

@@ -35,12 +35,14 @@ from pfcr_mm.settings import QuantConfig
 DEPTH = 4  # tiny_timm_vit: 4 blocks, 17 tokens of 48 channels, 5 classes
 
 
-def _quantized(tiny_timm_vit, bits: int, post_softmax: str = "log2"):
+def _quantized(tiny_timm_vit, bits: int, post_softmax: str = "log2", renorm: bool = False):
     """The tiny ViT calibrated at W{bits}A{bits} on two random batches, with learned
     (random, hardened) AdaRound rounding on every layer; and its calibration batches."""
     model = tiny_timm_vit()
     batches = [torch.randn(16, 3, 32, 32) for _ in range(2)]
-    cfg = QuantConfig(w_bits=bits, a_bits=bits, post_softmax=post_softmax)
+    cfg = QuantConfig(
+        w_bits=bits, a_bits=bits, post_softmax=post_softmax, post_softmax_renorm=renorm
+    )
     prepare_calibrated(model, cfg, lambda m: [m(b) for b in batches])
     for layer in model.modules():
         if isinstance(layer, (QuantLinear, QuantConv2d)):
@@ -57,9 +59,12 @@ def _assert_close_logits(out: torch.Tensor, ref: torch.Tensor) -> None:
     assert torch.equal(out.argmax(1), ref.argmax(1))
 
 
-@pytest.mark.parametrize("bits, post_softmax", [(8, "log2"), (4, "auto"), (3, "log_sqrt2")])
-def test_integer_model_is_the_fake_quant_model(tiny_timm_vit, bits, post_softmax):
-    model, _ = _quantized(tiny_timm_vit, bits, post_softmax)
+@pytest.mark.parametrize(
+    "bits, post_softmax, renorm",
+    [(8, "log2", False), (4, "auto", False), (3, "log_sqrt2", False), (3, "auto", True)],
+)
+def test_integer_model_is_the_fake_quant_model(tiny_timm_vit, bits, post_softmax, renorm):
+    model, _ = _quantized(tiny_timm_vit, bits, post_softmax, renorm)
     x = torch.randn(8, 3, 32, 32)
     with torch.no_grad():
         ref = model(x)
@@ -78,9 +83,9 @@ def test_integer_model_is_the_fake_quant_model(tiny_timm_vit, bits, post_softmax
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("bits", [8, 4, 3])
-def test_onnxruntime_matches_the_fake_quant_model(tiny_timm_vit, tmp_path, bits):
-    model, _ = _quantized(tiny_timm_vit, bits)
+@pytest.mark.parametrize("bits, renorm", [(8, False), (4, False), (3, False), (3, True)])
+def test_onnxruntime_matches_the_fake_quant_model(tiny_timm_vit, tmp_path, bits, renorm):
+    model, _ = _quantized(tiny_timm_vit, bits, renorm=renorm)
     path = tmp_path / f"w{bits}a{bits}.onnx"
     report = export_onnx(model, torch.randn(2, 3, 32, 32), path)
     x = torch.randn(32, 3, 32, 32)
@@ -96,6 +101,9 @@ def test_onnxruntime_matches_the_fake_quant_model(tiny_timm_vit, tmp_path, bits)
     ops = [n.op_type for n in graph.node]
     assert report["quantizer_points"] == ops.count("QuantizeLinear") == 7 * DEPTH + 2
     assert ops.count("Log") == DEPTH and ops.count("MatMul") == 6 * DEPTH + 1
+    # the renormalization: one row sum of the quantized probabilities per attention, dividing
+    # the output of the (integer) probs @ v
+    assert ops.count("ReduceSum") == DEPTH * renorm
     assert [r["kind"] for r in report["post_softmax"]] == ["log"] * DEPTH
     inits = {t.name: t for t in graph.initializer}
     code_type = onnx.TensorProto.UINT4 if bits <= 4 else onnx.TensorProto.UINT8

@@ -27,6 +27,7 @@ SETTINGS_ADDED = {
     "ptq.recon.outside_iters": None,
     "ptq.recon.hard_tail": 0.0,
     "ptq.quant.post_gelu": "uniform",
+    "ptq.quant.post_softmax_renorm": False,
 }
 
 

@@ -62,8 +62,19 @@ class AttentionQuantizers(QuantizerChoice, nn.Module):
             self.probs = build_quantizer(*fixed[cfg.post_softmax], cfg)
 
     def attend(self, probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """``probs @ v`` through the quantizers; while scoring, the FP product, and each
-        candidate's squared error on it is added to :attr:`scores`."""
+        """``probs @ v`` through the quantizers (each row divided by its quantized
+        probabilities' sum with ``cfg.post_softmax_renorm``); while scoring, the FP product, and
+        each candidate's squared error on it is added to :attr:`scores`."""
         if self.scores is None:
-            return self.probs(probs) @ self.v(v)
-        return self.scored(probs, lambda p: p @ v)
+            return self._product(self.probs(probs), self.v(v))
+        return self.scored(probs, lambda p: self._product(p, v))
+
+    def _product(self, probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """``probs @ v``, or ``(probs @ v) / rowsum(probs)``: the integer product stays, one
+        scale per row on its output (``docs/method.md`` section 2). A row whose probabilities
+        all quantize to 0 has nothing to rescale and stays 0."""
+        out = probs @ v
+        if not self.cfg.post_softmax_renorm:
+            return out
+        total = probs.sum(-1, keepdim=True)
+        return out / torch.where(total > 0, total, torch.ones_like(total))

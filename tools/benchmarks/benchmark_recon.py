@@ -195,6 +195,19 @@ METHODS.update(
         )
     }
 )
+# and with each row of the quantized attention probabilities renormalized to sum 1
+# (quant.post_softmax_renorm): the demo configs' settings, and calibration with GPTQ
+METHODS.update(
+    {
+        f"{m}_rn": [*METHODS[m], "ptq.quant.post_softmax_renorm=True"]
+        for m in (
+            "calib_gq",
+            "pfcr_kl_layerwise_rel_ht30_h8_ga",
+            "pfcr_anneal_rel_ht30_h8",
+            "pfcr_anneal_rel_h8",
+        )
+    }
+)
 # iterations per block, calibration images, held-out calibration-split images (where defaults
 # are chosen; 32 when unset) and learning rates (ReconSettings' when unset); "paper" follows
 # method.md (20k iterations). "fast" is the budget of configs/demo/demo_vit_shapes_pfcr_w4a4.py.
