@@ -44,6 +44,7 @@ def test_config_ptq_section_matches_its_name(path):
             # benchmarks/demo_recon_vit_config
             assert (recon.hard_tail, settings.quant.head_bits) == (0.3, 8)
             assert settings.quant.post_gelu == "auto"  # benchmarks/demo_recon_post_gelu
+            assert settings.quant.post_softmax_renorm  # benchmarks/demo_recon_renorm_quick
         elif name.startswith("demo_mask_rcnn_swin_shapes_pfcr"):
             # the quick preset's 100 steps per unit, at two levels, every unit outside the blocks
             # but the patch embedding and reductions named (benchmarks/demo_det_config_levels,

@@ -55,6 +55,7 @@ ORDER = [
     "demo_recon_vit_config",
     "demo_recon_post_gelu",
     "demo_recon_post_gelu_quick",
+    "demo_recon_renorm_quick",
     "demo_recon_gptq",
     "demo_recon_step_rate",
     "demo_recon_current",
