@@ -58,6 +58,9 @@ def test_config_ptq_section_matches_its_name(path):
             assert recon.max_level == "top"
         else:
             assert recon.iters == 20000 and recon.cache_dtype == "float16"  # paper-grade
+            # the global-attention classifiers renormalize their probability rows; the windowed
+            # Swin and the detectors do not (benchmarks/demo_recon_renorm_quick, demo_det_renorm)
+            assert settings.quant.post_softmax_renorm == name.startswith(("deit_s", "vit_b"))
 
 
 @pytest.mark.slow
