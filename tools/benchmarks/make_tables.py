@@ -84,6 +84,7 @@ ORDER = [
     "demo_det_vitdet_step_rate",
     "demo_det_vitdet_hard_tail",
     "demo_det_vitdet_head_bits",
+    "demo_det_vitdet_renorm",
     "vitdet_parity",
     "demo_calib_gptq",
     "demo_det_calib_gptq",
