@@ -35,6 +35,9 @@ def test_config_ptq_section_matches_its_name(path):
     assert (settings.quant.w_bits, settings.quant.a_bits) == tuple(map(int, bits.groups()))
     if "calib" in name or (name.startswith("demo_") and "pfcr" not in name):
         assert settings.method == "calib"
+        # RepQ-ViT's setting (the classification calib configs, over their base's), and the
+        # demo bases of tools/benchmarks as they were measured
+        assert not settings.quant.post_softmax_renorm
     else:  # pfcr_* detection configs, *_pfcr_* classification and demo configs
         assert "pfcr" in name and settings.method == "pfcr"
         recon = settings.recon

@@ -25,9 +25,14 @@ test_dataloader = dict(
 test_evaluator = dict(type="pfcr.TopKAccuracy", topk=(1, 5))
 test_cfg = dict(type="TestLoop")
 
+# each row of probs @ v divided by the sum of its quantized probabilities (post_softmax_renorm:
+# the demo ViT's held-out logit error lower on every seed after calibration with GPTQ,
+# benchmarks/demo_calib_gptq_renorm, and after PFCR, benchmarks/demo_recon_renorm_quick)
 ptq = dict(
     method="calib",
-    quant=dict(w_bits=4, a_bits=4, post_softmax="auto", post_ln="reparam"),
+    quant=dict(
+        w_bits=4, a_bits=4, post_softmax="auto", post_ln="reparam", post_softmax_renorm=True
+    ),
     scope="net",
     calib=dict(num_images=1024, seed=0, batch_size=32, num_workers=4, dataset=dict(split="train")),
 )

@@ -9,7 +9,10 @@ model = dict(
     checkpoint="checkpoints/vit_base_patch16_224.safetensors",
 )
 # calibration alone, as RepQ-ViT, to compare with its published numbers (docs/method.md
-# section 6); without this line calib rounds the weights with GPTQ (recon.compensate "auto")
-ptq = dict(quant=dict(w_bits=4, a_bits=4), recon=dict(compensate="none"))
+# section 6): without GPTQ's rounding (recon.compensate "auto") and the renormalized
+# probability rows (quant.post_softmax_renorm) that the base config adds
+ptq = dict(
+    quant=dict(w_bits=4, a_bits=4, post_softmax_renorm=False), recon=dict(compensate="none")
+)
 # this checkpoint was trained with mean = std = 0.5
 test_dataloader = dict(dataset=dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)))

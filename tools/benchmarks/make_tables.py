@@ -56,6 +56,7 @@ ORDER = [
     "demo_recon_post_gelu",
     "demo_recon_post_gelu_quick",
     "demo_recon_renorm_quick",
+    "demo_recon_vit_renorm",
     "demo_recon_gptq",
     "demo_recon_step_rate",
     "demo_recon_current",
@@ -87,6 +88,7 @@ ORDER = [
     "demo_det_vitdet_renorm",
     "vitdet_parity",
     "demo_calib_gptq",
+    "demo_calib_gptq_renorm",
     "demo_det_calib_gptq",
     "demo_det_vitdet_calib_gptq",
     "demo_calib_choice",
@@ -144,8 +146,8 @@ VIT_COLUMNS = {
     "pfcr": "pfcr_anneal",
     "pfcr, KL + layers": "pfcr_kl_layerwise",
 }
-VIT_W4 = {**VIT_COLUMNS, CONFIG: ("demo_recon_vit_config", "pfcr_kl_layerwise_rel_ht30_h8")}
-VIT_W3 = {**VIT_COLUMNS, CONFIG: ("demo_recon_head_bits", "pfcr_kl_layerwise_rel_ht30_h8")}
+VIT_CONFIG = {CONFIG: ("demo_recon_vit_renorm", "pfcr_kl_layerwise_rel_ht30_h8_ga_rn")}
+VIT_W4 = VIT_W3 = {**VIT_COLUMNS, **VIT_CONFIG}
 DET_COLUMNS = {"block": "block", "pfcr": "pfcr_anneal"}  # no KL: no logits
 
 
