@@ -88,6 +88,9 @@ def test_renormalization_divides_each_row_by_its_quantized_sum():
     # here the renormalized product is nearer the FP one
     fp = probs @ v
     assert (out - fp).pow(2).sum() < 0.8 * (ref - fp).pow(2).sum()
+    # in floating point (the probabilities passed through) the product is exactly the FP one
+    fp_att = AttentionQuantizers(attention[True].cfg)
+    assert torch.equal(fp_att.attend(probs, v), fp)
     # a row whose probabilities all quantize to 0 has nothing to rescale
     zero = torch.zeros(1, 1, 1, 6)
     assert torch.equal(attention[True].attend(zero, v[:1, :1]), torch.zeros(1, 1, 1, 4))

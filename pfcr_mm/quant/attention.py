@@ -66,15 +66,19 @@ class AttentionQuantizers(QuantizerChoice, nn.Module):
         probabilities' sum with ``cfg.post_softmax_renorm``); while scoring, the FP product, and
         each candidate's squared error on it is added to :attr:`scores`."""
         if self.scores is None:
-            return self._product(self.probs(probs), self.v(v))
-        return self.scored(probs, lambda p: self._product(p, v))
+            quantized = self.probs(probs)
+            # probabilities the quantizer passed through (floating point, observing) sum to 1:
+            # the FP state stays the FP model exactly
+            return self._product(quantized, self.v(v), renorm=quantized is not probs)
+        return self.scored(probs, lambda p: self._product(p, v, renorm=True))
 
-    def _product(self, probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """``probs @ v``, or ``(probs @ v) / rowsum(probs)``: the integer product stays, one
-        scale per row on its output (``docs/method.md`` section 2). A row whose probabilities
-        all quantize to 0 has nothing to rescale and stays 0."""
+    def _product(self, probs: torch.Tensor, v: torch.Tensor, renorm: bool) -> torch.Tensor:
+        """``probs @ v``, or with ``cfg.post_softmax_renorm`` and quantized ``probs``,
+        ``(probs @ v) / rowsum(probs)``: the integer product stays, one scale per row on its
+        output (``docs/method.md`` section 2). A row whose probabilities all quantize to 0 has
+        nothing to rescale and stays 0."""
         out = probs @ v
-        if not self.cfg.post_softmax_renorm:
+        if not (renorm and self.cfg.post_softmax_renorm):
             return out
         total = probs.sum(-1, keepdim=True)
         return out / torch.where(total > 0, total, torch.ones_like(total))
