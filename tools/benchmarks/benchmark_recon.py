@@ -152,62 +152,43 @@ METHODS = {
     "block_w8": ["ptq.method=block", "ptq.quant.w_bits=8"],
     "block_a8": ["ptq.method=block", "ptq.quant.a_bits=8"],
 }
+
+
+def _with(suffix: str, option: str, bases) -> dict[str, list[str]]:
+    """Each method of ``bases`` with ``option`` added, named with ``suffix``."""
+    return {f"{m}{suffix}": [*METHODS[m], option] for m in bases}
+
+
 # those methods with the last 30 % of every unit's steps on the weights as they will be hardened
 # (straight-through: recon.hard_tail); on the detector and on the demo ViT's objective
-METHODS.update(
-    {
-        f"{m}_ht30": [*METHODS[m], HARD_TAIL]
-        for m in (
-            "block_task_roi32_rel",
-            "pfcr_anneal_rel",
-            "block_kl_layerwise_rel",
-            "pfcr_kl_layerwise_rel",
-        )
-    }
+TAILED = (
+    "block_task_roi32_rel",
+    "pfcr_anneal_rel",
+    "block_kl_layerwise_rel",
+    "pfcr_kl_layerwise_rel",
 )
+METHODS.update(_with("_ht30", HARD_TAIL, TAILED))
 # and with the prediction layers at 8 bits (a classifier's head; a detector's RPN, box and mask
 # logits: quant.head_bits); also the demo ViTDet PFCR config's settings (no tail)
-METHODS.update(
-    {
-        f"{m}_h8": [*METHODS[m], "ptq.quant.head_bits=8"]
-        for m in list(METHODS)
-        if m.endswith("_ht30") or m == "pfcr_anneal_rel"
-    }
-)
+H8 = [m for m in METHODS if m.endswith("_ht30") or m == "pfcr_anneal_rel"]
+METHODS.update(_with("_h8", "ptq.quant.head_bits=8", H8))
 # and with each post-GELU input point's quantizer chosen (quant.post_gelu='auto'), after
 # calibration alone and with the demo ViT and Swin detector PFCR configs' settings
-METHODS.update(
-    {
-        f"{m}_ga": [*METHODS[m], "ptq.quant.post_gelu=auto"]
-        for m in ("calib", "pfcr_kl_layerwise_rel_ht30_h8", "pfcr_anneal_rel_ht30_h8")
-    }
-)
+GA = ("calib", "pfcr_kl_layerwise_rel_ht30_h8", "pfcr_anneal_rel_ht30_h8")
+METHODS.update(_with("_ga", "ptq.quant.post_gelu=auto", GA))
 # and with the weights rounded by GPTQ after calibration (recon.compensate='gptq'): calibration
 # alone, and the reconstruction of the demo ViT and Swin detector PFCR configs starting from it
-METHODS.update(
-    {
-        f"{m}_gq": [*METHODS[m], "ptq.recon.compensate=gptq"]
-        for m in (
-            "calib",
-            "calib_ga",
-            "pfcr_kl_layerwise_rel_ht30_h8_ga",
-            "pfcr_anneal_rel_ht30_h8",
-        )
-    }
-)
+GQ = ("calib", "calib_ga", "pfcr_kl_layerwise_rel_ht30_h8_ga", "pfcr_anneal_rel_ht30_h8")
+METHODS.update(_with("_gq", "ptq.recon.compensate=gptq", GQ))
 # and with each row of the quantized attention probabilities renormalized to sum 1
 # (quant.post_softmax_renorm): the demo configs' settings, and calibration with GPTQ
-METHODS.update(
-    {
-        f"{m}_rn": [*METHODS[m], "ptq.quant.post_softmax_renorm=True"]
-        for m in (
-            "calib_gq",
-            "pfcr_kl_layerwise_rel_ht30_h8_ga",
-            "pfcr_anneal_rel_ht30_h8",
-            "pfcr_anneal_rel_h8",
-        )
-    }
+RN = (
+    "calib_gq",
+    "pfcr_kl_layerwise_rel_ht30_h8_ga",
+    "pfcr_anneal_rel_ht30_h8",
+    "pfcr_anneal_rel_h8",
 )
+METHODS.update(_with("_rn", "ptq.quant.post_softmax_renorm=True", RN))
 # iterations per block, calibration images, held-out calibration-split images (where defaults
 # are chosen; 32 when unset) and learning rates (ReconSettings' when unset); "paper" follows
 # method.md (20k iterations). "fast" is the budget of configs/demo/demo_vit_shapes_pfcr_w4a4.py.
