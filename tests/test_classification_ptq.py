@@ -253,10 +253,10 @@ def test_saved_quantized_model_reloads_with_identical_metrics(reloaded):
             ["--cfg-options", "ptq.recon.compensate=bias"],
             "was quantized with ptq.recon.compensate='gptq', but the config says 'bias'",
         ),
-        # one whose attention products are not renormalized
+        # one whose attention products are renormalized (the base config's setting)
         (
-            ["--cfg-options", "ptq.quant.post_softmax_renorm=True"],
-            "was quantized with ptq.quant.post_softmax_renorm=False, but the config says True",
+            ["--cfg-options", "ptq.quant.post_softmax_renorm=False"],
+            "was quantized with ptq.quant.post_softmax_renorm=True, but the config says False",
         ),
         # one made from other calibration images
         (
@@ -287,10 +287,12 @@ def test_a_model_saved_before_the_bias_correction_existed_reloads(
     torch.save(payload, older)
     argv = [str(reloaded.cfg), "--work-dir", str(tmp_path / "w"), "--no-fp-eval"]
     argv += ["--quantized", str(older)]
-    # calib's default is GPTQ now: the command tells the user how to evaluate the older model
+    # calib's default is GPTQ now, and the base config renormalizes: the command tells the user
+    # how to evaluate the older model, both settings at once
     assert ptq_tool.main(argv) == 2
-    assert "pass --cfg-options ptq.recon.compensate=none" in capsys.readouterr().err
-    assert ptq_tool.main([*argv, "--cfg-options", "ptq.recon.compensate=none"]) == 0
+    options = ["ptq.quant.post_softmax_renorm=False", "ptq.recon.compensate=none"]
+    assert f"pass --cfg-options {' '.join(options)} to evaluate it" in capsys.readouterr().err
+    assert ptq_tool.main([*argv, "--cfg-options", *options]) == 0
 
 
 @pytest.mark.slow

@@ -125,10 +125,11 @@ def read_quantized_model(
     differ = differing_keys(made, wanted, keys, first="ptq.method")
     if differ:
         key = differ[0]
+        options = " ".join(f"{k}={made.get(k)}" for k in differ)
         raise ValueError(
             f"{path} was quantized with {key}={made.get(key)!r}, but the config says "
             f"{wanted.get(key)!r} ({len(differ)} setting(s) differ): pass --cfg-options "
-            f"{key}={made.get(key)} to evaluate it, or quantize again"
+            f"{options} to evaluate it, or quantize again"
         )
     return saved
 
