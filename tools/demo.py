@@ -63,6 +63,7 @@ def main(argv=None) -> int:
                     )
                 },
                 "head_bits": res["quant_config"]["head_bits"],
+                "post_softmax_renorm": res["quant_config"]["post_softmax_renorm"],
             }
         )
     summary = {"rows": rows, "wall_s": time.time() - start}
@@ -72,6 +73,7 @@ def main(argv=None) -> int:
         for metric, value in r["quant"].items():
             if metric.endswith(("top1", "bbox_mAP", "segm_mAP")):
                 head = "" if r["head_bits"] is None else f", prediction layers {r['head_bits']}-bit"
+                head += ", probability rows renormalized" if r["post_softmax_renorm"] else ""
                 print(
                     f"{Path(r['config']).stem:40s} {metric:22s} {r['fp'][metric]:8.4g} "
                     f"{value:8.4g}  W{r['w_bits']}A{r['a_bits']} {r['method']}, scope {r['scope']}"
