@@ -145,9 +145,8 @@ VIT_COLUMNS = {
     "block": "block",
     "pfcr": "pfcr_anneal",
     "pfcr, KL + layers": "pfcr_kl_layerwise",
+    CONFIG: ("demo_recon_vit_renorm", "pfcr_kl_layerwise_rel_ht30_h8_ga_rn"),
 }
-VIT_CONFIG = {CONFIG: ("demo_recon_vit_renorm", "pfcr_kl_layerwise_rel_ht30_h8_ga_rn")}
-VIT_W4 = VIT_W3 = {**VIT_COLUMNS, **VIT_CONFIG}
 DET_COLUMNS = {"block": "block", "pfcr": "pfcr_anneal"}  # no KL: no logits
 
 
@@ -169,8 +168,8 @@ BOX, MASK = "coco/bbox_mAP", "coco/segm_mAP"
 # (label, model, bits, benchmark, metric, {column: method, or (benchmark, method); a column
 # left out: -})
 HEADLINE = [
-    ("Demo ViT, top-1 (%)", "cls", 4, "demo_recon_objectives", "accuracy/top1", VIT_W4),
-    ("Demo ViT, top-1 (%)", "cls", 3, "demo_recon_objectives", "accuracy/top1", VIT_W3),
+    ("Demo ViT, top-1 (%)", "cls", 4, "demo_recon_objectives", "accuracy/top1", VIT_COLUMNS),
+    ("Demo ViT, top-1 (%)", "cls", 3, "demo_recon_objectives", "accuracy/top1", VIT_COLUMNS),
     (f"{SWIN}, box mAP (%)", "det", 4, "demo_det_choice", BOX, SWIN_W4),
     (f"{SWIN}, mask mAP (%)", "det", 4, "demo_det_choice", MASK, SWIN_W4),
     (f"{SWIN}, box mAP (%)", "det", 3, "demo_det", BOX, SWIN_W3),
