@@ -12,7 +12,7 @@ from torch import nn
 from pfcr_mm import PTQConfig, QuantConfig, ReconSettings, quantize
 from pfcr_mm.export.onnx_export import integer_model
 from pfcr_mm.quant.calibrate import quantizer_states
-from pfcr_mm.quant.modules import QuantConv2d, QuantLinear
+from pfcr_mm.quant.modules import QuantConv2d, QuantConvTranspose2d, QuantLinear
 from pfcr_mm.recon.compensate import GPTQ_DAMPING, correct_biases, gptq_weights
 
 
@@ -118,7 +118,9 @@ class _Twice(nn.Module):
 
 
 def _quantize_all(net: nn.Module, x: torch.Tensor) -> None:
-    layers = [m for m in net.modules() if isinstance(m, QuantLinear | QuantConv2d)]
+    layers = [
+        m for m in net.modules() if isinstance(m, QuantLinear | QuantConv2d | QuantConvTranspose2d)
+    ]
     for m in layers:
         m.input_quantizer.set_state("observe")
     with torch.no_grad():
@@ -357,7 +359,15 @@ def test_a_reconstruction_starts_from_the_gptq_weights(demo_vit_and_images):
             assert float((q.integer_weight(corrected) == gptq).float().mean()) > 0.95, m
 
 
-@pytest.mark.parametrize("kind", ["linear", "conv1x1"])
+def _as_rows(layer: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """A weight as the matrix whose rows multiply a pixel's (or token's) 300 input channels: a
+    2x2 stride-2 transposed convolution's rows are (output channel, kernel row, kernel column)."""
+    if isinstance(layer, nn.ConvTranspose2d):
+        return weight.permute(1, 2, 3, 0).reshape(-1, 300)
+    return weight.reshape(-1, 300)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1x1", "deconv2x2"])
 def test_gptq_in_blocks_of_columns_is_gptq_column_by_column(kind):
     # 300 inputs: blocks of 128, 128 and 44 columns; the reference takes each column's error out
     # of every later column at once
@@ -366,8 +376,11 @@ def test_gptq_in_blocks_of_columns_is_gptq_column_by_column(kind):
     if kind == "linear":
         layer, x = QuantLinear(nn.Linear(300, 6, bias=False), 3, 8), rows
     else:  # 8 images of 16x16 pixels: a pixel's channels are a row of the weight's input
-        layer = QuantConv2d(nn.Conv2d(300, 6, 1, bias=False), 3, 8)
         x = rows.reshape(8, 16, 16, 300).permute(0, 3, 1, 2).contiguous()
+        if kind == "conv1x1":
+            layer = QuantConv2d(nn.Conv2d(300, 6, 1, bias=False), 3, 8)
+        else:  # each pixel writes its own 2x2 output patch
+            layer = QuantConvTranspose2d(nn.ConvTranspose2d(300, 6, 2, 2, bias=False), 3, 8)
     net = nn.Sequential(layer)
     _quantize_all(net, x)
     gptq_weights(net, [x], lambda m, b: m(b), print_fn=lambda s: None)
@@ -378,11 +391,42 @@ def test_gptq_in_blocks_of_columns_is_gptq_column_by_column(kind):
     h.diagonal().add_(GPTQ_DAMPING * h.diagonal().mean())
     u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     wq = layer.weight_quantizer
-    s, z = wq.scale.detach().double().reshape(-1, 1), wq.zero_point.double().reshape(-1, 1)
-    w = layer.weight.detach().double().reshape(6, 300).clone()
+    s, z = wq.scale.detach().double(), wq.zero_point.double()
+    per_channel = 4 if kind == "deconv2x2" else 1  # the 2x2 rows of an output channel
+    s = s.repeat_interleave(per_channel).reshape(-1, 1)
+    z = z.repeat_interleave(per_channel).reshape(-1, 1)
+    w = _as_rows(layer, layer.weight.detach().double()).clone()
     for i in range(300):
         e = w[:, i : i + 1] - (torch.clamp(torch.round(w[:, i : i + 1] / s) + z, 0, 7) - z) * s
         w[:, i + 1 :] -= e / u[i, i] * u[i : i + 1, i + 1 :]
-    expected = w - layer.weight.detach().double().reshape(6, 300)
+    expected = w - _as_rows(layer, layer.weight.detach().double())
     assert expected.abs().max() > 0.5 * float(s.min())  # GPTQ moved weights: the check can fail
-    assert torch.allclose(layer.weight_correction.double().reshape(6, 300), expected, atol=1e-5)
+    got = _as_rows(layer, layer.weight_correction.double())
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_gptq_on_a_transposed_convolution_lowers_its_output_error_where_kernels_do_not_overlap():
+    torch.manual_seed(0)
+    # a pixel's 24 channels correlated (mostly 4 directions): what GPTQ's columns can absorb
+    pixels = torch.randn(16 * 144, 4) @ torch.randn(4, 24) + 0.3 * torch.randn(16 * 144, 24)
+    x = pixels.reshape(16, 12, 12, 24).permute(0, 3, 1, 2).contiguous()
+    layer = QuantConvTranspose2d(nn.ConvTranspose2d(24, 8, 2, 2, bias=False), 3, 8)
+    net = nn.Sequential(layer)
+    _quantize_all(net, x)
+
+    def error() -> float:
+        with torch.no_grad():
+            with quantizer_states(net, weights=False, activations=True):
+                ref = net(x)  # the same quantized inputs, FP weights
+            return float((net(x) - ref).pow(2).sum() / ref.pow(2).sum())
+
+    before = error()
+    report = gptq_weights(net, [x], lambda m, b: m(b), print_fn=lambda s: None)
+    assert report["layers"] == 1
+    assert error() < 0.8 * before
+    assert report["relative_output_error_gptq"] == pytest.approx(error(), rel=1e-3)
+    # overlapping kernels (a stride below the kernel) keep round-to-nearest
+    overlapping = QuantConvTranspose2d(nn.ConvTranspose2d(24, 8, 3, 2), 3, 8)
+    _quantize_all(overlapping, x)
+    assert gptq_weights(overlapping, [x], lambda m, b: m(b), print_fn=lambda s: None)["layers"] == 0
+    assert overlapping.weight_correction is None

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..quant.calibrate import quantizer_states
-from ..quant.modules import QUANT_LAYERS, QuantConv2d, QuantLinear
+from ..quant.modules import QUANT_LAYERS, QuantConv2d, QuantConvTranspose2d, QuantLinear
 from ..quant.quantizers import quant_dequant
 
 
@@ -144,26 +144,54 @@ GPTQ_BLOCK = 128  # columns rounded before their errors reach the later columns
 
 
 def _gptq_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """The layers :func:`gptq_weights` rounds: of :func:`_quantized_layers`, the linears and the
-    convolutions whose patches ``F.unfold`` reproduces (ungrouped, zero or numeric padding)."""
+    """The layers :func:`gptq_weights` rounds: of :func:`_quantized_layers`, the linears, the
+    convolutions whose patches ``F.unfold`` reproduces (ungrouped, zero or numeric padding) and
+    the transposed convolutions whose kernels do not overlap (ungrouped, stride equal to the
+    kernel, no padding or dilation: ViTDet's simple FPN)."""
 
     def unfoldable(m: nn.Module) -> bool:
         return m.groups == 1 and m.padding_mode == "zeros" and not isinstance(m.padding, str)
 
+    def disjoint(m: nn.Module) -> bool:
+        plain = m.padding == (0, 0) and m.output_padding == (0, 0) and m.dilation == (1, 1)
+        return m.groups == 1 and tuple(m.stride) == tuple(m.kernel_size) and plain
+
     return {
         n: m
         for n, m in _quantized_layers(model).items()
-        if isinstance(m, QuantLinear) or isinstance(m, QuantConv2d) and unfoldable(m)
+        if isinstance(m, QuantLinear)
+        or (isinstance(m, QuantConv2d) and unfoldable(m))
+        or (isinstance(m, QuantConvTranspose2d) and disjoint(m))
     }
 
 
 def _input_rows(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The quantized input ``x`` of ``layer`` as the rows its weight matrix multiplies (a
-    convolution's as unfolded patches)."""
+    """The quantized input ``x`` of ``layer`` as the rows its weight matrix
+    (:func:`_weight_matrix`) multiplies: a convolution's as unfolded patches, a transposed
+    convolution's as its pixels (each writes its own output patch)."""
     if isinstance(layer, nn.Linear):
         return x.reshape(-1, x.shape[-1])
+    if isinstance(layer, nn.ConvTranspose2d):
+        return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
     cols = F.unfold(x, layer.kernel_size, layer.dilation, layer.padding, layer.stride)
     return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
+def _weight_matrix(layer: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` as a matrix with a row per output value of an input row: a linear's or a
+    convolution's output channels; a transposed convolution's (output channel, kernel row,
+    kernel column), its columns the input channels."""
+    if isinstance(layer, nn.ConvTranspose2d):
+        return weight.permute(1, 2, 3, 0).reshape(-1, weight.shape[0])
+    return weight.reshape(weight.shape[0], -1)
+
+
+def _weight_from_matrix(layer: nn.Module, matrix: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`_weight_matrix`."""
+    shape = layer.weight.shape
+    if isinstance(layer, nn.ConvTranspose2d):
+        return matrix.reshape(shape[1], shape[2], shape[3], shape[0]).permute(3, 0, 1, 2)
+    return matrix.reshape(shape)
 
 
 @torch.no_grad()
@@ -206,7 +234,7 @@ def _gptq_correction(layer: nn.Module, moments: torch.Tensor) -> torch.Tensor:
     inverse second moments of the inputs, is taken out of the columns not yet rounded. Returns
     what to add to the weight so that rounding it to nearest gives GPTQ's weights."""
     wq = layer.weight_quantizer
-    weight = layer.weight.detach().double().reshape(layer.weight.shape[0], -1)
+    weight = _weight_matrix(layer, layer.weight.detach().double())
     w = weight.clone()
     h = moments.to(torch.float64, copy=True)
     h.diagonal().add_(GPTQ_DAMPING * h.diagonal().mean() + (h.diagonal() == 0).double())
@@ -217,8 +245,10 @@ def _gptq_correction(layer: nn.Module, moments: torch.Tensor) -> torch.Tensor:
     # factorizing again)
     r = torch.linalg.cholesky(h.flip(0, 1)).flip(0, 1)
     u = torch.linalg.solve_triangular(r, torch.eye(len(h), dtype=h.dtype), upper=True)
-    scale = wq.scale.detach().double().reshape(-1, 1)
-    zero = wq.zero_point.detach().double().reshape(-1, 1)
+    # each output channel's grid on each of its rows (a transposed convolution: k*k rows)
+    per_channel = len(weight) // wq.scale.numel()
+    scale = wq.scale.detach().double().repeat_interleave(per_channel).reshape(-1, 1)
+    zero = wq.zero_point.detach().double().repeat_interleave(per_channel).reshape(-1, 1)
     # a block of columns at a time: within it column by column, then its errors taken out of
     # the later columns in one product (the same arithmetic as column by column, in matrix
     # products: the columns of a 12544-wide box-head layer in about 10 s on one CPU thread
@@ -232,12 +262,13 @@ def _gptq_correction(layer: nn.Module, moments: torch.Tensor) -> torch.Tensor:
             errors[:, i : i + 1] = (col - quant_dequant(col, scale, zero, wq.qmax)) / ub[i, i]
             block[:, i + 1 :] -= errors[:, i : i + 1] * ub[i : i + 1, i + 1 :]
         w[:, end:] -= errors @ u[start:end, end:]
-    return (w - weight).reshape(layer.weight.shape).to(layer.weight.dtype)
+    return _weight_from_matrix(layer, w - weight).to(layer.weight.dtype)
 
 
-def _moment_norm(w: torch.Tensor, moments: torch.Tensor) -> float:
-    """``sum ||w x||^2`` over the input rows ``x`` whose second moments are ``moments``."""
-    w = w.double().reshape(w.shape[0], -1)
+def _moment_norm(layer: nn.Module, w: torch.Tensor, moments: torch.Tensor) -> float:
+    """``sum ||w x||^2`` over the input rows ``x`` of ``layer`` whose second moments are
+    ``moments``, ``w`` shaped as its weight."""
+    w = _weight_matrix(layer, w.double())
     return float(torch.einsum("oi,ij,oj->", w, moments.double(), w))
 
 
@@ -245,9 +276,9 @@ def _moment_norm(w: torch.Tensor, moments: torch.Tensor) -> float:
 def gptq_weights(
     model: nn.Module, batches: list, run_batch: Callable[[nn.Module, Any], Any], print_fn=print
 ) -> dict:
-    """Round the weights of every quantized linear and ungrouped convolution of ``model`` with
-    GPTQ, each on the second moments of its quantized inputs over the calibration ``batches``
-    (one forward pass of the quantized model for all layers: collecting them layer after layer,
+    """Round the weights of every layer of ``model`` that :func:`_gptq_layers` names with GPTQ,
+    each on the second moments of its quantized inputs over the calibration ``batches`` (one
+    forward pass of the quantized model for all layers: collecting them layer after layer,
     each with the layers before it already rounded, as GPTQ does, cost half a pass per layer and
     gave the same held-out error on the demo ViT). The result goes into each layer's
     ``weight_correction``. Returns the report: how many layers, and the squared error the
@@ -263,9 +294,9 @@ def gptq_weights(
         weight = layer.weight.detach()
         nearest = layer.weight_quantizer.fake_quant(weight)
         rounded = layer.weight_quantizer.fake_quant(weight + correction)
-        ref += _moment_norm(weight, moment)
-        before += _moment_norm(nearest - weight, moment)
-        after += _moment_norm(rounded - weight, moment)
+        ref += _moment_norm(layer, weight, moment)
+        before += _moment_norm(layer, nearest - weight, moment)
+        after += _moment_norm(layer, rounded - weight, moment)
         layer.weight_correction = correction
         print_fn(f"gptq: {i + 1}/{len(reached)} {name}")
     return {

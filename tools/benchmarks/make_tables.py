@@ -91,6 +91,7 @@ ORDER = [
     "demo_calib_gptq_renorm",
     "demo_det_calib_gptq",
     "demo_det_vitdet_calib_gptq",
+    "demo_det_vitdet_gptq_deconv",
     "demo_calib_choice",
     "demo_calib_choice_det",
     "demo_calib",
@@ -160,7 +161,8 @@ SWIN_W4 = {**SWIN_COLUMNS, CONFIG: ("demo_det_config_levels", "pfcr_anneal_rel_h
 SWIN_W3 = {**SWIN_COLUMNS, CONFIG: ("demo_det_w3a3_levels", "pfcr_anneal_rel_ht30_h8")}
 VITDET_COLUMNS = {
     **DET_COLUMNS,
-    **calib_columns("demo_det_vitdet_calib_gptq"),
+    CALIB: ("demo_det_vitdet_calib_gptq", "calib"),
+    GPTQ: ("demo_det_vitdet_gptq_deconv", "calib_gq"),  # its transposed convolutions too
     CONFIG: ("demo_det_vitdet_head_bits", "pfcr_anneal_rel_h8"),
 }
 SWIN, VITDET = "Demo Mask R-CNN Swin", "Demo Mask R-CNN ViTDet"
