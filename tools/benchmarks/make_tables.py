@@ -134,7 +134,8 @@ Regenerate after a benchmark run with `.venv/bin/python tools/benchmarks/make_ta
 # over the seeds of one method of one benchmark. The ViT's calib column comes from the
 # calibration benchmark (the reconstruction benchmark ran calib on one seed only); the calib +
 # GPTQ column from the GPTQ benchmarks, and the detectors' calib columns too (the same runs,
-# this code).
+# this code; ViTDet's calib + GPTQ from the later runs that round its transposed convolutions
+# too, calibration alone being unchanged by that).
 # The last column: the settings of each model's demo PFCR config today (the ViT's and ViTDet's
 # W4A4 configs at both widths; the Swin detector's W4A4 and W3A3 configs).
 CONFIG = "pfcr, demo config"
