@@ -154,7 +154,7 @@ def _gptq_layers(model: nn.Module) -> dict[str, nn.Module]:
 
     def disjoint(m: nn.Module) -> bool:
         plain = m.padding == (0, 0) and m.output_padding == (0, 0) and m.dilation == (1, 1)
-        return m.groups == 1 and tuple(m.stride) == tuple(m.kernel_size) and plain
+        return m.groups == 1 and m.stride == m.kernel_size and plain
 
     return {
         n: m

@@ -152,12 +152,11 @@ VIT_COLUMNS = {
 DET_COLUMNS = {"block": "block", "pfcr": "pfcr_anneal"}  # no KL: no logits
 
 
-def calib_columns(benchmark: str) -> dict:
-    """The two calibration columns from one GPTQ benchmark: calibration alone and with GPTQ."""
-    return {CALIB: (benchmark, "calib"), GPTQ: (benchmark, "calib_gq")}
-
-
-SWIN_COLUMNS = {**DET_COLUMNS, **calib_columns("demo_det_calib_gptq")}
+SWIN_COLUMNS = {
+    **DET_COLUMNS,
+    CALIB: ("demo_det_calib_gptq", "calib"),
+    GPTQ: ("demo_det_calib_gptq", "calib_gq"),
+}
 SWIN_W4 = {**SWIN_COLUMNS, CONFIG: ("demo_det_config_levels", "pfcr_anneal_rel_ht30_h8")}
 SWIN_W3 = {**SWIN_COLUMNS, CONFIG: ("demo_det_w3a3_levels", "pfcr_anneal_rel_ht30_h8")}
 VITDET_COLUMNS = {
