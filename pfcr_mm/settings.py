@@ -27,6 +27,7 @@ METHODS = ("calib", "block", "pfcr")
 POST_SOFTMAX_CHOICES = ("auto", "log2", "log_sqrt2", "uniform")
 POST_LN_CHOICES = ("reparam", "per_channel", "per_tensor")
 POST_GELU_CHOICES = ("uniform", "auto", "shift_log2", "shift_log_sqrt2")
+LINEAR_KINDS = ("qkv", "proj", "fc1", "fc2")  # a transformer block's linears (linear_a_bits)
 RANGE_CHOICES = ("mse", "percentile", "minmax")
 POS_STRATEGIES = ("none", "two_stage", "shrink", "anneal")
 BUDGET_UNITS = ("block_passes", "steps")
@@ -177,6 +178,12 @@ class QuantConfig(_Settings):
         chooses, :mod:`pfcr_mm.quant.post_gelu`); or one log quantizer for all,
         ``shift_log2`` or ``shift_log_sqrt2``.
     first_layer_a_bits: input bits of the patch-embedding conv (the image).
+    linear_a_bits: input bits of the transformer blocks' linears by kind, overriding ``a_bits``
+        for the kinds named: ``qkv``, ``proj`` (the attention's), ``fc1``, ``fc2`` (the MLP's);
+        e.g. ``dict(qkv=4, proj=4)`` with ``a_bits=3``: a mixed-precision setting, which must
+        be named as one beside any comparison with a model wholly at ``a_bits``. ``None`` (or a
+        kind mapped to ``None``): ``a_bits``. The attention's matmul inputs (q, k, v, the
+        probabilities) stay at ``a_bits``.
     head_bits: weight/input bits of the prediction layers (a classifier's head; a detector's
         RPN, RoI box and mask logits); ``None`` uses w_bits/a_bits.
     act_range / weight_range: range search (``mse``, ``percentile``, ``minmax``).
@@ -191,6 +198,7 @@ class QuantConfig(_Settings):
     post_ln: str = "reparam"
     post_gelu: str = "uniform"
     first_layer_a_bits: int = 8
+    linear_a_bits: dict | None = None
     head_bits: int | None = None
     act_range: str = "percentile"
     weight_range: str = "mse"
@@ -203,6 +211,16 @@ class QuantConfig(_Settings):
                 raise ValueError(f"QuantConfig.{name}: {err}") from None
         if self.head_bits is not None:
             check_bits(self.head_bits)
+        if self.linear_a_bits is not None:
+            self.linear_a_bits = dict(self.linear_a_bits)  # a plain dict (saved with the model)
+            check_keys(self.linear_a_bits, LINEAR_KINDS, "QuantConfig.linear_a_bits")
+            for kind, bits in self.linear_a_bits.items():
+                if bits is None:  # a_bits, as a kind not named
+                    continue
+                try:
+                    check_bits(bits)
+                except ValueError as err:
+                    raise ValueError(f"QuantConfig.linear_a_bits.{kind}: {err}") from None
         check_choice(self.post_softmax, POST_SOFTMAX_CHOICES, "QuantConfig.post_softmax")
         check_choice(self.post_ln, POST_LN_CHOICES, "QuantConfig.post_ln")
         check_choice(self.post_gelu, POST_GELU_CHOICES, "QuantConfig.post_gelu")

@@ -35,13 +35,24 @@ from pfcr_mm.settings import QuantConfig
 DEPTH = 4  # tiny_timm_vit: 4 blocks, 17 tokens of 48 channels, 5 classes
 
 
-def _quantized(tiny_timm_vit, bits: int, post_softmax: str = "log2", renorm: bool = False):
-    """The tiny ViT calibrated at W{bits}A{bits} on two random batches, with learned
-    (random, hardened) AdaRound rounding on every layer; and its calibration batches."""
+def _quantized(
+    tiny_timm_vit,
+    bits: int,
+    post_softmax: str = "log2",
+    renorm: bool = False,
+    linear_a_bits: dict | None = None,
+):
+    """The tiny ViT calibrated at W{bits}A{bits} (the blocks' linears' inputs by
+    ``linear_a_bits``) on two random batches, with learned (random, hardened) AdaRound rounding
+    on every layer; and its calibration batches."""
     model = tiny_timm_vit()
     batches = [torch.randn(16, 3, 32, 32) for _ in range(2)]
     cfg = QuantConfig(
-        w_bits=bits, a_bits=bits, post_softmax=post_softmax, post_softmax_renorm=renorm
+        w_bits=bits,
+        a_bits=bits,
+        post_softmax=post_softmax,
+        post_softmax_renorm=renorm,
+        linear_a_bits=linear_a_bits,
     )
     prepare_calibrated(model, cfg, lambda m: [m(b) for b in batches])
     for layer in model.modules():
@@ -60,16 +71,29 @@ def _assert_close_logits(out: torch.Tensor, ref: torch.Tensor) -> None:
 
 
 @pytest.mark.parametrize(
-    "bits, post_softmax, renorm",
-    [(8, "log2", False), (4, "auto", False), (3, "log_sqrt2", False), (3, "auto", True)],
+    "bits, post_softmax, renorm, linear_a_bits",
+    [
+        (8, "log2", False, None),
+        (4, "auto", False, None),
+        (3, "log_sqrt2", False, None),
+        (3, "auto", True, None),
+        (3, "auto", True, dict(qkv=4, proj=4)),  # a mixed-precision setting
+    ],
 )
-def test_integer_model_is_the_fake_quant_model(tiny_timm_vit, bits, post_softmax, renorm):
-    model, _ = _quantized(tiny_timm_vit, bits, post_softmax, renorm)
+def test_integer_model_is_the_fake_quant_model(
+    tiny_timm_vit, bits, post_softmax, renorm, linear_a_bits
+):
+    model, _ = _quantized(tiny_timm_vit, bits, post_softmax, renorm, linear_a_bits)
     x = torch.randn(8, 3, 32, 32)
     with torch.no_grad():
         ref = model(x)
         net = integer_model(model)
         assert torch.equal(net(x), ref)
+    # each input point keeps its own bits: the codes of the attention's linears' inputs span
+    # 2^4 levels in the mixed setting
+    attn = net.blocks[0].attn
+    expected = (linear_a_bits or {}).get("qkv", bits), (linear_a_bits or {}).get("proj", bits)
+    assert (attn.qkv.input_quantizer.bits, attn.proj.input_quantizer.bits) == expected
     # every activation point became a Q/DQ point; the codes are the hardened rounding
     points = [q for _, q in named_quantizers(model) if not isinstance(q, AdaRoundWeightQuantizer)]
     logs = sum(isinstance(q, LogQuantizer) for q in points)
@@ -83,9 +107,15 @@ def test_integer_model_is_the_fake_quant_model(tiny_timm_vit, bits, post_softmax
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("bits, renorm", [(8, False), (4, False), (3, False), (3, True)])
-def test_onnxruntime_matches_the_fake_quant_model(tiny_timm_vit, tmp_path, bits, renorm):
-    model, _ = _quantized(tiny_timm_vit, bits, renorm=renorm)
+@pytest.mark.parametrize(
+    "bits, renorm, linear_a_bits",
+    [(8, False, None), (4, False, None), (3, False, None), (3, True, None)]
+    + [(3, True, dict(qkv=4, proj=4))],  # 3- and 4-bit codes in the same uint4 containers
+)
+def test_onnxruntime_matches_the_fake_quant_model(
+    tiny_timm_vit, tmp_path, bits, renorm, linear_a_bits
+):
+    model, _ = _quantized(tiny_timm_vit, bits, renorm=renorm, linear_a_bits=linear_a_bits)
     path = tmp_path / f"w{bits}a{bits}.onnx"
     report = export_onnx(model, torch.randn(2, 3, 32, 32), path)
     x = torch.randn(32, 3, 32, 32)

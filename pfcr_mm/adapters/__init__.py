@@ -194,12 +194,9 @@ def prepare(
     ]
     post_ln, first_convs = _swap_attention_and_find_inputs(roots, cfg)
     per_channel = {id(lin) for _, lin in post_ln} if cfg.post_ln != "per_tensor" else set()
-    post_gelu = (
-        {id(lin) for _, _, b, ad in blocks for lin in ad.post_gelu(b)}
-        if cfg.post_gelu != "uniform"
-        else set()
+    special = _SpecialLayers(
+        heads, per_channel, first_convs, _quantized_deconvs(roots), *_block_linears(blocks, cfg)
     )
-    special = _SpecialLayers(heads, per_channel, first_convs, _quantized_deconvs(roots), post_gelu)
     replaced, quantized = {}, []
     for root, root_name in named_roots:
         for name, parent in list(root.named_modules()):
@@ -256,6 +253,24 @@ def _output_layers(roots: list[nn.Module]) -> set[int]:
     }
 
 
+def _block_linears(blocks: list, cfg: QuantConfig) -> tuple[set[int], dict[int, int]]:
+    """The ids of the blocks' post-GELU linears that ``cfg.post_gelu`` gives a quantizer other
+    than the uniform one, and ``{id: input bits}`` of those ``cfg.linear_a_bits`` names."""
+    post_gelu = (
+        {id(lin) for _, _, b, ad in blocks for lin in ad.post_gelu(b)}
+        if cfg.post_gelu != "uniform"
+        else set()
+    )
+    bits_of = cfg.linear_a_bits or {}
+    linear_a_bits = {
+        id(lin): bits_of[kind]
+        for _, _, b, ad in blocks
+        for kind, lin in ad.linears(b).items()
+        if bits_of.get(kind) is not None
+    }
+    return post_gelu, linear_a_bits
+
+
 def _quantized_deconvs(roots: list[nn.Module]) -> set[int]:
     """The ids of the transposed convolutions inside the parts that quantize theirs."""
     classes = tuple(c for pa in available_parts() for c in pa.deconv_parts)
@@ -274,13 +289,15 @@ class _SpecialLayers:
     """The ids of the layers quantized other than at ``w_bits``/``a_bits`` per tensor: the
     prediction layers at ``head_bits`` (empty without it), the linears with per-channel inputs,
     the patch-embedding convs, the quantized transposed convs, the post-GELU linears of a
-    ``post_gelu`` other than ``uniform``."""
+    ``post_gelu`` other than ``uniform``, the blocks' linears with input bits of their own
+    (``linear_a_bits``) and those bits."""
 
     heads: set[int]
     per_channel: set[int]
     first_convs: set[int]
     deconvs: set[int]
     post_gelu: set[int]
+    linear_a_bits: dict[int, int]
 
 
 def _quantized_layer(
@@ -288,11 +305,13 @@ def _quantized_layer(
 ) -> nn.Module | None:
     """The quantized replacement of a linear, conv or listed transposed conv (``None``: none of
     them, or already quantized): a head at ``head_bits``, a patch-embedding conv's input at
-    ``first_layer_a_bits``, a post-GELU linear's input by ``post_gelu``."""
+    ``first_layer_a_bits``, a block's linear's input at its ``linear_a_bits``, a post-GELU
+    linear's input by ``post_gelu``."""
     w, a = cfg.w_bits, cfg.a_bits
     if id(child) in special.heads:
         w = a = cfg.head_bits
     if isinstance(child, nn.Linear) and not isinstance(child, QuantLinear):
+        a = special.linear_a_bits.get(id(child), a)
         if id(child) in special.post_gelu:
             return PostGeluLinear(child, cfg, w, a)
         per_channel = id(child) in special.per_channel

@@ -19,8 +19,10 @@ class ArchAdapter:
     attention_swaps: attention class -> its quantized subclass with an explicit forward.
     attn_unit / mlp_unit: ``f(block, x, *args) -> y``, the block's MHSA and MLP each with its
         shortcut; applied in order they compute ``block(x, *args)``.
-    post_ln: ``f(block) -> [(layer_norm, linear)]``, the linears fed by a LayerNorm.
-    post_gelu: ``f(block) -> [linear]``, the linears fed by a GELU (``QuantConfig.post_gelu``).
+    norms: ``f(block) -> (layer_norm, layer_norm)``, those before the MHSA and the MLP.
+    linears: ``f(block) -> {kind: linear}`` for every kind of
+        :data:`~pfcr_mm.settings.LINEAR_KINDS`: the MHSA's ``qkv`` and ``proj``, the MLP's
+        ``fc1`` and ``fc2`` (``QuantConfig.linear_a_bits``).
     patch_merging: ``{class: (norm attribute, linear attribute)}`` of the downsampling layers.
     patch_embed: ``{class: conv attribute}`` of the layers whose conv sees the image.
     stage_link: ``f(root, last block name, next block name) -> link`` for blocks in different
@@ -34,11 +36,20 @@ class ArchAdapter:
     attention_swaps: dict[type, type]
     attn_unit: Callable
     mlp_unit: Callable
-    post_ln: Callable[[nn.Module], list[tuple[nn.Module, nn.Linear]]]
-    post_gelu: Callable[[nn.Module], list[nn.Linear]]
+    norms: Callable[[nn.Module], tuple[nn.Module, nn.Module]]
+    linears: Callable[[nn.Module], dict[str, nn.Linear]]
     patch_merging: dict[type, tuple[str, str]] = field(default_factory=dict)
     patch_embed: dict[type, str] = field(default_factory=dict)
     stage_link: Callable[[nn.Module, str, str], Callable] | None = None
+
+    def post_ln(self, block: nn.Module) -> list[tuple[nn.Module, nn.Linear]]:
+        """The linears fed by a LayerNorm, with it: ``qkv`` and ``fc1``."""
+        (norm1, norm2), linears = self.norms(block), self.linears(block)
+        return [(norm1, linears["qkv"]), (norm2, linears["fc1"])]
+
+    def post_gelu(self, block: nn.Module) -> list[nn.Linear]:
+        """The linears fed by a GELU (``QuantConfig.post_gelu``): ``fc2``."""
+        return [self.linears(block)["fc2"]]
 
 
 @dataclass(frozen=True)

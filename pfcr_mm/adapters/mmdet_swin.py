@@ -63,8 +63,10 @@ ADAPTER = ArchAdapter(
     attention_swaps={WindowMSA: QuantWindowMSA},
     attn_unit=attn_unit,
     mlp_unit=mlp_unit,
-    post_ln=lambda b: [(b.norm1, b.attn.w_msa.qkv), (b.norm2, b.ffn.layers[0][0])],
-    post_gelu=lambda b: [b.ffn.layers[1]],
+    norms=lambda b: (b.norm1, b.norm2),
+    linears=lambda b: dict(
+        qkv=b.attn.w_msa.qkv, proj=b.attn.w_msa.proj, fc1=b.ffn.layers[0][0], fc2=b.ffn.layers[1]
+    ),
     patch_merging={PatchMerging: ("norm", "reduction")},
     patch_embed={PatchEmbed: "projection"},
     stage_link=stage_link,

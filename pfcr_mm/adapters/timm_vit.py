@@ -50,7 +50,7 @@ ADAPTER = ArchAdapter(
     attention_swaps={Attention: QuantTimmAttention},
     attn_unit=attn_unit,
     mlp_unit=mlp_unit,
-    post_ln=lambda b: [(b.norm1, b.attn.qkv), (b.norm2, b.mlp.fc1)],
-    post_gelu=lambda b: [b.mlp.fc2],
+    norms=lambda b: (b.norm1, b.norm2),
+    linears=lambda b: dict(qkv=b.attn.qkv, proj=b.attn.proj, fc1=b.mlp.fc1, fc2=b.mlp.fc2),
     patch_embed={PatchEmbed: "proj"},
 )

@@ -33,8 +33,8 @@ ADAPTER = ArchAdapter(
     attention_swaps={Attention: QuantViTDetAttention},
     attn_unit=Block.attn_residual,  # x: (B, H, W, C)
     mlp_unit=Block.mlp_residual,
-    post_ln=lambda b: [(b.norm1, b.attn.qkv), (b.norm2, b.mlp.fc1)],
-    post_gelu=lambda b: [b.mlp.fc2],
+    norms=lambda b: (b.norm1, b.norm2),
+    linears=lambda b: dict(qkv=b.attn.qkv, proj=b.attn.proj, fc1=b.mlp.fc1, fc2=b.mlp.fc2),
     patch_embed={PatchEmbed: "proj"},
 )
 

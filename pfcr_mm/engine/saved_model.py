@@ -28,6 +28,7 @@ SETTINGS_ADDED = {
     "ptq.recon.hard_tail": 0.0,
     "ptq.quant.post_gelu": "uniform",
     "ptq.quant.post_softmax_renorm": False,
+    "ptq.quant.linear_a_bits": None,
 }
 
 

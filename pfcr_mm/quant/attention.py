@@ -56,10 +56,10 @@ class AttentionQuantizers(QuantizerChoice, nn.Module):
         fixed = {name: ("log", k) for k, name in LOG_QUANTIZER_NAMES.items()}
         fixed["uniform"] = ("uniform", None)
         if cfg.post_softmax == "auto":
-            candidates = partial(build_candidates, POST_SOFTMAX_CANDIDATES, cfg)
+            candidates = partial(build_candidates, POST_SOFTMAX_CANDIDATES, cfg.a_bits, cfg)
             self.probs: BaseQuantizer = PendingChoice(cfg.a_bits, candidates)
         else:
-            self.probs = build_quantizer(*fixed[cfg.post_softmax], cfg)
+            self.probs = build_quantizer(*fixed[cfg.post_softmax], cfg.a_bits, cfg)
 
     def attend(self, probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """``probs @ v`` through the quantizers (each row divided by its quantized

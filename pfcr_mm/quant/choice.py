@@ -32,17 +32,17 @@ from .quantizers import BaseQuantizer, LogQuantizer, ShiftedLogQuantizer, Unifor
 SHORTLIST_RATIO = 2.0
 
 
-def build_quantizer(kind: str, k: float | None, cfg: QuantConfig) -> BaseQuantizer:
-    """A candidate of ``cfg.a_bits`` bits: ``"uniform"`` (range by ``cfg.act_range``), ``"log"``
-    or ``"shift_log"`` of base ``2^(1/k)``."""
+def build_quantizer(kind: str, k: float | None, bits: int, cfg: QuantConfig) -> BaseQuantizer:
+    """A candidate of ``bits`` bits: ``"uniform"`` (range by ``cfg.act_range``), ``"log"`` or
+    ``"shift_log"`` of base ``2^(1/k)``."""
     if kind == "uniform":
-        return UniformQuantizer(cfg.a_bits, range_method=cfg.act_range)
-    return {"log": LogQuantizer, "shift_log": ShiftedLogQuantizer}[kind](cfg.a_bits, k=k)
+        return UniformQuantizer(bits, range_method=cfg.act_range)
+    return {"log": LogQuantizer, "shift_log": ShiftedLogQuantizer}[kind](bits, k=k)
 
 
-def build_candidates(specs: tuple, cfg: QuantConfig) -> list[BaseQuantizer]:
+def build_candidates(specs: tuple, bits: int, cfg: QuantConfig) -> list[BaseQuantizer]:
     """The quantizers of ``specs``, ``(kind, k)`` pairs (:func:`build_quantizer`)."""
-    return [build_quantizer(kind, k, cfg) for kind, k in specs]
+    return [build_quantizer(kind, k, bits, cfg) for kind, k in specs]
 
 
 class PendingChoice(BaseQuantizer):
@@ -153,6 +153,6 @@ class QuantizerChoice:
     def set_extra_state(self, extra: dict) -> None:
         point = extra[self.state_key]
         if point["kind"] != "pending":
-            rebuilt = build_quantizer(point["kind"], point.get("k"), self.cfg)
+            rebuilt = build_quantizer(point["kind"], point.get("k"), self.pending.bits, self.cfg)
             device = next(self.parameters()).device
             setattr(self, self.choice_slot, rebuilt.to(device).train(self.training))

@@ -45,10 +45,10 @@ class PostGeluLinear(QuantizerChoice, QuantLinear):
         super().__init__(linear, w_bits, a_bits, False, cfg.act_range, cfg.weight_range)
         self.cfg = cfg
         if cfg.post_gelu == "auto":
-            candidates = partial(build_candidates, POST_GELU_CANDIDATES, cfg)
+            candidates = partial(build_candidates, POST_GELU_CANDIDATES, a_bits, cfg)
             self.input_quantizer = PendingChoice(a_bits, candidates)
         else:
-            self.input_quantizer = build_quantizer(*FIXED_POST_GELU[cfg.post_gelu], cfg)
+            self.input_quantizer = build_quantizer(*FIXED_POST_GELU[cfg.post_gelu], a_bits, cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.scores is None:

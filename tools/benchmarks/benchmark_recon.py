@@ -154,9 +154,10 @@ METHODS = {
 }
 
 
-def _with(suffix: str, option: str, bases) -> dict[str, list[str]]:
-    """Each method of ``bases`` with ``option`` added, named with ``suffix``."""
-    return {f"{m}{suffix}": [*METHODS[m], option] for m in bases}
+def _with(suffix: str, option: str | list[str], bases) -> dict[str, list[str]]:
+    """Each method of ``bases`` with ``option`` (one or a list) added, named with ``suffix``."""
+    options = [option] if isinstance(option, str) else option
+    return {f"{m}{suffix}": [*METHODS[m], *options] for m in bases}
 
 
 # those methods with the last 30 % of every unit's steps on the weights as they will be hardened
@@ -189,6 +190,12 @@ RN = (
     "pfcr_anneal_rel_h8",
 )
 METHODS.update(_with("_rn", "ptq.quant.post_softmax_renorm=True", RN))
+# and with the inputs of the attention's linears (qkv, proj) at 4 bits, the rest at the run's
+# bits (quant.linear_a_bits): a mixed-precision setting, kinder than a peer's W3A3; calibration
+# with GPTQ, the demo ViT and Swin detector PFCR configs' settings
+ATTN4 = ["ptq.quant.linear_a_bits.qkv=4", "ptq.quant.linear_a_bits.proj=4"]
+QP4 = ("calib_gq_rn", "pfcr_kl_layerwise_rel_ht30_h8_ga_rn", "pfcr_anneal_rel_ht30_h8")
+METHODS.update(_with("_qp4", ATTN4, QP4))
 # iterations per block, calibration images, held-out calibration-split images (where defaults
 # are chosen; 32 when unset) and learning rates (ReconSettings' when unset); "paper" follows
 # method.md (20k iterations). "fast" is the budget of configs/demo/demo_vit_shapes_pfcr_w4a4.py.
