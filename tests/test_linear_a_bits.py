@@ -122,7 +122,8 @@ def test_from_the_command_line_and_reloaded_only_with_the_same_bits(
     vit_config, ptq_tool, tmp_path, capsys
 ):
     """``--cfg-options ptq.quant.linear_a_bits.qkv=4``: the summary shows the qkv inputs at 4
-    bits; the saved model is refused where the setting is missing, naming the option to pass."""
+    bits, the printed results mark the setting as mixed; the saved model is refused where the
+    setting is missing, naming the option to pass."""
     work = tmp_path / "work"
     option = ["--cfg-options", "ptq.quant.a_bits=3", "ptq.quant.linear_a_bits.qkv=4"]
     assert ptq_tool.main([str(vit_config), "--work-dir", str(work), "--no-fp-eval", *option]) == 0
@@ -133,7 +134,9 @@ def test_from_the_command_line_and_reloaded_only_with_the_same_bits(
     saved = next(work.rglob("quantized_model.pth"))
     argv = [str(vit_config), "--work-dir", str(tmp_path / "w2"), "--no-fp-eval"]
     argv += ["--quantized", str(saved), "--cfg-options", "ptq.quant.a_bits=3"]
-    capsys.readouterr()
+    printed = capsys.readouterr().out  # the results table says the setting is mixed
+    assert "W4A3*" in printed  # the config is W4, the option A3
+    assert "* mixed precision (quant.linear_a_bits): the inputs of qkv at 4 bits" in printed
     assert ptq_tool.main(argv) == 2
     assert "ptq.quant.linear_a_bits.qkv=4" in capsys.readouterr().err
     assert ptq_tool.main([*argv, "ptq.quant.linear_a_bits.qkv=4"]) == 0

@@ -151,8 +151,10 @@ class PTQLoop(TestLoop):
 
 
 def format_results(results: dict) -> str:
-    """The FP and quantized metrics side by side, the output error, method, scope and times."""
-    setting = f"W{results['w_bits']}A{results['a_bits']}"
+    """The FP and quantized metrics side by side, the output error, method, scope and times;
+    a mixed-precision setting (``quant.linear_a_bits``) marked and spelled out."""
+    mixed = {k: b for k, b in (results["quant_config"].get("linear_a_bits") or {}).items() if b}
+    setting = f"W{results['w_bits']}A{results['a_bits']}{'*' if mixed else ''}"
     lines = [f"\n{'metric':28s} {'FP':>10s} {setting:>10s}"]
     for name, value in results["quant"].items():
         if isinstance(value, (int, float)):
@@ -170,6 +172,9 @@ def format_results(results: dict) -> str:
         f"method {results['method']}, scope {results['scope']}; {times}; "
         f"peak host memory {results['peak_mem_mb']['host_rss']:.0f} MiB"
     )
+    if mixed:
+        inputs = ", ".join(f"{kind} at {bits} bits" for kind, bits in mixed.items())
+        lines.append(f"* mixed precision (quant.linear_a_bits): the inputs of {inputs}")
     return "\n".join(lines)
 
 
