@@ -56,6 +56,7 @@ ORDER = [
     "demo_recon_post_gelu",
     "demo_recon_post_gelu_quick",
     "demo_recon_renorm_quick",
+    "demo_recon_attn4_quick",
     "demo_recon_vit_renorm",
     "demo_recon_gptq",
     "demo_recon_step_rate",
