@@ -204,23 +204,20 @@ class QuantConfig(_Settings):
     weight_range: str = "mse"
 
     def __post_init__(self) -> None:
-        for name in ("w_bits", "a_bits", "first_layer_a_bits"):
+        bits = {name: getattr(self, name) for name in ("w_bits", "a_bits", "first_layer_a_bits")}
+        if self.head_bits is not None:
+            bits["head_bits"] = self.head_bits
+        if self.linear_a_bits is not None:
+            check_keys(self.linear_a_bits, LINEAR_KINDS, "QuantConfig.linear_a_bits")
+            # a plain dict (saved with the model) of the kinds named; None: a_bits for all
+            named = {kind: b for kind, b in self.linear_a_bits.items() if b is not None}
+            self.linear_a_bits = named or None
+            bits.update({f"linear_a_bits.{kind}": b for kind, b in named.items()})
+        for name, value in bits.items():
             try:
-                check_bits(getattr(self, name))
+                check_bits(value)
             except ValueError as err:
                 raise ValueError(f"QuantConfig.{name}: {err}") from None
-        if self.head_bits is not None:
-            check_bits(self.head_bits)
-        if self.linear_a_bits is not None:
-            self.linear_a_bits = dict(self.linear_a_bits)  # a plain dict (saved with the model)
-            check_keys(self.linear_a_bits, LINEAR_KINDS, "QuantConfig.linear_a_bits")
-            for kind, bits in self.linear_a_bits.items():
-                if bits is None:  # a_bits, as a kind not named
-                    continue
-                try:
-                    check_bits(bits)
-                except ValueError as err:
-                    raise ValueError(f"QuantConfig.linear_a_bits.{kind}: {err}") from None
         check_choice(self.post_softmax, POST_SOFTMAX_CHOICES, "QuantConfig.post_softmax")
         check_choice(self.post_ln, POST_LN_CHOICES, "QuantConfig.post_ln")
         check_choice(self.post_gelu, POST_GELU_CHOICES, "QuantConfig.post_gelu")

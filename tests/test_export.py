@@ -89,8 +89,8 @@ def test_integer_model_is_the_fake_quant_model(
         ref = model(x)
         net = integer_model(model)
         assert torch.equal(net(x), ref)
-    # each input point keeps its own bits: the codes of the attention's linears' inputs span
-    # 2^4 levels in the mixed setting
+    # each input point keeps its own bits (the attention's linears' inputs at 4 in the mixed
+    # setting), and the integer model equals the fake-quant one above with them
     attn = net.blocks[0].attn
     expected = (linear_a_bits or {}).get("qkv", bits), (linear_a_bits or {}).get("proj", bits)
     assert (attn.qkv.input_quantizer.bits, attn.proj.input_quantizer.bits) == expected

@@ -13,7 +13,7 @@ from pfcr_mm.quant.calibrate import quant_summary, set_quant_state
 from pfcr_mm.quant.post_gelu import POST_GELU_CANDIDATES
 from pfcr_mm.settings import QuantConfig
 
-ATTENTION_AT_4 = dict(qkv=4, proj=4)
+ATTN4 = dict(qkv=4, proj=4)
 
 
 def _tiny_vitdet():
@@ -88,7 +88,7 @@ def test_more_input_bits_lower_the_attention_error(tiny_timm_vit):
     with torch.no_grad():
         ref = tiny_timm_vit()(x)
     errors = []
-    for linear_a_bits in (None, ATTENTION_AT_4):
+    for linear_a_bits in (None, ATTN4):
         model = tiny_timm_vit()
         cfg = QuantConfig(w_bits=3, a_bits=3, linear_a_bits=linear_a_bits)
         prepare_calibrated(model, cfg, lambda m: m(x))
@@ -140,3 +140,53 @@ def test_from_the_command_line_and_reloaded_only_with_the_same_bits(
     assert ptq_tool.main(argv) == 2
     assert "ptq.quant.linear_a_bits.qkv=4" in capsys.readouterr().err
     assert ptq_tool.main([*argv, "ptq.quant.linear_a_bits.qkv=4"]) == 0
+
+
+@pytest.mark.parametrize("with_settings", [True, False])
+def test_a_model_saved_before_the_setting_existed_reads_as_all_at_a_bits(tmp_path, with_settings):
+    """A file saved before ``linear_a_bits`` existed (with its settings recorded, or from before
+    settings were saved: method, scope and quant only) was made with every input at ``a_bits``:
+    it reads under that setting and is refused, naming the key, under any other."""
+    from pfcr_mm import PTQConfig
+    from pfcr_mm.engine.saved_model import (
+        QUANTIZED_FORMAT,
+        quantization_settings,
+        read_quantized_model,
+    )
+
+    config = PTQConfig(method="block", quant=QuantConfig(w_bits=3, a_bits=3))
+    older = quantization_settings(config)
+    del older["quant"]["linear_a_bits"]
+    payload = {"format": QUANTIZED_FORMAT, "state_dict": {}}
+    if with_settings:
+        payload["settings"] = older
+    else:
+        payload.update(method="block", scope=older["scope"], quant_config=older["quant"])
+    path = tmp_path / "older.pth"
+    torch.save(payload, path)
+    read_quantized_model(config, path)
+    mixed = PTQConfig(method="block", quant=QuantConfig(w_bits=3, a_bits=3, linear_a_bits=ATTN4))
+    with pytest.raises(ValueError, match=r"linear_a_bits.proj=None, but the config says 4"):
+        read_quantized_model(mixed, path)
+
+
+def test_kinds_set_to_none_or_none_named_read_as_none():
+    assert QuantConfig(linear_a_bits={}).linear_a_bits is None
+    assert QuantConfig(linear_a_bits=dict(qkv=None, fc1=None)).linear_a_bits is None
+    assert QuantConfig(linear_a_bits=dict(qkv=None, proj=4)).linear_a_bits == dict(proj=4)
+
+
+def test_the_printed_results_mark_only_inputs_at_other_bits():
+    from pfcr_mm.engine.loop import format_results
+
+    def printed(linear_a_bits):
+        quant = QuantConfig(w_bits=3, a_bits=3, linear_a_bits=linear_a_bits).to_dict()
+        results = {"w_bits": 3, "a_bits": 3, "quant_config": quant, "fp": None}
+        results.update(quant={"accuracy/top1": 88.6}, time_s={"quantize": 1.0}, method="pfcr")
+        return format_results({**results, "scope": "all", "peak_mem_mb": {"host_rss": 1.0}})
+
+    plain = printed(dict(qkv=3))  # at a_bits: not mixed
+    assert "W3A3\n" in plain and "W3A3*" not in plain and "mixed" not in plain
+    marked = printed(dict(qkv=3, proj=4))
+    assert "W3A3*" in marked
+    assert marked.endswith("* mixed precision (quant.linear_a_bits): the inputs of proj at 4 bits")

@@ -153,7 +153,8 @@ class PTQLoop(TestLoop):
 def format_results(results: dict) -> str:
     """The FP and quantized metrics side by side, the output error, method, scope and times;
     a mixed-precision setting (``quant.linear_a_bits``) marked and spelled out."""
-    mixed = {k: b for k, b in (results["quant_config"].get("linear_a_bits") or {}).items() if b}
+    named = results["quant_config"].get("linear_a_bits") or {}
+    mixed = {kind: bits for kind, bits in named.items() if bits != results["a_bits"]}
     setting = f"W{results['w_bits']}A{results['a_bits']}{'*' if mixed else ''}"
     lines = [f"\n{'metric':28s} {'FP':>10s} {setting:>10s}"]
     for name, value in results["quant"].items():

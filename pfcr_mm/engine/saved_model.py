@@ -121,7 +121,7 @@ def read_quantized_model(
         saved.get("settings")
         or {"method": saved["method"], "scope": saved["scope"], "quant": saved["quant_config"]}
     )
-    made = {**{k: v for k, v in SETTINGS_ADDED.items() if k in wanted}, **made}
+    made = {**_added_settings(wanted), **made}
     keys = made.keys() | wanted.keys() if "settings" in saved else made.keys()
     differ = differing_keys(made, wanted, keys, first="ptq.method")
     if differ:
@@ -133,6 +133,17 @@ def read_quantized_model(
             f"{options} to evaluate it, or quantize again"
         )
     return saved
+
+
+def _added_settings(wanted: dict) -> dict:
+    """What a file written before :data:`SETTINGS_ADDED`'s settings existed held, under the keys
+    of ``wanted``: a dict setting that ``wanted`` holds flattened (``ptq.quant.linear_a_bits.qkv``)
+    held ``None`` at each of its keys."""
+    added = {}
+    for key, value in SETTINGS_ADDED.items():
+        below = [k for k in wanted if k.startswith(f"{key}.")]
+        added.update({k: None for k in below} if below else {key: value} if key in wanted else {})
+    return added
 
 
 def _check_same_model(path, state: dict, model: torch.nn.Module) -> None:
