@@ -72,6 +72,7 @@ ORDER = [
     "demo_det_w3a3_renorm",
     "demo_det_w3a3_speed",
     "demo_det_w3a3_config",
+    "demo_det_attn4_w3a3",
     "demo_det_head_steps",
     "demo_det_head_bits",
     "demo_det_hard_tail",
