@@ -192,9 +192,14 @@ RN = (
 METHODS.update(_with("_rn", "ptq.quant.post_softmax_renorm=True", RN))
 # and with the inputs of the attention's linears (qkv, proj) at 4 bits, the rest at the run's
 # bits (quant.linear_a_bits): a mixed-precision setting, kinder than a peer's W3A3; calibration
-# with GPTQ, the demo ViT and Swin detector PFCR configs' settings
+# with GPTQ, the demo ViT, Swin and ViTDet detector PFCR configs' settings
 ATTN4 = ["ptq.quant.linear_a_bits.qkv=4", "ptq.quant.linear_a_bits.proj=4"]
-QP4 = ("calib_gq_rn", "pfcr_kl_layerwise_rel_ht30_h8_ga_rn", "pfcr_anneal_rel_ht30_h8")
+QP4 = (
+    "calib_gq_rn",
+    "pfcr_kl_layerwise_rel_ht30_h8_ga_rn",
+    "pfcr_anneal_rel_ht30_h8",
+    "pfcr_anneal_rel_h8",
+)
 METHODS.update(_with("_qp4", ATTN4, QP4))
 # iterations per block, calibration images, held-out calibration-split images (where defaults
 # are chosen; 32 when unset) and learning rates (ReconSettings' when unset); "paper" follows
