@@ -88,6 +88,7 @@ ORDER = [
     "demo_det_vitdet_hard_tail",
     "demo_det_vitdet_head_bits",
     "demo_det_vitdet_renorm",
+    "demo_det_vitdet_attn4_w3a3",
     "vitdet_parity",
     "demo_calib_gptq",
     "demo_calib_gptq_renorm",
