@@ -142,7 +142,10 @@ def _added_settings(wanted: dict) -> dict:
     added = {}
     for key, value in SETTINGS_ADDED.items():
         below = [k for k in wanted if k.startswith(f"{key}.")]
-        added.update({k: None for k in below} if below else {key: value} if key in wanted else {})
+        if below:
+            added.update(dict.fromkeys(below))
+        elif key in wanted:
+            added[key] = value
     return added
 
 
