@@ -119,11 +119,13 @@ def test_a_kind_set_to_none_keeps_a_bits(tiny_timm_vit):
 
 @pytest.mark.slow
 def test_from_the_command_line_and_reloaded_only_with_the_same_bits(
-    vit_config, ptq_tool, tmp_path, capsys
+    make_image_folder, write_vit_config, ptq_tool, tmp_path, capsys
 ):
-    """``--cfg-options ptq.quant.linear_a_bits.qkv=4``: the summary shows the qkv inputs at 4
-    bits, the printed results mark the setting as mixed; the saved model is refused where the
-    setting is missing, naming the option to pass."""
+    """``--cfg-options ptq.quant.linear_a_bits.qkv=4`` on a config that sets it to ``None``: the
+    summary shows the qkv inputs at 4 bits, the printed results mark the setting as mixed; the
+    saved model is refused where the setting is missing, naming the option to pass."""
+    make_image_folder(tmp_path / "data")
+    vit_config = write_vit_config(tmp_path, extra="ptq['quant']['linear_a_bits'] = None")
     work = tmp_path / "work"
     option = ["--cfg-options", "ptq.quant.a_bits=3", "ptq.quant.linear_a_bits.qkv=4"]
     assert ptq_tool.main([str(vit_config), "--work-dir", str(work), "--no-fp-eval", *option]) == 0

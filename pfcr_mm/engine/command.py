@@ -156,6 +156,7 @@ def _checked_config(path: str, options: dict) -> tuple[Config, PTQConfig]:
     """The config file with ``options`` merged in, its ``ptq`` settings and every key checked."""
     check_is_file(path, "config file")
     cfg = Config.fromfile(path)
+    _open_unset_dicts(cfg, options)
     try:
         cfg.merge_from_dict(options)
     except TypeError as err:  # a dotted key below a value that is not a dict
@@ -171,6 +172,21 @@ def _checked_config(path: str, options: dict) -> tuple[Config, PTQConfig]:
         },
     )
     return cfg, config
+
+
+def _open_unset_dicts(cfg: Config, options: dict) -> None:
+    """Replace by an empty dict each ``None`` of ``cfg`` that a dotted key of ``options`` reaches
+    below (``ptq.quant.linear_a_bits.qkv=4`` where the config says ``linear_a_bits=None``): an
+    unset dict setting, which mmengine's merge would refuse to open."""
+    for key in options:
+        node = cfg  # a Config, then ConfigDicts
+        for part in key.split(".")[:-1]:
+            value = node.get(part) if hasattr(node, "get") else None
+            if value is None:
+                if hasattr(node, "get") and part in node:
+                    node[part] = {}
+                break
+            node = value
 
 
 def check_writable_folder(folder: Path, what: str) -> None:
