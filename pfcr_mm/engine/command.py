@@ -179,14 +179,14 @@ def _open_unset_dicts(cfg: Config, options: dict) -> None:
     below (``ptq.quant.linear_a_bits.qkv=4`` where the config says ``linear_a_bits=None``): an
     unset dict setting, which mmengine's merge would refuse to open."""
     for key in options:
-        node = cfg  # a Config, then ConfigDicts
+        node = cfg  # a Config, then ConfigDicts; anything else ends the walk
         for part in key.split(".")[:-1]:
-            value = node.get(part) if hasattr(node, "get") else None
-            if value is None:
-                if hasattr(node, "get") and part in node:
-                    node[part] = {}
+            if not hasattr(node, "get"):
                 break
-            node = value
+            if part in node and node[part] is None:
+                node[part] = {}
+                break
+            node = node.get(part)
 
 
 def check_writable_folder(folder: Path, what: str) -> None:
